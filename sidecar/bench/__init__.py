@@ -1,0 +1,1 @@
+"""`npc bench`: measurements written as JSON + Markdown + PNG. Reports, not tests."""

@@ -1,0 +1,118 @@
+"""`npc`: the command line. Thin: parse flags, call the layer that does the work, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sidecar.config import WEIGHT_FORMATS, ModelConfig, resolve_model_path
+from sidecar.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line on stderr and exit code 2, like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="GGUF file or Hugging Face folder (default: $NPC_MODEL, else the embedded "
+                                   "SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto",
+                   help="weight format in memory (default: auto = fastest lossless choice for the file)")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from sidecar.engine.base_model import load_base_model
+    from sidecar.engine.generate import Generation, generate_stream
+    from sidecar.engine.sampler import SamplingParams
+    from sidecar.engine.tokenizer import ChatMessage
+
+    if args.adapter:
+        raise UserError("--adapter: LoRA adapters are not supported yet (they arrive with the multi-LoRA engine)")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    base = load_base_model(ModelConfig(resolve_model_path(args.model), args.weights), progress=not args.json)
+    tok = base.tokenizer
+    if args.raw:
+        prompt_ids = tok.encode_raw_prompt(args.prompt)
+    else:
+        messages = ([ChatMessage("system", args.system)] if args.system else []) + [ChatMessage("user", args.prompt)]
+        prompt_ids = tok.encode_chat(messages)
+    result = Generation(prompt_ids)
+    for piece in generate_stream(base.model, tok, prompt_ids, params, result):
+        if not args.json:
+            print(piece, end="", flush=True)
+    if args.json:
+        print(json.dumps({
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "prompt_token_ids": result.prompt_token_ids,
+            "finish_reason": result.finish_reason,
+            "weights": base.weights,
+        }, ensure_ascii=False))
+    else:
+        rate = len(result.token_ids) / result.decode_s if result.decode_s else 0.0
+        print(f"\n[{result.finish_reason}; {len(prompt_ids)} prompt + {len(result.token_ids)} tokens; "
+              f"{rate:.1f} tokens/s; weights {base.weights}]", file=sys.stderr)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from sidecar.bench.decode import DecodeBenchConfig, run_decode_bench
+
+    formats = tuple(args.formats.split(","))
+    for f in formats:
+        if f not in WEIGHT_FORMATS or f == "auto":
+            raise UserError(f"--formats: unknown format {f!r}; choose from int4,int8,bf16,fp32")
+    cfg = DecodeBenchConfig(
+        model=resolve_model_path(args.model), formats=formats,
+        batches=tuple(int(b) for b in args.batches.split(",")), steps=args.steps, repeats=args.repeats,
+        prompt_tokens=args.prompt_tokens, peers=not args.no_peers, out_dir=Path(args.out),
+    )
+    run_decode_bench(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="npc", description="npc-sidecar: every NPC its own voice.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="one-shot generation, for scripts and checks")
+    _add_model_flags(g)
+    g.add_argument("--adapter", help="PEFT LoRA adapter folder (not supported yet)")
+    g.add_argument("--system", help="system message (chat mode)")
+    g.add_argument("--raw", action="store_true", help="continue the prompt text as is, without the chat template")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("prompt")
+    g.set_defaults(run=_cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks (reports, not tests)")
+    b.add_argument("--scenario", choices=["decode"], default="decode")
+    b.add_argument("--model")
+    b.add_argument("--formats", default="int4,int8,bf16,fp32")
+    b.add_argument("--batches", default="1,8,32")
+    b.add_argument("--steps", type=int, default=32, help="decode steps timed per repeat")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--prompt-tokens", type=int, default=64)
+    b.add_argument("--no-peers", action="store_true", help="skip llama.cpp even when installed")
+    b.add_argument("--out", default="docs/bench", help="folder for the JSON, Markdown and PNG report")
+    b.set_defaults(run=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as e:
+        sys.stderr.write(f"npc {args.command}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130

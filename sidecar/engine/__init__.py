@@ -1,0 +1,1 @@
+"""Serving core: tokenizer, sampling, generation. Nothing here knows about characters or gRPC."""

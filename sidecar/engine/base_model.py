@@ -1,0 +1,41 @@
+"""Loading the base model the engine serves: checkpoint -> weights in memory + tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.config import ModelConfig
+from sidecar.engine.tokenizer import Tokenizer
+from sidecar.model.checkpoint import Checkpoint, load_checkpoint
+from sidecar.model.llama import LlamaModel
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    path: Path
+    model: LlamaModel
+    tokenizer: Tokenizer
+
+    @property
+    def weights(self) -> str:
+        return self.model.weights
+
+
+def choose_weight_format(ckpt: Checkpoint) -> str:
+    """What `--weights auto` means for this checkpoint.
+
+    int4 decodes fastest on this kind of CPU at batch 1 and 8 (docs/benchmarks.md) and is exact
+    for 4-bit sources; an 8-bit or float source would lose precision at int4, so it gets int8.
+    """
+    kinds = {t.kind for name, t in ckpt.tensors.items() if name.startswith("layers.") and len(t.shape) == 2}
+    if kinds <= {"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K"}:
+        return "int4"
+    return "int8"
+
+
+def load_base_model(config: ModelConfig, progress: bool = False) -> BaseModel:
+    ckpt = load_checkpoint(config.path)
+    weights = choose_weight_format(ckpt) if config.weights == "auto" else config.weights
+    model = LlamaModel.from_checkpoint(ckpt, weights, progress=progress)
+    return BaseModel(config.path, model, Tokenizer(ckpt))

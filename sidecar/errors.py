@@ -1,0 +1,14 @@
+"""Errors a user can fix. The CLI prints them as one line and exits 2; the server maps them to a status."""
+
+
+class UserError(Exception):
+    """A problem with input the user gave (a file, a flag, a field); the message names it."""
+
+
+class ModelFileError(UserError):
+    """A model file is missing, truncated, not a model, or describes something we do not support."""
+
+    def __init__(self, path: object, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem

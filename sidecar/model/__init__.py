@@ -1,0 +1,1 @@
+"""Math: checkpoints, quantized weights and the Llama forward. Nothing here knows about requests."""

@@ -1,0 +1,212 @@
+"""Llama-family forward: prefill and batched decode over a static KV cache, with LoRA hooks.
+
+Covers SmolLM2, Llama 2/3.x and Mistral-style models: GQA, RoPE (rotate-half layout, optional
+Llama-3 / linear scaling), RMSNorm, SwiGLU, tied embeddings. q/k/v are one fused matmul and
+gate/up another, because on a 2-core CPU the number of ops per step, not FLOPs, sets the pace
+at small batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sidecar.model.checkpoint import Checkpoint
+from sidecar.model.config import LlamaConfig
+from sidecar.model.quant import COMPUTE_DTYPE, DenseLinear, Linear, build_linear
+
+
+class LoraHook(Protocol):
+    """Adds a per-row LoRA delta to a projection's output (implemented by model/lora.py).
+
+    `module` is one of "qkv", "o", "gate_up", "down"; x is the projection input [B, T, in] and
+    y its base output [B, T, out]. Returns y plus the delta of each row's adapter.
+    """
+
+    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    qkv: Linear  # rows: q (num_heads * head_dim), k, v (num_kv_heads * head_dim each)
+    o: Linear
+    ffn_norm: torch.Tensor
+    gate_up: Linear  # rows: gate (intermediate), up (intermediate)
+    down: Linear
+
+
+class KVCache:
+    """Static K/V storage: k[layer], v[layer] are [rows, kv_heads, max_len, head_dim].
+
+    Each sequence owns one row and writes the keys of position p at [row, :, p]. Keeping the
+    batch in contiguous rows lets attention read the cache as a view, without a gather.
+    """
+
+    def __init__(self, config: LlamaConfig, rows: int, max_len: int, dtype: torch.dtype, device: str = "cpu"):
+        if max_len > config.max_position:
+            raise ValueError(f"KV length {max_len} exceeds the model's context of {config.max_position} tokens")
+        shape = (rows, config.num_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.rows, self.max_len = rows, max_len
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass(frozen=True)
+class _StepLayout:
+    """Everything about one forward call that is the same in every layer."""
+
+    write_rows: torch.Tensor  # [B, T] cache row of each new token
+    write_pos: torch.Tensor  # [B, T] position of each new token
+    read_rows: slice | torch.Tensor  # cache rows of the batch, as a view when contiguous
+    kv_len: int
+    mask: torch.Tensor | None  # bool [B, 1, T, kv_len], True = may attend; None when not needed
+    causal: bool  # plain causal prefill from position 0 (SDPA's own mask)
+    cos: torch.Tensor  # [B, T, 1, head_dim]
+    sin: torch.Tensor
+
+
+class LlamaModel:
+    def __init__(self, config: LlamaConfig, layers: list[LayerWeights], embed: torch.Tensor, norm: torch.Tensor,
+                 head: Linear, weights: str, dtype: torch.dtype):
+        self.config = config
+        self.layers = layers
+        self.embed = embed  # [vocab, hidden] in the compute dtype
+        self.norm = norm
+        self.head = head
+        self.weights = weights  # the weight format: int4 | int8 | bf16 | fp32
+        self.dtype = dtype  # activation dtype
+        positions = torch.arange(config.max_position, dtype=torch.float32)
+        angles = torch.outer(positions, config.inv_freq())  # [max_pos, head_dim / 2]
+        angles = torch.cat([angles, angles], dim=-1)
+        # Tables in fp32 then cast, as the HF reference does.
+        self._cos = angles.cos().to(dtype)
+        self._sin = angles.sin().to(dtype)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, weights: str, dtype: torch.dtype | None = None,
+                        progress: bool = False) -> LlamaModel:
+        """Build the in-memory model in weight format `weights` (int4 | int8 | bf16 | fp32)."""
+        c = ckpt.config
+        dtype = dtype or COMPUTE_DTYPE[weights]
+        layers = []
+        for i in tqdm(range(c.num_layers), desc=f"loading {weights} weights", unit="layer", disable=not progress):
+            t = lambda name: ckpt.tensor(f"layers.{i}.{name}")  # noqa: E731
+            layers.append(LayerWeights(
+                attn_norm=t("attn_norm").to_float().to(dtype),
+                qkv=build_linear([t("q"), t("k"), t("v")], weights, dtype),
+                o=build_linear([t("o")], weights, dtype),
+                ffn_norm=t("ffn_norm").to_float().to(dtype),
+                gate_up=build_linear([t("gate"), t("up")], weights, dtype),
+                down=build_linear([t("down")], weights, dtype),
+            ))
+        embed = ckpt.tensor("embed").to_float().to(dtype)
+        head_source = ckpt.tensor("embed" if c.tie_embeddings else "head")
+        # The output head stays at 8 bits under int4, as llama.cpp keeps it: 4-bit logits cost quality.
+        head_format = "int8" if weights == "int4" else weights
+        if head_format in ("fp32", "bf16") and c.tie_embeddings:
+            head = DenseLinear(embed)  # tied: share the embedding table
+        else:
+            head = build_linear([head_source], head_format, dtype)
+        norm = ckpt.tensor("norm").to_float().to(dtype)
+        return cls(c, layers, embed, norm, head, weights, dtype)
+
+    def new_cache(self, rows: int, max_len: int) -> KVCache:
+        return KVCache(self.config, rows, max_len, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: list[int], rows: list[int], cache: KVCache,
+                all_logits: bool = False, lora: LoraHook | None = None) -> torch.Tensor:
+        """Run `tokens` [B, T] through the model and return float32 logits.
+
+        Row b's tokens sit at positions start[b] .. start[b] + T - 1 of the sequence held in cache
+        row rows[b]; their keys and values are written there. Logits are [B, V] for the last
+        position of each row, or [B, T, V] with `all_logits`.
+        """
+        c = self.config
+        batch, steps = tokens.shape
+        layout = self._layout(start, rows, steps)
+        h = F.embedding(tokens, self.embed)  # [B, T, hidden]
+        for i, layer in enumerate(self.layers):
+            h = h + self._attention(i, layer, F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_eps),
+                                    layout, cache, lora)
+            h = h + self._mlp(i, layer, F.rms_norm(h, (c.hidden_size,), layer.ffn_norm, c.rms_eps), lora)
+        if not all_logits:
+            h = h[:, -1]
+        return self.head(F.rms_norm(h, (c.hidden_size,), self.norm, c.rms_eps)).float()
+
+    def _layout(self, start: list[int], rows: list[int], steps: int) -> _StepLayout:
+        batch = len(start)
+        start_t = torch.tensor(start)
+        write_pos = start_t[:, None] + torch.arange(steps)  # [B, T]
+        kv_len = max(start) + steps
+        if kv_len > self.config.max_position:
+            raise ValueError(f"position {kv_len} is past the model's context of {self.config.max_position}")
+        contiguous = rows == list(range(rows[0], rows[0] + batch))
+        read_rows = slice(rows[0], rows[0] + batch) if contiguous else torch.tensor(rows)
+        causal = batch == 1 and start[0] == 0 and steps > 1
+        uniform_decode = steps == 1 and len(set(start)) == 1
+        mask = None
+        if not causal and not uniform_decode:
+            mask = torch.arange(kv_len)[None, None, None, :] <= write_pos[:, None, :, None]
+        return _StepLayout(
+            write_rows=torch.tensor(rows)[:, None].expand(batch, steps),
+            write_pos=write_pos,
+            read_rows=read_rows,
+            kv_len=kv_len,
+            mask=mask,
+            causal=causal,
+            cos=self._cos[write_pos].unsqueeze(2),
+            sin=self._sin[write_pos].unsqueeze(2),
+        )
+
+    def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor, layout: _StepLayout, cache: KVCache,
+                   lora: LoraHook | None) -> torch.Tensor:
+        c = self.config
+        batch, steps, _ = x.shape
+        heads, kv_heads, head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        qkv = layer.qkv(x)
+        if lora is not None:
+            qkv = lora.apply(i, "qkv", x, qkv)
+        qkv = qkv.view(batch, steps, heads + 2 * kv_heads, head_dim)
+        qk = _rope(qkv[:, :, : heads + kv_heads], layout.cos, layout.sin)  # q and k rotated together
+        cache.k[i][layout.write_rows, :, layout.write_pos] = qk[:, :, heads:]
+        cache.v[i][layout.write_rows, :, layout.write_pos] = qkv[:, :, heads + kv_heads:]
+        k = cache.k[i][layout.read_rows][:, :, : layout.kv_len]  # [B, KVH, S, D]
+        v = cache.v[i][layout.read_rows][:, :, : layout.kv_len]
+        q = qk[:, :, :heads].transpose(1, 2)  # [B, H, T, D]
+        if steps == 1:
+            # Decode: the query heads sharing a KV head become "positions" of that head, so SDPA
+            # runs without GQA expansion (several times faster on CPU).
+            group = heads // kv_heads
+            out = F.scaled_dot_product_attention(q.reshape(batch, kv_heads, group, head_dim), k, v,
+                                                 attn_mask=layout.mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, is_causal=layout.causal,
+                                                 enable_gqa=heads != kv_heads)
+        out = out.reshape(batch, heads, steps, head_dim).transpose(1, 2).reshape(batch, steps, heads * head_dim)
+        y = layer.o(out)
+        return y if lora is None else lora.apply(i, "o", out, y)
+
+    def _mlp(self, i: int, layer: LayerWeights, x: torch.Tensor, lora: LoraHook | None) -> torch.Tensor:
+        gate_up = layer.gate_up(x)
+        if lora is not None:
+            gate_up = lora.apply(i, "gate_up", x, gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = F.silu(gate) * up
+        y = layer.down(hidden)
+        return y if lora is None else lora.apply(i, "down", hidden, y)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (Hugging Face layout): x * cos + rotate_half(x) * sin. x: [B, T, heads, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

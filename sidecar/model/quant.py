@@ -1,0 +1,144 @@
+"""Weight-only quantized linear layers: y = x @ W.T with W stored as int4, int8, bf16 or fp32.
+
+CPU kernels (torch 2.13):
+- int4: `_weight_int4pack_mm_for_cpu`, grouped affine, w = (q - 8) * scale + zero, group 32.
+  GGUF Q4_1 (w = d*q + m) and Q4_0 (w = d*(q - 8)) blocks map onto it exactly, so a 4-bit
+  GGUF is repacked, never re-quantized.
+- int8: `_weight_int8pack_mm`, symmetric per output channel.
+Both are fast only with bf16 activations (fp32 activations are 7-30x slower), so the quantized
+formats compute in bf16; fp32 activations still work and are what the exactness tests use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sidecar.model.checkpoint import SourceTensor
+
+INT4_GROUP = 32
+COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
+
+
+class DenseLinear:
+    """fp32 or bf16 weight [out, in]."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight.contiguous()
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float()
+
+
+class Int8Linear:
+    """int8 weight [out, in] with one scale per output channel: W = q * scale[:, None]."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+        self.qweight = qweight.contiguous()
+        self.scales = scales.contiguous()
+        self.out_features, self.in_features = qweight.shape
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype) -> Int8Linear:
+        amax = weight.abs().amax(dim=1).clamp_min(1e-12)
+        scales = amax / 127.0
+        q = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scales.to(dtype))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scales)
+        return y.reshape(*lead, self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales.float()[:, None]
+
+
+class Int4Linear:
+    """4-bit codes q in [0, 15], groups of 32 along `in`: W[n, k] = (q - 8) * scale[g, n] + zero[g, n].
+
+    `scales_and_zeros` is [in / 32, out, 2] in the activation dtype; `packed` is the CPU kernel's
+    own layout of q.
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype):
+        # codes: int32 [out, in]; scales, zeros: float32 [out, in / 32]
+        self.out_features, self.in_features = codes.shape
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        self.scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype).contiguous()
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype) -> Int4Linear:
+        """Asymmetric min/max int4 of a float weight (for sources that are not 4-bit already)."""
+        out, inp = weight.shape
+        groups = weight.reshape(out, inp // INT4_GROUP, INT4_GROUP)
+        lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-12)
+        codes = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15)
+        return cls(codes.reshape(out, inp).to(torch.int32), scale, lo + 8 * scale, dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features), self.packed, INT4_GROUP, self.scales_and_zeros
+        )
+        return y.reshape(*lead, self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        # The packed layout is the kernel's own; multiplying the identity reads W back through it.
+        eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
+        return self(eye).t().float()
+
+
+Linear = DenseLinear | Int8Linear | Int4Linear
+
+
+def q4_blocks_to_int4(source: SourceTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact (codes, scale, zero) of a Q4_0 / Q4_1 tensor in the int4 kernel's convention.
+
+    Q4_1 block (20 bytes): f16 d, f16 m, 16 bytes of nibbles; w = d * q + m
+      -> scale = d, zero = m + 8d.
+    Q4_0 block (18 bytes): f16 d, 16 bytes of nibbles; w = d * (q - 8)
+      -> scale = d, zero = 0.
+    In both, byte j holds element j in its low nibble and element j + 16 in its high nibble.
+    """
+    rows, cols = source.shape
+    header = 4 if source.kind == "Q4_1" else 2
+    blocks = source.raw_blocks().reshape(rows, cols // INT4_GROUP, header + 16)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    nibbles = blocks[..., header:]
+    codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, cols)
+    if source.kind == "Q4_1":
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        zero = m + 8 * d
+    else:
+        zero = np.zeros_like(d)
+    return torch.from_numpy(codes.astype(np.int32)), torch.from_numpy(d), torch.from_numpy(zero)
+
+
+def build_linear(parts: list[SourceTensor], fmt: str, dtype: torch.dtype | None = None) -> Linear:
+    """One linear layer from one or more stored matrices stacked along `out` (fused q/k/v, gate/up).
+
+    `dtype` is the activation dtype; it defaults to the format's compute dtype.
+    """
+    dtype = dtype or COMPUTE_DTYPE[fmt]
+    in_features = parts[0].shape[1]
+    if fmt == "int4" and in_features % INT4_GROUP == 0:
+        if all(p.kind in ("Q4_0", "Q4_1") for p in parts):
+            decoded = [q4_blocks_to_int4(p) for p in parts]
+            codes, scales, zeros = (torch.cat([d[i] for d in decoded]) for i in range(3))
+            return Int4Linear(codes, scales, zeros, dtype)
+        return Int4Linear.quantize(_stacked_float(parts), dtype)
+    if fmt in ("int4", "int8"):
+        # int4 needs `in` to be a multiple of 32; such rare matrices fall back to int8.
+        return Int8Linear.quantize(_stacked_float(parts), dtype)
+    return DenseLinear(_stacked_float(parts).to(dtype))
+
+
+def _stacked_float(parts: list[SourceTensor]) -> torch.Tensor:
+    return torch.cat([p.to_float() for p in parts]) if len(parts) > 1 else parts[0].to_float()
