@@ -283,7 +283,9 @@ _TEMPLATES: dict[str, object] = {}
 
 def _template(source: str):
     if source not in _TEMPLATES:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        # The environment Hugging Face renders chat templates in, so templates behave the same.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
 
         def raise_exception(message: str) -> None:
             raise TemplateError(message)

@@ -133,9 +133,9 @@ def validate(path: Path, config: LlamaConfig, tensors: dict[str, SourceTensor]) 
         if name not in tensors:
             raise ModelFileError(path, f"missing tensor {name!r}")
         if tuple(tensors[name].shape) != shapes[name]:
-            raise ModelFileError(
-                path, f"tensor {tensors[name].name!r} has shape {list(tensors[name].shape)}, expected {list(shapes[name])}"
-            )
+            stored = tensors[name]
+            raise ModelFileError(path, f"tensor {stored.name!r} has shape {list(stored.shape)}, "
+                                       f"expected {list(shapes[name])}")
 
 
 def unpermute_rows(num_heads: int, head_dim: int) -> torch.Tensor:

@@ -123,7 +123,8 @@ def load_gguf(path: Path) -> Checkpoint:
     reader = _open(path)
     arch = str(_field(reader, "general.architecture", ""))
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelFileError(path, f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise ModelFileError(path, f"unsupported architecture {arch!r} (supported: {supported})")
 
     by_gguf_name = {t.name: t for t in reader.tensors}
     vocab = _vocab(reader, path)

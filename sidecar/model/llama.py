@@ -98,7 +98,9 @@ class LlamaModel:
         dtype = dtype or COMPUTE_DTYPE[weights]
         layers = []
         for i in tqdm(range(c.num_layers), desc=f"loading {weights} weights", unit="layer", disable=not progress):
-            t = lambda name: ckpt.tensor(f"layers.{i}.{name}")  # noqa: E731
+            def t(name: str, i: int = i):
+                return ckpt.tensor(f"layers.{i}.{name}")
+
             layers.append(LayerWeights(
                 attn_norm=t("attn_norm").to_float().to(dtype),
                 qkv=build_linear([t("q"), t("k"), t("v")], weights, dtype),

@@ -1,0 +1,100 @@
+"""`npc generate` as a user runs it: a real process, its stdout, stderr and exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny import tiny_gguf
+
+
+def npc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_generate_raw_fp32_json_matches_transformers(hf_model, tokenizer):
+    """The foundation's acceptance check: token for token against transformers."""
+    run = npc("generate", "--raw", "--weights", "fp32", "--json", "Once upon a time")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["prompt_token_ids"] == [6403, 1980, 253, 655]
+    assert out["weights"] == "fp32"
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([out["prompt_token_ids"]]), max_new_tokens=128, do_sample=False)
+    ref = ref[0, 4:].tolist()
+    if out["finish_reason"] == "stop":
+        assert ref[len(out["token_ids"])] in tokenizer.eos_ids
+    else:
+        assert out["finish_reason"] == "length" and len(out["token_ids"]) == 128
+    assert out["token_ids"] == ref[: len(out["token_ids"])]
+    assert out["text"] == tokenizer.decode(out["token_ids"])
+
+
+def test_generate_chat_streams_text_and_stops_at_eos():
+    run = npc("generate", "--max-tokens", "64", "--system", "Answer in one short sentence.",
+              "What is the capital of France?")
+    assert run.returncode == 0, run.stderr
+    assert "Paris" in run.stdout
+    assert "[stop;" in run.stderr and "weights int4" in run.stderr  # auto picks int4 for a Q4_1 file
+
+
+def test_seeded_sampling_is_reproducible():
+    args = ("generate", "--json", "--temperature", "0.9", "--seed", "7", "--max-tokens", "24", "Tell me a story.")
+    first, second = npc(*args), npc(*args)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["token_ids"] == json.loads(second.stdout)["token_ids"]
+
+
+def _assert_user_error(run: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, model_path: Path) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bad")
+    data = model_path.read_bytes()
+    files = {"truncated": d / "truncated.gguf", "short": d / "short.gguf", "text": d / "notes.gguf"}
+    files["truncated"].write_bytes(data[: len(data) - 4096])
+    files["short"].write_bytes(data[:2_000_000])
+    files["text"].write_text("this is not a model\n")
+    files["falcon"] = d / "falcon.gguf"
+    tiny_gguf(files["falcon"], "F32", arch="falcon")
+    files["iq4"] = d / "iq4.gguf"
+    tiny_gguf(files["iq4"], "F32", embed_kind="IQ4_NL")
+    return files
+
+
+@pytest.mark.parametrize("name,fragments", [
+    ("truncated", ["truncated.gguf", "truncated or corrupt"]),
+    ("short", ["short.gguf", "truncated or corrupt"]),
+    ("text", ["notes.gguf", "not a GGUF file"]),
+    ("falcon", ["falcon.gguf", "unsupported architecture 'falcon'"]),
+    ("iq4", ["iq4.gguf", "token_embd.weight", "unsupported type IQ4_NL"]),
+])
+def test_bad_model_files(bad_files, name, fragments):
+    _assert_user_error(npc("generate", "--model", str(bad_files[name]), "hi"), *fragments)
+
+
+def test_missing_model_file_via_environment(tmp_path):
+    missing = tmp_path / "nowhere.gguf"
+    _assert_user_error(npc("generate", "hi", env={"NPC_MODEL": str(missing)}), str(missing), "no such file")
+
+
+def test_unknown_weight_format():
+    _assert_user_error(npc("generate", "--weights", "int3", "hi"), "--weights", "int3")
+
+
+def test_adapter_not_supported_yet():
+    _assert_user_error(npc("generate", "--adapter", "characters/x/adapter", "hi"), "--adapter", "not supported yet")

@@ -1,0 +1,79 @@
+"""Quantized linear layers against slow float32 references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from sidecar.model.checkpoint import SourceTensor
+from sidecar.model.quant import DenseLinear, Int4Linear, Int8Linear, build_linear
+
+
+def _reference(source: SourceTensor) -> torch.Tensor:
+    """gguf-py's own dequantization: the format's definition, independent of our repacking."""
+    raw = np.asarray(source.data)
+    return torch.from_numpy(np.array(dequantize(raw, GGMLQuantizationType[source.kind]), dtype=np.float32))
+
+
+def test_int4_from_q4_1_is_exact(checkpoint):
+    """Q4_1 blocks repacked into the int4 kernel: same weights, bit for bit, at fp32."""
+    source = checkpoint.tensor("layers.3.gate")
+    assert source.kind == "Q4_1"
+    ref = _reference(source)
+    layer = build_linear([source], "int4", torch.float32)
+    assert isinstance(layer, Int4Linear)
+    assert torch.equal(layer.dequantized(), ref)
+    x = torch.randn(5, ref.shape[1], generator=torch.Generator().manual_seed(0))
+    expected = x.double() @ ref.double().t()
+    # fp32 activations: the kernel equals the dequantized matmul up to fp32 summation rounding.
+    assert (layer(x).double() - expected).abs().max() < 1e-4
+    # bf16 activations (the fast path): only activation/scale rounding to bf16 remains.
+    bf16 = build_linear([source], "int4")
+    rel = (bf16(x.bfloat16()).double() - expected).norm() / expected.norm()
+    assert rel < 1e-2
+
+
+def test_int4_from_q4_0_is_exact():
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 0.1, size=(64, 128)).astype(np.float32)
+    source = SourceTensor("w", "Q4_0", (64, 128), quantize(w, GGMLQuantizationType.Q4_0))
+    layer = build_linear([source], "int4", torch.float32)
+    assert torch.equal(layer.dequantized(), _reference(source))
+
+
+def test_fused_projection_stacks_parts_in_order(checkpoint):
+    parts = [checkpoint.tensor(f"layers.0.{n}") for n in ("q", "k", "v")]
+    layer = build_linear(parts, "int4", torch.float32)
+    # Rows of q were permuted at load; the reference is the permuted float tensor.
+    assert torch.equal(layer.dequantized(), torch.cat([p.to_float() for p in parts]))
+
+
+@pytest.mark.parametrize("weights,cls,max_rel", [("int8", Int8Linear, 0.02), ("bf16", DenseLinear, 0.01),
+                                                  ("fp32", DenseLinear, 1e-6)])
+def test_other_formats_close_to_float_reference(checkpoint, weights, cls, max_rel):
+    source = checkpoint.tensor("layers.5.down")
+    ref = _reference(source)
+    layer = build_linear([source], weights)
+    assert isinstance(layer, cls)
+    x = torch.randn(7, ref.shape[1], generator=torch.Generator().manual_seed(2))
+    expected = x.double() @ ref.double().t()
+    got = layer(x.to(torch.float32 if weights == "fp32" else torch.bfloat16)).double()
+    assert (got - expected).norm() / expected.norm() < max_rel
+
+
+def test_int4_requantizes_float_sources_within_4_bit_error():
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(3))
+    layer = Int4Linear.quantize(w, torch.float32)
+    err = (layer.dequantized() - w).abs()
+    # Asymmetric 4-bit over groups of 32: error at most half a step (range / 15 / 2) per group.
+    step = (w.reshape(96, 8, 32).amax(-1) - w.reshape(96, 8, 32).amin(-1)) / 15
+    assert (err.reshape(96, 8, 32) <= step[..., None] / 2 + 1e-6).all()
+
+
+def test_int8_per_channel_roundtrip():
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    layer = Int8Linear.quantize(w, torch.float32)
+    assert (layer.dequantized() - w).abs().max() <= w.abs().amax() / 127 / 2 + 1e-6
