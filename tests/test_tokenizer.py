@@ -95,3 +95,24 @@ def test_raw_prompt_follows_bos_metadata(tokenizer, checkpoint):
     assert tokenizer.encode_raw_prompt("Once upon a time") == [6403, 1980, 253, 655]
     # A developer's raw prompt may spell control tokens on purpose.
     assert tokenizer.encode_raw_prompt("<|im_start|>user")[0] == 1
+
+
+def test_sentencepiece_gguf_vocab_matches_transformers(tmp_path):
+    """A GGUF with a sentencepiece (`llama`) vocabulary: BOS added per metadata, merges from scores,
+    byte fallback for characters outside the vocabulary."""
+    from transformers import AutoTokenizer
+
+    from sidecar.engine.tokenizer import Tokenizer
+    from sidecar.model.checkpoint import load_checkpoint
+    from tests.tiny import tiny_spm_gguf
+
+    tiny_spm_gguf(tmp_path / "spm.gguf")
+    ours = Tokenizer(load_checkpoint(tmp_path / "spm.gguf"))
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    # Texts that start with a space differ on purpose: sentencepiece (and llama.cpp) always add the
+    # dummy "▁" prefix; transformers' GGUF conversion skips it when the text already starts with one.
+    for text in ["Hello, world!", "the dragon sleeps", "and the dragon", "ünïcode 🐉 in bytes", "two  spaces"]:
+        ids = ours.encode_raw_prompt(text)
+        assert ids[0] == 1
+        assert ids == ref(text)["input_ids"]
+        assert ours.decode(ids[1:]) == " " + text  # the dummy prefix is a real space in generated text

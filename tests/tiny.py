@@ -166,3 +166,42 @@ def tiny_hf_folder(folder: Path, seed: int = 0, rope_parameters: dict | None = N
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     return hf
+
+
+SPM_PIECES = ["▁", "e", "t", "a", "o", "n", "h", "l", "r", "s", "d", "i", "▁t", "he", "▁the", "▁a", "an", "▁an", "nd",
+              "▁and", "er", "in", "▁dr", "ag", "on", "▁dragon", "▁s", "le", "ep", "▁sleep", "▁sleeps", "H", "ll",
+              "▁H", "▁Hello", "el", "lo", "ell", "▁He", "▁Hel", "▁Hell", ",", "!", "w", "▁w", "or", "▁wor", "ld",
+              "▁world"]
+
+
+def tiny_spm_gguf(path: Path) -> None:
+    """A one-layer Llama GGUF with a small sentencepiece (`llama`) vocabulary with byte fallback."""
+    vocab = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
+    writer = gguf.GGUFWriter(str(path), "llama")
+    hidden, inter = 64, 128
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(inter)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(vocab)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))])
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES))  # unknown, control, byte, normal
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(True)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (len(vocab), hidden), "output_norm.weight": (hidden,)}
+    for name, shape in [("attn_q", (hidden, hidden)), ("attn_k", (hidden, hidden)), ("attn_v", (hidden, hidden)),
+                        ("attn_output", (hidden, hidden)), ("ffn_gate", (inter, hidden)), ("ffn_up", (inter, hidden)),
+                        ("ffn_down", (hidden, inter)), ("attn_norm", (hidden,)), ("ffn_norm", (hidden,))]:
+        shapes[f"blk.0.{name}.weight"] = shape
+    for name, shape in shapes.items():
+        writer.add_tensor(name, rng.normal(0, 0.05, size=shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
