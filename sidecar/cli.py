@@ -32,10 +32,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from sidecar.engine.sampler import SamplingParams
     from sidecar.engine.tokenizer import ChatMessage
 
-    if args.adapter:
-        raise UserError("--adapter: LoRA adapters are not supported yet (they arrive with the multi-LoRA engine)")
+    from sidecar.model.lora import load_peft_adapter
+
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     base = load_base_model(ModelConfig(resolve_model_path(args.model), args.weights), progress=not args.json)
+    adapter = load_peft_adapter(Path(args.adapter), base.model.config) if args.adapter else None
     tok = base.tokenizer
     if args.raw:
         prompt_ids = tok.encode_raw_prompt(args.prompt)
@@ -43,7 +44,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         messages = ([ChatMessage("system", args.system)] if args.system else []) + [ChatMessage("user", args.prompt)]
         prompt_ids = tok.encode_chat(messages)
     result = Generation(prompt_ids)
-    for piece in generate_stream(base.model, tok, prompt_ids, params, result):
+    for piece in generate_stream(base.model, tok, prompt_ids, params, result, adapter):
         if not args.json:
             print(piece, end="", flush=True)
     if args.json:
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="one-shot generation, for scripts and checks")
     _add_model_flags(g)
-    g.add_argument("--adapter", help="PEFT LoRA adapter folder (not supported yet)")
+    g.add_argument("--adapter", help="PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
     g.add_argument("--system", help="system message (chat mode)")
     g.add_argument("--raw", action="store_true", help="continue the prompt text as is, without the chat template")
     g.add_argument("--max-tokens", type=int, default=128)

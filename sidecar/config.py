@@ -52,3 +52,25 @@ class ModelConfig:
             raise UserError(f"--weights: unknown format {self.weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise UserError(f"--device: unknown device {self.device!r}; use cpu or cuda[:N]")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and sizes of the serving engine (sidecar/engine)."""
+
+    max_batch: int = 16  # sequences decoded together (KV rows)
+    max_waiting: int = 64  # queued requests beyond that are refused (RESOURCE_EXHAUSTED)
+    max_seq_len: int = 2048  # prompt + reply tokens per sequence (KV row length)
+    prefill_chunk: int = 128  # prompt tokens per step while other NPCs are decoding
+    max_resident_adapters: int = 8  # LoRA slots
+    max_rank: int = 64  # largest LoRA rank accepted
+    prefix_cache_mb: int = 256  # K/V of persona prefixes kept for reuse
+    prefix_block: int = 16  # prefix cache granularity in tokens
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_seq_len", "prefill_chunk", "max_resident_adapters", "max_rank",
+                     "prefix_block"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_waiting < 0 or self.prefix_cache_mb < 0:
+            raise UserError("max_waiting and prefix_cache_mb must be >= 0")

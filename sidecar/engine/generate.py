@@ -16,6 +16,7 @@ from sidecar.engine.sampler import Sampler, SamplingParams
 from sidecar.engine.tokenizer import Tokenizer
 from sidecar.errors import UserError
 from sidecar.model.llama import LlamaModel
+from sidecar.model.lora import LoraAdapter, LoraBatch, LoraSlots
 
 
 @dataclass
@@ -28,8 +29,8 @@ class Generation:
     decode_s: float = 0.0
 
 
-def generate_stream(model: LlamaModel, tokenizer: Tokenizer, prompt_ids: list[int],
-                    params: SamplingParams, result: Generation | None = None) -> Iterator[str]:
+def generate_stream(model: LlamaModel, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
+                    result: Generation | None = None, adapter: LoraAdapter | None = None) -> Iterator[str]:
     """Yields text pieces as tokens are sampled; fills `result` (ids, text, finish reason, timings)."""
     if not prompt_ids:
         raise UserError("the prompt is empty")
@@ -43,14 +44,21 @@ def generate_stream(model: LlamaModel, tokenizer: Tokenizer, prompt_ids: list[in
     sampler, detok = Sampler(params), tokenizer.detokenizer()
     cache = model.new_cache(rows=1, max_len=total)
     eos = set(tokenizer.eos_ids)
+    slots = None
+    if adapter is not None:
+        slots = LoraSlots(model.config, num_slots=1, dtype=model.dtype, rank=adapter.rank)
+        slots.load(0, adapter)
+
+    def lora(tokens: int) -> LoraBatch | None:
+        return None if slots is None else LoraBatch(slots, [0], tokens)
 
     t0 = time.perf_counter()
-    logits = model.forward(torch.tensor([prompt_ids]), start=[0], rows=[0], cache=cache)
+    logits = model.forward(torch.tensor([prompt_ids]), start=[0], rows=[0], cache=cache, lora=lora(len(prompt_ids)))
     result.prefill_s = time.perf_counter() - t0
     position = len(prompt_ids)
     t0 = time.perf_counter()
     while True:
-        token = sampler(logits[0])
+        token = sampler(logits[0], prompt_ids + result.token_ids)
         if token in eos:
             result.finish_reason = "stop"
             break
@@ -62,7 +70,7 @@ def generate_stream(model: LlamaModel, tokenizer: Tokenizer, prompt_ids: list[in
         if len(result.token_ids) >= params.max_tokens:
             result.finish_reason = "length"
             break
-        logits = model.forward(torch.tensor([[token]]), start=[position], rows=[0], cache=cache)
+        logits = model.forward(torch.tensor([[token]]), start=[position], rows=[0], cache=cache, lora=lora(1))
         position += 1
     tail = detok.flush()
     if tail:
@@ -71,8 +79,9 @@ def generate_stream(model: LlamaModel, tokenizer: Tokenizer, prompt_ids: list[in
     result.decode_s = time.perf_counter() - t0
 
 
-def generate(model: LlamaModel, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams) -> Generation:
+def generate(model: LlamaModel, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
+             adapter: LoraAdapter | None = None) -> Generation:
     result = Generation(list(prompt_ids))
-    for _ in generate_stream(model, tokenizer, prompt_ids, params, result):
+    for _ in generate_stream(model, tokenizer, prompt_ids, params, result, adapter):
         pass
     return result

@@ -1,8 +1,10 @@
-"""Choosing the next token from logits: greedy, or temperature / top-k / top-p with a seed."""
+"""Choosing next tokens from logits: greedy, or temperature / top-k / top-p, with repetition
+penalty, stop strings and a per-request seed."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +18,10 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = all tokens
-    seed: int | None = None
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the reply
+    stop: tuple[str, ...] = ()  # the reply ends before the first occurrence of any of these
+    seed: int | None = None  # same seed, same request, run alone -> same reply
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -27,6 +32,10 @@ class SamplingParams:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0, got {self.top_k}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if any(not s for s in self.stop):
+            raise UserError("stop strings must not be empty")
 
     @property
     def greedy(self) -> bool:
@@ -44,9 +53,11 @@ class Sampler:
         else:
             self._generator.seed()
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits: float32 [V] for one position."""
+    def __call__(self, logits: torch.Tensor, previous: Sequence[int] = ()) -> int:
+        """logits: float32 [V] for one position; `previous` are the prompt and reply ids so far."""
         p = self.params
+        if p.repetition_penalty != 1.0 and previous:
+            logits = apply_repetition_penalty(logits, previous, p.repetition_penalty)
         if p.greedy:
             return int(torch.argmax(logits))
         logits = logits / p.temperature
@@ -61,3 +72,54 @@ class Sampler:
             sorted_probs[outside] = 0
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self._generator))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous: Sequence[int], penalty: float) -> torch.Tensor:
+    """Hugging Face's definition: for every token id seen, logit / penalty if positive, else * penalty."""
+    ids = torch.tensor(sorted(set(previous)), dtype=torch.long)
+    seen = logits[ids]
+    out = logits.clone()
+    out[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return out
+
+
+def sample_batch(logits: torch.Tensor, samplers: list[Sampler], histories: list[Sequence[int]]) -> list[int]:
+    """One token per row of logits [B, V]: one argmax for the plain greedy rows, the rest row by row."""
+    plain = [not s.params.greedy or s.params.repetition_penalty != 1.0 for s in samplers]
+    tokens = logits.argmax(-1).tolist() if not all(plain) else [0] * len(samplers)
+    for b, needs_row in enumerate(plain):
+        if needs_row:
+            tokens[b] = samplers[b](logits[b], histories[b])
+    return tokens
+
+
+class StopStringFilter:
+    """Streams text but holds back what could be the start of a stop string; finds the first stop."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.text = ""  # everything decoded so far
+        self.emitted = 0  # how much of `text` has been released
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """Adds decoded text; returns (text safe to emit now, whether a stop string was hit)."""
+        self.text += piece
+        if not self.stops:
+            out, self.emitted = self.text[self.emitted:], len(self.text)
+            return out, False
+        # Search only where a new match can be: from the first unreleased character on.
+        hits = [i for i in (self.text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stops) if i >= 0]
+        if hits:
+            end = min(hits)
+            out = self.text[self.emitted:end] if end > self.emitted else ""
+            self.text, self.emitted = self.text[:end], end
+            return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        safe = len(self.text) - hold
+        out = self.text[self.emitted:safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return out, False
+
+    def flush(self) -> str:
+        out, self.emitted = self.text[self.emitted:], len(self.text)
+        return out

@@ -41,22 +41,29 @@ class LayerWeights:
 
 
 class KVCache:
-    """Static K/V storage: k[layer], v[layer] are [rows, kv_heads, max_len, head_dim].
+    """Static K/V storage: `k_all` / `v_all` are [layers, rows, kv_heads, max_len, head_dim].
 
-    Each sequence owns one row and writes the keys of position p at [row, :, p]. Keeping the
-    batch in contiguous rows lets attention read the cache as a view, without a gather.
+    Each sequence owns one row and writes the keys of position p at [:, row, :, p]; `k[layer]` is
+    that layer's view. Keeping a batch in contiguous rows lets attention read the cache as a view,
+    without a gather; moving or saving a row is one copy for all layers.
     """
 
     def __init__(self, config: LlamaConfig, rows: int, max_len: int, dtype: torch.dtype, device: str = "cpu"):
         if max_len > config.max_position:
             raise ValueError(f"KV length {max_len} exceeds the model's context of {config.max_position} tokens")
-        shape = (rows, config.num_kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        shape = (config.num_layers, rows, config.num_kv_heads, max_len, config.head_dim)
+        self.k_all = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_all = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = list(self.k_all.unbind(0)), list(self.v_all.unbind(0))
         self.rows, self.max_len = rows, max_len
 
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Positions [0, length) of row src -> row dst, every layer."""
+        self.k_all[:, dst, :, :length] = self.k_all[:, src, :, :length]
+        self.v_all[:, dst, :, :length] = self.v_all[:, src, :, :length]
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return 2 * self.k_all.numel() * self.k_all.element_size()
 
 
 @dataclass(frozen=True)

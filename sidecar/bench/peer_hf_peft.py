@@ -1,0 +1,105 @@
+"""Peer for `npc bench --scenario multi-npc`: transformers + PEFT serving N NPCs in one mixed-adapter batch.
+
+This is what a Hugging Face user would write: one base model, every adapter loaded into one
+`PeftModel`, the N prompts left-padded into one batch, and `generate(..., adapter_names=[...])` so
+each row uses its own adapter. Loading (and a short warm-up) happen before the clock starts; every
+request counts as submitted at that moment, because the NPCs all speak at once.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from sidecar.bench.timing import RequestTiming
+
+PAD_ID = 2
+
+
+class _StepClock(BaseStreamer):
+    """Stamps the wall time each decoding step's tokens reach the host, and keeps the tokens.
+
+    `generate` first hands the streamer the (2-D) prompt before the prefill; that call is skipped so
+    the first stamp is the first generated token and TTFT includes the prefill. Later calls carry
+    one 1-D tensor of next tokens per step, made after that step's forward and argmax.
+    """
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.steps: list[list[int]] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() != 1:
+            return
+        self.times.append(time.perf_counter())
+        self.steps.append(value.tolist())
+
+    def end(self) -> None:
+        pass
+
+
+def load_hf_peft(model_path: Path, adapter_dirs: list[Path], dtype: torch.dtype = torch.float32):
+    """The base GGUF (dequantized by transformers) wrapped in one PeftModel holding adapters npc0..npcN-1."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name, dtype=dtype)
+    model = PeftModel.from_pretrained(base.eval(), adapter_dirs[0], adapter_name="npc0")
+    for i, folder in enumerate(adapter_dirs[1:], start=1):
+        model.load_adapter(folder, adapter_name=f"npc{i}")
+    return model.eval()
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), rows right-aligned so every row's next token lands in the last column."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def generate_hf_peft(model, prompts: list[list[int]], max_new_tokens: int,
+                     adapter_names: list[str] | None = None) -> tuple[list[RequestTiming], list[list[int]]]:
+    """One greedy mixed-adapter `generate` over all prompts: per-request timings and generated token ids.
+
+    `adapter_names` defaults to npc0..npcN-1 (row i uses adapter i); pass None-free names of adapters
+    already in `model`, or "__base__" for a row without adapter. Exactly `max_new_tokens` per row
+    (EOS suppressed by `min_new_tokens`), so every system decodes the same amount.
+    """
+    names = adapter_names if adapter_names is not None else [f"npc{i}" for i in range(len(prompts))]
+    input_ids, attention_mask = left_pad(prompts)
+    clock = _StepClock()
+    submitted = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, adapter_names=names,
+                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=PAD_ID, streamer=clock)
+    if len(clock.times) != max_new_tokens:
+        raise RuntimeError(f"expected {max_new_tokens} decoding steps, saw {len(clock.times)}")
+    tokens = out[:, input_ids.shape[1]:].tolist()
+    if tokens != [list(row) for row in zip(*clock.steps, strict=True)]:
+        raise RuntimeError("streamed tokens differ from the returned sequences")
+    timings = [RequestTiming(submitted=submitted, token_times=list(clock.times)) for _ in prompts]
+    return timings, tokens
+
+
+def run_hf_peft(model_path: Path, adapter_dirs: list[Path], prompts: list[list[int]], max_new_tokens: int,
+                dtype: torch.dtype = torch.float32, warmup: bool = True) -> list[RequestTiming]:
+    """Time transformers + PEFT serving prompt i with adapter i, all in one batch; loading is not timed.
+
+    `warmup` runs a 2-token generate on the same batch first, so one-time kernel and allocator
+    setup is not billed to TTFT (the other systems are timed warm too).
+    """
+    if len(adapter_dirs) != len(prompts):
+        raise ValueError(f"{len(adapter_dirs)} adapters for {len(prompts)} prompts")
+    model = load_hf_peft(model_path, adapter_dirs, dtype)
+    if warmup:
+        generate_hf_peft(model, prompts, max_new_tokens=2)
+    timings, _ = generate_hf_peft(model, prompts, max_new_tokens)
+    return timings

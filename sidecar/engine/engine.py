@@ -1,0 +1,139 @@
+"""AsyncEngine: the engine as asyncio code sees it. submit() -> async stream of events; cancel().
+
+The model runs on one background thread (torch releases the GIL inside kernels), so the event
+loop that serves gRPC never blocks on a forward pass. Events cross back with
+`loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+from sidecar.config import EngineConfig
+from sidecar.engine.base_model import BaseModel
+from sidecar.engine.llm_engine import LLMEngine
+from sidecar.engine.sampler import SamplingParams
+from sidecar.engine.scheduler import QueueFull
+from sidecar.engine.sequence import AdapterRef, EngineEvent, Sequence
+
+__all__ = ["AsyncEngine", "QueueFull", "RequestStream"]
+
+
+class RequestStream:
+    """Async iterator over one request's events; ends after its "finished" or "error" event.
+    Closing it early (break, or the consumer being cancelled) cancels the request."""
+
+    def __init__(self, engine: AsyncEngine, seq: Sequence, queue: asyncio.Queue[EngineEvent]):
+        self._engine, self._seq, self._queue = engine, seq, queue
+        self._done = False
+
+    @property
+    def request_id(self) -> str:
+        return self._seq.request_id
+
+    def __aiter__(self) -> AsyncIterator[EngineEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[EngineEvent]:
+        try:
+            while not self._done:
+                event = await self._queue.get()
+                self._done = event.kind in ("finished", "error")
+                yield event
+        finally:
+            if not self._done:
+                self._engine.cancel(self.request_id)
+
+    def cancel(self) -> None:
+        self._engine.cancel(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, base: BaseModel, config: EngineConfig = EngineConfig()):
+        self.base, self.config = base, config
+        self.core = LLMEngine(base, config)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list[Sequence] = []
+        self._live: dict[str, Sequence] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="npc-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
+               request_id: str | None = None) -> RequestStream:
+        """Queues a request. Raises QueueFull when max_waiting requests are queued, UserError for bad input."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
+
+        def emit(event: EngineEvent) -> None:
+            if event.kind in ("finished", "error"):
+                with self._lock:
+                    self._live.pop(event.request_id, None)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:
+                pass  # the event loop is gone (shutdown): nobody is listening any more
+
+        seq = self.core.make_sequence(prompt_ids, adapter, sampling, emit, request_id)
+        with self._lock:
+            if self._stopping:
+                raise QueueFull("the engine is shutting down")
+            waiting = len(self._inbox) + len(self.core.scheduler.waiting)
+            if waiting >= self.config.max_waiting:
+                raise QueueFull(f"{waiting} requests are already waiting (max_waiting {self.config.max_waiting})")
+            self._inbox.append(seq)
+            self._live[seq.request_id] = seq
+            self._wake.notify()
+        return RequestStream(self, seq, queue)
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancels a request; its stream ends with finish_reason "cancelled" within one step."""
+        with self._lock:
+            seq = self._live.get(request_id)
+            if seq is None:
+                return False
+            seq.cancelled = True
+            self._wake.notify()
+        return True
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            stats = self.core.stats()
+            stats["waiting_requests"] = int(stats["waiting_requests"]) + len(self._inbox)
+        return stats
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._inbox and not self.core.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                inbox, self._inbox = self._inbox, []
+            for seq in inbox:
+                self.core.add(seq)  # capacity was checked in submit()
+            self.core.step()
+            if self.core.scheduler.waiting and not self.core.scheduler.running and not self.core.scheduler.prefilling:
+                # Only waiting on adapter loads: do not spin.
+                with self._lock:
+                    self._wake.wait(timeout=0.005)
+
+    async def shutdown(self, cancel_running: bool = True) -> None:
+        """Stops the step thread; with cancel_running, live requests end as cancelled first."""
+        if cancel_running:
+            with self._lock:
+                for seq in self._live.values():
+                    seq.cancelled = True
+                self._wake.notify()
+            for _ in range(200):
+                if not self._live:
+                    break
+                await asyncio.sleep(0.01)
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        await asyncio.to_thread(self._thread.join, 5)
+        self.core.shutdown()

@@ -1,0 +1,96 @@
+"""KV rows for the running batch, and the prefix cache that lets a persona's KV be computed once.
+
+Rows: running sequences occupy rows 0..n-1 of the model's KVCache, in the order of the running
+list, so a decode step reads the cache as a view. One extra row at the end is the staging row
+where a new prompt is prefilled; when its prefill completes it is copied into row n. When a
+sequence leaves, the last running row moves into its place.
+
+Prefix cache: after a prompt is prefilled, the K/V of its longest block-aligned prefix is saved,
+keyed by (adapter identity, tokens). A later prompt with the same adapter whose tokens start the
+same way copies that K/V in and prefills only the rest. The adapter identity is the fingerprint
+of the adapter's files, so K/V is never reused under another adapter or after a file changed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from sidecar.model.llama import KVCache
+
+
+@dataclass
+class _Entry:
+    k: torch.Tensor  # [layers, kv_heads, length, head_dim]
+    v: torch.Tensor
+    keys: list[tuple]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class PrefixCache:
+    def __init__(self, capacity_bytes: int, block: int = 16):
+        self.capacity = capacity_bytes
+        self.block = block
+        self._index: dict[tuple, tuple[int, int]] = {}  # (adapter, tokens prefix) -> (entry id, length)
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # LRU order
+        self._next_id = 0
+        self.used = 0
+        self.hits = 0
+        self.lookups = 0
+
+    def _lengths(self, n: int) -> range:
+        """Block-aligned prefix lengths of an n-token prompt, longest first. At least one prompt
+        token is always left to prefill, since its logits give the first reply token."""
+        top = ((n - 1) // self.block) * self.block
+        return range(top, 0, -self.block)
+
+    def lookup(self, adapter: str, tokens: list[int], cache: KVCache, row: int) -> int:
+        """Copies the longest cached prefix into `row`; returns its length (0 on a miss)."""
+        self.lookups += 1
+        for length in self._lengths(len(tokens)):
+            hit = self._index.get((adapter, tuple(tokens[:length])))
+            if hit is None:
+                continue
+            entry = self._entries[hit[0]]
+            self._entries.move_to_end(hit[0])
+            cache.k_all[:, row, :, :length] = entry.k[:, :, :length]
+            cache.v_all[:, row, :, :length] = entry.v[:, :, :length]
+            self.hits += 1
+            return length
+        return 0
+
+    def insert(self, adapter: str, tokens: list[int], cache: KVCache, row: int) -> None:
+        """Saves the K/V of the prompt's longest block-aligned prefix (if not cached already)."""
+        lengths = list(self._lengths(len(tokens) + 1))  # a stored prefix may cover the whole prompt
+        if not lengths or (adapter, tuple(tokens[: lengths[0]])) in self._index:
+            return
+        length = lengths[0]
+        entry = _Entry(cache.k_all[:, row, :, :length].clone(), cache.v_all[:, row, :, :length].clone(), [])
+        if entry.nbytes > self.capacity:
+            return
+        while self.used + entry.nbytes > self.capacity and self._entries:
+            self._evict()
+        entry_id, self._next_id = self._next_id, self._next_id + 1
+        for n in lengths:  # every shorter block-aligned prefix points into the same entry
+            key = (adapter, tuple(tokens[:n]))
+            if key not in self._index:
+                self._index[key] = (entry_id, n)
+                entry.keys.append(key)
+        self._entries[entry_id] = entry
+        self.used += entry.nbytes
+
+    def _evict(self) -> None:
+        _, entry = self._entries.popitem(last=False)
+        for key in entry.keys:
+            self._index.pop(key, None)
+        self.used -= entry.nbytes
+
+    def clear(self) -> None:
+        self._index.clear()
+        self._entries.clear()
+        self.used = 0

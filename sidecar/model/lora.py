@@ -1,0 +1,320 @@
+"""LoRA adapters: PEFT folders -> stacked slots -> per-row deltas inside the batched forward.
+
+An adapter adds, to each target module m of each layer, delta_m(x) = (x @ A_m.T) @ B_m.T * scale_m
+with A_m [r, in], B_m [out, r] and scale_m = alpha / r (alpha / sqrt(r) with rsLoRA).
+
+Storage. The model fuses q/k/v into one projection "qkv" and gate/up into "gate_up"; their LoRA
+parts are stored together so that one matmul computes the shrink of every part of every slot:
+  A[layer][proj]: [parts * slots * rank, in], rows ordered (part, slot, r)
+  B[layer][proj][part]: [slots * rank, out_part], rows ordered (slot, r), scale folded in
+`rank` is the largest rank resident (it grows on demand up to max_rank); smaller ranks are
+zero-padded. Slot -1 means "base model" for a row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from sidecar.errors import UserError
+from sidecar.model.config import LlamaConfig
+
+# PEFT module name -> (fused projection, part index). The part order matches the fused weights.
+MODULES = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
+           "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", 0)}
+PROJECTIONS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+               "down": ("down_proj",)}
+_TENSOR_NAME = re.compile(
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+class AdapterError(UserError):
+    """A LoRA adapter folder that cannot be used; the message names the folder and the problem."""
+
+    def __init__(self, folder: object, problem: str):
+        super().__init__(f"adapter {folder}: {problem}")
+        self.folder = str(folder)
+        self.problem = problem
+
+
+def module_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each LoRA target module of the base model."""
+    c = config
+    return {"q_proj": (c.q_size, c.hidden_size), "k_proj": (c.kv_size, c.hidden_size),
+            "v_proj": (c.kv_size, c.hidden_size), "o_proj": (c.hidden_size, c.q_size),
+            "gate_proj": (c.intermediate_size, c.hidden_size), "up_proj": (c.intermediate_size, c.hidden_size),
+            "down_proj": (c.hidden_size, c.intermediate_size)}
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """One adapter in memory: per (layer, module), A [r, in] and B [out, r] with the scale folded into B."""
+
+    name: str
+    path: Path
+    fingerprint: str  # sha256 of the adapter's files: the identity the prefix cache keys on
+    rank: int
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def target_modules(self) -> set[str]:
+        return {m for _, m in self.weights}
+
+
+def _fingerprint(*files: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _pattern_value(patterns: dict, module_path: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern: keys match the end of the module's dotted path."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default
+
+
+def load_peft_adapter(folder: Path, config: LlamaConfig, max_rank: int = 64, name: str | None = None) -> LoraAdapter:
+    """Reads and validates a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AdapterError(folder, "no such folder")
+    cfg_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not weights_path.is_file():
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pkl")):
+            raise AdapterError(folder, "pickled weights (adapter_model.bin) are refused: loading them can run "
+                                       "arbitrary code; save the adapter as adapter_model.safetensors")
+        raise AdapterError(folder, "missing adapter_model.safetensors")
+    if not cfg_path.is_file():
+        raise AdapterError(folder, "missing adapter_config.json")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(folder, f"adapter_config.json is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(folder, "adapter_config.json must hold a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(folder, f"peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    for flag, problem in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out")):
+        if cfg.get(flag):
+            raise AdapterError(folder, f"{problem} adapters are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(folder, f"bias={cfg.get('bias')!r} is not supported (only 'none')")
+    try:
+        default_rank = int(cfg["r"])
+        default_alpha = float(cfg.get("lora_alpha", default_rank))
+    except (KeyError, TypeError, ValueError):
+        raise AdapterError(folder, "adapter_config.json: 'r' must be a positive integer") from None
+    rslora = bool(cfg.get("use_rslora", False))
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+
+    shapes = module_shapes(config)
+    raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                m = _TENSOR_NAME.match(key)
+                if m is None:
+                    raise AdapterError(folder, f"tensor {key!r} is not a LoRA A/B weight of a supported module "
+                                               f"({', '.join(MODULES)})")
+                layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+                if module not in MODULES:
+                    raise AdapterError(folder, f"target module {module!r} is not in the model "
+                                               f"(supported: {', '.join(MODULES)})")
+                if layer >= config.num_layers:
+                    raise AdapterError(folder, f"tensor {key!r} is for layer {layer}, the model has "
+                                               f"{config.num_layers} layers")
+                raw.setdefault((layer, module), {})[which] = f.get_tensor(key)
+    except AdapterError:
+        raise
+    except Exception as e:  # safetensors raises its own types on damaged files
+        raise AdapterError(folder, f"cannot read adapter_model.safetensors ({e})") from None
+    if not raw:
+        raise AdapterError(folder, "adapter_model.safetensors holds no LoRA weights")
+
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    top_rank = 0
+    for (layer, module), pair in sorted(raw.items()):
+        where = f"layer {layer} {module}"
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(folder, f"{where}: lora_A and lora_B must both be present")
+        a, b = pair["A"].float(), pair["B"].float()
+        out, inp = shapes[module]
+        rank = a.shape[0] if a.dim() == 2 else -1
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != inp or b.shape != (out, rank):
+            raise AdapterError(folder, f"{where}: shapes A {list(a.shape)} / B {list(b.shape)} do not match the "
+                                       f"base model (expected A [r, {inp}], B [{out}, r])")
+        if rank < 1 or rank > max_rank:
+            raise AdapterError(folder, f"{where}: rank {rank} is above max_rank {max_rank}" if rank > max_rank
+                               else f"{where}: rank must be at least 1")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(folder, f"{where}: weights contain NaN or inf")
+        alpha = _pattern_value(alpha_pattern, f"model.layers.{layer}.{module}", default_alpha)
+        scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+        weights[(layer, module)] = (a.contiguous(), (b * scale).contiguous())
+        top_rank = max(top_rank, rank)
+    return LoraAdapter(name or folder.name, folder, _fingerprint(cfg_path, weights_path), top_rank, weights)
+
+
+class LoraSlots:
+    """Resident adapters, stacked per layer and fused projection (layout in the module docstring)."""
+
+    def __init__(self, config: LlamaConfig, num_slots: int, dtype: torch.dtype, rank: int = 8):
+        self.config, self.num_slots, self.dtype = config, num_slots, dtype
+        shapes = module_shapes(config)
+        self.part_out = {p: tuple(shapes[m][0] for m in mods) for p, mods in PROJECTIONS.items()}
+        self.in_features = {p: shapes[mods[0]][1] for p, mods in PROJECTIONS.items()}
+        self.rank = 0
+        self.A: list[dict[str, torch.Tensor]] = []
+        self.B: list[dict[str, list[torch.Tensor]]] = []
+        self._resize(rank)
+
+    def _resize(self, rank: int) -> None:
+        """(Re)allocates the stacks for `rank`, keeping what is loaded (zero-padded)."""
+        old_rank, old_A, old_B = self.rank, self.A, self.B
+        S = self.num_slots
+        self.A = [{p: torch.zeros(len(self.part_out[p]) * S * rank, self.in_features[p], dtype=self.dtype)
+                   for p in PROJECTIONS} for _ in range(self.config.num_layers)]
+        self.B = [{p: [torch.zeros(S * rank, out, dtype=self.dtype) for out in self.part_out[p]]
+                   for p in PROJECTIONS} for _ in range(self.config.num_layers)]
+        self.rank = rank
+        if old_rank:
+            keep = min(old_rank, rank)
+            for layer in range(self.config.num_layers):
+                for p in PROJECTIONS:
+                    parts = len(self.part_out[p])
+                    self.A[layer][p].view(parts, S, rank, -1)[:, :, :keep] = \
+                        old_A[layer][p].view(parts, S, old_rank, -1)[:, :, :keep]
+                    for j in range(parts):
+                        self.B[layer][p][j].view(S, rank, -1)[:, :keep] = \
+                            old_B[layer][p][j].view(S, old_rank, -1)[:, :keep]
+
+    def load(self, slot: int, adapter: LoraAdapter) -> None:
+        """Copies an adapter into `slot` (modules it does not target get zeros)."""
+        if adapter.rank > self.rank:
+            self._resize(adapter.rank)
+        S, r = self.num_slots, self.rank
+        for layer in range(self.config.num_layers):
+            for p, mods in PROJECTIONS.items():
+                a_view = self.A[layer][p].view(len(mods), S, r, -1)
+                for j, module in enumerate(mods):
+                    b_view = self.B[layer][p][j].view(S, r, -1)
+                    a_view[j, slot].zero_()
+                    b_view[slot].zero_()
+                    pair = adapter.weights.get((layer, module))
+                    if pair is not None:
+                        a, b = pair
+                        a_view[j, slot, : a.shape[0]] = a.to(self.dtype)
+                        b_view[slot, : a.shape[0]] = b.t().to(self.dtype)
+
+    def clear(self, slot: int) -> None:
+        S, r = self.num_slots, self.rank
+        for layer in range(self.config.num_layers):
+            for p, mods in PROJECTIONS.items():
+                self.A[layer][p].view(len(mods), S, r, -1)[:, slot].zero_()
+                for j in range(len(mods)):
+                    self.B[layer][p][j].view(S, r, -1)[slot].zero_()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.A for t in layer.values()) + sum(
+            t.numel() * t.element_size() for layer in self.B for parts in layer.values() for t in parts)
+
+
+# --- batched LoRA ops ----------------------------------------------------------------------------
+
+
+def lora_bgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor], slot_mask: torch.Tensor,
+              part_out: tuple[int, ...]) -> None:
+    """Decode: every row with its own adapter, in one shrink and one expand per part (in place on y).
+
+    Semantics, as a slow loop (x [N, in], y [N, sum(part_out)], slots [N] with -1 = base):
+        for n in range(N):
+            s = slots[n]
+            if s < 0: continue
+            for j, (lo, hi) in enumerate(part column ranges):
+                y[n, lo:hi] += (x[n] @ A_j[s].T) @ B_j[s]     # A_j[s]: [r, in], B_j[s]: [r, out_j]
+    Here A is [parts * S * r, in] (rows (part, slot, r)), Bs[j] is [S * r, out_j] and slot_mask is
+    [N, S * r] with ones on the r columns of row n's slot (all zero for base rows). The shrink is
+    computed for every resident slot at once and masked, so the op count does not grow with the
+    number of distinct adapters in the batch.
+    """
+    n, parts = x.shape[0], len(part_out)
+    t = F.linear(x, A).view(n, parts, -1) * slot_mask[:, None, :]  # [N, parts, S*r]
+    lo = 0
+    for j, out in enumerate(part_out):
+        y[:, lo:lo + out].addmm_(t[:, j], Bs[j])
+        lo += out
+
+
+def lora_sgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
+              segments: list[tuple[int, int, int]], num_slots: int, rank: int, part_out: tuple[int, ...]) -> None:
+    """Prefill: rows grouped into segments that share one adapter (in place on y).
+
+    Semantics: for each (start, end, slot) in segments with slot >= 0, for each part j,
+        y[start:end, lo_j:hi_j] += (x[start:end] @ A_j[slot].T) @ B_j[slot]
+    Each segment reads only its own adapter: two matmuls (one shrink for all parts, one expand
+    per part), whatever the number of resident slots.
+    """
+    parts = len(part_out)
+    a_view = A.view(parts, num_slots, rank, -1)
+    for start, end, slot in segments:
+        if slot < 0:
+            continue
+        t = F.linear(x[start:end], a_view[:, slot].reshape(parts * rank, -1))  # [rows, parts * r]
+        lo = 0
+        for j, out in enumerate(part_out):
+            y[start:end, lo:lo + out].addmm_(t[:, j * rank:(j + 1) * rank], Bs[j][slot * rank:(slot + 1) * rank])
+            lo += out
+
+
+class LoraBatch:
+    """The LoRA hook of one forward call: which slot each batch row uses (model/llama.LoraHook)."""
+
+    def __init__(self, slots: LoraSlots, row_slots: list[int], tokens_per_row: int):
+        self.slots = slots
+        self.active = any(s >= 0 for s in row_slots)
+        distinct = set(row_slots)
+        n = len(row_slots) * tokens_per_row
+        # One adapter for the whole batch (a prefill chunk, a single NPC): the segment path reads
+        # only that adapter. Several adapters: the masked all-slot path, a fixed number of ops.
+        self.segments: list[tuple[int, int, int]] | None = None
+        if len(distinct) == 1 or tokens_per_row > 1:
+            self.segments = _segments([s for s in row_slots for _ in range(tokens_per_row)])
+        else:
+            S, r = slots.num_slots, slots.rank
+            idx = torch.tensor(row_slots)
+            owner = torch.arange(S).repeat_interleave(r)  # slot of each column
+            self.mask = (owner[None, :] == idx[:, None]).to(slots.dtype)  # [N, S*r]
+        self.num_tokens = n
+
+    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return y
+        s = self.slots
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        A, Bs = s.A[layer][module], s.B[layer][module]
+        if self.segments is not None:
+            lora_sgmv(y2, x2, A, Bs, self.segments, s.num_slots, s.rank, s.part_out[module])
+        else:
+            lora_bgmv(y2, x2, A, Bs, self.mask, s.part_out[module])
+        return y
+
+
+def _segments(token_slots: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of equal slots: [(start, end, slot), ...]."""
+    out, start = [], 0
+    for i in range(1, len(token_slots) + 1):
+        if i == len(token_slots) or token_slots[i] != token_slots[start]:
+            out.append((start, i, token_slots[start]))
+            start = i
+    return out
