@@ -31,7 +31,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from sidecar.engine.generate import Generation, generate_stream
     from sidecar.engine.sampler import SamplingParams
     from sidecar.engine.tokenizer import ChatMessage
-
     from sidecar.model.lora import load_peft_adapter
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)

@@ -51,9 +51,9 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, base: BaseModel, config: EngineConfig = EngineConfig()):
-        self.base, self.config = base, config
-        self.core = LLMEngine(base, config)
+    def __init__(self, base: BaseModel, config: EngineConfig | None = None):
+        self.base, self.config = base, config or EngineConfig()
+        self.core = LLMEngine(base, self.config)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._inbox: list[Sequence] = []

@@ -22,9 +22,9 @@ _ids = itertools.count()
 
 
 class LLMEngine:
-    def __init__(self, base: BaseModel, config: EngineConfig = EngineConfig()):
-        self.base, self.config = base, config
-        model = base.model
+    def __init__(self, base: BaseModel, config: EngineConfig | None = None):
+        self.base, self.config = base, config or EngineConfig()
+        config, model = self.config, base.model
         self.cache = model.new_cache(rows=config.max_batch + 1, max_len=min(config.max_seq_len,
                                                                               model.config.max_position))
         self.prefix = PrefixCache(config.prefix_cache_mb * 2**20, config.prefix_block)

@@ -14,8 +14,8 @@ from sidecar.config import EngineConfig
 from sidecar.engine.adapters import AdapterCache
 from sidecar.engine.kv_cache import PrefixCache
 from sidecar.engine.sequence import EngineEvent, Sequence, Status
-from sidecar.model.lora import AdapterError
 from sidecar.model.llama import KVCache
+from sidecar.model.lora import AdapterError
 
 
 class QueueFull(Exception):
