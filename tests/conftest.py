@@ -57,3 +57,35 @@ def hf_tokenizer(model_path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
+
+
+# Adapters made by PEFT itself on the embedded model (random, non-zero B): name -> LoraConfig kwargs.
+PEFT_ADAPTERS = {
+    "alpha": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"]),
+    "beta": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True),
+    "gamma": dict(r=16, lora_alpha=16, target_modules=["o_proj", "gate_proj", "down_proj"]),
+    "delta": dict(r=2, lora_alpha=4, target_modules=["k_proj", "up_proj"]),
+}
+
+
+@pytest.fixture(scope="session")
+def peft_reference(hf_model, tmp_path_factory):
+    """(PeftModel holding every adapter in PEFT_ADAPTERS, {name: saved adapter folder})."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("peft")
+    torch.manual_seed(1234)
+    names = list(PEFT_ADAPTERS)
+    config = lambda name: LoraConfig(init_lora_weights=False, lora_dropout=0.0, **PEFT_ADAPTERS[name])  # noqa: E731
+    peft_model = get_peft_model(copy.deepcopy(hf_model), config(names[0]), adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, config(name))
+    folders = {}
+    for name in names:
+        peft_model.save_pretrained(root / name, selected_adapters=[name])
+        folders[name] = next((root / name).rglob("adapter_config.json")).parent
+    peft_model.eval()
+    return peft_model, folders

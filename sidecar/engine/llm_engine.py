@@ -85,8 +85,9 @@ class LLMEngine:
     def _postprocess_decode(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens = sample_batch(logits, [s.sampler for s in seqs], [s.history() for s in seqs]
                               if any(s.params.repetition_penalty != 1.0 for s in seqs) else [[]] * len(seqs))
-        for seq, token in zip(seqs, tokens, strict=True):
+        for seq in seqs:  # all first: finishing one may move another's row, and the move copies num_computed
             seq.num_computed += 1
+        for seq, token in zip(seqs, tokens, strict=True):
             self._accept(seq, token)
 
     def _postprocess_prefill(self, seq: Sequence, hi: int, logits: torch.Tensor) -> None:

@@ -1,0 +1,222 @@
+"""The continuous-batching engine: mixed adapters in one batch, prefix cache, cancel, adapter slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sidecar.config import EngineConfig
+from sidecar.engine.base_model import BaseModel
+from sidecar.engine.llm_engine import LLMEngine
+from sidecar.engine.sampler import SamplingParams
+from sidecar.engine.sequence import AdapterRef, EngineEvent
+from sidecar.engine.tokenizer import ChatMessage
+
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+PERSONA = ("You are Brynja, the dwarven blacksmith of Greywater. You are gruff, proud of your craft, and you "
+           "distrust elves. You never talk about the war. Answer in one or two sentences.")
+LINES = ["Can you fix my sword?", "What do you think of elves?", "How much for an axe?", "Tell me about the war.",
+         "Where is the tavern?", "Nice weather today.", "Who is the mayor?", "Do you sell armour?"]
+
+
+@pytest.fixture(scope="module")
+def base(models, tokenizer, model_path) -> BaseModel:
+    return BaseModel(model_path, models("fp32"), tokenizer)
+
+
+def prompt(tokenizer, line: str, persona: str = PERSONA) -> list[int]:
+    return tokenizer.encode_chat([ChatMessage("system", persona), ChatMessage("user", line)])
+
+
+def run(engine: LLMEngine, requests: list[tuple[list[int], AdapterRef | None]], params=GREEDY,
+        on_step=None) -> list[list[EngineEvent]]:
+    """Submits all requests at once and steps until done; returns each request's events."""
+    events: list[list[EngineEvent]] = [[] for _ in requests]
+    for i, (ids, adapter) in enumerate(requests):
+        engine.add(engine.make_sequence(ids, adapter, params, events[i].append))
+    while engine.has_work():
+        engine.step()
+        if on_step:
+            on_step(engine)
+    return events
+
+
+def finished(events: list[EngineEvent]) -> EngineEvent:
+    assert events[-1].kind == "finished", events[-1]
+    return events[-1]
+
+
+def refs(peft_reference) -> dict[str, AdapterRef]:
+    return {name: AdapterRef(name, folder) for name, folder in peft_reference[1].items()}
+
+
+def test_mixed_batch_rows_identical_to_running_alone(base, tokenizer, peft_reference):
+    """8 sequences, 4 adapters + base rows, decoded together: each row equals its solo run."""
+    adapters = refs(peft_reference)
+    plan = ["alpha", "beta", None, "gamma", "delta", "alpha", None, "gamma"]
+    requests = [(prompt(tokenizer, line), adapters[a] if a else None) for line, a in zip(LINES, plan, strict=True)]
+    together = run(LLMEngine(base, EngineConfig(max_batch=8)), requests)
+    for i, request in enumerate(requests):
+        alone = run(LLMEngine(base, EngineConfig(max_batch=8, prefix_cache_mb=0)), [request])
+        assert finished(together[i]).token_ids == finished(alone[0]).token_ids, (i, plan[i])
+    # The batch really ran together: the adapters changed the replies.
+    outputs = {finished(e).token_ids for e in together}
+    assert len(outputs) >= 6
+
+
+def test_prefix_cache_hit_gives_cold_output_and_never_crosses_adapters(base, tokenizer, peft_reference, tmp_path):
+    adapters = refs(peft_reference)
+    engine = LLMEngine(base, EngineConfig(max_batch=4))
+    first = run(engine, [(prompt(tokenizer, LINES[0]), adapters["alpha"])])
+    assert first[0][0].cached_tokens == 0
+    warm = run(engine, [(prompt(tokenizer, LINES[1]), adapters["alpha"])])
+    assert warm[0][0].kind == "started" and warm[0][0].cached_tokens >= 32  # the persona block
+    cold = run(LLMEngine(base, EngineConfig(max_batch=4, prefix_cache_mb=0)),
+               [(prompt(tokenizer, LINES[1]), adapters["alpha"])])
+    assert finished(warm[0]).token_ids == finished(cold[0]).token_ids
+    # Same tokens under another adapter, or under no adapter: no hit.
+    for other in (adapters["beta"], None):
+        assert run(engine, [(prompt(tokenizer, LINES[1]), other)])[0][0].cached_tokens == 0
+    # Same name, new version with other weights: no hit either.
+    changed = tmp_path / "alpha-v2"
+    changed.mkdir()
+    for f in adapters["alpha"].path.iterdir():
+        (changed / f.name).write_bytes(f.read_bytes())
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(changed / "adapter_model.safetensors")
+    save_file({k: v * 1.5 for k, v in weights.items()}, changed / "adapter_model.safetensors")
+    v2 = AdapterRef("alpha", changed, version="2")
+    assert run(engine, [(prompt(tokenizer, LINES[1]), v2)])[0][0].cached_tokens == 0
+    assert run(engine, [(prompt(tokenizer, LINES[2]), adapters["alpha"])])[0][0].cached_tokens >= 32
+
+
+def test_cancel_frees_sequence_and_row_within_one_step(base, tokenizer):
+    engine = LLMEngine(base, EngineConfig(max_batch=4, prefix_cache_mb=0))
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    events: list[list[EngineEvent]] = [[], [], []]
+    seqs = [engine.make_sequence(prompt(tokenizer, LINES[i]), None, params, events[i].append) for i in range(3)]
+    for s in seqs:
+        engine.add(s)
+    while len(engine.scheduler.running) < 3:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    engine.abort(seqs[0])  # row 0: the last row moves into its place
+    engine.step()
+    assert seqs[0] not in engine.scheduler.running and len(engine.scheduler.running) == 2
+    assert finished(events[0]).finish_reason == "cancelled"
+    assert engine.stats()["active_sequences"] == 2
+    while engine.has_work():
+        engine.step()
+    # The moved row kept its K/V: both survivors equal their solo runs.
+    for i in (1, 2):
+        alone = run(LLMEngine(base, EngineConfig(max_batch=4, prefix_cache_mb=0)),
+                    [(prompt(tokenizer, LINES[i]), None)], params)
+        assert finished(events[i]).token_ids == finished(alone[0]).token_ids
+
+
+def test_more_adapters_than_slots_under_load(base, tokenizer, peft_reference):
+    """4 adapters, 2 slots, 8 concurrent requests: correct outputs, nothing evicted while in use."""
+    adapters = refs(peft_reference)
+    names = ["alpha", "beta", "gamma", "delta"] * 2
+    requests = [(prompt(tokenizer, LINES[i]), adapters[n]) for i, n in enumerate(names)]
+    engine = LLMEngine(base, EngineConfig(max_batch=8, max_resident_adapters=2))
+    seen_pinned_evictions = []
+
+    def check(e: LLMEngine) -> None:
+        slots_in_use = {s.slot for s in e.scheduler.running}
+        if e.scheduler.prefilling:
+            slots_in_use.add(e.scheduler.prefilling.slot)
+        assert len(slots_in_use) <= 2
+        for s in e.scheduler.running:  # every running sequence still finds its own adapter in its slot
+            resident = e.adapters._resident.get(s.adapter.key)
+            seen_pinned_evictions.append(resident is None or resident.slot != s.slot)
+
+    together = run(engine, requests, on_step=check)
+    assert not any(seen_pinned_evictions)
+    assert engine.adapters.evictions > 0
+    for i, request in enumerate(requests):
+        alone = run(LLMEngine(base, EngineConfig(max_batch=2, prefix_cache_mb=0)), [request])
+        assert finished(together[i]).token_ids == finished(alone[0]).token_ids, names[i]
+
+
+def test_stop_strings_and_eos(base, tokenizer):
+    engine = LLMEngine(base, EngineConfig(max_batch=2))
+    ids = tokenizer.encode_chat([ChatMessage("user", "Count from one to ten in words, separated by commas.")])
+    plain = finished(run(engine, [(ids, None)], SamplingParams(max_tokens=40))[0])
+    assert plain.finish_reason == "stop" or plain.completion_tokens == 40
+    stop = plain.text[5:9]
+    cut = run(engine, [(ids, None)], SamplingParams(max_tokens=40, stop=(stop,)))[0]
+    done = finished(cut)
+    assert done.finish_reason == "stop" and done.text == plain.text[: plain.text.index(stop)]
+    assert "".join(e.text for e in cut if e.kind == "delta") == done.text  # streamed text never overshoots
+
+
+def test_seeded_sampling_reproducible_alone(base, tokenizer):
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=42, ignore_eos=True)
+    ids = prompt(tokenizer, LINES[3])
+    a = finished(run(LLMEngine(base, EngineConfig(max_batch=2)), [(ids, None)], params)[0])
+    b = finished(run(LLMEngine(base, EngineConfig(max_batch=2)), [(ids, None)], params)[0])
+    c = finished(run(LLMEngine(base, EngineConfig(max_batch=2)), [(ids, None)],
+                     SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=43, ignore_eos=True))[0])
+    assert a.token_ids == b.token_ids != c.token_ids
+
+
+def test_bad_adapter_fails_its_request_only(base, tokenizer, tmp_path):
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    engine = LLMEngine(base, EngineConfig(max_batch=2))
+    good, bad = run(engine, [(prompt(tokenizer, LINES[0]), None), (prompt(tokenizer, LINES[1]),
+                                                                   AdapterRef("evil", tmp_path))])
+    assert bad[-1].kind == "error" and str(tmp_path) in bad[-1].error and "pickle" in bad[-1].error
+    assert finished(good).completion_tokens == GREEDY.max_tokens
+
+
+def test_long_prompt_is_chunked_while_others_decode(base, tokenizer):
+    engine = LLMEngine(base, EngineConfig(max_batch=4, prefill_chunk=16, prefix_cache_mb=0))
+    short = prompt(tokenizer, LINES[0])
+    long = prompt(tokenizer, " ".join(LINES * 3))
+    events = run(engine, [(short, None), (long, None)], SamplingParams(max_tokens=24, ignore_eos=True))
+    # The short reply kept streaming while the long prompt went through in 16-token chunks.
+    deltas_before_long_started = 0
+    for e in events[0]:
+        if e.kind == "delta":
+            deltas_before_long_started += 1
+    assert deltas_before_long_started > 0
+    alone = run(LLMEngine(base, EngineConfig(max_batch=4, prefix_cache_mb=0)), [(long, None)],
+                SamplingParams(max_tokens=24, ignore_eos=True))
+    assert finished(events[1]).token_ids == finished(alone[0]).token_ids
+
+
+def test_queue_limit(base, tokenizer):
+    from sidecar.engine.scheduler import QueueFull
+
+    engine = LLMEngine(base, EngineConfig(max_batch=1, max_waiting=2))
+    ids = prompt(tokenizer, LINES[0])
+    for _ in range(2):
+        engine.add(engine.make_sequence(ids, None, GREEDY, lambda e: None))
+    with pytest.raises(QueueFull):
+        engine.add(engine.make_sequence(ids, None, GREEDY, lambda e: None))
+
+
+def test_engine_rejects_bad_requests(base):
+    from sidecar.errors import UserError
+
+    engine = LLMEngine(base, EngineConfig(max_batch=1, max_seq_len=64))
+    with pytest.raises(UserError, match="empty"):
+        engine.make_sequence([], None, GREEDY, lambda e: None)
+    with pytest.raises(UserError, match="max_seq_len"):
+        engine.make_sequence([5] * 64, None, GREEDY, lambda e: None)
+    with pytest.raises(UserError, match="vocabulary"):
+        engine.make_sequence([10**9], None, GREEDY, lambda e: None)
+    seq = engine.make_sequence([5] * 60, None, SamplingParams(max_tokens=100), lambda e: None)
+    assert seq.max_tokens == 4  # clamped to the room left in the KV row
+
+
+def test_int4_engine_batch_runs(models, tokenizer, model_path):
+    """The default weights: a mixed batch runs and every request ends properly (no exactness claim
+    in bf16: batched and single matmuls round differently)."""
+    engine = LLMEngine(BaseModel(model_path, models("int4"), tokenizer), EngineConfig(max_batch=4))
+    events = run(engine, [(prompt(tokenizer, line), None) for line in LINES[:4]], SamplingParams(max_tokens=8))
+    assert all(finished(e).finish_reason in ("stop", "length") for e in events)
+    assert torch.get_num_threads() >= 1
