@@ -62,6 +62,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.scenario == "multi-npc":
+        return _bench_multi_npc(args)
     from sidecar.bench.decode import DecodeBenchConfig, run_decode_bench
 
     formats = tuple(args.formats.split(","))
@@ -70,11 +72,35 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise UserError(f"--formats: unknown format {f!r}; choose from int4,int8,bf16,fp32")
     cfg = DecodeBenchConfig(
         model=resolve_model_path(args.model), formats=formats,
-        batches=tuple(int(b) for b in args.batches.split(",")), steps=args.steps, repeats=args.repeats,
-        prompt_tokens=args.prompt_tokens, peers=not args.no_peers, out_dir=Path(args.out),
+        batches=_int_list("--batches", args.batches or "1,8,32"), steps=args.steps, repeats=args.repeats,
+        prompt_tokens=args.prompt_tokens, peers=args.peers != "none", out_dir=Path(args.out),
     )
     run_decode_bench(cfg)
     return 0
+
+
+def _bench_multi_npc(args: argparse.Namespace) -> int:
+    from sidecar.bench.multi_npc import PEERS, MultiNpcConfig, run_multi_npc_bench
+
+    peers = PEERS if args.peers is None else tuple(p for p in args.peers.split(",") if p and p != "none")
+    for p in peers:
+        if p not in PEERS:
+            raise UserError(f"--peers: unknown peer {p!r}; choose from {','.join(PEERS)} or none")
+    cfg = MultiNpcConfig(model=resolve_model_path(args.model), ns=_int_list("--n", args.n or "1,4,8,16,32"),
+                         tokens=args.tokens, peers=peers, out_dir=Path(args.out),
+                         json_path=Path(args.json) if args.json else None)
+    run_multi_npc_bench(cfg)
+    return 0
+
+
+def _int_list(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{flag}: every value must be at least 1")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,15 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(run=_cmd_generate)
 
     b = sub.add_parser("bench", help="benchmarks (reports, not tests)")
-    b.add_argument("--scenario", choices=["decode"], default="decode")
+    b.add_argument("--scenario", choices=["decode", "multi-npc"], default="decode")
     b.add_argument("--model")
-    b.add_argument("--formats", default="int4,int8,bf16,fp32")
-    b.add_argument("--batches", default="1,8,32")
-    b.add_argument("--steps", type=int, default=32, help="decode steps timed per repeat")
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--prompt-tokens", type=int, default=64)
-    b.add_argument("--no-peers", action="store_true", help="skip llama.cpp even when installed")
+    b.add_argument("--peers", help="comma-separated peers to compare against: llama.cpp,hf-peft (multi-npc) "
+                                   "or llama.cpp (decode); 'none' for none; default: every installed one")
     b.add_argument("--out", default="docs/bench", help="folder for the JSON, Markdown and PNG report")
+    b.add_argument("--n", help="multi-npc: NPC counts (default 1,4,8,16,32)")
+    b.add_argument("--tokens", type=int, default=64, help="multi-npc: new tokens per NPC")
+    b.add_argument("--json", help="multi-npc: also write the results to this JSON file")
+    b.add_argument("--formats", default="int4,int8,bf16,fp32", help="decode: weight formats")
+    b.add_argument("--batches", help="decode: batch sizes (default 1,8,32)")
+    b.add_argument("--steps", type=int, default=32, help="decode: steps timed per repeat")
+    b.add_argument("--repeats", type=int, default=3, help="decode: repeats (the median is reported)")
+    b.add_argument("--prompt-tokens", type=int, default=64, help="decode: prompt length")
     b.set_defaults(run=_cmd_bench)
     return parser
 

@@ -68,9 +68,9 @@ def generate_hf_peft(model, prompts: list[list[int]], max_new_tokens: int,
                      adapter_names: list[str] | None = None) -> tuple[list[RequestTiming], list[list[int]]]:
     """One greedy mixed-adapter `generate` over all prompts: per-request timings and generated token ids.
 
-    `adapter_names` defaults to npc0..npcN-1 (row i uses adapter i); pass None-free names of adapters
-    already in `model`, or "__base__" for a row without adapter. Exactly `max_new_tokens` per row
-    (EOS suppressed by `min_new_tokens`), so every system decodes the same amount.
+    `adapter_names` defaults to npc0..npcN-1 (row i uses adapter i); "__base__" means no adapter.
+    Exactly `max_new_tokens` per row (EOS suppressed by `min_new_tokens`), so every system decodes
+    the same amount. All rows come from one `generate`, so they share their token times.
     """
     names = adapter_names if adapter_names is not None else [f"npc{i}" for i in range(len(prompts))]
     input_ids, attention_mask = left_pad(prompts)
@@ -93,8 +93,9 @@ def run_hf_peft(model_path: Path, adapter_dirs: list[Path], prompts: list[list[i
                 dtype: torch.dtype = torch.float32, warmup: bool = True) -> list[RequestTiming]:
     """Time transformers + PEFT serving prompt i with adapter i, all in one batch; loading is not timed.
 
-    `warmup` runs a 2-token generate on the same batch first, so one-time kernel and allocator
-    setup is not billed to TTFT (the other systems are timed warm too).
+    `warmup` runs a 2-token generate on the same batch first: the first `generate` in a process pays
+    one-time setup (kernel selection, allocations) that a long-running server would not, and it would
+    land in TTFT.
     """
     if len(adapter_dirs) != len(prompts):
         raise ValueError(f"{len(adapter_dirs)} adapters for {len(prompts)} prompts")
