@@ -61,7 +61,7 @@ class EngineConfig:
     max_batch: int = 16  # sequences decoded together (KV rows)
     max_waiting: int = 64  # queued requests beyond that are refused (RESOURCE_EXHAUSTED)
     max_seq_len: int = 2048  # prompt + reply tokens per sequence (KV row length)
-    prefill_chunk: int = 128  # prompt tokens per step while other NPCs are decoding
+    prefill_chunk: int = 64  # prompt tokens per step while other NPCs are decoding
     max_resident_adapters: int = 8  # LoRA slots
     max_rank: int = 64  # largest LoRA rank accepted
     prefix_cache_mb: int = 256  # K/V of persona prefixes kept for reuse

@@ -96,5 +96,3 @@ def test_unknown_weight_format():
     _assert_user_error(npc("generate", "--weights", "int3", "hi"), "--weights", "int3")
 
 
-def test_adapter_not_supported_yet():
-    _assert_user_error(npc("generate", "--adapter", "characters/x/adapter", "hi"), "--adapter", "not supported yet")

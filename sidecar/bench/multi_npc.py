@@ -174,9 +174,13 @@ def run_multi_npc_bench(cfg: MultiNpcConfig) -> dict:
             tqdm.write(f"{system} n={n} failed: {run.stderr.strip().splitlines()[-1:]}")
             continue
         results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        tqdm.write(f"{system:>20} n={n:<3} {r['tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.0f} ms  "
+                   f"ITL p50 {r['itl_p50_ms']:6.1f} ms  RSS {r['rss_mb']:5.0f} MB")
     data = {"scenario": "multi-npc", "model": str(cfg.model), "tokens": cfg.tokens, "rank": cfg.rank,
             "machine": machine_description(), "skipped_peers": skipped, "results": results}
     if cfg.json_path:
+        cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
         cfg.json_path.write_text(json.dumps(data, indent=2) + "\n")
     md = _markdown(data)
     write_report(cfg.out_dir, "multi_npc", data, md, lambda path: _plot(path, data))
