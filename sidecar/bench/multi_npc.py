@@ -81,9 +81,9 @@ async def _sidecar(model: Path, adapters: list[Path] | None, prompts: list[list[
     from sidecar.engine.sequence import AdapterRef
 
     n = len(prompts)
-    base = load_base_model(ModelConfig(model, "auto"))
-    engine = AsyncEngine(base, EngineConfig(max_batch=max(n, 1), max_resident_adapters=max(n, 1),
-                                            max_waiting=max(64, n)))
+    engine = AsyncEngine(lambda: load_base_model(ModelConfig(model, "auto")),
+                         EngineConfig(max_batch=max(n, 1), max_resident_adapters=max(n, 1), max_waiting=max(64, n)))
+    base = engine.base
     refs = [AdapterRef(f"npc{i}", a) for i, a in enumerate(adapters)] if adapters else [None] * n
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
 

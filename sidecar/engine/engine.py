@@ -3,13 +3,18 @@
 The model runs on one background thread (torch releases the GIL inside kernels), so the event
 loop that serves gRPC never blocks on a forward pass. Events cross back with
 `loop.call_soon_threadsafe`.
+
+Give the engine a loader, not a loaded model, where speed matters: all torch work should happen
+on the one engine thread. Once another thread (typically main, loading the model) has run
+OpenMP-parallel torch ops, forward passes on a second thread ran 1.6x slower on this 2-core
+machine (15.5 vs 25 ms per batch-8 decode step; docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from sidecar.config import EngineConfig
 from sidecar.engine.base_model import BaseModel
@@ -51,16 +56,32 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, base: BaseModel, config: EngineConfig | None = None):
-        self.base, self.config = base, config or EngineConfig()
-        self.core = LLMEngine(base, self.config)
+    def __init__(self, base: BaseModel | Callable[[], BaseModel], config: EngineConfig | None = None):
+        """`base` is a loaded model or a function that loads one (then it runs on the engine thread)."""
+        self.config = config or EngineConfig()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._inbox: list[Sequence] = []
         self._live: dict[str, Sequence] = {}
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="npc-engine", daemon=True)
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(base,), name="npc-engine", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
+
+    def _run(self, base: BaseModel | Callable[[], BaseModel]) -> None:
+        try:
+            self.base = base if isinstance(base, BaseModel) else base()
+            self.core = LLMEngine(self.base, self.config)
+        except BaseException as e:  # handed to the constructor's caller
+            self._load_error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop()
 
     def submit(self, prompt_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
                request_id: str | None = None) -> RequestStream:

@@ -60,18 +60,24 @@ class Sampler:
             logits = apply_repetition_penalty(logits, previous, p.repetition_penalty)
         if p.greedy:
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
-        if p.top_k and p.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, -math.inf)
-        probs = torch.softmax(logits, dim=-1)
-        if p.top_p < 1:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-            sorted_probs[outside] = 0
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self._generator))
+        return int(torch.multinomial(sampling_probs(logits, p), 1, generator=self._generator))
+
+
+def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a non-greedy token is drawn from: softmax(logits / T) restricted to the
+    top_k tokens and to the smallest set whose mass reaches top_p (renormalised by multinomial)."""
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs
 
 
 def apply_repetition_penalty(logits: torch.Tensor, previous: Sequence[int], penalty: float) -> torch.Tensor:

@@ -1,0 +1,64 @@
+"""AsyncEngine from asyncio code: streaming order, cancel by closing the stream, queue limit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sidecar.config import EngineConfig
+from sidecar.engine.base_model import BaseModel
+from sidecar.engine.engine import AsyncEngine, QueueFull
+from sidecar.engine.sampler import SamplingParams
+from sidecar.engine.tokenizer import ChatMessage
+
+
+@pytest.fixture(scope="module")
+def base(models, tokenizer, model_path) -> BaseModel:
+    return BaseModel(model_path, models("int4"), tokenizer)
+
+
+def ids(tokenizer, line: str) -> list[int]:
+    return tokenizer.encode_chat([ChatMessage("user", line)])
+
+
+def test_stream_order_cancel_and_queue_limit(base, tokenizer):
+    async def main() -> None:
+        engine = AsyncEngine(base, EngineConfig(max_batch=2, max_waiting=2))
+        try:
+            stream = engine.submit(ids(tokenizer, "Hello!"), None, SamplingParams(max_tokens=12))
+            kinds = [e.kind async for e in stream]
+            assert kinds[0] == "started" and kinds[-1] == "finished" and set(kinds[1:-1]) <= {"delta"}
+
+            # Closing a stream early cancels the request; the engine forgets it within a step.
+            long = engine.submit(ids(tokenizer, "Tell me a long story."), None,
+                                 SamplingParams(max_tokens=500, ignore_eos=True))
+            events = aiter(long)
+            while (await anext(events)).kind != "delta":
+                pass
+            await events.aclose()  # what a gRPC handler does when its client goes away
+            for _ in range(100):
+                if engine.stats()["active_sequences"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert engine.stats()["active_sequences"] == 0
+
+            # Two running, two waiting: the fifth request is refused at once.
+            params = SamplingParams(max_tokens=200, ignore_eos=True)
+            streams = [engine.submit(ids(tokenizer, f"Line {i}"), None, params) for i in range(4)]
+            await asyncio.sleep(0.3)
+            with pytest.raises(QueueFull):
+                for _ in range(3):
+                    streams.append(engine.submit(ids(tokenizer, "one more"), None, params))
+            for s in streams:
+                s.cancel()
+            reasons = []
+            for s in streams:
+                async for event in s:
+                    if event.kind == "finished":
+                        reasons.append(event.finish_reason)
+            assert reasons and set(reasons) <= {"cancelled", "length"}
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
