@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install when the project's dependencies change.
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint serve bench clean
+.PHONY: setup test lint serve bench peers clean
 
 setup: $(STAMP)
 
@@ -30,9 +30,14 @@ serve: setup
 	@echo "make serve: the gRPC service is not built yet; until it lands, try: $(BIN)/npc generate 'Hello'" >&2
 	@exit 2
 
-# Benchmarks are reports, not tests. `pip install -e '.[peers]'` adds llama.cpp to the comparison.
+# Benchmarks are reports, not tests. `make peers` adds llama.cpp to the comparison (compiles ~5 min).
 bench: setup
 	$(BIN)/npc bench --scenario decode --out docs/bench
+	$(BIN)/npc bench --scenario multi-npc --out docs/bench --json docs/bench/multi_npc_run.json
+
+peers: setup
+	$(BIN)/pip install --quiet -e '.[peers]'
+
 
 clean:
 	rm -rf $(VENV) build *.egg-info

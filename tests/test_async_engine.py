@@ -45,11 +45,14 @@ def test_stream_order_cancel_and_queue_limit(base, tokenizer):
 
             # Two running, two waiting: the fifth request is refused at once.
             params = SamplingParams(max_tokens=200, ignore_eos=True)
-            streams = [engine.submit(ids(tokenizer, f"Line {i}"), None, params) for i in range(4)]
-            await asyncio.sleep(0.3)
+            streams = [engine.submit(ids(tokenizer, f"Line {i}"), None, params) for i in range(2)]
+            for _ in range(200):
+                if engine.stats()["active_sequences"] == 2:
+                    break
+                await asyncio.sleep(0.02)
+            streams += [engine.submit(ids(tokenizer, f"Line {i}"), None, params) for i in range(2, 4)]
             with pytest.raises(QueueFull):
-                for _ in range(3):
-                    streams.append(engine.submit(ids(tokenizer, "one more"), None, params))
+                engine.submit(ids(tokenizer, "one more"), None, params)
             for s in streams:
                 s.cancel()
             reasons = []

@@ -226,8 +226,10 @@ def _plot(path: Path, data: dict) -> None:
         ns = [r["n"] for r in rows]
         left.plot(ns, [r["tok_s"] for r in rows], marker="o", label=system)
         right.plot(ns, [r["ttft_p50_ms"] for r in rows], marker="o", label=system)
+    ns = sorted({r["n"] for r in data["results"]})
     for ax, label in ((left, "aggregate decode tokens/s"), (right, "time to first token p50 (ms)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("NPCs talking at once (each its own adapter)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
