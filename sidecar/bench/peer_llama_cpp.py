@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from sidecar.bench.timing import RequestTiming
 from sidecar.bench.workload import module_shapes
 from sidecar.model.config import LlamaConfig
+from sidecar.model.lora import pattern_value
 
 # PEFT module name -> llama.cpp tensor name inside blk.{i}.
 _GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -46,14 +47,6 @@ def _rope_permute_rows(b: np.ndarray, n_head: int) -> np.ndarray:
     """Reorder the output rows the way llama.cpp's converter reorders q/k weights (halves -> interleaved)."""
     out, rank = b.shape
     return b.reshape(n_head, 2, out // n_head // 2, rank).swapaxes(1, 2).reshape(out, rank)
-
-
-def _pattern_value(patterns: dict[str, float], module_path: str, default: float) -> float:
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches a dotted suffix of the path."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return value
-    return default
 
 
 def convert_peft_to_gguf_lora(adapter_dir: Path, config: LlamaConfig, out_path: Path) -> Path:
@@ -120,10 +113,10 @@ def convert_peft_to_gguf_lora(adapter_dir: Path, config: LlamaConfig, out_path: 
             raise ValueError(f"{adapter_dir}: layer {layer} {module}: A {tuple(a.shape)} / B {tuple(b.shape)} "
                              f"do not fit a [{out}, {inp}] matrix")
         path = f"model.layers.{layer}.{'self_attn' if module in _ATTENTION else 'mlp'}.{module}"
-        module_rank = int(_pattern_value(rank_pattern, path, rank))
+        module_rank = int(pattern_value(rank_pattern, path, rank))
         if module_rank != r:
             raise ValueError(f"{adapter_dir}: {path} has rank {r}, adapter_config.json says {module_rank}")
-        scale = peft_scale(r, float(_pattern_value(alpha_pattern, path, alpha)))
+        scale = peft_scale(r, float(pattern_value(alpha_pattern, path, alpha)))
         fold = scale * r / written_alpha if written_alpha else scale  # alpha 0 means "scale 1" in llama.cpp
         if fold != 1.0:
             b = b * np.float32(fold)

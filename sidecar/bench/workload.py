@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from sidecar.model.config import LlamaConfig
+from sidecar.model.lora import module_shapes
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _MODULE_PREFIX = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -23,15 +24,6 @@ ROLES = ["blacksmith", "innkeeper", "ranger", "alchemist", "guard captain", "bar
          "ferryman", "librarian", "cartographer", "beekeeper", "miner", "herbalist", "knight", "fisher"]
 PLAYER_LINES = ["Have you heard any rumours lately?", "What can you sell me?", "Who rules this town?",
                 "I need a place to stay tonight.", "Is the north road safe?", "Tell me about yourself."]
-
-
-def module_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of each LoRA target module."""
-    c = config
-    return {"q_proj": (c.q_size, c.hidden_size), "k_proj": (c.kv_size, c.hidden_size),
-            "v_proj": (c.kv_size, c.hidden_size), "o_proj": (c.hidden_size, c.q_size),
-            "gate_proj": (c.intermediate_size, c.hidden_size), "up_proj": (c.intermediate_size, c.hidden_size),
-            "down_proj": (c.hidden_size, c.intermediate_size)}
 
 
 def write_random_adapter(folder: Path, config: LlamaConfig, seed: int, rank: int = 16, alpha: float = 32.0,

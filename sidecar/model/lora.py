@@ -81,7 +81,7 @@ def _fingerprint(*files: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _pattern_value(patterns: dict, module_path: str, default: float) -> float:
+def pattern_value(patterns: dict, module_path: str, default: float) -> float:
     """PEFT's rank_pattern / alpha_pattern: keys match the end of the module's dotted path."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module_path):
@@ -164,7 +164,7 @@ def load_peft_adapter(folder: Path, config: LlamaConfig, max_rank: int = 64, nam
                                else f"{where}: rank must be at least 1")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(folder, f"{where}: weights contain NaN or inf")
-        alpha = _pattern_value(alpha_pattern, f"model.layers.{layer}.{module}", default_alpha)
+        alpha = pattern_value(alpha_pattern, f"model.layers.{layer}.{module}", default_alpha)
         scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         weights[(layer, module)] = (a.contiguous(), (b * scale).contiguous())
         top_rank = max(top_rank, rank)
