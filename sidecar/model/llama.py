@@ -74,7 +74,7 @@ class _StepLayout:
     write_pos: torch.Tensor  # [B, T] position of each new token
     read_rows: slice | torch.Tensor  # cache rows of the batch, as a view when contiguous
     kv_len: int
-    mask: torch.Tensor | None  # bool [B, 1, T, kv_len], True = may attend; None when not needed
+    mask: torch.Tensor | None  # additive [B, 1, T, kv_len]: 0 = may attend, -inf = not; None when not needed
     causal: bool  # plain causal prefill from position 0 (SDPA's own mask)
     cos: torch.Tensor  # [B, T, 1, head_dim]
     sin: torch.Tensor
@@ -164,7 +164,10 @@ class LlamaModel:
         uniform_decode = steps == 1 and len(set(start)) == 1
         mask = None
         if not causal and not uniform_decode:
-            mask = torch.arange(kv_len)[None, None, None, :] <= write_pos[:, None, :, None]
+            # Additive (0 / -inf) rather than boolean: SDPA's CPU kernel is ~2.5x slower with a
+            # boolean mask (540 vs 210 us for 8 rows x 250 keys).
+            allowed = torch.arange(kv_len)[None, None, None, :] <= write_pos[:, None, :, None]
+            mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
         return _StepLayout(
             write_rows=torch.tensor(rows)[:, None].expand(batch, steps),
             write_pos=write_pos,
