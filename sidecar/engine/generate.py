@@ -59,7 +59,7 @@ def generate_stream(model: LlamaModel, tokenizer: Tokenizer, prompt_ids: list[in
     t0 = time.perf_counter()
     while True:
         token = sampler(logits[0], prompt_ids + result.token_ids)
-        if token in eos:
+        if token in eos and not params.ignore_eos:
             result.finish_reason = "stop"
             break
         result.token_ids.append(token)

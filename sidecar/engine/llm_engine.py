@@ -4,6 +4,7 @@ AsyncEngine (engine.py) drives it from a background thread."""
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 
 import torch
@@ -101,7 +102,7 @@ class LLMEngine:
     def _accept(self, seq: Sequence, token: int) -> None:
         """Appends a sampled token, streams its text, and ends the sequence when it is done."""
         if not seq.first_token:
-            seq.first_token = _now()
+            seq.first_token = time.perf_counter()
         if token in self.eos and not seq.params.ignore_eos:
             return self._finish(seq, "stop")
         seq.output.append(token)
@@ -144,9 +145,3 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.adapters.shutdown()
-
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()

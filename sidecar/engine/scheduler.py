@@ -7,6 +7,7 @@ others. A new sequence prefills in the staging row and joins the running rows wh
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -74,7 +75,7 @@ class Scheduler:
                 seq.slot, seq.adapter_key = acquired[0], f"{seq.adapter.name}:{acquired[1]}"
             self.waiting.remove(seq)
             seq.status = Status.PREFILLING
-            seq.started = _now()
+            seq.started = time.perf_counter()
             seq.cached_tokens = self.prefix.lookup(seq.adapter_key, seq.prompt, self.cache, self.staging_row)
             seq.num_computed = seq.cached_tokens
             self.prefilling = seq
@@ -120,9 +121,3 @@ class Scheduler:
         seq.status = Status.FINISHED
         seq.emit(EngineEvent("error", seq.request_id, finish_reason="error", error=message,
                              prompt_tokens=len(seq.prompt), **seq.timing_fields()))
-
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
