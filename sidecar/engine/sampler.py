@@ -91,9 +91,9 @@ def apply_repetition_penalty(logits: torch.Tensor, previous: Sequence[int], pena
 
 def sample_batch(logits: torch.Tensor, samplers: list[Sampler], histories: list[Sequence[int]]) -> list[int]:
     """One token per row of logits [B, V]: one argmax for the plain greedy rows, the rest row by row."""
-    plain = [not s.params.greedy or s.params.repetition_penalty != 1.0 for s in samplers]
-    tokens = logits.argmax(-1).tolist() if not all(plain) else [0] * len(samplers)
-    for b, needs_row in enumerate(plain):
+    by_row = [not s.params.greedy or s.params.repetition_penalty != 1.0 for s in samplers]
+    tokens = logits.argmax(-1).tolist() if not all(by_row) else [0] * len(samplers)
+    for b, needs_row in enumerate(by_row):
         if needs_row:
             tokens[b] = samplers[b](logits[b], histories[b])
     return tokens

@@ -311,7 +311,6 @@ class LoraBatch:
         self.slots = slots
         self.active = any(s >= 0 for s in row_slots)
         distinct = set(row_slots)
-        n = len(row_slots) * tokens_per_row
         # One adapter for the whole batch (a prefill chunk, a single NPC): the segment path reads
         # only that adapter. Several adapters: the masked all-slot path, a fixed number of ops.
         self.segments: list[tuple[int, int, int]] | None = None
@@ -322,7 +321,6 @@ class LoraBatch:
             idx = torch.tensor(row_slots)
             owner = torch.arange(S).repeat_interleave(r)  # slot of each column
             self.mask = (owner[None, :] == idx[:, None]).to(slots.dtype)  # [N, S*r]
-        self.num_tokens = n
 
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.active:
