@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install when the project's dependencies change.
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint serve bench peers clean
+.PHONY: setup test lint serve chat proto bench peers clean
 
 setup: $(STAMP)
 
@@ -26,9 +26,16 @@ lint: setup
 	$(BIN)/ruff check sidecar tests
 	$(BIN)/ruff format --check sidecar tests
 
+# The sidecar on the embedded model and ./characters, on 127.0.0.1:50051. Talk to it with `make chat`.
 serve: setup
-	@echo "make serve: the gRPC service is not built yet; until it lands, try: $(BIN)/npc generate 'Hello'" >&2
-	@exit 2
+	$(BIN)/npc serve --characters characters
+
+chat: setup
+	$(BIN)/npc chat
+
+# Regenerate sidecar/pb/ (messages, .pyi stubs, gRPC stubs) from proto/; tests/test_proto.py fails when it is stale.
+proto: setup
+	$(BIN)/python -m sidecar.proto_gen
 
 # Benchmarks are reports, not tests. `make peers` adds llama.cpp to the comparison (compiles ~5 min).
 bench: setup

@@ -61,6 +61,43 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from sidecar.config import EngineConfig, ServerConfig
+    from sidecar.server.app import serve
+    from sidecar.server.logs import configure_logging
+
+    configure_logging(args.log_level, json_lines={"json": True, "text": False}.get(args.log_format))
+    server = ServerConfig(listen=args.listen, characters=Path(args.characters),
+                          auth_token=args.auth_token or os.environ.get("NPC_AUTH_TOKEN") or None,
+                          shutdown_grace_s=args.grace)
+    engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting)
+    model = ModelConfig(resolve_model_path(args.model), args.weights)
+    asyncio.run(serve(server, model, engine))
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from sidecar.chat import run_chat
+
+    return asyncio.run(run_chat(args.address, args.character, args.auth_token or os.environ.get("NPC_AUTH_TOKEN")))
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from sidecar.dialogue.check import check_characters
+
+    problems, count = check_characters(Path(args.dir), resolve_model_path(args.model) if args.adapters else None)
+    for problem in problems:
+        print(problem)
+    print(f"{count} character(s) checked, {len(problems)} problem(s)", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.scenario == "multi-npc":
         return _bench_multi_npc(args)
@@ -118,6 +155,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("prompt")
     g.set_defaults(run=_cmd_generate)
+
+    s = sub.add_parser("serve", help="run the sidecar: gRPC NPC dialogue for the game on this PC")
+    _add_model_flags(s)
+    s.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051; port 0 = any)")
+    s.add_argument("--characters", default="characters", help="characters folder (default ./characters)")
+    s.add_argument("--max-batch", type=int, default=16, help="replies generated together (default 16)")
+    s.add_argument("--max-waiting", type=int, default=64,
+                   help="replies that may queue for the batch; more get RESOURCE_EXHAUSTED (default 64)")
+    s.add_argument("--auth-token", help="require `authorization: Bearer TOKEN` on every call "
+                                        "(or set $NPC_AUTH_TOKEN)")
+    s.add_argument("--grace", type=float, default=5.0, help="seconds replies in flight get to finish on SIGTERM")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", default="auto", choices=["auto", "json", "text"],
+                   help="auto: readable on a terminal, JSON lines otherwise")
+    s.set_defaults(run=_cmd_serve)
+
+    c = sub.add_parser("chat", help="talk to a character (playtesting)")
+    c.add_argument("character", nargs="?", help="character id (default: the first one)")
+    c.add_argument("--address", default="127.0.0.1:50051", help="where `npc serve` listens")
+    c.add_argument("--auth-token", help="the server's --auth-token (or set $NPC_AUTH_TOKEN)")
+    c.set_defaults(run=_cmd_chat)
+
+    k = sub.add_parser("check", help="validate every character (YAML and adapter); exit 1 listing problems")
+    k.add_argument("dir", nargs="?", default="characters")
+    k.add_argument("--model", help="base model the adapters must fit (default: the embedded one)")
+    k.add_argument("--no-adapters", dest="adapters", action="store_false",
+                   help="check only the YAML files, not the adapter weights")
+    k.set_defaults(run=_cmd_check)
 
     b = sub.add_parser("bench", help="benchmarks (reports, not tests)")
     b.add_argument("--scenario", choices=["decode", "multi-npc"], default="decode")

@@ -74,3 +74,42 @@ class EngineConfig:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_waiting < 0 or self.prefix_cache_mb < 0:
             raise UserError("max_waiting and prefix_cache_mb must be >= 0")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on one TalkRequest (INVALID_ARGUMENT beyond them); documented in the proto."""
+
+    max_line_chars: int = 2000  # player_line
+    max_name_chars: int = 64  # player_name
+    max_world_entries: int = 32
+    max_world_key_chars: int = 64
+    max_world_value_chars: int = 500
+    max_stop_strings: int = 8
+    max_stop_chars: int = 64
+    max_tokens: int = 512  # largest GenerationOptions.max_tokens
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """`npc serve`: where to listen, what to serve, how to stop."""
+
+    listen: str = "127.0.0.1:50051"  # loopback only by default: the sidecar is for the game on this PC
+    characters: Path = Path("characters")
+    auth_token: str | None = None  # when set, every NpcDialogue call needs `authorization: Bearer <token>`
+    shutdown_grace_s: float = 5.0  # SIGTERM: replies in flight get this long to finish, then are cancelled
+    reload_interval_s: float = 0.5  # how often characters/ is checked for changes
+    max_sessions: int = 1024
+    max_session_turns: int = 256
+    limits: RequestLimits = RequestLimits()
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise UserError(f"--listen: expected HOST:PORT (e.g. 127.0.0.1:50051), got {self.listen!r}")
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise UserError("--auth-token: must not be empty")
+        if self.shutdown_grace_s < 0:
+            raise UserError(f"--grace: must be >= 0 seconds, got {self.shutdown_grace_s}")
+        if self.max_sessions < 1 or self.max_session_turns < 1:
+            raise UserError("max_sessions and max_session_turns must be at least 1")

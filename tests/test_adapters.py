@@ -41,6 +41,9 @@ def test_loads_and_folds_scale(adapter, checkpoint):
     rs = load_peft_adapter(adapter, checkpoint.config)
     assert torch.allclose(rs.weights[(3, "v_proj")][1], b * 32 / 8**0.5)  # lora_alpha / sqrt(r)
     assert rs.fingerprint != loaded.fingerprint  # a changed file is a different adapter
+    half = load_peft_adapter(adapter, checkpoint.config, scale=0.5)  # a character's lora_scale
+    assert torch.allclose(half.weights[(3, "v_proj")][1], b * 0.5 * 32 / 8**0.5)
+    assert half.fingerprint != rs.fingerprint  # its K/V differ: never shared in the prefix cache
 
 
 def _break(name: str, folder: Path) -> None:

@@ -44,7 +44,7 @@ class AdapterCache:
             future = self._loading.get(ref.key)
             if future is None:
                 self._loading[ref.key] = self._pool.submit(load_peft_adapter, ref.path, self.config, self.max_rank,
-                                                           ref.name)
+                                                           ref.name, ref.scale)
                 return None
             if not future.done():
                 return None
@@ -84,7 +84,7 @@ class AdapterCache:
         return victim.slot
 
     def resident(self) -> list[str]:
-        return [f"{name}@{version}" for name, version in self._resident]
+        return [f"{name}@{version}" + ("" if scale == 1.0 else f"x{scale}") for name, version, scale in self._resident]
 
     def pinned(self, ref: AdapterRef) -> bool:
         r = self._resident.get(ref.key)

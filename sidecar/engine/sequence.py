@@ -19,10 +19,11 @@ class AdapterRef:
     name: str
     path: Path
     version: str = "1"
+    scale: float = 1.0  # multiplies the adapter's deltas (a character's lora_scale)
 
     @property
-    def key(self) -> tuple[str, str]:
-        return (self.name, self.version)
+    def key(self) -> tuple[str, str, float]:
+        return (self.name, self.version, self.scale)
 
 
 class Status(enum.Enum):

@@ -18,6 +18,7 @@ small fp32 GEMMs run 3-4x faster than bf16 ones of the same shape (docs/benchmar
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
@@ -31,6 +32,7 @@ from safetensors import safe_open
 
 from sidecar.errors import UserError
 from sidecar.model.config import LlamaConfig
+from sidecar.model.native import BgmvKernel, bgmv_kernel
 
 # PEFT module name -> (fused projection, part index). The part order matches the fused weights.
 MODULES = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
@@ -89,9 +91,16 @@ def pattern_value(patterns: dict, module_path: str, default: float) -> float:
     return default
 
 
-def load_peft_adapter(folder: Path, config: LlamaConfig, max_rank: int = 64, name: str | None = None) -> LoraAdapter:
-    """Reads and validates a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)."""
+def load_peft_adapter(folder: Path, config: LlamaConfig, max_rank: int = 64, name: str | None = None,
+                      scale: float = 1.0) -> LoraAdapter:
+    """Reads and validates a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
+
+    `scale` multiplies every delta on top of alpha / r (a character's `lora_scale`: how strongly
+    the persona adapter speaks); it is part of the fingerprint, since the K/V it gives differ.
+    """
     folder = Path(folder)
+    if not math.isfinite(scale) or scale < 0:
+        raise AdapterError(folder, f"scale must be a finite number >= 0, got {scale}")
     if not folder.is_dir():
         raise AdapterError(folder, "no such folder")
     cfg_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
@@ -165,10 +174,11 @@ def load_peft_adapter(folder: Path, config: LlamaConfig, max_rank: int = 64, nam
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(folder, f"{where}: weights contain NaN or inf")
         alpha = pattern_value(alpha_pattern, f"model.layers.{layer}.{module}", default_alpha)
-        scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-        weights[(layer, module)] = (a.contiguous(), (b * scale).contiguous())
+        factor = (alpha / math.sqrt(rank) if rslora else alpha / rank) * scale
+        weights[(layer, module)] = (a.contiguous(), (b * factor).contiguous())
         top_rank = max(top_rank, rank)
-    return LoraAdapter(name or folder.name, folder, _fingerprint(cfg_path, weights_path), top_rank, weights)
+    fingerprint = _fingerprint(cfg_path, weights_path) + ("" if scale == 1.0 else f"x{scale!r}")
+    return LoraAdapter(name or folder.name, folder, fingerprint, top_rank, weights)
 
 
 class LoraSlots:
@@ -195,6 +205,10 @@ class LoraSlots:
         self.B = [{p: [torch.zeros(S * rank, out, dtype=self.dtype) for out in self.part_out[p]]
                    for p in PROJECTIONS} for _ in range(self.config.num_layers)]
         self.rank = rank
+        # What the native kernel needs per (layer, projection): the B part pointers and out sizes.
+        self.b_pointers = [{p: (ctypes.c_void_p * len(parts))(*(t.data_ptr() for t in parts))
+                            for p, parts in layer.items()} for layer in self.B]
+        self.part_out_c = {p: (ctypes.c_int64 * len(outs))(*outs) for p, outs in self.part_out.items()}
         if old_rank:
             keep = min(old_rank, rank)
             for layer in range(self.config.num_layers):
@@ -305,32 +319,46 @@ def lora_sgmv(y: torch.Tensor, x: torch.Tensor, compact: list[tuple[torch.Tensor
 
 
 class LoraBatch:
-    """The LoRA hook of one forward call: which slot each batch row uses (model/llama.LoraHook)."""
+    """The LoRA hook of one forward call: which slot each batch row uses (model/llama.LoraHook).
 
-    def __init__(self, slots: LoraSlots, row_slots: list[int], tokens_per_row: int):
+    Decode (one token per row) goes to the native BGMV kernel when it is built and the model runs
+    in bfloat16: it reads exactly one adapter per row. Otherwise a batch with one adapter (a
+    prefill chunk, a single NPC) takes the segment path, and mixed decode batches the masked
+    all-slot path, which keeps the op count fixed at the price of S-fold arithmetic.
+    """
+
+    def __init__(self, slots: LoraSlots, row_slots: list[int], tokens_per_row: int,
+                 kernel: BgmvKernel | None | bool = True):
         self.slots = slots
         self.active = any(s >= 0 for s in row_slots)
-        distinct = set(row_slots)
-        # One adapter for the whole batch (a prefill chunk, a single NPC): the segment path reads
-        # only that adapter. Several adapters: the masked all-slot path, a fixed number of ops.
+        self.kernel = (bgmv_kernel() if kernel is True else kernel or None) \
+            if tokens_per_row == 1 and slots.dtype == torch.bfloat16 else None
+        self.row_slot = torch.tensor(row_slots, dtype=torch.int64)
         self.segments: list[tuple[int, int, int]] | None = None
-        if len(distinct) == 1 or tokens_per_row > 1:
+        if self.kernel is None and (len(set(row_slots)) == 1 or tokens_per_row > 1):
             self.segments = _segments([s for s in row_slots for _ in range(tokens_per_row)])
-        else:
+        elif self.kernel is None:
             S, r = slots.num_slots, slots.rank
-            idx = torch.tensor(row_slots)
             owner = torch.arange(S).repeat_interleave(r)  # slot of each column
-            self.mask = (owner[None, :] == idx[:, None]).to(slots.dtype)  # [N, S*r]
+            self.mask = (owner[None, :] == self.row_slot[:, None]).to(slots.dtype)  # [N, S*r]
 
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return y
         s = self.slots
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        if self.kernel is not None and x2.dtype == torch.bfloat16 and self.kernel(
+                y2, x2, self.row_slot, s.num_slots, s.rank, s.A[layer][module], s.b_pointers[layer][module],
+                s.part_out_c[module]):
+            return y
         if self.segments is not None:
             compact = [None if c is None else c[layer][module] for c in s.single]
             lora_sgmv(y2, x2, compact, self.segments)
         else:
+            if self.kernel is not None:  # the kernel declined: build the mask once
+                owner = torch.arange(s.num_slots).repeat_interleave(s.rank)
+                self.mask = (owner[None, :] == self.row_slot[:, None]).to(s.dtype)
+                self.kernel = None
             lora_bgmv(y2, x2, s.A[layer][module], s.B[layer][module], self.mask, s.part_out[module])
         return y
 

@@ -1,0 +1,268 @@
+"""A character: `characters/<id>/character.yaml` (+ an optional PEFT adapter folder), validated.
+
+Every problem is a CharacterError whose message names the file and the field, e.g.
+`characters/elf/character.yaml: generation.temperature: must be a number between 0 and 2, got 'hot'`.
+The schema is documented field by field in characters/README.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sidecar.dialogue.yaml_file import MAX_FILE_BYTES, YamlFileError, read_yaml
+
+CHARACTER_FILE = "character.yaml"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ID_PATTERN = re.compile(r"[a-z0-9_-]{1,64}")
+MAX_TEXT = 20_000  # characters in one string field; the token budget is the real limit
+MAX_ITEMS = 256  # entries in one list field
+
+
+class CharacterError(YamlFileError):
+    """A character file or adapter folder that cannot be used; the message names file and field."""
+
+
+@dataclass(frozen=True)
+class StyleExample:
+    """One sample exchange showing how the character talks; given to the model as a prior turn."""
+
+    player: str
+    npc: str
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Sampling defaults for this character; a request's own options override them."""
+
+    max_tokens: int = 80
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+
+@dataclass(frozen=True)
+class Memory:
+    """How much of a conversation the prompt carries (the token budget may cut it further)."""
+
+    max_turns: int = 8
+
+
+@dataclass(frozen=True)
+class Character:
+    id: str
+    name: str
+    persona: str
+    version: str  # content hash of character.yaml + adapter files: any change gives a new version
+    folder: Path  # resolved character folder
+    greeting: str = ""
+    knowledge: tuple[str, ...] = ()
+    emotions: tuple[str, ...] = ()
+    style_examples: tuple[StyleExample, ...] = ()
+    generation: Generation = field(default_factory=Generation)
+    memory: Memory = field(default_factory=Memory)
+    adapter: str | None = None  # as written in the file (relative to the folder)
+    adapter_path: Path | None = None  # resolved, inside `folder`
+    adapter_version: str | None = None  # hash of the adapter files alone: editing the persona keeps it
+    lora_scale: float = 1.0
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter_path is not None
+
+    @property
+    def source(self) -> Path:
+        return self.folder / CHARACTER_FILE
+
+
+def load_character(folder: Path) -> Character:
+    """Reads and validates `folder/character.yaml`. Raises CharacterError."""
+    folder = Path(folder)
+    path = folder / CHARACTER_FILE
+    try:
+        data, raw = read_yaml(path, MAX_FILE_BYTES)
+    except YamlFileError as e:
+        raise CharacterError(e.path, e.field, e.problem) from None
+    f = _Fields(path, data)
+    char_id = f.text("id")
+    if not ID_PATTERN.fullmatch(char_id):
+        f.fail("id", f"must match [a-z0-9_-]{{1,64}} (lowercase letters, digits, _ and -), got {_show(char_id)}")
+    if char_id != folder.name:
+        f.fail("id", f"must equal the folder name {folder.name!r}, got {char_id!r}")
+    name = f.text("name", max_len=200)
+    persona = f.text("persona")
+    greeting = f.text("greeting", required=False)
+    knowledge = f.text_list("knowledge")
+    emotions = f.text_list("emotions", max_len=64)
+    style = tuple(StyleExample(**ex) for ex in f.mapping_list("style_examples", ("player", "npc")))
+    gen, mem = f.section("generation"), f.section("memory")
+    generation = Generation(
+        max_tokens=gen.integer("max_tokens", 1, 4096, Generation.max_tokens),
+        temperature=gen.number("temperature", 0.0, 2.0, Generation.temperature),
+        top_p=gen.number("top_p", 0.0, 1.0, Generation.top_p, low_open=True),
+    )
+    gen.done()
+    memory = Memory(max_turns=mem.integer("max_turns", 0, 1000, Memory.max_turns))
+    mem.done()
+    adapter = f.text("adapter", required=False, max_len=1000) or None
+    lora_scale = f.number("lora_scale", 0.0, 4.0, 1.0)
+    if "lora_scale" in f.data and adapter is None:
+        f.fail("lora_scale", "set, but the character has no adapter")
+    f.done()
+
+    home = folder.resolve()
+    adapter_path = _resolve_adapter(path, home, adapter) if adapter else None
+    adapter_hash = _hash_files(adapter_path) if adapter_path else None
+    version = hashlib.sha256(raw + b"\0" + (adapter_hash or b"")).hexdigest()[:12]
+    return Character(
+        id=char_id, name=name, persona=persona, version=version, folder=home, greeting=greeting,
+        knowledge=knowledge, emotions=emotions, style_examples=style, generation=generation, memory=memory,
+        adapter=adapter, adapter_path=adapter_path, lora_scale=lora_scale,
+        adapter_version=adapter_hash.hex()[:12] if adapter_hash else None,
+    )
+
+
+def adapter_files(character: Character) -> tuple[Path, ...]:
+    """The files whose bytes go into the character's version (for cheap change detection)."""
+    if character.adapter_path is None:
+        return ()
+    return tuple(character.adapter_path / name for name in ADAPTER_FILES)
+
+
+def _resolve_adapter(path: Path, home: Path, adapter: str) -> Path:
+    def fail(problem: str):
+        raise CharacterError(path, "adapter", problem)
+
+    if Path(adapter).is_absolute():
+        fail(f"must be a folder relative to the character folder, got {adapter!r}")
+    target = (home / adapter).resolve()
+    if not target.is_relative_to(home):
+        how = "through a symbolic link " if ".." not in Path(adapter).parts else ""
+        fail(f"{adapter!r} leads {how}outside the character folder (to {target})")
+    if not target.is_dir():
+        fail(f"folder {adapter!r} not found")
+    if not (target / ADAPTER_FILES[0]).is_file():
+        fail(f"{adapter!r} has no {ADAPTER_FILES[0]} (a PEFT LoRA folder holds adapter_config.json "
+             "and adapter_model.safetensors)")
+    for name in ADAPTER_FILES:
+        file = target / name
+        if file.exists() and not file.resolve().is_relative_to(home):
+            fail(f"{adapter}/{name} is a link outside the character folder")
+    return target
+
+
+def _hash_files(folder: Path) -> bytes:
+    h = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        h.update(name.encode() + b"\0")
+        try:
+            with (folder / name).open("rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+        except FileNotFoundError:
+            h.update(b"missing")
+    return h.digest()
+
+
+def _show(value: Any) -> str:
+    """A value as a designer would recognise it in an error message."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Fields:
+    """Takes fields out of one mapping; whatever is left at `done()` is an unknown key."""
+
+    def __init__(self, path: Path, data: Any, prefix: str = ""):
+        self.path, self.prefix = path, prefix
+        if data is None and not prefix:
+            self.fail(None, "the file is empty; it needs at least id, name and persona")
+        if not isinstance(data, dict):
+            what = "must be a mapping of fields" if prefix else "the file must be a mapping of fields (id: ...)"
+            self.fail(None, f"{what}, got {_show(data)}")
+        self.data = data
+        self._seen: set[Any] = set()
+
+    def fail(self, key: str | None, problem: str):
+        field_name = f"{self.prefix}{key}" if key else (self.prefix.rstrip(".") or None)
+        raise CharacterError(self.path, field_name, problem)
+
+    def _take(self, key: str) -> Any:
+        self._seen.add(key)
+        return self.data.get(key)
+
+    def done(self) -> None:
+        unknown = [k for k in self.data if k not in self._seen]
+        if unknown:
+            known = ", ".join(sorted(self._seen))
+            self.fail(str(unknown[0]), f"unknown field (known fields here: {known})")
+
+    def text(self, key: str, required: bool = True, max_len: int = MAX_TEXT) -> str:
+        value = self._take(key)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            if required:
+                self.fail(key, "missing; it is required" if value is None else "must not be empty")
+            return ""
+        if not isinstance(value, str):
+            hint = " (put it in quotes)" if isinstance(value, bool | int | float) else ""
+            self.fail(key, f"must be a string, got {_show(value)}{hint}")
+        if len(value) > max_len:
+            self.fail(key, f"is {len(value)} characters long; the limit is {max_len}")
+        return value.strip()
+
+    def text_list(self, key: str, max_len: int = MAX_TEXT) -> tuple[str, ...]:
+        values = self._list(key)
+        out = []
+        for i, value in enumerate(values):
+            if not isinstance(value, str) or not value.strip():
+                self.fail(f"{key}[{i}]", f"must be a non-empty string, got {_show(value)}")
+            if len(value) > max_len:
+                self.fail(f"{key}[{i}]", f"is {len(value)} characters long; the limit is {max_len}")
+            out.append(value.strip())
+        return tuple(out)
+
+    def mapping_list(self, key: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
+        out = []
+        for i, value in enumerate(self._list(key)):
+            item = _Fields(self.path, value, f"{self.prefix}{key}[{i}].")
+            out.append({name: item.text(name) for name in fields})
+            item.done()
+        return out
+
+    def _list(self, key: str) -> list[Any]:
+        value = self._take(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.fail(key, f"must be a list (lines starting with '- '), got {_show(value)}")
+        if len(value) > MAX_ITEMS:
+            self.fail(key, f"has {len(value)} entries; the limit is {MAX_ITEMS}")
+        return value
+
+    def section(self, key: str) -> _Fields:
+        value = self._take(key)
+        return _Fields(self.path, {} if value is None else value, f"{self.prefix}{key}.")
+
+    def integer(self, key: str, low: int, high: int, default: int) -> int:
+        value = self._take(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self.fail(key, f"must be a whole number between {low} and {high}, got {_show(value)}")
+        return value
+
+    def number(self, key: str, low: float, high: float, default: float, low_open: bool = False) -> float:
+        value = self._take(key)
+        if value is None:
+            return default
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or not (low < value if low_open else low <= value) or value > high:
+            bounds = f"above {low:g} and at most {high:g}" if low_open else f"between {low:g} and {high:g}"
+            self.fail(key, f"must be a number {bounds}, got {_show(value)}")
+        return float(value)

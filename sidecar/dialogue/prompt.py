@@ -1,0 +1,134 @@
+"""Character + history + this turn -> chat messages, and the token budget that trims the history.
+
+Layout of the messages, chosen for the engine's prefix cache (KV keyed by adapter + token prefix):
+
+    system     persona, knowledge, style guidance     <- the same for every player and turn
+               player name, world facts               <- this turn only, always after the constant part
+    user/assistant  style examples                     (constant per character too)
+    user/assistant  history turns with this character, oldest first
+    user       the player's line, verbatim
+
+The constant part is stripped and followed by a blank line, so its tokens do not depend on what
+follows it (byte-level BPE never merges across "text." + "\\n\\n"). Player text is never escaped:
+Tokenizer.encode_chat keeps every message content literal, `<|im_end|>` included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from sidecar.dialogue.characters import Character
+from sidecar.dialogue.sessions import Turn
+from sidecar.engine.tokenizer import ChatMessage, Tokenizer
+from sidecar.errors import UserError
+
+STYLE_GUIDANCE = "Stay in character as {name}. Reply in one to three short sentences, in your own voice."
+
+
+class PromptTooLong(UserError):
+    """Even with no history, the prompt does not fit the token budget; the message says what takes the room."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What goes to the engine, plus how much of the conversation made it in."""
+
+    messages: tuple[ChatMessage, ...]
+    token_ids: list[int]
+    history_turns: int  # turns of history included
+    dropped_turns: int  # turns within memory.max_turns left out to fit the budget
+    style_examples: bool  # False when the examples were dropped to fit
+
+
+def system_prefix(character: Character) -> str:
+    """The part of the system message that is identical for every player and every turn."""
+    parts = [character.persona]
+    if character.knowledge:
+        parts.append("What you know:\n" + "\n".join(f"- {fact}" for fact in character.knowledge))
+    parts.append(STYLE_GUIDANCE.format(name=character.name))
+    return "\n\n".join(p.strip() for p in parts)
+
+
+def recent_turns(character: Character, history: Sequence[Turn]) -> list[Turn]:
+    """The turns the prompt may carry: this character's, the last memory.max_turns of them.
+
+    Turns with another character are left out: they are another NPC's words, not this one's.
+    """
+    own = [t for t in history if t.character_id == character.id]
+    keep = character.memory.max_turns
+    return own[-keep:] if keep else []
+
+
+def build_messages(character: Character, history: Sequence[Turn], player_line: str,
+                   world: Mapping[str, str] | None = None, player_name: str = "",
+                   style_examples: bool = True) -> list[ChatMessage]:
+    """All of `history` that belongs to this character (trim it first: recent_turns / fit_to_budget)."""
+    system = system_prefix(character)
+    situation = []
+    if player_name.strip():
+        situation.append(f"You are talking to {_one_line(player_name)}.")
+    if world:
+        situation.append("Right now:\n" + "\n".join(f"- {_one_line(k)}: {_one_line(v)}"
+                                                    for k, v in sorted(world.items())))
+    if situation:
+        system += "\n\n" + "\n".join(situation)
+    messages = [ChatMessage("system", system)]
+    if style_examples:
+        for ex in character.style_examples:
+            messages += [ChatMessage("user", ex.player), ChatMessage("assistant", ex.npc)]
+    for turn in history:
+        if turn.character_id == character.id:
+            messages += [ChatMessage("user", turn.player_line), ChatMessage("assistant", turn.npc_line)]
+    messages.append(ChatMessage("user", player_line))
+    return messages
+
+
+def fit_to_budget(tokenizer: Tokenizer, character: Character, history: Sequence[Turn], player_line: str,
+                  world: Mapping[str, str] | None = None, player_name: str = "", *,
+                  max_prompt_tokens: int) -> Prompt:
+    """The longest recent history that fits `max_prompt_tokens`: oldest turns leave first, then the
+    style examples; persona, knowledge, world facts and the player's line always stay.
+
+    Pass max_prompt_tokens = the engine's context length minus the reply's max_tokens.
+    Raises PromptTooLong when even the bare prompt does not fit.
+    """
+    turns = recent_turns(character, history)
+
+    def attempt(n: int, examples: bool = True) -> Prompt:
+        kept = turns[len(turns) - n:] if n else []
+        messages = build_messages(character, kept, player_line, world, player_name, examples)
+        return Prompt(tuple(messages), tokenizer.encode_chat(messages), n, len(turns) - n, examples)
+
+    best = attempt(len(turns))
+    if len(best.token_ids) <= max_prompt_tokens:
+        return best  # the usual case: one encode
+    bare = attempt(0)
+    if len(bare.token_ids) > max_prompt_tokens:
+        bare = attempt(0, examples=False)
+        if len(bare.token_ids) > max_prompt_tokens:
+            raise PromptTooLong(_too_long(tokenizer, character, player_line, len(bare.token_ids), max_prompt_tokens))
+        return bare
+    lo, hi = 0, len(turns) - 1  # attempt(lo) fits, attempt(len(turns)) does not; token counts grow with n
+    best = bare
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        candidate = attempt(mid)
+        if len(candidate.token_ids) <= max_prompt_tokens:
+            lo, best = mid, candidate
+        else:
+            hi = mid - 1
+    return best
+
+
+def _too_long(tokenizer: Tokenizer, character: Character, player_line: str, need: int, budget: int) -> str:
+    persona = len(tokenizer.encode_literal(system_prefix(character)))
+    line = len(tokenizer.encode_literal(player_line))
+    return (f"player_line: the prompt needs {need} tokens but the budget is {budget} "
+            f"(player_line: {line} tokens; character {character.id!r} persona and knowledge: {persona}; "
+            "the rest is world facts and the chat template)")
+
+
+def _one_line(text: str) -> str:
+    """Names and world facts sit inside the system message: a newline there could pose as a new section."""
+    return " ".join(str(text).split())

@@ -1,0 +1,216 @@
+"""Conversation history per session, bounded, exportable to a game's save file.
+
+A session holds the player's turns with every character under that id; each character's prompt
+uses only its own turns (prompt.recent_turns). Only finished replies enter the history (the
+server calls append_turn after Finished, never after a cancel). The store is used from the
+server's one asyncio loop, so it takes no locks.
+
+The export dict mirrors proto npc.v1 SessionState / Turn field names, with `format` for
+`format_version`, so the servicer converts field by field and error paths read the same.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import structlog
+
+from sidecar.dialogue.characters import ID_PATTERN
+from sidecar.errors import UserError
+
+log = structlog.get_logger(__name__)
+
+EXPORT_FORMAT = 1
+MAX_SESSION_ID = 256
+MAX_LINE = 20_000  # characters in one stored player line or reply
+MAX_PLAYER_NAME = 64
+
+
+class SessionError(UserError):
+    """Bad session input (an id, an imported save); the message starts with the field's path."""
+
+
+class UnknownSession(UserError):
+    """No session with this id (the server maps it to NOT_FOUND)."""
+
+
+class SessionExists(UserError):
+    """import_ without overwrite onto a session the store holds (ALREADY_EXISTS)."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One finished exchange: what the player said and what the NPC answered."""
+
+    character_id: str
+    player_line: str
+    npc_line: str
+    player_name: str = ""
+    character_version: str = ""  # the version that spoke npc_line; "" = unknown
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    session_id: str
+    turns: int
+    replaced: bool  # an existing session of that id was replaced
+
+
+@dataclass
+class _Session:
+    turns: list[Turn] = field(default_factory=list)
+    updated_unix_ms: int = 0
+
+
+class SessionStore:
+    def __init__(self, max_sessions: int = 1024, max_turns: int = 256):
+        """`max_turns` bounds what one session stores; a prompt uses at most memory.max_turns of it."""
+        if max_sessions < 1 or max_turns < 1:
+            raise ValueError("max_sessions and max_turns must be at least 1")
+        self.max_sessions, self.max_turns = max_sessions, max_turns
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._sessions
+
+    def history(self, session_id: str) -> tuple[Turn, ...]:
+        """A snapshot of the session's turns, oldest first; () for one not held. Counts as a use."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return ()
+        self._sessions.move_to_end(session_id)
+        return tuple(session.turns)
+
+    def append_turn(self, session_id: str, turn: Turn) -> None:
+        """Records a finished reply, creating the session if needed; the oldest turns leave past max_turns."""
+        check_session_id(session_id)
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = self._sessions[session_id] = _Session()
+        self._sessions.move_to_end(session_id)
+        session.turns.append(turn)
+        del session.turns[: -self.max_turns]
+        session.updated_unix_ms = int(time.time() * 1000)
+        self._evict()
+
+    def reset(self, session_id: str, character_id: str | None = None, *, missing_ok: bool = False) -> int:
+        """Forgets the session, or only `character_id`'s turns in it; returns how many turns went.
+
+        An unknown session raises UnknownSession unless `missing_ok` (proto ResetSession is idempotent).
+        """
+        check_session_id(session_id)
+        session = self._sessions.get(session_id)
+        if session is None:
+            if missing_ok:
+                return 0
+            raise UnknownSession(f"session_id: unknown session {_show(session_id)}")
+        if not character_id:
+            del self._sessions[session_id]
+            return len(session.turns)
+        kept = [t for t in session.turns if t.character_id != character_id]
+        forgotten = len(session.turns) - len(kept)
+        session.turns = kept
+        return forgotten
+
+    def export(self, session_id: str, character_id: str | None = None) -> dict[str, Any]:
+        """A JSON-serializable snapshot (all turns, or `character_id`'s); read back with import_."""
+        check_session_id(session_id)
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise UnknownSession(f"session_id: unknown session {_show(session_id)}")
+        turns = [asdict(t) for t in session.turns if not character_id or t.character_id == character_id]
+        return {"format": EXPORT_FORMAT, "session_id": session_id, "updated_unix_ms": session.updated_unix_ms,
+                "turns": turns}
+
+    def import_(self, data: Any, session_id: str | None = None, *, overwrite: bool = True,
+                where: str = "session") -> ImportResult:
+        """Restores a session from an export, replacing a session of the same id (`session_id` renames it).
+
+        Everything is checked before anything changes, so a bad save leaves the store as it was.
+        `where` prefixes field paths in errors (the servicer passes "state").
+        """
+        sid, session = parse_export(data, self.max_turns, where)
+        sid = session_id if session_id is not None else sid
+        check_session_id(sid)
+        replaced = sid in self._sessions
+        if replaced and not overwrite:
+            raise SessionExists(f"{where}.session_id: session {_show(sid)} exists; set overwrite to replace it")
+        self._sessions[sid] = session
+        self._sessions.move_to_end(sid)
+        self._evict()
+        return ImportResult(sid, len(session.turns), replaced)
+
+    def _evict(self) -> None:
+        while len(self._sessions) > self.max_sessions:
+            sid, session = self._sessions.popitem(last=False)
+            log.info("session evicted", session_id=sid, turns=len(session.turns), max_sessions=self.max_sessions)
+
+
+def check_session_id(session_id: Any, field_name: str = "session_id") -> None:
+    if not isinstance(session_id, str) or not session_id:
+        raise SessionError(f"{field_name}: must be a non-empty string, got {_show(session_id)}")
+    if len(session_id) > MAX_SESSION_ID:
+        raise SessionError(f"{field_name}: is {len(session_id)} characters long; the limit is {MAX_SESSION_ID}")
+
+
+# Turn field -> longest allowed value. character_id is checked against the id pattern as well.
+_TURN_FIELDS = {"character_id": 64, "player_line": MAX_LINE, "npc_line": MAX_LINE, "player_name": MAX_PLAYER_NAME,
+                "character_version": 64}
+_OPTIONAL = {"player_name", "character_version"}  # missing or null: ""
+
+
+def parse_export(data: Any, max_turns: int, where: str = "session") -> tuple[str, _Session]:
+    """(session id, session) from an export dict, or SessionError naming the first bad field."""
+    if not isinstance(data, dict):
+        raise SessionError(f"{where}: must be an object, got {type(data).__name__}")
+    _no_unknown(data, {"format", "session_id", "updated_unix_ms", "turns"}, where)
+    fmt = data.get("format")
+    if fmt != EXPORT_FORMAT or isinstance(fmt, bool):
+        raise SessionError(f"{where}.format: must be {EXPORT_FORMAT}, got {_show(fmt)}")
+    sid = data.get("session_id")
+    check_session_id(sid, f"{where}.session_id")
+    updated = data.get("updated_unix_ms", 0)
+    if isinstance(updated, bool) or not isinstance(updated, int) or updated < 0:
+        raise SessionError(f"{where}.updated_unix_ms: must be a whole number >= 0, got {_show(updated)}")
+    raw_turns = data.get("turns", [])
+    if not isinstance(raw_turns, list):
+        raise SessionError(f"{where}.turns: must be a list, got {type(raw_turns).__name__}")
+    if len(raw_turns) > max_turns:
+        raise SessionError(f"{where}.turns: has {len(raw_turns)} turns; the limit is {max_turns}")
+    return sid, _Session([_parse_turn(raw, f"{where}.turns[{i}]") for i, raw in enumerate(raw_turns)], updated)
+
+
+def _parse_turn(raw: Any, where: str) -> Turn:
+    if not isinstance(raw, dict):
+        raise SessionError(f"{where}: must be an object, got {type(raw).__name__}")
+    _no_unknown(raw, set(_TURN_FIELDS), where)
+    values = {}
+    for name, limit in _TURN_FIELDS.items():
+        value = raw.get(name)
+        if value is None and name in _OPTIONAL:
+            value = ""
+        if not isinstance(value, str):
+            raise SessionError(f"{where}.{name}: must be a string, got {_show(value)}")
+        if len(value) > limit:
+            raise SessionError(f"{where}.{name}: is {len(value)} characters long; the limit is {limit}")
+        values[name] = value
+    if not ID_PATTERN.fullmatch(values["character_id"]):
+        raise SessionError(f"{where}.character_id: must match [a-z0-9_-]{{1,64}}, got {_show(values['character_id'])}")
+    return Turn(**values)
+
+
+def _no_unknown(data: dict, known: set[str], where: str) -> None:
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise SessionError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

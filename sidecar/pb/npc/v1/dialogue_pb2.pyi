@@ -1,0 +1,267 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_STOP: _ClassVar[FinishReason]
+    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+    FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
+
+class CharacterStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHARACTER_STATUS_UNSPECIFIED: _ClassVar[CharacterStatus]
+    CHARACTER_STATUS_READY: _ClassVar[CharacterStatus]
+    CHARACTER_STATUS_FAILED: _ClassVar[CharacterStatus]
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_STOP: FinishReason
+FINISH_REASON_LENGTH: FinishReason
+FINISH_REASON_CANCELLED: FinishReason
+CHARACTER_STATUS_UNSPECIFIED: CharacterStatus
+CHARACTER_STATUS_READY: CharacterStatus
+CHARACTER_STATUS_FAILED: CharacterStatus
+
+class TalkRequest(_message.Message):
+    __slots__ = ("character_id", "session_id", "player_line", "world", "options", "player_name")
+    class WorldEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CHARACTER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAYER_LINE_FIELD_NUMBER: _ClassVar[int]
+    WORLD_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PLAYER_NAME_FIELD_NUMBER: _ClassVar[int]
+    character_id: str
+    session_id: str
+    player_line: str
+    world: _containers.ScalarMap[str, str]
+    options: GenerationOptions
+    player_name: str
+    def __init__(self, character_id: _Optional[str] = ..., session_id: _Optional[str] = ..., player_line: _Optional[str] = ..., world: _Optional[_Mapping[str, str]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., player_name: _Optional[str] = ...) -> None: ...
+
+class GenerationOptions(_message.Message):
+    __slots__ = ("max_tokens", "temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty")
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    top_k: int
+    repetition_penalty: float
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
+
+class TalkEvent(_message.Message):
+    __slots__ = ("started", "delta", "finished")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    started: Started
+    delta: TextDelta
+    finished: Finished
+    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
+
+class Started(_message.Message):
+    __slots__ = ("request_id", "character_version", "prompt_tokens", "cached_prompt_tokens", "history_turns")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHARACTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_TURNS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    character_version: str
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    history_turns: int
+    def __init__(self, request_id: _Optional[str] = ..., character_version: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., history_turns: _Optional[int] = ...) -> None: ...
+
+class TextDelta(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
+
+class Finished(_message.Message):
+    __slots__ = ("reason", "full_text", "usage", "timings")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FULL_TEXT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    reason: FinishReason
+    full_text: str
+    usage: Usage
+    timings: Timings
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., full_text: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("queue_ms", "first_token_ms", "total_ms")
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    queue_ms: float
+    first_token_ms: float
+    total_ms: float
+    def __init__(self, queue_ms: _Optional[float] = ..., first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class ListCharactersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListCharactersResponse(_message.Message):
+    __slots__ = ("characters",)
+    CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    characters: _containers.RepeatedCompositeFieldContainer[Character]
+    def __init__(self, characters: _Optional[_Iterable[_Union[Character, _Mapping]]] = ...) -> None: ...
+
+class Character(_message.Message):
+    __slots__ = ("id", "name", "version", "status", "error", "has_adapter", "greeting", "emotions", "serving")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    HAS_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    GREETING_FIELD_NUMBER: _ClassVar[int]
+    EMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    version: str
+    status: CharacterStatus
+    error: str
+    has_adapter: bool
+    greeting: str
+    emotions: _containers.RepeatedScalarFieldContainer[str]
+    serving: bool
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., status: _Optional[_Union[CharacterStatus, str]] = ..., error: _Optional[str] = ..., has_adapter: _Optional[bool] = ..., greeting: _Optional[str] = ..., emotions: _Optional[_Iterable[str]] = ..., serving: _Optional[bool] = ...) -> None: ...
+
+class ResetSessionRequest(_message.Message):
+    __slots__ = ("session_id", "character_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CHARACTER_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    character_id: str
+    def __init__(self, session_id: _Optional[str] = ..., character_id: _Optional[str] = ...) -> None: ...
+
+class ResetSessionResponse(_message.Message):
+    __slots__ = ("forgotten_turns",)
+    FORGOTTEN_TURNS_FIELD_NUMBER: _ClassVar[int]
+    forgotten_turns: int
+    def __init__(self, forgotten_turns: _Optional[int] = ...) -> None: ...
+
+class ExportSessionRequest(_message.Message):
+    __slots__ = ("session_id", "character_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CHARACTER_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    character_id: str
+    def __init__(self, session_id: _Optional[str] = ..., character_id: _Optional[str] = ...) -> None: ...
+
+class SessionState(_message.Message):
+    __slots__ = ("format_version", "session_id", "turns", "updated_unix_ms")
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    format_version: int
+    session_id: str
+    turns: _containers.RepeatedCompositeFieldContainer[Turn]
+    updated_unix_ms: int
+    def __init__(self, format_version: _Optional[int] = ..., session_id: _Optional[str] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., updated_unix_ms: _Optional[int] = ...) -> None: ...
+
+class Turn(_message.Message):
+    __slots__ = ("character_id", "player_line", "npc_line", "player_name", "character_version")
+    CHARACTER_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAYER_LINE_FIELD_NUMBER: _ClassVar[int]
+    NPC_LINE_FIELD_NUMBER: _ClassVar[int]
+    PLAYER_NAME_FIELD_NUMBER: _ClassVar[int]
+    CHARACTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    character_id: str
+    player_line: str
+    npc_line: str
+    player_name: str
+    character_version: str
+    def __init__(self, character_id: _Optional[str] = ..., player_line: _Optional[str] = ..., npc_line: _Optional[str] = ..., player_name: _Optional[str] = ..., character_version: _Optional[str] = ...) -> None: ...
+
+class ImportSessionRequest(_message.Message):
+    __slots__ = ("state", "overwrite")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    state: SessionState
+    overwrite: bool
+    def __init__(self, state: _Optional[_Union[SessionState, _Mapping]] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+
+class ImportSessionResponse(_message.Message):
+    __slots__ = ("turns", "replaced")
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
+    turns: int
+    replaced: bool
+    def __init__(self, turns: _Optional[int] = ..., replaced: _Optional[bool] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerInfo(_message.Message):
+    __slots__ = ("model", "weights", "backend", "max_batch", "active_sequences", "waiting_requests", "resident_adapters", "version", "max_resident_adapters", "max_waiting", "context_tokens", "max_tokens_limit", "sessions", "max_sessions", "device", "max_session_turns")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESIDENT_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSION_TURNS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    weights: str
+    backend: str
+    max_batch: int
+    active_sequences: int
+    waiting_requests: int
+    resident_adapters: int
+    version: str
+    max_resident_adapters: int
+    max_waiting: int
+    context_tokens: int
+    max_tokens_limit: int
+    sessions: int
+    max_sessions: int
+    device: str
+    max_session_turns: int
+    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch: _Optional[int] = ..., active_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., version: _Optional[str] = ..., max_resident_adapters: _Optional[int] = ..., max_waiting: _Optional[int] = ..., context_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., max_session_turns: _Optional[int] = ...) -> None: ...

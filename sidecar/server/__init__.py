@@ -1,0 +1,1 @@
+"""The gRPC edge: protobuf <-> dialogue types, status codes, auth, logs. Nothing here knows about tensors."""

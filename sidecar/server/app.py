@@ -1,0 +1,108 @@
+"""`npc serve`: the engine, the characters and the sessions behind one grpc.aio server.
+
+Also runs the standard health service (grpc.health.v1) and server reflection, so launchers can
+probe readiness and grpcurl can call it without the proto. SIGTERM / SIGINT drain: new calls get
+UNAVAILABLE, replies in flight have `shutdown_grace_s` to finish, then end with CANCELLED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from sidecar.config import EngineConfig, ModelConfig, ServerConfig
+from sidecar.dialogue.characters import Character
+from sidecar.dialogue.registry import CharacterRegistry
+from sidecar.dialogue.sessions import SessionStore
+from sidecar.engine.base_model import load_base_model
+from sidecar.engine.engine import AsyncEngine
+from sidecar.errors import UserError
+from sidecar.model.lora import load_peft_adapter
+from sidecar.pb.npc.v1 import dialogue_pb2, dialogue_pb2_grpc
+from sidecar.server.interceptors import BearerTokenAuth
+from sidecar.server.service import DialogueService
+
+log = structlog.get_logger("sidecar.server")
+
+SERVICE_NAME = dialogue_pb2.DESCRIPTOR.services_by_name["NpcDialogue"].full_name
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a TalkRequest is a few KB; this bounds what a bad client can send
+
+
+async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_config: EngineConfig,
+                stop: asyncio.Event | None = None) -> None:
+    """Runs until `stop` is set or SIGTERM / SIGINT arrives. Prints `listening on HOST:PORT` on stdout when ready."""
+    started = time.perf_counter()
+    if not server_config.characters.is_dir():  # fail fast, before the model loads
+        raise UserError(f"--characters: folder {server_config.characters} not found")
+    log.info("loading model", path=str(model_config.path), weights=model_config.weights)
+    engine = await asyncio.to_thread(
+        AsyncEngine, lambda: load_base_model(model_config, progress=sys.stderr.isatty()), engine_config)
+    config = engine.base.model.config
+
+    def check_adapter(character: Character) -> None:  # a broken adapter keeps the last good version serving
+        load_peft_adapter(character.adapter_path, config, engine_config.max_rank, character.id, character.lora_scale)
+
+    registry = CharacterRegistry(server_config.characters, adapter_validator=check_adapter)
+    sessions = SessionStore(server_config.max_sessions, server_config.max_session_turns)
+    service = DialogueService(engine, registry, sessions, server_config, device=model_config.device)
+
+    interceptors = [BearerTokenAuth(server_config.auth_token)] if server_config.auth_token else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)])
+    dialogue_pb2_grpc.add_NpcDialogueServicer_to_server(service, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection([SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
+    try:
+        port = server.add_insecure_port(server_config.listen)
+    except RuntimeError:
+        port = 0
+    if not port:
+        await engine.shutdown()
+        raise UserError(f"--listen: cannot listen on {server_config.listen} (address in use or not local?)")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    registry.start_watching(server_config.reload_interval_s)
+    address = f"{server_config.listen.rpartition(':')[0]}:{port}"
+    characters = registry.list()
+    log.info("serving", address=address, model=engine.base.path.name, weights=engine.base.weights,
+             characters=[c.id for c in characters], failed=[c.id for c in characters if c.error],
+             auth=bool(server_config.auth_token), startup_s=round(time.perf_counter() - started, 1))
+    print(f"listening on {address}", flush=True)  # the line launchers and tests wait for
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests), or Windows
+            pass
+    await stop.wait()
+
+    # Drain: refuse new replies, let those in flight finish, then cancel the rest.
+    log.info("shutting down", in_flight=len(service.replies), grace_s=server_config.shutdown_grace_s)
+    service.accepting = False
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    deadline = time.perf_counter() + server_config.shutdown_grace_s
+    while service.replies and time.perf_counter() < deadline:
+        await asyncio.sleep(0.02)
+    if cancelled := service.cancel_all():
+        log.info("grace period over: replies cancelled", cancelled=cancelled)
+    for _ in range(200):  # their Finished(CANCELLED) events go out within a step or two
+        if not service.replies:
+            break
+        await asyncio.sleep(0.01)
+    await server.stop(grace=1.0)
+    registry.stop_watching()
+    await engine.shutdown()
+    log.info("stopped")

@@ -1,0 +1,211 @@
+"""The NpcDialogue servicer: protobuf <-> dialogue and engine calls, and every status code.
+
+Everything here runs on the server's one asyncio loop; the model runs on the engine's thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from sidecar.config import ServerConfig
+from sidecar.dialogue.characters import Character
+from sidecar.dialogue.prompt import fit_to_budget
+from sidecar.dialogue.registry import (
+    CharacterRegistry,
+    CharacterStatus,
+    CharacterUnavailable,
+    LoadState,
+    UnknownCharacter,
+)
+from sidecar.dialogue.sessions import SessionExists, SessionStore, Turn, UnknownSession
+from sidecar.engine.engine import AsyncEngine, QueueFull, RequestStream
+from sidecar.engine.sequence import AdapterRef, EngineEvent
+from sidecar.errors import UserError
+from sidecar.model.lora import AdapterError
+from sidecar.pb.npc.v1 import dialogue_pb2 as pb
+from sidecar.pb.npc.v1 import dialogue_pb2_grpc as pb_grpc
+from sidecar.server.requests import check_character_id, check_session_id, parse_talk, sampling_params
+
+log = structlog.get_logger("sidecar.server")
+
+VERSION = "0.1.0"
+
+
+class ShuttingDown(Exception):
+    """The server is draining: no new replies (UNAVAILABLE)."""
+
+
+# Most specific first: UserError is the catch-all for bad input.
+STATUS_FOR = (
+    (UnknownCharacter, grpc.StatusCode.NOT_FOUND),
+    (UnknownSession, grpc.StatusCode.NOT_FOUND),
+    (CharacterUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdapterError, grpc.StatusCode.FAILED_PRECONDITION),
+    (SessionExists, grpc.StatusCode.ALREADY_EXISTS),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (UserError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+                  "cancelled": pb.FINISH_REASON_CANCELLED}
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    return next(code for kind, code in STATUS_FOR if isinstance(exc, kind))
+
+
+def adapter_ref(character: Character) -> AdapterRef | None:
+    """The engine's handle on a character's adapter: editing only the persona keeps the adapter loaded."""
+    if character.adapter_path is None:
+        return None
+    return AdapterRef(character.id, character.adapter_path, character.adapter_version or character.version,
+                      character.lora_scale)
+
+
+class DialogueService(pb_grpc.NpcDialogueServicer):
+    def __init__(self, engine: AsyncEngine, registry: CharacterRegistry, sessions: SessionStore,
+                 config: ServerConfig, device: str = "cpu"):
+        self.engine, self.registry, self.sessions, self.config = engine, registry, sessions, config
+        self.limits = config.limits
+        self.device = device
+        self.accepting = True
+        self.replies: dict[str, RequestStream] = {}  # in flight, by request id
+
+    # --- Talk ---------------------------------------------------------------------------------
+
+    async def Talk(self, request: pb.TalkRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TalkEvent]:
+        try:
+            if not self.accepting:
+                raise ShuttingDown("the sidecar is shutting down")
+            talk = parse_talk(request, self.limits)
+            character = self.registry.get(talk.character_id)  # this version serves the whole reply
+            sampling = sampling_params(talk, character.generation, self.limits)
+            history = self.sessions.history(talk.session_id) if talk.session_id else ()
+            prompt = fit_to_budget(self.engine.base.tokenizer, character, history, talk.player_line, talk.world,
+                                   talk.player_name,
+                                   max_prompt_tokens=self.engine.config.max_seq_len - sampling.max_tokens)
+            stream = self.engine.submit(prompt.token_ids, adapter_ref(character), sampling)
+        except (UserError, QueueFull, ShuttingDown) as exc:
+            await self._refuse(context, "Talk", exc, character=request.character_id)
+            return
+
+        bound = log.bind(request_id=stream.request_id, character=character.id, version=character.version,
+                         session=talk.session_id or None)
+        self.replies[stream.request_id] = stream
+        finished: EngineEvent | None = None
+        try:
+            async for event in stream:
+                if event.kind == "started":
+                    yield pb.TalkEvent(started=pb.Started(
+                        request_id=stream.request_id, character_version=character.version,
+                        prompt_tokens=event.prompt_tokens, cached_prompt_tokens=event.cached_tokens,
+                        history_turns=prompt.history_turns))
+                elif event.kind == "delta":
+                    yield pb.TalkEvent(delta=pb.TextDelta(text=event.text))
+                elif event.kind == "error":  # the adapter failed to load in the engine
+                    bound.warning("reply failed", error=event.error)
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                        f"character {character.id!r}: {event.error}")
+                else:
+                    finished = event
+            if finished is None:
+                return
+            if finished.finish_reason in ("stop", "length") and talk.session_id:
+                self.sessions.append_turn(talk.session_id, Turn(character.id, talk.player_line, finished.text,
+                                                                talk.player_name, character.version))
+            bound.info("reply", reason=finished.finish_reason, prompt_tokens=finished.prompt_tokens,
+                       cached_tokens=finished.cached_tokens, completion_tokens=finished.completion_tokens,
+                       first_token_ms=round(finished.first_token_ms, 1), total_ms=round(finished.total_ms, 1))
+            yield pb.TalkEvent(finished=pb.Finished(
+                reason=FINISH_REASONS.get(finished.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+                full_text=finished.text,
+                usage=pb.Usage(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens,
+                               cached_prompt_tokens=finished.cached_tokens),
+                timings=pb.Timings(queue_ms=finished.queue_ms,
+                                   first_token_ms=finished.first_token_ms if finished.text else 0.0,
+                                   total_ms=finished.total_ms)))
+        finally:
+            # A client that cancels or disconnects lands here (the handler is cancelled): leaving the
+            # stream's iterator cancels the sequence, which the engine drops within one step.
+            self.replies.pop(stream.request_id, None)
+            if finished is None:
+                stream.cancel()
+                bound.info("reply cancelled by the client")
+
+    # --- characters, sessions, server ---------------------------------------------------------
+
+    async def ListCharacters(self, request: pb.ListCharactersRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ListCharactersResponse:
+        return pb.ListCharactersResponse(characters=[character_pb(s) for s in self.registry.list()])
+
+    async def ResetSession(self, request: pb.ResetSessionRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ResetSessionResponse:
+        try:
+            check_session_id(request.session_id)
+            check_character_id(request.character_id, required=False)
+            forgotten = self.sessions.reset(request.session_id, request.character_id or None, missing_ok=True)
+        except UserError as exc:
+            await self._refuse(context, "ResetSession", exc)
+        return pb.ResetSessionResponse(forgotten_turns=forgotten)
+
+    async def ExportSession(self, request: pb.ExportSessionRequest,
+                            context: grpc.aio.ServicerContext) -> pb.SessionState:
+        try:
+            check_session_id(request.session_id)
+            check_character_id(request.character_id, required=False)
+            data = self.sessions.export(request.session_id, request.character_id or None)
+        except UserError as exc:
+            await self._refuse(context, "ExportSession", exc)
+        return pb.SessionState(format_version=data["format"], session_id=data["session_id"],
+                               updated_unix_ms=data["updated_unix_ms"],
+                               turns=[pb.Turn(**turn) for turn in data["turns"]])
+
+    async def ImportSession(self, request: pb.ImportSessionRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ImportSessionResponse:
+        try:
+            if not request.HasField("state"):
+                raise UserError("state: required")
+            s = request.state
+            data = {"format": s.format_version, "session_id": s.session_id, "updated_unix_ms": s.updated_unix_ms,
+                    "turns": [{"character_id": t.character_id, "player_line": t.player_line, "npc_line": t.npc_line,
+                               "player_name": t.player_name, "character_version": t.character_version}
+                              for t in s.turns]}
+            result = self.sessions.import_(data, overwrite=request.overwrite, where="state")
+        except UserError as exc:
+            await self._refuse(context, "ImportSession", exc)
+        return pb.ImportSessionResponse(turns=result.turns, replaced=result.replaced)
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ServerInfo:
+        stats, cfg = self.engine.stats(), self.engine.config
+        return pb.ServerInfo(
+            model=self.engine.base.path.name, weights=self.engine.base.weights, backend=f"torch-{self.device}",
+            max_batch=cfg.max_batch, active_sequences=int(stats["active_sequences"]),
+            waiting_requests=int(stats["waiting_requests"]), resident_adapters=len(stats["resident_adapters"]),
+            version=VERSION, max_resident_adapters=cfg.max_resident_adapters, max_waiting=cfg.max_waiting,
+            context_tokens=cfg.max_seq_len, max_tokens_limit=self.limits.max_tokens, sessions=len(self.sessions),
+            max_sessions=self.sessions.max_sessions, device=self.device,
+            max_session_turns=self.sessions.max_turns)
+
+    # --- shutdown -----------------------------------------------------------------------------
+
+    def cancel_all(self) -> int:
+        """Ends every reply in flight with FINISH_REASON_CANCELLED (after the shutdown grace period)."""
+        for stream in list(self.replies.values()):
+            stream.cancel()
+        return len(self.replies)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, rpc: str, exc: BaseException, **fields) -> None:
+        code = status_for(exc)
+        log.info("refused", rpc=rpc, code=code.name, error=str(exc), **fields)
+        await context.abort(code, str(exc))
+
+
+def character_pb(s: CharacterStatus) -> pb.Character:
+    return pb.Character(id=s.id, name=s.name, version=s.version,
+                        status=pb.CHARACTER_STATUS_READY if s.status == LoadState.READY else pb.CHARACTER_STATUS_FAILED,
+                        error=s.error, has_adapter=s.has_adapter, greeting=s.greeting, emotions=list(s.emotions),
+                        serving=s.serving)

@@ -1,0 +1,72 @@
+"""`npc chat` in a pseudo-terminal against a real `npc serve`, and `npc check`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from tests.sidecar_process import SidecarProcess, copy_characters
+
+NPC = str(Path(sys.executable).with_name("npc"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = copy_characters(tmp_path_factory.mktemp("characters"))
+    proc = SidecarProcess(root)
+    yield proc
+    proc.stop()
+
+
+def test_chat_streams_a_reply_in_a_terminal(server, tmp_path):
+    child = pexpect.spawn(NPC, ["chat", "blacksmith", "--address", server.address], encoding="utf-8", timeout=60,
+                          env={"NPC_CACHE_DIR": str(tmp_path), "TERM": "dumb", "PATH": "/usr/bin:/bin"},
+                          dimensions=(40, 200))
+    try:
+        child.expect("talking to Brynja Emberforge")
+        child.expect(r"you \(blacksmith\)> ")
+        child.sendline("/seed 7")
+        child.expect("seed 7")
+        child.sendline("What does a sword cost?")
+        child.expect("Brynja Emberforge: ")
+        child.expect(r"you \(blacksmith\)> ")
+        reply = child.before.strip()
+        assert len(reply) > 3
+        child.sendline("/stats")
+        child.expect(r"first token \d+ ms")
+        child.sendline("/switch oracle")
+        child.expect("talking to The Oracle of Vell")
+        child.sendline(f"/export {tmp_path / 'session.json'}")
+        child.expect("1 turn")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    assert "What does a sword cost?" in (tmp_path / "session.json").read_text()
+
+
+def test_chat_without_a_server_says_so():
+    done = subprocess.run([NPC, "chat", "--address", "127.0.0.1:9"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "no sidecar is running at 127.0.0.1:9" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_check_lists_each_problem(tmp_path):
+    root = copy_characters(tmp_path / "characters", ("oracle",))
+    ok = subprocess.run([NPC, "check", str(root)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    (root / "bad").mkdir()
+    (root / "bad" / "character.yaml").write_text("id: bad\nname: B\npersona: p\nmood: grumpy\n")
+    (root / "worse").mkdir()
+    (root / "worse" / "character.yaml").write_text("id: worse\nname: W\npersona: p\nadapter: ../../elsewhere\n")
+    bad = subprocess.run([NPC, "check", str(root)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    lines = bad.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert "bad/character.yaml" in lines[0] and "mood" in lines[0]
+    assert "worse/character.yaml" in lines[1] and "adapter" in lines[1]
