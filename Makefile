@@ -5,9 +5,21 @@ BIN := $(VENV)/bin
 # Re-install when the project's dependencies change.
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint serve chat proto bench peers clean
+.PHONY: setup system-deps test lint serve chat proto bench peers clean
 
-setup: $(STAMP)
+# Debian packages: a C compiler for the native LoRA kernel; protoc + the gRPC C++ plugin for the
+# client stubs. Installed when missing (as root, as in CI); otherwise the command to run is printed.
+APT_PACKAGES := gcc protobuf-compiler protobuf-compiler-grpc
+
+setup: system-deps $(STAMP)
+
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ] || ! command -v apt-get >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		echo "installing system packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "missing system packages: $$missing (run: sudo apt-get install $$missing)" >&2; exit 1; fi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
