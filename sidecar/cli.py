@@ -98,6 +98,35 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from sidecar.training.train import TrainConfig, train_character
+
+    config = TrainConfig(rank=args.rank, alpha=args.alpha, targets=tuple(t for t in args.targets.split(",") if t),
+                         epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
+                         held_out=args.held_out, max_steps=args.max_steps, adapter_dir=args.out)
+    r = train_character(Path(args.character_dir), resolve_model_path(args.model), config, progress=not args.quiet)
+    held = f", held-out loss {r.held_out_loss:.3f}" if r.held_out_loss is not None else ""
+    print(f"adapter written to {r.adapter} ({r.train_lines} conversations trained, {r.held_out_lines} held out; "
+          f"final train loss {r.final_train_loss:.3f}{held}; {r.seconds:.0f} s); report: {r.report.parent}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from sidecar.training.evaluate import evaluate_character
+
+    r = evaluate_character(Path(args.character_dir), resolve_model_path(args.model), args.weights, args.samples)
+    if args.json:
+        print(json.dumps(r.to_json(), ensure_ascii=False))
+        return 0
+    print(f"{r.character}: {r.held_out_lines} held-out conversations, {r.reply_tokens} reply tokens")
+    print(f"  perplexity with adapter + persona: {r.perplexity_adapter:8.2f}")
+    print(f"  perplexity, persona prompt alone:  {r.perplexity_base:8.2f}")
+    print(f"  ratio (adapter / base):            {r.ratio:8.3f}  (target <= 0.7)")
+    for s in r.samples:
+        print(f"\n  player:    {s.player}\n  written:   {s.reference}\n  adapter:   {s.adapter}\n  base:      {s.base}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.scenario == "multi-npc":
         return _bench_multi_npc(args)
@@ -183,6 +212,30 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-adapters", dest="adapters", action="store_false",
                    help="check only the YAML files, not the adapter weights")
     k.set_defaults(run=_cmd_check)
+
+    t = sub.add_parser("train", help="train a character's persona adapter from its dialogue.jsonl (PEFT LoRA)")
+    t.add_argument("character_dir")
+    t.add_argument("--model", help="base model (default: the embedded one; must be what the sidecar serves)")
+    t.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    t.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    t.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="modules to adapt, comma-separated (default: all seven)")
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seed", type=int, default=0, help="same seed, same data -> same adapter")
+    t.add_argument("--held-out", type=float, default=0.1, help="fraction of conversations kept for npc eval")
+    t.add_argument("--max-steps", type=int, help="stop after this many steps (quick checks)")
+    t.add_argument("--out", default="adapter", help="adapter folder name inside the character folder")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(run=_cmd_train)
+
+    e = sub.add_parser("eval", help="persona fidelity: held-out perplexity with and without the adapter")
+    e.add_argument("character_dir")
+    _add_model_flags(e)
+    e.add_argument("--samples", type=int, default=3, help="replies shown side by side")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(run=_cmd_eval)
 
     b = sub.add_parser("bench", help="benchmarks (reports, not tests)")
     b.add_argument("--scenario", choices=["decode", "multi-npc"], default="decode")

@@ -83,12 +83,11 @@ def test_six_characters_talk_at_once(sidecar):
         async with NpcClient(sidecar.address) as client:
             replies = await asyncio.gather(*[
                 client.say(cid, "Good morning! Who are you?", options=pb.GenerationOptions(**GREEDY)) for cid in SIX])
-            alone = await client.say("ghost", "Good morning! Who are you?", options=pb.GenerationOptions(**GREEDY))
         for cid, (_started, text, finished) in zip(SIX, replies, strict=True):
             assert finished.reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH), cid
             assert text == finished.full_text and text, cid
-        # Greedy and batched with five others, an adapter character says what it says alone.
-        assert replies[SIX.index("ghost")][1] == alone[1]
+        # (Batched rows equal solo runs exactly at fp32: tests/test_engine.py. At the int4 / bf16 the
+        # server runs, batch shapes change rounding, and greedy near-ties may flip.)
 
     run(go())
 

@@ -1,0 +1,143 @@
+"""dialogue.jsonl -> training examples, rendered exactly as the sidecar renders a conversation.
+
+Each line of `characters/<id>/dialogue.jsonl` is one short conversation:
+
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...],
+     "world": {"time": "night"}, "player_name": "Aria"}          # world and player_name optional
+
+Roles alternate, starting with the player ("user") and ending with the NPC ("assistant"). The
+text the model trains on is built by dialogue/prompt.build_messages, as at serving time: the
+character's system prompt, style examples, the earlier exchanges of the line as history, and the
+last player line; then the NPC's reply and its end-of-turn token. Every NPC reply in the line is
+supervised (its tokens get labels); everything else is context (label -100).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.dialogue.characters import Character
+from sidecar.dialogue.prompt import build_messages
+from sidecar.dialogue.sessions import Turn
+from sidecar.engine.tokenizer import ChatMessage, Tokenizer
+from sidecar.errors import UserError
+
+IGNORE = -100  # label of tokens without loss (PyTorch's cross-entropy ignore_index)
+DIALOGUE_FILE = "dialogue.jsonl"
+
+
+class DataError(UserError):
+    """A problem in dialogue.jsonl; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    line: int  # 1-based line number in dialogue.jsonl
+    exchanges: tuple[tuple[str, str], ...]  # (player line, NPC reply)
+    world: dict[str, str]
+    player_name: str
+
+
+@dataclass(frozen=True)
+class Example:
+    line: int
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where there is no loss
+
+    @property
+    def supervised(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+def read_dialogue(path: Path) -> list[Conversation]:
+    if not path.is_file():
+        raise DataError(f"{path}: not found (write one conversation per line; see characters/README.md)")
+    conversations = []
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        conversations.append(_parse_line(path, number, raw))
+    if not conversations:
+        raise DataError(f"{path}: empty: no conversation to train on")
+    return conversations
+
+
+def _parse_line(path: Path, number: int, raw: str) -> Conversation:
+    where = f"{path}:{number}"
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+        raise DataError(f'{where}: expected an object with a "messages" list')
+    unknown = set(obj) - {"messages", "world", "player_name"}
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: messages, world, player_name")
+    messages = obj["messages"]
+    if not messages:
+        raise DataError(f"{where}: messages is empty")
+    turns = []
+    for i, m in enumerate(messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise DataError(f'{where}: messages[{i}] must be {{"role": ..., "content": ...}}')
+        if m["role"] != expected:
+            raise DataError(f"{where}: messages[{i}].role is {m['role']!r}, expected {expected!r} "
+                            "(the player and the NPC alternate, the player first)")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise DataError(f"{where}: messages[{i}].content must be non-empty text")
+        turns.append(m["content"])
+    if len(turns) % 2:
+        raise DataError(f"{where}: the conversation ends with the player: it has no NPC reply to learn from")
+    world = obj.get("world", {})
+    if not isinstance(world, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in world.items()):
+        raise DataError(f"{where}: world must map text to text")
+    name = obj.get("player_name", "")
+    if not isinstance(name, str):
+        raise DataError(f"{where}: player_name must be text")
+    return Conversation(number, tuple(zip(turns[::2], turns[1::2], strict=True)), world, name)
+
+
+def render(tokenizer: Tokenizer, character: Character, conv: Conversation, max_tokens: int) -> Example:
+    """Token ids and labels of one conversation; every NPC reply (with its end-of-turn token) is supervised."""
+    history: list[Turn] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for player, npc in conv.exchanges:
+        messages = build_messages(character, history, player, conv.world, conv.player_name)
+        context = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        full = tokenizer.encode_chat([*messages, ChatMessage("assistant", npc)], add_generation_prompt=False)
+        if full[: len(context)] != context or (ids and context[: len(ids)] != ids):
+            raise DataError(f"line {conv.line}: the chat template does not render the conversation as a "
+                            "growing prefix; this model's template cannot be trained on turn by turn")
+        reply = full[len(context):]
+        # Learn the reply up to its end-of-turn token (where serving stops), not the template's
+        # newline after it.
+        eot = next((i for i, t in enumerate(reply) if t in tokenizer.eos_ids), len(reply) - 1)
+        labels += [IGNORE] * (len(context) - len(ids)) + reply[: eot + 1] + [IGNORE] * (len(reply) - eot - 1)
+        ids = full
+        history.append(Turn(character.id, player, npc))
+    if len(ids) > max_tokens:
+        raise DataError(f"line {conv.line}: the rendered conversation is {len(ids)} tokens; the limit is "
+                        f"{max_tokens} (shorten it or split it into several lines)")
+    return Example(conv.line, ids, labels)
+
+
+def split(conversations: list[Conversation], held_out: float, seed: int) -> tuple[list[Conversation],
+                                                                                   list[Conversation]]:
+    """(train, held out): a seeded shuffle, so `npc eval` finds the same held-out lines again."""
+    if not 0 <= held_out < 1:
+        raise UserError(f"--held-out must be in [0, 1), got {held_out}")
+    order = list(conversations)
+    random.Random(seed).shuffle(order)
+    n_held = round(len(order) * held_out)
+    if held_out > 0 and n_held == 0 and len(order) > 1:
+        n_held = 1
+    held = sorted(order[:n_held], key=lambda c: c.line)
+    train = sorted(order[n_held:], key=lambda c: c.line)
+    if not train:
+        raise DataError("no conversation left to train on after the held-out split")
+    return train, held
