@@ -78,6 +78,7 @@ class Chat:
         return True
 
     async def talk(self, line: str) -> None:
+        self.last = None
         options = pb.GenerationOptions(seed=self.seed) if self.seed is not None else None
         self.say(f"{self.names.get(self.character, self.character)}: ", end="")
         call = self.client.talk(self.character, line, session_id=self.session_id, world=self.world, options=options)
@@ -90,7 +91,8 @@ class Chat:
                     self.say(event.delta.text, end="")
                 elif kind == "finished":
                     self.last = event.finished
-            self.say()
+            emotion = self.last.emotion if self.last is not None else ""
+            self.say(f"  ({emotion})" if emotion else "")
         except asyncio.CancelledError:
             call.cancel()
             self.say(" [cancelled]")
@@ -165,7 +167,8 @@ class Chat:
         rate = (u.completion_tokens - 1) / gen_s if u.completion_tokens > 1 else 0.0
         self.say(f"-- first token {t.first_token_ms:.0f} ms (queue {t.queue_ms:.0f} ms), total {t.total_ms:.0f} ms, "
                  f"{rate:.1f} tokens/s; prompt {u.prompt_tokens} tokens ({u.cached_prompt_tokens} cached), "
-                 f"reply {u.completion_tokens} tokens, {pb.FinishReason.Name(f.reason)}")
+                 f"reply {u.completion_tokens} tokens, {pb.FinishReason.Name(f.reason)}"
+                 + (f", emotion {f.emotion}" if f.emotion else ""))
 
     async def _export(self, arg: str) -> None:
         if not arg:

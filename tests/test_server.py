@@ -30,7 +30,8 @@ def run(coro):
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory, checkpoint):
     root = copy_characters(tmp_path_factory.mktemp("characters"))
-    write_character(root, "guard", "You are a bored town guard. You answer in one short sentence.")
+    write_character(root, "guard", "You are a bored town guard. You answer in one short sentence.",
+                    emotions="[bored, suspicious, stern]")
     write_character(root, "baker", "You are a cheerful baker who talks about bread.")
     # Two characters speak through their own (random) PEFT adapters: the multi-LoRA path.
     for cid, seed in (("ghost", 1), ("merchant", 2)):
@@ -74,6 +75,7 @@ def test_event_order_and_text(sidecar):
         assert finished.usage.prompt_tokens == started.prompt_tokens > 50
         assert 1 <= finished.usage.completion_tokens <= 12
         assert 0 < finished.timings.first_token_ms <= finished.timings.total_ms
+        assert finished.emotion in characters["blacksmith"].emotions  # always one of the character's labels
 
     run(go())
 
@@ -83,9 +85,11 @@ def test_six_characters_talk_at_once(sidecar):
         async with NpcClient(sidecar.address) as client:
             replies = await asyncio.gather(*[
                 client.say(cid, "Good morning! Who are you?", options=pb.GenerationOptions(**GREEDY)) for cid in SIX])
+            emotions = {c.id: list(c.emotions) for c in await client.list_characters()}
         for cid, (_started, text, finished) in zip(SIX, replies, strict=True):
             assert finished.reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH), cid
             assert text == finished.full_text and text, cid
+            assert finished.emotion in emotions[cid] if emotions[cid] else finished.emotion == "", cid
         # (Batched rows equal solo runs exactly at fp32: tests/test_engine.py. At the int4 / bf16 the
         # server runs, batch shapes change rounding, and greedy near-ties may flip.)
 

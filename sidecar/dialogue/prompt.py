@@ -132,3 +132,12 @@ def _too_long(tokenizer: Tokenizer, character: Character, player_line: str, need
 def _one_line(text: str) -> str:
     """Names and world facts sit inside the system message: a newline there could pose as a new section."""
     return " ".join(str(text).split())
+
+
+EMOTION_QUESTION = "In one word, which feeling best matches your last reply: {labels}?"
+
+
+def emotion_messages(messages: Sequence[ChatMessage], reply: str, emotions: Sequence[str]) -> list[ChatMessage]:
+    """The conversation with the reply, then the question whose answer is scored over `emotions`."""
+    question = EMOTION_QUESTION.format(labels=", ".join(emotions))
+    return [*messages, ChatMessage("assistant", reply), ChatMessage("user", question)]

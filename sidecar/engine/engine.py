@@ -84,8 +84,11 @@ class AsyncEngine:
         self._loop()
 
     def submit(self, prompt_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
-               request_id: str | None = None) -> RequestStream:
-        """Queues a request. Raises QueueFull when max_waiting requests are queued, UserError for bad input."""
+               request_id: str | None = None, choices: list[list[int]] | None = None) -> RequestStream:
+        """Queues a request. Raises QueueFull when max_waiting requests are queued, UserError for bad input.
+
+        With `choices` the request scores those continuations instead of generating (LLMEngine.make_sequence).
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
 
@@ -98,12 +101,12 @@ class AsyncEngine:
             except RuntimeError:
                 pass  # the event loop is gone (shutdown): nobody is listening any more
 
-        seq = self.core.make_sequence(prompt_ids, adapter, sampling, emit, request_id)
+        seq = self.core.make_sequence(prompt_ids, adapter, sampling, emit, request_id, choices)
         with self._lock:
             if self._stopping:
                 raise QueueFull("the engine is shutting down")
             waiting = len(self._inbox) + len(self.core.scheduler.waiting)
-            if waiting >= self.config.max_waiting:
+            if waiting >= self.config.max_waiting and choices is None:
                 raise QueueFull(f"{waiting} requests are already waiting (max_waiting {self.config.max_waiting})")
             self._inbox.append(seq)
             self._live[seq.request_id] = seq

@@ -12,6 +12,7 @@ import torch
 from sidecar.config import EngineConfig
 from sidecar.engine.adapters import AdapterCache
 from sidecar.engine.base_model import BaseModel
+from sidecar.engine.choices import score_continuations
 from sidecar.engine.kv_cache import PrefixCache
 from sidecar.engine.sampler import SamplingParams, sample_batch
 from sidecar.engine.scheduler import Scheduler, StepPlan
@@ -38,18 +39,27 @@ class LLMEngine:
     # --- requests -----------------------------------------------------------------------------
 
     def make_sequence(self, prompt: list[int], adapter: AdapterRef | None, params: SamplingParams,
-                      emit: Callable[[EngineEvent], None], request_id: str | None = None) -> Sequence:
-        """Validates a request; raises UserError naming the problem."""
+                      emit: Callable[[EngineEvent], None], request_id: str | None = None,
+                      choices: list[list[int]] | None = None) -> Sequence:
+        """Validates a request; raises UserError naming the problem.
+
+        With `choices`, nothing is generated: the prompt is prefilled, each candidate continuation
+        is scored, and the request finishes (reason "choice") with the most likely one's index.
+        """
         if not prompt:
             raise UserError("prompt is empty")
-        room = self.cache.max_len - len(prompt)
+        if choices is not None and (not choices or any(not c for c in choices)):
+            raise UserError("choices must be a non-empty list of non-empty token lists")
+        longest = max((len(c) for c in choices), default=0) if choices else 0
+        room = self.cache.max_len - len(prompt) - longest
         if room < 1:
             raise UserError(f"prompt has {len(prompt)} tokens; the limit is {self.cache.max_len - 1} (max_seq_len)")
         vocab = self.base.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise UserError(f"prompt holds token ids outside the vocabulary [0, {vocab})")
+        if any(not 0 <= t < vocab for t in prompt) or any(not 0 <= t < vocab for c in choices or () for t in c):
+            raise UserError(f"prompt or choices hold token ids outside the vocabulary [0, {vocab})")
         return Sequence(request_id or f"req-{next(_ids)}", list(prompt), adapter, params, emit,
-                        self.base.tokenizer.detokenizer(), max_tokens=min(params.max_tokens, room))
+                        self.base.tokenizer.detokenizer(), max_tokens=min(params.max_tokens, room),
+                        choices=tuple(tuple(c) for c in choices) if choices else None)
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)  # raises QueueFull
@@ -95,6 +105,8 @@ class LLMEngine:
         seq.num_computed = hi
         if hi < len(seq.prompt):
             return
+        if seq.choices is not None:
+            return self._finish_choice(seq, logits[0])
         self.scheduler.prefill_done(seq)
         token = sample_batch(logits, [seq.sampler], [seq.history()])[0]
         self._accept(seq, token)
@@ -130,6 +142,18 @@ class LLMEngine:
         seq.emit(EngineEvent("finished", seq.request_id, text=seq.text, token_ids=tuple(seq.output),
                              finish_reason=reason, prompt_tokens=len(seq.prompt), cached_tokens=seq.cached_tokens,
                              completion_tokens=len(seq.output), **seq.timing_fields()))
+
+    def _finish_choice(self, seq: Sequence, next_logits: torch.Tensor) -> None:
+        """Scores the candidates in the staging row, where the prompt's K/V are, then frees it."""
+        def lora_for(tokens: int) -> LoraBatch | None:
+            return LoraBatch(self.slots, [seq.slot], tokens) if seq.slot >= 0 else None
+
+        scores = score_continuations(self.base.model, self.cache, self.scheduler.staging_row, len(seq.prompt),
+                                     next_logits, seq.choices, lora_for)
+        self.scheduler.finish(seq)
+        seq.emit(EngineEvent("finished", seq.request_id, finish_reason="choice", prompt_tokens=len(seq.prompt),
+                             cached_tokens=seq.cached_tokens, choice=max(range(len(scores)), key=scores.__getitem__),
+                             choice_logprobs=tuple(scores), **seq.timing_fields()))
 
     # --- control ------------------------------------------------------------------------------
 

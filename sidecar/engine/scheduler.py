@@ -39,6 +39,11 @@ class Scheduler:
         self.staging_row = config.max_batch
 
     def add(self, seq: Sequence) -> None:
+        if seq.choices is not None:
+            # Scoring a finished reply (its emotion) completes a conversation already served:
+            # it goes first and is never refused.
+            self.waiting.appendleft(seq)
+            return
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_waiting)")
         self.waiting.append(seq)
@@ -48,8 +53,8 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         self._drop_cancelled()
-        if self.prefilling is None and len(self.running) < self.config.max_batch:
-            self._admit()
+        if self.prefilling is None:
+            self._admit(batch_full=len(self.running) >= self.config.max_batch)
         plan = StepPlan(list(self.running), None)
         seq = self.prefilling
         if seq is not None:
@@ -59,9 +64,12 @@ class Scheduler:
             plan = StepPlan(plan.decode, seq, (seq.num_computed, seq.num_computed + min(chunk, remaining)))
         return plan
 
-    def _admit(self) -> None:
-        """Starts prefilling the first waiting sequence whose adapter is ready (others keep their place)."""
+    def _admit(self, batch_full: bool) -> None:
+        """Starts prefilling the first waiting sequence whose adapter is ready (others keep their place).
+        A full batch admits only choice requests: they never join the running rows."""
         for seq in list(self.waiting):
+            if batch_full and seq.choices is None:
+                continue
             if seq.adapter is not None and self.adapters is not None:
                 try:
                     acquired = self.adapters.acquire(seq.adapter)

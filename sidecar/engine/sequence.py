@@ -41,7 +41,7 @@ class EngineEvent:
     request_id: str
     text: str = ""  # delta: new text; finished: the whole reply
     token_ids: tuple[int, ...] = ()  # delta: the ids behind the text; finished: all reply ids
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | "choice"
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     completion_tokens: int = 0
@@ -49,6 +49,8 @@ class EngineEvent:
     first_token_ms: float = 0.0
     total_ms: float = 0.0
     error: str | None = None
+    choice: int | None = None  # a choice request: the index of the most likely candidate
+    choice_logprobs: tuple[float, ...] = ()  # ...and every candidate's log-probability
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Sequence:
     emit: Callable[[EngineEvent], None]
     detokenizer: Detokenizer
     max_tokens: int  # params.max_tokens, clamped to the room left in the KV row
+    choices: tuple[tuple[int, ...], ...] | None = None  # score these continuations instead of generating
     status: Status = Status.WAITING
     slot: int = -1  # adapter slot; -1 = base model
     adapter_key: str = "base"  # identity of the weights used, for the prefix cache

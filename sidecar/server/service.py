@@ -12,7 +12,7 @@ import structlog
 
 from sidecar.config import ServerConfig
 from sidecar.dialogue.characters import Character
-from sidecar.dialogue.prompt import fit_to_budget
+from sidecar.dialogue.prompt import emotion_messages, fit_to_budget
 from sidecar.dialogue.registry import (
     CharacterRegistry,
     CharacterStatus,
@@ -22,6 +22,7 @@ from sidecar.dialogue.registry import (
 )
 from sidecar.dialogue.sessions import SessionExists, SessionStore, Turn, UnknownSession
 from sidecar.engine.engine import AsyncEngine, QueueFull, RequestStream
+from sidecar.engine.sampler import SamplingParams
 from sidecar.engine.sequence import AdapterRef, EngineEvent
 from sidecar.errors import UserError
 from sidecar.model.lora import AdapterError
@@ -113,12 +114,15 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
                     finished = event
             if finished is None:
                 return
-            if finished.finish_reason in ("stop", "length") and talk.session_id:
+            completed = finished.finish_reason in ("stop", "length")
+            emotion = await self._emotion(character, prompt.messages, finished.text) if completed else ""
+            if completed and talk.session_id:
                 self.sessions.append_turn(talk.session_id, Turn(character.id, talk.player_line, finished.text,
                                                                 talk.player_name, character.version))
             bound.info("reply", reason=finished.finish_reason, prompt_tokens=finished.prompt_tokens,
                        cached_tokens=finished.cached_tokens, completion_tokens=finished.completion_tokens,
-                       first_token_ms=round(finished.first_token_ms, 1), total_ms=round(finished.total_ms, 1))
+                       first_token_ms=round(finished.first_token_ms, 1), total_ms=round(finished.total_ms, 1),
+                       emotion=emotion or None)
             yield pb.TalkEvent(finished=pb.Finished(
                 reason=FINISH_REASONS.get(finished.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
                 full_text=finished.text,
@@ -126,7 +130,8 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
                                cached_prompt_tokens=finished.cached_tokens),
                 timings=pb.Timings(queue_ms=finished.queue_ms,
                                    first_token_ms=finished.first_token_ms if finished.text else 0.0,
-                                   total_ms=finished.total_ms)))
+                                   total_ms=finished.total_ms),
+                emotion=emotion))
         finally:
             # A client that cancels or disconnects lands here (the handler is cancelled): leaving the
             # stream's iterator cancels the sequence, which the engine drops within one step.
@@ -134,6 +139,25 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
             if finished is None:
                 stream.cancel()
                 bound.info("reply cancelled by the client")
+
+    async def _emotion(self, character: Character, messages, reply: str) -> str:
+        """One of the character's emotion labels for this reply, by constrained choice under its adapter."""
+        labels = character.emotions
+        if not labels:
+            return ""
+        tok = self.engine.base.tokenizer
+        ids = tok.encode_chat(emotion_messages(messages, reply, labels))
+        try:
+            stream = self.engine.submit(ids, adapter_ref(character), SamplingParams(max_tokens=1),
+                                        choices=[tok.encode_literal(label) for label in labels])
+            async for event in stream:
+                if event.kind == "finished" and event.choice is not None:
+                    return labels[event.choice]
+                if event.kind in ("finished", "error"):
+                    break
+        except (UserError, QueueFull) as exc:  # e.g. a reply so long the question no longer fits the context
+            log.warning("emotion not scored; using the first label", character=character.id, error=str(exc))
+        return labels[0]
 
     # --- characters, sessions, server ---------------------------------------------------------
 

@@ -1,0 +1,140 @@
+"""`npc train` / `npc eval` on a tiny run: data checks, a loadable PEFT folder, hot reload into a server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sidecar.client import NpcClient
+from sidecar.dialogue.characters import load_character
+from sidecar.model.lora import LoraBatch, LoraSlots, load_peft_adapter
+from sidecar.pb.npc.v1 import dialogue_pb2 as pb
+from sidecar.training.data import DataError, read_dialogue, render
+from sidecar.training.evaluate import evaluate_character
+from sidecar.training.train import TrainConfig, train_character
+from tests.sidecar_process import REPO, SidecarProcess
+
+TINY = TrainConfig(rank=4, alpha=8, epochs=1, batch_size=2, max_steps=2, learning_rate=5e-3, held_out=0.25)
+
+
+def _line(*turns: str, **extra) -> str:
+    roles = ["user", "assistant"] * len(turns)
+    return json.dumps({"messages": [{"role": r, "content": t} for r, t in zip(roles, turns, strict=False)], **extra})
+
+
+def _character(root: Path, lines: list[str]) -> Path:
+    folder = root / "smith"
+    shutil.copytree(REPO / "characters" / "blacksmith", folder, ignore=shutil.ignore_patterns(
+        "adapter", "training", "dialogue.jsonl"))
+    yaml = (folder / "character.yaml").read_text().replace("id: blacksmith", "id: smith")
+    (folder / "character.yaml").write_text("\n".join(x for x in yaml.splitlines() if not x.startswith("adapter:")))
+    (folder / "dialogue.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+LINES = [_line("How much for a sword?", "Forty gold, lad. Good steel."),
+         _line("Hello", "Hmph. Mind the anvil.", "Bye", "Off with you, then."),
+         _line("Can you fix my axe?", "Five gold. Leave it on the bench."),
+         _line("Nice beard.", "Ninety years of work, that. Don't touch it.", player_name="Aria"),
+         _line("What is the internet?", "Never heard of it. Is it iron or stone?", world={"time": "night"})]
+
+
+@pytest.mark.parametrize("content,problem", [
+    ("", "empty"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', ":1: the conversation ends with the player"),
+    (_line("a", "b") + "\n{not json\n", ":2: not valid JSON"),
+    ('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}', "role"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}', "content"),
+    ('{"messages": [], "mood": 3}', "unknown key"),
+])
+def test_bad_dialogue_files(tmp_path, content, problem):
+    path = tmp_path / "dialogue.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError) as e:
+        read_dialogue(path)
+    assert str(path) in str(e.value) and problem in str(e.value)
+
+
+def test_rendering_supervises_only_the_replies(tmp_path, tokenizer):
+    folder = _character(tmp_path, LINES)
+    character = load_character(folder)
+    conv = read_dialogue(folder / "dialogue.jsonl")[1]  # two exchanges
+    example = render(tokenizer, character, conv, 4096)
+    learned = [t for t in example.labels if t != -100]
+    im_end = tokenizer.eos_ids[0]
+    assert tokenizer.decode(learned) == "Hmph. Mind the anvil." + tokenizer.decode([im_end]) + \
+        "Off with you, then." + tokenizer.decode([im_end])
+    with pytest.raises(DataError, match="line 2: .* tokens; the limit is 50"):
+        render(tokenizer, character, conv, 50)
+
+
+def test_bad_data_writes_nothing(tmp_path, model_path):
+    folder = _character(tmp_path, [*LINES, '{"messages": [{"role": "user", "content": "dangling"}]}'])
+    before = (folder / "character.yaml").read_text()
+    with pytest.raises(DataError, match=":6:"):
+        train_character(folder, model_path, TINY, progress=False)
+    assert not (folder / "adapter").exists() and (folder / "character.yaml").read_text() == before
+
+
+def test_tiny_training_run_is_served_by_hot_reload(tmp_path, model_path, checkpoint, models, tokenizer):
+    root = tmp_path / "characters"
+    folder = _character(root, LINES)
+    server = SidecarProcess(root)
+    try:
+        before = asyncio.run(_list(server.address))["smith"]
+        assert not before.has_adapter
+        result = train_character(folder, model_path, TINY, progress=False)
+
+        # A standard PEFT folder: our loader (and so PEFT's format) reads it; its deltas are not zero.
+        adapter = load_peft_adapter(result.adapter, checkpoint.config)
+        assert adapter.rank == 4 and len(adapter.target_modules) == 7
+        model = models("fp32")
+        slots = LoraSlots(checkpoint.config, 1, torch.float32, rank=4)
+        slots.load(0, adapter)
+        ids = torch.tensor([tokenizer.encode_literal("Hello there, smith")])
+        base = model.forward(ids, [0], [0], model.new_cache(1, 32))
+        tuned = model.forward(ids, [0], [0], model.new_cache(1, 32), lora=LoraBatch(slots, [0], ids.shape[1]))
+        assert (base - tuned).abs().max().item() > 1e-3
+        assert "adapter: adapter" in (folder / "character.yaml").read_text()
+        report = json.loads((folder / "training" / "report.json").read_text())
+        assert len(report["train_loss"]) == 2 and len(report["held_out_lines"]) == 1
+        assert (folder / "training" / "loss.png").stat().st_size > 1000
+
+        # The running server picks it up: a new version, with an adapter, that talks.
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            now = asyncio.run(_list(server.address))["smith"]
+            if now.has_adapter:
+                break
+            time.sleep(0.2)
+        assert now.has_adapter and now.version != before.version and now.status == pb.CHARACTER_STATUS_READY
+        started, text, finished = asyncio.run(_say(server.address))
+        assert started.character_version == now.version and text and finished.emotion in now.emotions
+
+        # Same seed, same data: the same adapter, byte for byte in its weights.
+        first = load_file(result.adapter / "adapter_model.safetensors")
+        train_character(folder, model_path, TINY, progress=False)
+        second = load_file(result.adapter / "adapter_model.safetensors")
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+        evaluation = evaluate_character(folder, model_path, samples=1)
+        assert evaluation.held_out_lines == 1 and evaluation.perplexity_adapter > 0 and evaluation.samples
+    finally:
+        server.stop()
+
+
+async def _list(address: str) -> dict[str, pb.Character]:
+    async with NpcClient(address) as client:
+        return {c.id: c for c in await client.list_characters()}
+
+
+async def _say(address: str):
+    async with NpcClient(address) as client:
+        return await client.say("smith", "Got any swords?", options=pb.GenerationOptions(max_tokens=8))
