@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install when the project's dependencies change.
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps test lint serve chat proto bench peers clean
+.PHONY: setup system-deps test lint serve chat proto stubs bench peers clean
 
 # Debian packages: a C compiler for the native LoRA kernel; protoc + the gRPC C++ plugin for the
 # client stubs. Installed when missing (as root, as in CI); otherwise the command to run is printed.
@@ -31,12 +31,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/ruff check sidecar tests
+	$(BIN)/ruff check sidecar tests clients
 	$(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check sidecar tests
-	$(BIN)/ruff format --check sidecar tests
+	$(BIN)/ruff check sidecar tests clients
+	$(BIN)/ruff format --check sidecar tests clients
 
 # The sidecar on the embedded model and ./characters, on 127.0.0.1:50051. Talk to it with `make chat`.
 serve: setup
@@ -45,9 +45,15 @@ serve: setup
 chat: setup
 	$(BIN)/npc chat
 
+# Client code for game projects, from the proto with the standard tools, into build/stubs/<lang>/.
+stubs: setup
+	for lang in python cpp csharp; do $(BIN)/npc stubs --lang $$lang --out build/stubs/$$lang >/dev/null || exit 1; done
+	@echo "stubs written to build/stubs/{python,cpp,csharp}"
+
 # Regenerate sidecar/pb/ (messages, .pyi stubs, gRPC stubs) from proto/; tests/test_proto.py fails when it is stale.
 proto: setup
 	$(BIN)/python -m sidecar.proto_gen
+	$(BIN)/python clients/csharp/generate.py
 
 # Benchmarks are reports, not tests. `make peers` adds llama.cpp to the comparison (compiles ~5 min).
 bench: setup

@@ -127,6 +127,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stubs(args: argparse.Namespace) -> int:
+    from sidecar.stubs import generate_stubs
+
+    for path in generate_stubs(args.lang, Path(args.out)):
+        print(path)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.scenario == "multi-npc":
         return _bench_multi_npc(args)
@@ -236,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, default=3, help="replies shown side by side")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(run=_cmd_eval)
+
+    st = sub.add_parser("stubs", help="generate client code from the proto (cpp, csharp, python)")
+    st.add_argument("--lang", required=True, choices=["cpp", "csharp", "python"])
+    st.add_argument("--out", required=True, help="folder to write into")
+    st.set_defaults(run=_cmd_stubs)
 
     b = sub.add_parser("bench", help="benchmarks (reports, not tests)")
     b.add_argument("--scenario", choices=["decode", "multi-npc"], default="decode")

@@ -70,3 +70,27 @@ def test_check_lists_each_problem(tmp_path):
     assert len(lines) == 2
     assert "bad/character.yaml" in lines[0] and "mood" in lines[0]
     assert "worse/character.yaml" in lines[1] and "adapter" in lines[1]
+
+
+def test_python_client_example(server):
+    done = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "clients" / "python" / "talk.py"),
+                           "--address", server.address, "--max-tokens", "8", "oracle", "Hello"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() and "emotion" in done.stderr
+    bad = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "clients" / "python" / "talk.py"),
+                          "--address", server.address, "nobody", "Hello"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "error: NOT_FOUND" in bad.stderr
+
+
+@pytest.mark.parametrize("lang,expected", [("python", "npc/v1/dialogue_pb2_grpc.py"),
+                                           ("cpp", "npc/v1/dialogue.grpc.pb.h"), ("csharp", "Dialogue.cs")])
+def test_stubs(tmp_path, lang, expected):
+    done = subprocess.run([NPC, "stubs", "--lang", lang, "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / expected).is_file() and expected in done.stdout
+    if lang == "python":  # the standalone copy imports and holds the service
+        imported = subprocess.run([sys.executable, "-c", "from npc.v1 import dialogue_pb2_grpc as g; "
+                                   "print(g.NpcDialogueStub.__name__)"], cwd=tmp_path, capture_output=True, text=True)
+        assert imported.stdout.strip() == "NpcDialogueStub", imported.stderr
