@@ -5,11 +5,12 @@ BIN := $(VENV)/bin
 # Re-install when the project's dependencies change.
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps test lint serve chat proto stubs bench peers clean
+.PHONY: setup system-deps test lint serve chat proto stubs cpp-client bench peers clean
 
-# Debian packages: a C compiler for the native LoRA kernel; protoc + the gRPC C++ plugin for the
-# client stubs. Installed when missing (as root, as in CI); otherwise the command to run is printed.
-APT_PACKAGES := gcc protobuf-compiler protobuf-compiler-grpc
+# Debian packages: a C compiler for the native LoRA kernel; protoc, the gRPC C++ plugin and gRPC++
+# for the client stubs and the C++ client. Installed when missing (as root, as in CI); otherwise the
+# command to run is printed.
+APT_PACKAGES := gcc g++ cmake pkg-config protobuf-compiler protobuf-compiler-grpc libgrpc++-dev libprotobuf-dev
 
 setup: system-deps $(STAMP)
 
@@ -49,6 +50,11 @@ chat: setup
 stubs: setup
 	for lang in python cpp csharp; do $(BIN)/npc stubs --lang $$lang --out build/stubs/$$lang >/dev/null || exit 1; done
 	@echo "stubs written to build/stubs/{python,cpp,csharp}"
+
+# The C++ client (clients/cpp): npc_talk, client_smoke and libnpc_dialogue_client.a in build/cpp.
+cpp-client: system-deps
+	cmake -S clients/cpp -B build/cpp -DCMAKE_BUILD_TYPE=Release
+	cmake --build build/cpp -j$$(nproc)
 
 # Regenerate sidecar/pb/ (messages, .pyi stubs, gRPC stubs) from proto/; tests/test_proto.py fails when it is stale.
 proto: setup

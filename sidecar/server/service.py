@@ -5,6 +5,7 @@ Everything here runs on the server's one asyncio loop; the model runs on the eng
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -78,6 +79,7 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
     # --- Talk ---------------------------------------------------------------------------------
 
     async def Talk(self, request: pb.TalkRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TalkEvent]:
+        received = time.perf_counter()  # Timings are measured from here, as the proto says
         try:
             if not self.accepting:
                 raise ShuttingDown("the sidecar is shutting down")
@@ -97,14 +99,17 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
                          session=talk.session_id or None)
         self.replies[stream.request_id] = stream
         finished: EngineEvent | None = None
+        queue_ms = first_token_ms = 0.0
         try:
             async for event in stream:
                 if event.kind == "started":
+                    queue_ms = (time.perf_counter() - received) * 1000
                     yield pb.TalkEvent(started=pb.Started(
                         request_id=stream.request_id, character_version=character.version,
                         prompt_tokens=event.prompt_tokens, cached_prompt_tokens=event.cached_tokens,
                         history_turns=prompt.history_turns))
                 elif event.kind == "delta":
+                    first_token_ms = first_token_ms or (time.perf_counter() - received) * 1000
                     yield pb.TalkEvent(delta=pb.TextDelta(text=event.text))
                 elif event.kind == "error":  # the adapter failed to load in the engine
                     bound.warning("reply failed", error=event.error)
@@ -115,22 +120,24 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
             if finished is None:
                 return
             completed = finished.finish_reason in ("stop", "length")
+            scoring = time.perf_counter()
             emotion = await self._emotion(character, prompt.messages, finished.text) if completed else ""
+            emotion_ms = (time.perf_counter() - scoring) * 1000
             if completed and talk.session_id:
                 self.sessions.append_turn(talk.session_id, Turn(character.id, talk.player_line, finished.text,
                                                                 talk.player_name, character.version))
+            total_ms = (time.perf_counter() - received) * 1000
             bound.info("reply", reason=finished.finish_reason, prompt_tokens=finished.prompt_tokens,
                        cached_tokens=finished.cached_tokens, completion_tokens=finished.completion_tokens,
-                       first_token_ms=round(finished.first_token_ms, 1), total_ms=round(finished.total_ms, 1),
+                       first_token_ms=round(first_token_ms, 1), total_ms=round(total_ms, 1),
+                       emotion_ms=round(emotion_ms, 1) if emotion else None,
                        emotion=emotion or None)
             yield pb.TalkEvent(finished=pb.Finished(
                 reason=FINISH_REASONS.get(finished.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
                 full_text=finished.text,
                 usage=pb.Usage(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens,
                                cached_prompt_tokens=finished.cached_tokens),
-                timings=pb.Timings(queue_ms=finished.queue_ms,
-                                   first_token_ms=finished.first_token_ms if finished.text else 0.0,
-                                   total_ms=finished.total_ms),
+                timings=pb.Timings(queue_ms=queue_ms, first_token_ms=first_token_ms, total_ms=total_ms),
                 emotion=emotion))
         finally:
             # A client that cancels or disconnects lands here (the handler is cancelled): leaving the
