@@ -76,11 +76,17 @@ def test_minimal_character_gets_defaults(tmp_path):
     assert c.generation == Generation() and c.lora_scale == 1.0
 
 
-@pytest.mark.parametrize("folder", ["blacksmith", "oracle"])
-def test_sample_characters_load(folder):
+@pytest.mark.parametrize("folder", ["blacksmith", "oracle", "elara", "quartermaster"])
+def test_sample_characters_load(folder, checkpoint):
+    from sidecar.model.lora import load_peft_adapter
+
     c = load_character(REPO / "characters" / folder)
     assert c.id == folder and c.persona and c.greeting and 3 <= len(c.knowledge) <= 5 and c.emotions
-    assert c.generation.max_tokens <= 128 and not c.has_adapter
+    assert c.generation.max_tokens <= 128 and c.has_adapter
+    adapter = load_peft_adapter(c.adapter_path, checkpoint.config)  # fits the embedded model
+    assert adapter.rank == 8 and len(adapter.target_modules) == 7
+    size = sum(f.stat().st_size for f in c.adapter_path.iterdir())
+    assert size <= 5_000_000  # sample adapters stay small enough to commit
 
 
 def test_any_change_gives_a_new_version(tmp_path):
