@@ -196,6 +196,32 @@ def test_bad_talk_requests(sidecar, fields, code, named):
     run(go())
 
 
+def test_undecodable_requests_are_invalid_argument(sidecar):
+    """Bytes that are not a TalkRequest (bad UTF-8, corrupt wire format): INVALID_ARGUMENT, and the server goes on."""
+    good = pb.TalkRequest(character_id="guard", player_line="hi").SerializeToString()
+
+    async def go():
+        async with grpc.aio.insecure_channel(sidecar.address) as channel:
+            corrupt = b"\x0a\xff\xff\xff\xff\x0f"
+            for method, raw in (("Talk", good.replace(b"hi", b"\xff\xfe")), ("Talk", corrupt),
+                                ("ListCharacters", corrupt)):
+                kind = channel.unary_stream if method == "Talk" else channel.unary_unary
+                call = kind(f"/npc.v1.NpcDialogue/{method}", request_serializer=lambda b: b,
+                            response_deserializer=lambda b: b)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    result = call(raw)
+                    if method == "Talk":
+                        [_ async for _ in result]
+                    else:
+                        await result
+                assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "request: not a valid" in e.value.details()
+        async with NpcClient(sidecar.address) as client:
+            _, text, _ = await client.say("guard", "Hello", options=pb.GenerationOptions(max_tokens=3))
+            assert text
+
+    run(go())
+
+
 def test_bad_session_requests(sidecar):
     async def go():
         async with NpcClient(sidecar.address) as client:

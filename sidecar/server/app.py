@@ -26,9 +26,10 @@ from sidecar.engine.base_model import load_base_model
 from sidecar.engine.engine import AsyncEngine
 from sidecar.errors import UserError
 from sidecar.model.lora import load_peft_adapter
-from sidecar.pb.npc.v1 import dialogue_pb2, dialogue_pb2_grpc
+from sidecar.pb.npc.v1 import dialogue_pb2
 from sidecar.server.interceptors import BearerTokenAuth
 from sidecar.server.service import DialogueService
+from sidecar.server.wire import dialogue_handler
 
 log = structlog.get_logger("sidecar.server")
 
@@ -57,7 +58,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
     interceptors = [BearerTokenAuth(server_config.auth_token)] if server_config.auth_token else []
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)])
-    dialogue_pb2_grpc.add_NpcDialogueServicer_to_server(service, server)
+    server.add_generic_rpc_handlers((dialogue_handler(service),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
