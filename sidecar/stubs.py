@@ -39,8 +39,7 @@ def generate_stubs(lang: str, out: Path) -> list[Path]:
         args += [f"--cpp_out={out}", f"--grpc_out={out}", f"--plugin=protoc-gen-grpc={plugin}"]
     else:
         args += [f"--csharp_out={out}"]
-    before = {p for p in out.rglob("*") if p.is_file()}
     done = subprocess.run([*args, *protos], capture_output=True, text=True)
     if done.returncode != 0:
         raise UserError(f"protoc failed: {done.stderr.strip()}")
-    return sorted(p for p in out.rglob("*") if p.is_file() and (p not in before or p.stat().st_size))
+    return sorted(p for p in out.rglob("*") if p.is_file())

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from sidecar.config import RequestLimits
 from sidecar.dialogue.characters import ID_PATTERN, Generation
-from sidecar.dialogue.sessions import MAX_SESSION_ID
+from sidecar.dialogue.sessions import check_session_id as check_stored_session_id
 from sidecar.engine.sampler import SamplingParams
 from sidecar.errors import UserError
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
@@ -41,11 +41,10 @@ def check_character_id(value: str, field: str = "character_id", required: bool =
         raise InvalidArgument(f"{field}: must be 1-64 characters from [a-z0-9_-], got {_show(value)}")
 
 
-def check_session_id(value: str, field: str = "session_id", required: bool = True) -> None:
-    if not value and required:
-        raise InvalidArgument(f"{field}: required")
-    if len(value) > MAX_SESSION_ID:
-        raise InvalidArgument(f"{field}: {len(value)} characters; the limit is {MAX_SESSION_ID}")
+def check_session_id(value: str, required: bool = True) -> None:
+    """The session store's own check; empty is allowed where the id is optional (a one-off Talk)."""
+    if value or required:
+        check_stored_session_id(value)
 
 
 def parse_talk(req: pb.TalkRequest, limits: RequestLimits) -> TalkInput:
