@@ -65,14 +65,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import os
 
-    from sidecar.config import EngineConfig, ServerConfig
+    from sidecar.config import EngineConfig, RequestLimits, ServerConfig
     from sidecar.server.app import serve
     from sidecar.server.logs import configure_logging
 
     configure_logging(args.log_level, json_lines={"json": True, "text": False}.get(args.log_format))
     server = ServerConfig(listen=args.listen, characters=Path(args.characters),
                           auth_token=args.auth_token or os.environ.get("NPC_AUTH_TOKEN") or None,
-                          shutdown_grace_s=args.grace)
+                          shutdown_grace_s=args.grace,
+                          session_store=Path(args.session_store) if args.session_store else None,
+                          limits=RequestLimits.parse(args.limit))
     engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting)
     model = ModelConfig(resolve_model_path(args.model), args.weights)
     asyncio.run(serve(server, model, engine))
@@ -138,6 +140,8 @@ def _cmd_stubs(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.scenario == "multi-npc":
         return _bench_multi_npc(args)
+    if args.scenario in ("load", "faults"):
+        return _bench_reliability(args)
     from sidecar.bench.decode import DecodeBenchConfig, run_decode_bench
 
     formats = tuple(args.formats.split(","))
@@ -164,6 +168,32 @@ def _bench_multi_npc(args: argparse.Namespace) -> int:
                          tokens=args.tokens, peers=peers, out_dir=Path(args.out),
                          json_path=Path(args.json) if args.json else None)
     run_multi_npc_bench(cfg)
+    return 0
+
+
+def _bench_reliability(args: argparse.Namespace) -> int:
+    """`load` and `faults`: a real `npc serve` under many clients, then under faults."""
+    characters = Path(args.characters)
+    if not characters.is_dir():
+        raise UserError(f"--characters: folder {characters} not found")
+    for flag, value, low in (("--clients", args.clients, 1), ("--duration", args.duration, 1),
+                             ("--warmup", args.warmup, 0), ("--deadline", args.deadline, 1),
+                             ("--max-tokens", args.max_tokens, 0), ("--disconnects", args.disconnects, 1),
+                             ("--grace", args.grace, 0)):
+        if value is not None and value < low:
+            raise UserError(f"{flag}: must be at least {low}")
+    common = dict(characters=characters, max_tokens=args.max_tokens or 0, deadline=args.deadline,
+                  out_dir=Path(args.out), report=Path(args.report))
+    if args.scenario == "load":
+        from sidecar.bench.load import LoadConfig, run_load_bench
+
+        run_load_bench(LoadConfig(clients=args.clients or 64, duration=args.duration or 300.0,
+                                  warmup=args.warmup, **common))
+    else:
+        from sidecar.bench.faults import FaultsConfig, run_faults_bench
+
+        run_faults_bench(FaultsConfig(clients=args.clients or 16, duration=args.duration or 30.0,
+                                      disconnects=args.disconnects, grace=args.grace, **common))
     return 0
 
 
@@ -203,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--auth-token", help="require `authorization: Bearer TOKEN` on every call "
                                         "(or set $NPC_AUTH_TOKEN)")
     s.add_argument("--grace", type=float, default=5.0, help="seconds replies in flight get to finish on SIGTERM")
+    s.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="change a request limit (repeatable): max_line_chars (2000), max_name_chars (64), "
+                        "max_world_entries (32), max_world_key_chars (64), max_world_value_chars (500), "
+                        "max_stop_strings (8), max_stop_chars (64), max_tokens (512)")
+    s.add_argument("--session-store", metavar="FILE",
+                   help="keep sessions in FILE: every finished turn is written as it happens and restored at start "
+                        "(default: memory only)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", default="auto", choices=["auto", "json", "text"],
                    help="auto: readable on a terminal, JSON lines otherwise")
@@ -251,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(run=_cmd_stubs)
 
     b = sub.add_parser("bench", help="benchmarks (reports, not tests)")
-    b.add_argument("--scenario", choices=["decode", "multi-npc"], default="decode")
+    b.add_argument("--scenario", choices=["decode", "multi-npc", "load", "faults"], default="decode")
     b.add_argument("--model")
     b.add_argument("--peers", help="comma-separated peers to compare against: llama.cpp,hf-peft (multi-npc) "
                                    "or llama.cpp (decode); 'none' for none; default: every installed one")
@@ -264,6 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=32, help="decode: steps timed per repeat")
     b.add_argument("--repeats", type=int, default=3, help="decode: repeats (the median is reported)")
     b.add_argument("--prompt-tokens", type=int, default=64, help="decode: prompt length")
+    b.add_argument("--characters", default="characters",
+                   help="load, faults: characters to serve (copied to a temp folder first; default ./characters)")
+    b.add_argument("--clients", type=int, help="load, faults: clients talking at once (default 64 / 16)")
+    b.add_argument("--duration", type=float,
+                   help="load: seconds measured after the warm-up (default 300); faults: seconds of each of the "
+                        "edit, adapter and SIGTERM steps together (default 30)")
+    b.add_argument("--warmup", type=float, default=30.0, help="load: seconds of load before measuring (default 30)")
+    b.add_argument("--deadline", type=float, default=120.0, help="load, faults: deadline of each reply in seconds")
+    b.add_argument("--max-tokens", type=int, help="load, faults: max_tokens of each reply (default: the character's)")
+    b.add_argument("--disconnects", type=int, default=1000,
+                   help="faults: clients that hang up mid-reply, 50 at a time (default 1000)")
+    b.add_argument("--grace", type=float, default=3.0, help="faults: the server's --grace for the SIGTERM step")
+    b.add_argument("--report", default="docs/reliability.md",
+                   help="load, faults: Markdown document whose section for the scenario is rewritten")
     b.set_defaults(run=_cmd_bench)
     return parser
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from sidecar.errors import UserError
@@ -76,9 +76,13 @@ class EngineConfig:
             raise UserError("max_waiting and prefix_cache_mb must be >= 0")
 
 
+MAX_LIMIT = 1_000_000  # no request limit may exceed this (gRPC refuses messages over 4 MB anyway)
+
+
 @dataclass(frozen=True)
 class RequestLimits:
-    """Bounds on one TalkRequest (INVALID_ARGUMENT beyond them); documented in the proto."""
+    """Bounds on one TalkRequest (INVALID_ARGUMENT beyond them); documented in the proto, reported in
+    ServerInfo.limits, changed with `npc serve --limit NAME=VALUE`."""
 
     max_line_chars: int = 2000  # player_line
     max_name_chars: int = 64  # player_name
@@ -88,6 +92,27 @@ class RequestLimits:
     max_stop_strings: int = 8
     max_stop_chars: int = 64
     max_tokens: int = 512  # largest GenerationOptions.max_tokens
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
+                raise UserError(f"--limit {f.name}: must be a whole number from 1 to {MAX_LIMIT}, got {value!r}")
+
+    @classmethod
+    def parse(cls, pairs: list[str]) -> RequestLimits:
+        """`--limit NAME=VALUE` flags over the defaults."""
+        names = [f.name for f in fields(cls)]
+        values: dict[str, int] = {}
+        for pair in pairs:
+            name, sep, text = pair.partition("=")
+            if not sep or name.strip() not in names:
+                raise UserError(f"--limit: expected NAME=VALUE with NAME one of {', '.join(names)}, got {pair!r}")
+            try:
+                values[name.strip()] = int(text)
+            except ValueError:
+                raise UserError(f"--limit {name.strip()}: expected a whole number, got {text!r}") from None
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -101,6 +126,7 @@ class ServerConfig:
     reload_interval_s: float = 0.5  # how often characters/ is checked for changes
     max_sessions: int = 1024
     max_session_turns: int = 256
+    session_store: Path | None = None  # sessions journaled to this file and restored at start; None: memory only
     limits: RequestLimits = RequestLimits()
 
     def __post_init__(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -51,3 +52,22 @@ class SidecarProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def log_records(self, *levels: str) -> list[dict]:
+        """The server's JSON log lines so far (only those at `levels`, e.g. "warning", "error", if given)."""
+        records = []
+        for line in list(self.log):
+            try:
+                record = json.loads(line)
+            except ValueError:  # a traceback or anything else that is not a log record
+                record = {"level": "error", "event": line.rstrip()}
+            if isinstance(record, dict) and (not levels or record.get("level") in levels):
+                records.append(record)
+        return records
+
+
+def serve_supports(flag: str) -> bool:
+    """Whether this `npc serve` has a flag (benchmarks skip what the server cannot do yet)."""
+    npc = Path(sys.executable).with_name("npc")
+    run = subprocess.run([str(npc), "serve", "--help"], capture_output=True, text=True)
+    return flag in run.stdout

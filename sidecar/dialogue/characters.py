@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,9 @@ from sidecar.dialogue.yaml_file import MAX_FILE_BYTES, YamlFileError, read_yaml
 
 CHARACTER_FILE = "character.yaml"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Hashing reads these whole on every change: a planted 50 GB file must be refused by its size first.
+# (The loader in model/lora.py holds the weights to the tighter bound the base model implies.)
+ADAPTER_FILE_LIMITS = {"adapter_config.json": 1 << 20, "adapter_model.safetensors": 2 << 30}
 ID_PATTERN = re.compile(r"[a-z0-9_-]{1,64}")
 MAX_TEXT = 20_000  # characters in one string field; the token budget is the real limit
 MAX_ITEMS = 256  # entries in one list field
@@ -42,6 +46,7 @@ class Generation:
     max_tokens: int = 80
     temperature: float = 0.7
     top_p: float = 0.9
+    max_tokens_limit: int | None = None  # longest reply a request may ask of this character (None: server's cap)
 
 
 @dataclass(frozen=True)
@@ -79,9 +84,20 @@ class Character:
 
 
 def load_character(folder: Path) -> Character:
-    """Reads and validates `folder/character.yaml`. Raises CharacterError."""
+    """Reads and validates `folder/character.yaml`. Raises CharacterError.
+
+    Nothing outside the characters folder (`folder`'s parent) is read: the character folder may be
+    a symbolic link only to a folder inside it, and character.yaml and the adapter's files only to
+    files inside the character folder.
+    """
     folder = Path(folder)
     path = folder / CHARACTER_FILE
+    home = _real(folder)
+    if not home.is_relative_to(_real(folder.parent)):
+        raise CharacterError(path, None, f"the character folder is a symbolic link to {home}, outside the "
+                                         f"characters folder; copy the character in instead")
+    if not _real(path).is_relative_to(home):
+        raise CharacterError(path, None, f"is a symbolic link to {_real(path)}, outside the character folder")
     try:
         data, raw = read_yaml(path, MAX_FILE_BYTES)
     except YamlFileError as e:
@@ -103,7 +119,11 @@ def load_character(folder: Path) -> Character:
         max_tokens=gen.integer("max_tokens", 1, 4096, Generation.max_tokens),
         temperature=gen.number("temperature", 0.0, 2.0, Generation.temperature),
         top_p=gen.number("top_p", 0.0, 1.0, Generation.top_p, low_open=True),
+        max_tokens_limit=gen.integer("max_tokens_limit", 1, 4096, None),
     )
+    if generation.max_tokens_limit is not None and generation.max_tokens > generation.max_tokens_limit:
+        gen.fail("max_tokens", f"{generation.max_tokens} is above generation.max_tokens_limit "
+                               f"({generation.max_tokens_limit})")
     gen.done()
     memory = Memory(max_turns=mem.integer("max_turns", 0, 1000, Memory.max_turns))
     mem.done()
@@ -113,9 +133,8 @@ def load_character(folder: Path) -> Character:
         f.fail("lora_scale", "set, but the character has no adapter")
     f.done()
 
-    home = folder.resolve()
     adapter_path = _resolve_adapter(path, home, adapter) if adapter else None
-    adapter_hash = _hash_files(adapter_path) if adapter_path else None
+    adapter_hash = _hash_files(path, adapter_path) if adapter_path else None
     version = hashlib.sha256(raw + b"\0" + (adapter_hash or b"")).hexdigest()[:12]
     return Character(
         id=char_id, name=name, persona=persona, version=version, folder=home, greeting=greeting,
@@ -132,29 +151,45 @@ def adapter_files(character: Character) -> tuple[Path, ...]:
     return tuple(character.adapter_path / name for name in ADAPTER_FILES)
 
 
+def _real(path: Path) -> Path:
+    """The path with every symbolic link resolved. Unlike Path.resolve() on Python 3.11, a link loop
+    is not a RuntimeError: the loop's path comes back, and it is then not a readable file or folder."""
+    return Path(os.path.realpath(path))
+
+
 def _resolve_adapter(path: Path, home: Path, adapter: str) -> Path:
     def fail(problem: str):
         raise CharacterError(path, "adapter", problem)
 
+    if any(ord(c) < 32 for c in adapter):  # a NUL byte makes every os call raise ValueError
+        fail(f"must be a folder name, got {_show(adapter)} (it holds control characters)")
     if Path(adapter).is_absolute():
         fail(f"must be a folder relative to the character folder, got {adapter!r}")
-    target = (home / adapter).resolve()
+    target = _real(home / adapter)
     if not target.is_relative_to(home):
         how = "through a symbolic link " if ".." not in Path(adapter).parts else ""
         fail(f"{adapter!r} leads {how}outside the character folder (to {target})")
-    if not target.is_dir():
+    if not os.path.isdir(target):  # (os.path, not Path: a name too long for the OS is just "not found")
         fail(f"folder {adapter!r} not found")
-    if not (target / ADAPTER_FILES[0]).is_file():
+    if not os.path.isfile(target / ADAPTER_FILES[0]):
         fail(f"{adapter!r} has no {ADAPTER_FILES[0]} (a PEFT LoRA folder holds adapter_config.json "
              "and adapter_model.safetensors)")
-    for name in ADAPTER_FILES:
+    for name, limit in ADAPTER_FILE_LIMITS.items():
         file = target / name
-        if file.exists() and not file.resolve().is_relative_to(home):
+        if not os.path.lexists(file):
+            continue  # missing weights: the adapter check names them
+        real = _real(file)
+        if not real.is_relative_to(home):
             fail(f"{adapter}/{name} is a link outside the character folder")
+        if not os.path.isfile(real):
+            fail(f"{adapter}/{name} is not a regular file")
+        size = os.path.getsize(real)
+        if size > limit:
+            fail(f"{adapter}/{name} is {size} bytes; the limit is {limit}")
     return target
 
 
-def _hash_files(folder: Path) -> bytes:
+def _hash_files(path: Path, folder: Path) -> bytes:
     h = hashlib.sha256()
     for name in ADAPTER_FILES:
         h.update(name.encode() + b"\0")
@@ -163,6 +198,8 @@ def _hash_files(folder: Path) -> bytes:
                 h.update(hashlib.file_digest(f, "sha256").digest())
         except FileNotFoundError:
             h.update(b"missing")
+        except OSError as e:
+            raise CharacterError(path, "adapter", f"cannot read {folder / name}: {e.strerror or e}") from None
     return h.digest()
 
 
@@ -172,6 +209,8 @@ def _show(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
+    if isinstance(value, int) and value.bit_length() > 64:  # repr() of a 5000-digit int raises ValueError
+        return f"a number of {value.bit_length()} bits"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -135,13 +135,14 @@ class CharacterRegistry:
         return changed
 
     def _folders(self) -> dict[str, Path]:
+        # lexists: a character.yaml that is a broken link, a FIFO or a folder is listed FAILED, not hidden
         try:
             children = list(os.scandir(self.root))
         except OSError as e:
             log.warning("characters folder unreadable", folder=str(self.root), error=str(e))
             return {}
         return {c.name: Path(c.path) for c in children
-                if not c.name.startswith(".") and c.is_dir() and os.path.isfile(os.path.join(c.path, CHARACTER_FILE))}
+                if not c.name.startswith(".") and c.is_dir() and os.path.lexists(os.path.join(c.path, CHARACTER_FILE))}
 
     def _refresh(self, cid: str, folder: Path) -> bool:
         """Loads one character if its files changed; True when its status changed."""
@@ -153,8 +154,9 @@ class CharacterRegistry:
         good, error, parsed = entry.good, "", None
         try:
             parsed = load_character(folder)
-            if (self._validate is not None and parsed.has_adapter
-                    and (good is None or parsed.adapter_version != good.adapter_version)):
+            if (self._validate is not None and parsed.has_adapter and (
+                    good is None or (parsed.adapter_version, parsed.lora_scale) != (good.adapter_version,
+                                                                                     good.lora_scale))):
                 self._validate(parsed)
             good = parsed
         except UserError as e:

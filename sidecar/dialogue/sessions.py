@@ -7,12 +7,16 @@ server's one asyncio loop, so it takes no locks.
 
 The export dict mirrors proto npc.v1 SessionState / Turn field names, with `format` for
 `format_version`, so the servicer converts field by field and error paths read the same.
+
+Every change is also described as a small JSON-able record passed to `on_change` (session_file.py
+appends them to `--session-store FILE`); `apply()` replays such records.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -72,6 +76,7 @@ class SessionStore:
             raise ValueError("max_sessions and max_turns must be at least 1")
         self.max_sessions, self.max_turns = max_sessions, max_turns
         self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
+        self.on_change: Callable[[dict[str, Any]], None] | None = None  # gets a record per change
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -87,7 +92,7 @@ class SessionStore:
         self._sessions.move_to_end(session_id)
         return tuple(session.turns)
 
-    def append_turn(self, session_id: str, turn: Turn) -> None:
+    def append_turn(self, session_id: str, turn: Turn, updated_unix_ms: int | None = None) -> None:
         """Records a finished reply, creating the session if needed; the oldest turns leave past max_turns."""
         check_session_id(session_id)
         session = self._sessions.get(session_id)
@@ -96,7 +101,9 @@ class SessionStore:
         self._sessions.move_to_end(session_id)
         session.turns.append(turn)
         del session.turns[: -self.max_turns]
-        session.updated_unix_ms = int(time.time() * 1000)
+        session.updated_unix_ms = int(time.time() * 1000) if updated_unix_ms is None else updated_unix_ms
+        self._record({"op": "turn", "session_id": session_id, "updated_unix_ms": session.updated_unix_ms,
+                      "turn": asdict(turn)})
         self._evict()
 
     def reset(self, session_id: str, character_id: str | None = None, *, missing_ok: bool = False) -> int:
@@ -110,6 +117,7 @@ class SessionStore:
             if missing_ok:
                 return 0
             raise UnknownSession(f"session_id: unknown session {_show(session_id)}")
+        self._record({"op": "reset", "session_id": session_id, "character_id": character_id or None})
         if not character_id:
             del self._sessions[session_id]
             return len(session.turns)
@@ -143,12 +151,46 @@ class SessionStore:
             raise SessionExists(f"{where}.session_id: session {_show(sid)} exists; set overwrite to replace it")
         self._sessions[sid] = session
         self._sessions.move_to_end(sid)
+        self._record({"op": "put", "session": self.export(sid)})
         self._evict()
         return ImportResult(sid, len(session.turns), replaced)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The whole store as `put` records, least recently used first (what apply() rebuilds it from)."""
+        return [{"op": "put", "session": self.export(sid)} for sid in self._sessions]
+
+    def apply(self, record: Any) -> None:
+        """Replays one change record (from on_change); raises SessionError for a malformed one."""
+        if not isinstance(record, dict):
+            raise SessionError(f"record: must be an object, got {type(record).__name__}")
+        op, hook = record.get("op"), self.on_change
+        self.on_change = None  # replaying is not a new change
+        try:
+            if op == "turn":
+                _no_unknown(record, {"op", "session_id", "updated_unix_ms", "turn"}, "record")
+                updated = record.get("updated_unix_ms")
+                if isinstance(updated, bool) or not isinstance(updated, int) or updated < 0:
+                    raise SessionError(f"record.updated_unix_ms: must be a whole number >= 0, got {_show(updated)}")
+                self.append_turn(record.get("session_id"), _parse_turn(record.get("turn"), "record.turn"), updated)
+            elif op == "reset":
+                _no_unknown(record, {"op", "session_id", "character_id"}, "record")
+                self.reset(record.get("session_id"), record.get("character_id"), missing_ok=True)
+            elif op == "put":
+                _no_unknown(record, {"op", "session"}, "record")
+                self.import_(record.get("session"), where="record.session")
+            else:
+                raise SessionError(f"record.op: must be 'turn', 'reset' or 'put', got {_show(op)}")
+        finally:
+            self.on_change = hook
+
+    def _record(self, record: dict[str, Any]) -> None:
+        if self.on_change is not None:
+            self.on_change(record)
 
     def _evict(self) -> None:
         while len(self._sessions) > self.max_sessions:
             sid, session = self._sessions.popitem(last=False)
+            self._record({"op": "reset", "session_id": sid, "character_id": None})
             log.info("session evicted", session_id=sid, turns=len(session.turns), max_sessions=self.max_sessions)
 
 

@@ -41,24 +41,28 @@ class AdapterCache:
         self._clock += 1
         resident = self._resident.get(ref.key)
         if resident is None:
-            future = self._loading.get(ref.key)
-            if future is None:
-                self._loading[ref.key] = self._pool.submit(load_peft_adapter, ref.path, self.config, self.max_rank,
-                                                           ref.name, ref.scale)
-                return None
-            if not future.done():
+            if ref.loaded is None and not self._read_from_disk(ref):
                 return None
             slot = self._free_slot()
             if slot is None:
                 return None  # every slot is pinned by a running sequence; retry next step
-            del self._loading[ref.key]
-            adapter = future.result()  # raises AdapterError for a bad folder
+            # .result() raises the loader's AdapterError for a bad folder
+            adapter = ref.loaded or self._loading.pop(ref.key).result()
             self.slots.load(slot, adapter)
             self.loads += 1
             resident = self._resident[ref.key] = _Resident(slot, adapter)
         resident.pins += 1
         resident.last_used = self._clock
         return resident.slot, resident.adapter.fingerprint
+
+    def _read_from_disk(self, ref: AdapterRef) -> bool:
+        """Starts reading the folder on the loader thread; True once it is read (or failed)."""
+        future = self._loading.get(ref.key)
+        if future is None:
+            self._loading[ref.key] = self._pool.submit(load_peft_adapter, ref.path, self.config, self.max_rank,
+                                                       ref.name, ref.scale)
+            return False
+        return future.done()
 
     def forget_failed(self, ref: AdapterRef) -> None:
         """Drops a failed load so a fixed folder is read again next time."""

@@ -66,7 +66,11 @@ class Sampler:
 def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The distribution a non-greedy token is drawn from: softmax(logits / T) restricted to the
     top_k tokens and to the smallest set whose mass reaches top_p (renormalised by multinomial)."""
-    logits = logits / p.temperature
+    # A valid temperature or repetition penalty near 0 (down to float32's 1e-45) pushes logits past
+    # float32's range, and softmax over +inf gives NaN, which multinomial refuses: work in float64
+    # and cap +inf, so the largest logits tie and the draw stays (nearly) greedy.
+    dtype = logits.dtype
+    logits = (logits.double() / p.temperature).clamp(max=torch.finfo(torch.float64).max)
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -77,7 +81,7 @@ def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         outside = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
         sorted_probs[outside] = 0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return probs
+    return probs.to(dtype)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, previous: Sequence[int], penalty: float) -> torch.Tensor:

@@ -10,16 +10,23 @@ from pathlib import Path
 
 from sidecar.engine.sampler import Sampler, SamplingParams, StopStringFilter
 from sidecar.engine.tokenizer import Detokenizer
+from sidecar.model.lora import LoraAdapter
 
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """Which adapter a request uses: the engine loads `path` once per (name, version)."""
+    """Which adapter a request uses: the engine loads `path` once per (name, version).
+
+    `loaded`, when given, is the adapter already read and validated (the server keeps each
+    character's last good adapter in memory), so the engine never re-reads files that may have
+    changed since that version was checked.
+    """
 
     name: str
     path: Path
     version: str = "1"
     scale: float = 1.0  # multiplies the adapter's deltas (a character's lora_scale)
+    loaded: LoraAdapter | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> tuple[str, str, float]:

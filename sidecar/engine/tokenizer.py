@@ -194,31 +194,53 @@ class Tokenizer:
     def encode_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat, where only the template can produce control tokens.
 
-        The rendered text is cut only at control tokens that lie outside message contents; the
-        pieces between cuts are encoded literally. For contents with no special strings this
-        gives exactly the ids a normal tokenizer gives for the rendered text.
+        The rendered text is cut only at control tokens that the template itself wrote; the pieces
+        between cuts (message contents included) are encoded literally. For contents with no special
+        strings this gives exactly the ids a normal tokenizer gives for the rendered text.
         """
-        text = self.render_chat(messages, add_generation_prompt)
-        content_spans = _locate_contents(text, [m.content for m in messages])
         ids: list[int] = []
-        cursor = 0
-        for start, end in self._template_specials(text, content_spans):
-            if start > cursor:
-                ids += self.encode_literal(text[cursor:start])
-            ids.append(self._tok.token_to_id(text[start:end]))
-            cursor = end
-        if cursor < len(text):
-            ids += self.encode_literal(text[cursor:])
+        literal = ""  # text since the last control token
+        for piece, is_content in self._chat_pieces(messages, add_generation_prompt):
+            if is_content or self._special_pattern is None:
+                literal += piece
+                continue
+            cursor = 0
+            for m in self._special_pattern.finditer(piece):
+                literal += piece[cursor:m.start()]
+                if literal:
+                    ids += self.encode_literal(literal)
+                    literal = ""
+                ids.append(self._tok.token_to_id(m.group()))
+                cursor = m.end()
+            literal += piece[cursor:]
+        if literal:
+            ids += self.encode_literal(literal)
         return ids
 
-    def _template_specials(self, text: str, content_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        if self._special_pattern is None:
-            return []
-        found = []
-        for m in self._special_pattern.finditer(text):
-            if not any(s < m.end() and m.start() < e for s, e in content_spans):
-                found.append((m.start(), m.end()))
-        return found
+    def _chat_pieces(self, messages: Sequence[ChatMessage], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+        """The rendered chat as (text, is a message content) pieces, in order.
+
+        The template is rendered a second time with a placeholder for each content: searching the
+        real text for the contents instead can match the template's own text (a player line "<"
+        matches the start of the template's next `<|im_end|>`, which would then pass as text).
+        """
+        text = self.render_chat(messages, add_generation_prompt)
+        slots = [ChatMessage(m.role, f"\ue000{i}\ue001") for i, m in enumerate(messages)]
+        try:
+            skeleton = _SLOT.split(self.render_chat(slots, add_generation_prompt))  # text, index, text, ...
+        except UserError:  # a template that refuses the placeholders
+            skeleton = []
+        # Templates that trim contents (Llama 3's) show them stripped.
+        for contents in ([m.content for m in messages], [m.content.strip() for m in messages]):
+            pieces = [(contents[int(part)], True) if i % 2 else (part, False) for i, part in enumerate(skeleton)]
+            if pieces and "".join(piece for piece, _ in pieces) == text:
+                return pieces
+        # A template that rewrites contents in other ways: find them in the text, in order.
+        pieces, cursor = [], 0
+        for start, end in _locate_contents(text, [m.content for m in messages]):
+            pieces += [(text[cursor:start], False), (text[start:end], True)]
+            cursor = end
+        return [*pieces, (text[cursor:], False)]
 
     # --- decoding ---------------------------------------------------------------------------
 
@@ -277,6 +299,9 @@ def _locate_contents(text: str, contents: list[str]) -> list[tuple[int, int]]:
             raise UserError("the chat template rewrites message contents; cannot keep player text literal")
     return spans
 
+
+# Placeholder contents (private-use characters, which no template writes) -> their message index.
+_SLOT = re.compile("\ue000([0-9]+)\ue001")
 
 _TEMPLATES: dict[str, object] = {}
 

@@ -40,7 +40,14 @@ MODULES = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_
 PROJECTIONS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
                "down": ("down_proj",)}
 _TENSOR_NAME = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+    r"^(?:base_model\.model\.)?model\.layers\.([0-9]+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # under `self_attn`; the others under `mlp`
+
+MAX_CONFIG_BYTES = 1 << 20  # adapter_config.json is a page of settings
+_FLOAT_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # safetensors dtypes a LoRA weight may have
+# rank_pattern / alpha_pattern keys are module names or dotted paths. PEFT reads them as regular
+# expressions; an adapter file is not trusted to supply one (`(.*)*X` takes minutes per module).
+_PLAIN_PATTERN_KEY = re.compile(r"[\w.-]{1,200}")
 
 
 class AdapterError(UserError):
@@ -50,6 +57,13 @@ class AdapterError(UserError):
         super().__init__(f"adapter {folder}: {problem}")
         self.folder = str(folder)
         self.problem = problem
+
+
+class WeightsError(AdapterError):
+    """A problem with a tensor of adapter_model.safetensors: the message names the file too."""
+
+    def __init__(self, folder: object, problem: str):
+        super().__init__(folder, f"adapter_model.safetensors: {problem}")
 
 
 def module_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
@@ -97,6 +111,8 @@ def load_peft_adapter(folder: Path, config: LlamaConfig, max_rank: int = 64, nam
 
     `scale` multiplies every delta on top of alpha / r (a character's `lora_scale`: how strongly
     the persona adapter speaks); it is part of the fingerprint, since the K/V it gives differ.
+    Pickled weights are never opened. Every problem is an AdapterError naming the file and the
+    field or tensor, whatever the files hold.
     """
     folder = Path(folder)
     if not math.isfinite(scale) or scale < 0:
@@ -111,74 +127,182 @@ def load_peft_adapter(folder: Path, config: LlamaConfig, max_rank: int = 64, nam
         raise AdapterError(folder, "missing adapter_model.safetensors")
     if not cfg_path.is_file():
         raise AdapterError(folder, "missing adapter_config.json")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(folder, f"adapter_config.json is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(folder, "adapter_config.json must hold a JSON object")
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(folder, f"peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
-    for flag, problem in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out")):
-        if cfg.get(flag):
-            raise AdapterError(folder, f"{problem} adapters are not supported")
-    if cfg.get("bias", "none") != "none":
-        raise AdapterError(folder, f"bias={cfg.get('bias')!r} is not supported (only 'none')")
-    try:
-        default_rank = int(cfg["r"])
-        default_alpha = float(cfg.get("lora_alpha", default_rank))
-    except (KeyError, TypeError, ValueError):
-        raise AdapterError(folder, "adapter_config.json: 'r' must be a positive integer") from None
-    rslora = bool(cfg.get("use_rslora", False))
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-
-    shapes = module_shapes(config)
-    raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    try:
-        with safe_open(weights_path, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                m = _TENSOR_NAME.match(key)
-                if m is None:
-                    raise AdapterError(folder, f"tensor {key!r} is not a LoRA A/B weight of a supported module "
-                                               f"({', '.join(MODULES)})")
-                layer, module, which = int(m.group(1)), m.group(2), m.group(3)
-                if module not in MODULES:
-                    raise AdapterError(folder, f"target module {module!r} is not in the model "
-                                               f"(supported: {', '.join(MODULES)})")
-                if layer >= config.num_layers:
-                    raise AdapterError(folder, f"tensor {key!r} is for layer {layer}, the model has "
-                                               f"{config.num_layers} layers")
-                raw.setdefault((layer, module), {})[which] = f.get_tensor(key)
-    except AdapterError:
-        raise
-    except Exception as e:  # safetensors raises its own types on damaged files
-        raise AdapterError(folder, f"cannot read adapter_model.safetensors ({e})") from None
-    if not raw:
-        raise AdapterError(folder, "adapter_model.safetensors holds no LoRA weights")
+    settings = _read_settings(folder, cfg_path, max_rank)
+    raw = _read_tensors(folder, weights_path, config, max_rank)
 
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     top_rank = 0
     for (layer, module), pair in sorted(raw.items()):
         where = f"layer {layer} {module}"
         if set(pair) != {"A", "B"}:
-            raise AdapterError(folder, f"{where}: lora_A and lora_B must both be present")
+            raise WeightsError(folder, f"{where}: lora_A and lora_B must both be present")
         a, b = pair["A"].float(), pair["B"].float()
-        out, inp = shapes[module]
-        rank = a.shape[0] if a.dim() == 2 else -1
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != inp or b.shape != (out, rank):
-            raise AdapterError(folder, f"{where}: shapes A {list(a.shape)} / B {list(b.shape)} do not match the "
+        rank = a.shape[0]
+        if b.shape[1] != rank:
+            out, inp = module_shapes(config)[module]
+            raise WeightsError(folder, f"{where}: shapes A {list(a.shape)} / B {list(b.shape)} do not match the "
                                        f"base model (expected A [r, {inp}], B [{out}, r])")
-        if rank < 1 or rank > max_rank:
-            raise AdapterError(folder, f"{where}: rank {rank} is above max_rank {max_rank}" if rank > max_rank
-                               else f"{where}: rank must be at least 1")
+        path = f"model.layers.{layer}.{'self_attn' if module in _ATTENTION else 'mlp'}.{module}"
+        declared = pattern_value(settings.rank_pattern, path, settings.rank)
+        if rank != declared:  # PEFT scales by the declared rank: a mismatch would silently mis-scale
+            raise WeightsError(folder, f"{where}: the tensors have rank {rank}, adapter_config.json says {declared}")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterError(folder, f"{where}: weights contain NaN or inf")
-        alpha = pattern_value(alpha_pattern, f"model.layers.{layer}.{module}", default_alpha)
-        factor = (alpha / math.sqrt(rank) if rslora else alpha / rank) * scale
-        weights[(layer, module)] = (a.contiguous(), (b * factor).contiguous())
+            raise WeightsError(folder, f"{where}: weights contain NaN or inf")
+        alpha = pattern_value(settings.alpha_pattern, path, settings.alpha)
+        b = b * ((alpha / math.sqrt(rank) if settings.rslora else alpha / rank) * scale)
+        if not torch.isfinite(b).all():
+            raise WeightsError(folder, f"{where}: lora_alpha {alpha:g} scales the weights past the float range")
+        weights[(layer, module)] = (a.contiguous(), b.contiguous())
         top_rank = max(top_rank, rank)
     fingerprint = _fingerprint(cfg_path, weights_path) + ("" if scale == 1.0 else f"x{scale!r}")
     return LoraAdapter(name or folder.name, folder, fingerprint, top_rank, weights)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What adapter_config.json says about scaling; every value checked."""
+
+    rank: int
+    alpha: float
+    rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+
+def _read_settings(folder: Path, cfg_path: Path, max_rank: int) -> _Settings:
+    def fail(field: str, problem: str):
+        raise AdapterError(folder, f"adapter_config.json: {field}: {problem}")
+
+    try:
+        size = cfg_path.stat().st_size
+        if size > MAX_CONFIG_BYTES:  # refused on its size: never read
+            raise AdapterError(folder, f"adapter_config.json is {size} bytes; the limit is {MAX_CONFIG_BYTES}")
+        with cfg_path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise AdapterError(folder, f"cannot read adapter_config.json ({e.strerror or e})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterError(folder, f"adapter_config.json is over the limit of {MAX_CONFIG_BYTES} bytes")
+    try:
+        cfg = json.loads(data)
+    except (ValueError, RecursionError) as e:  # (bad UTF-8 and 5000-digit numbers are ValueErrors too)
+        raise AdapterError(folder, f"adapter_config.json is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(folder, "adapter_config.json must hold a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(folder, f"peft_type {_show(cfg.get('peft_type'))} is not supported (only LORA)")
+    for flag, problem in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out")):
+        if cfg.get(flag):
+            raise AdapterError(folder, f"{problem} adapters are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(folder, f"bias={_show(cfg.get('bias'))} is not supported (only 'none')")
+
+    rank = cfg.get("r")
+    if not _is_rank(rank):
+        fail("r", f"must be a whole number of at least 1, got {_show(rank)}")
+    if rank > max_rank:
+        fail("r", f"rank {rank} is above max_rank {max_rank}")
+    alpha = cfg.get("lora_alpha", rank)
+    if not _is_number(alpha):
+        fail("lora_alpha", f"must be a finite number, got {_show(alpha)}")
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        fail("use_rslora", f"must be true or false, got {_show(rslora)}")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list):  # (a string is PEFT's regex or "all-linear": the tensors decide)
+        for target in targets:
+            if not isinstance(target, str) or target.rsplit(".", 1)[-1] not in MODULES:
+                fail("target_modules", f"{_show(target)} is not a module we support ({', '.join(MODULES)})")
+    elif targets is not None and not isinstance(targets, str):
+        fail("target_modules", f"must be a list of module names, got {_show(targets)}")
+
+    patterns = {}
+    for field, valid, what in (("rank_pattern", _is_rank, "a whole number of at least 1"),
+                               ("alpha_pattern", _is_number, "a finite number")):
+        table = cfg.get(field) or {}
+        if not isinstance(table, dict):
+            fail(field, f"must be an object of module name -> value, got {_show(table)}")
+        for key, value in table.items():
+            if not _PLAIN_PATTERN_KEY.fullmatch(key):
+                fail(field, f"key {_show(key)} must be a module name or dotted path (letters, digits, _ - .), "
+                            "not a regular expression")
+            if not valid(value):
+                fail(f"{field}.{key}", f"must be {what}, got {_show(value)}")
+            if field == "rank_pattern" and value > max_rank:
+                fail(f"{field}.{key}", f"rank {value} is above max_rank {max_rank}")
+        patterns[field] = table
+    return _Settings(rank, float(alpha), rslora, patterns["rank_pattern"], patterns["alpha_pattern"])
+
+
+def _read_tensors(folder: Path, weights_path: Path, config: LlamaConfig,
+                  max_rank: int) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    """{(layer, module): {"A": tensor, "B": tensor}}, each tensor's name, dtype and shape checked before it is read."""
+    shapes = module_shapes(config)
+    # The largest file a valid adapter can be: every module at max_rank in float64, plus a header.
+    limit = 8 * max_rank * config.num_layers * sum(out + inp for out, inp in shapes.values()) + (1 << 20)
+    try:
+        size = weights_path.stat().st_size
+    except OSError as e:
+        raise AdapterError(folder, f"cannot read adapter_model.safetensors ({e.strerror or e})") from None
+    if size > limit:
+        raise AdapterError(folder, f"adapter_model.safetensors is {size} bytes, more than a rank-{max_rank} "
+                                   f"adapter of this model can be ({limit})")
+    raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                m = _TENSOR_NAME.match(key)
+                if m is None:
+                    raise WeightsError(folder, f"tensor {key!r} is not a LoRA A/B weight of a supported module "
+                                               f"({', '.join(MODULES)})")
+                layer, parent, module, which = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+                if module not in MODULES:
+                    raise WeightsError(folder, f"target module {module!r} is not in the model "
+                                               f"(supported: {', '.join(MODULES)})")
+                if parent != ("self_attn" if module in _ATTENTION else "mlp"):
+                    raise WeightsError(folder, f"tensor {key!r}: {module} is not under {parent} in this model")
+                if layer >= config.num_layers:
+                    raise WeightsError(folder, f"tensor {key!r} is for layer {layer}, the model has "
+                                               f"{config.num_layers} layers")
+                where = f"layer {layer} {module}"
+                info = f.get_slice(key)
+                dtype, shape = info.get_dtype(), list(info.get_shape())
+                if dtype not in _FLOAT_BYTES:
+                    raise WeightsError(folder, f"tensor {key!r} holds {dtype} values; LoRA weights are floats "
+                                               f"({', '.join(_FLOAT_BYTES)})")
+                out, inp = shapes[module]
+                rank = (shape[0] if which == "A" else shape[1]) if len(shape) == 2 else -1
+                if shape != ([rank, inp] if which == "A" else [out, rank]):
+                    raise WeightsError(folder, f"{where}: lora_{which} has shape {shape}: the shapes do not match "
+                                               f"the base model (expected A [r, {inp}], B [{out}, r])")
+                if rank > max_rank:
+                    raise WeightsError(folder, f"{where}: rank {rank} is above max_rank {max_rank}")
+                if rank < 1:
+                    raise WeightsError(folder, f"{where}: rank must be at least 1")
+                pair = raw.setdefault((layer, module), {})
+                if which in pair:
+                    raise WeightsError(folder, f"{where}: two lora_{which} tensors (one is {key!r})")
+                pair[which] = f.get_tensor(key)
+    except AdapterError:
+        raise
+    except Exception as e:  # safetensors raises its own types on damaged files
+        raise AdapterError(folder, f"cannot read adapter_model.safetensors ({e})") from None
+    if not raw:
+        raise AdapterError(folder, "adapter_model.safetensors holds no LoRA weights")
+    return raw
+
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class LoraSlots:

@@ -8,6 +8,7 @@ UNAVAILABLE, replies in flight have `shutdown_grace_s` to finish, then end with 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import signal
 import sys
 import time
@@ -19,8 +20,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from sidecar.config import EngineConfig, ModelConfig, ServerConfig
-from sidecar.dialogue.characters import Character
 from sidecar.dialogue.registry import CharacterRegistry
+from sidecar.dialogue.session_file import SessionFile
 from sidecar.dialogue.sessions import SessionStore
 from sidecar.engine.base_model import load_base_model
 from sidecar.engine.engine import AsyncEngine
@@ -28,7 +29,7 @@ from sidecar.errors import UserError
 from sidecar.model.lora import load_peft_adapter
 from sidecar.pb.npc.v1 import dialogue_pb2
 from sidecar.server.interceptors import BearerTokenAuth
-from sidecar.server.service import DialogueService
+from sidecar.server.service import DialogueService, ServingAdapters
 from sidecar.server.wire import dialogue_handler
 
 log = structlog.get_logger("sidecar.server")
@@ -37,23 +38,42 @@ SERVICE_NAME = dialogue_pb2.DESCRIPTOR.services_by_name["NpcDialogue"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a TalkRequest is a few KB; this bounds what a bad client can send
 
 
+def is_loopback(listen: str) -> bool:
+    """Whether HOST:PORT only accepts connections from this machine."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_config: EngineConfig,
                 stop: asyncio.Event | None = None) -> None:
     """Runs until `stop` is set or SIGTERM / SIGINT arrives. Prints `listening on HOST:PORT` on stdout when ready."""
     started = time.perf_counter()
     if not server_config.characters.is_dir():  # fail fast, before the model loads
         raise UserError(f"--characters: folder {server_config.characters} not found")
+    sessions = SessionStore(server_config.max_sessions, server_config.max_session_turns)
+    session_file = SessionFile(server_config.session_store) if server_config.session_store else None
+    if session_file is not None:  # before the model loads: a bad or locked file fails fast
+        session_file.open(sessions)
     log.info("loading model", path=str(model_config.path), weights=model_config.weights)
     engine = await asyncio.to_thread(
         AsyncEngine, lambda: load_base_model(model_config, progress=sys.stderr.isatty()), engine_config)
     config = engine.base.model.config
+    if server_config.limits.max_tokens >= engine_config.max_seq_len:
+        await engine.shutdown()
+        raise UserError(f"--limit max_tokens: must be below the context length ({engine_config.max_seq_len} tokens), "
+                        f"got {server_config.limits.max_tokens}")
 
-    def check_adapter(character: Character) -> None:  # a broken adapter keeps the last good version serving
-        load_peft_adapter(character.adapter_path, config, engine_config.max_rank, character.id, character.lora_scale)
-
-    registry = CharacterRegistry(server_config.characters, adapter_validator=check_adapter)
-    sessions = SessionStore(server_config.max_sessions, server_config.max_session_turns)
-    service = DialogueService(engine, registry, sessions, server_config, device=model_config.device)
+    # A broken adapter keeps the last good version serving, from memory.
+    adapters = ServingAdapters(lambda c: load_peft_adapter(c.adapter_path, config, engine_config.max_rank, c.id,
+                                                            c.lora_scale))
+    registry = CharacterRegistry(server_config.characters, on_change=adapters.forget,
+                                 adapter_validator=adapters.validate)
+    service = DialogueService(engine, registry, sessions, server_config, adapters, device=model_config.device)
 
     interceptors = [BearerTokenAuth(server_config.auth_token)] if server_config.auth_token else []
     server = grpc.aio.server(interceptors=interceptors, options=[
@@ -68,6 +88,8 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
         port = 0
     if not port:
         await engine.shutdown()
+        if session_file is not None:
+            session_file.close(sessions)
         raise UserError(f"--listen: cannot listen on {server_config.listen} (address in use or not local?)")
     await server.start()
     for name in ("", SERVICE_NAME):
@@ -78,6 +100,9 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
     log.info("serving", address=address, model=engine.base.path.name, weights=engine.base.weights,
              characters=[c.id for c in characters], failed=[c.id for c in characters if c.error],
              auth=bool(server_config.auth_token), startup_s=round(time.perf_counter() - started, 1))
+    if not is_loopback(server_config.listen) and not server_config.auth_token:
+        log.warning("listening beyond this PC without --auth-token: anyone who can reach the port can make "
+                    "NPCs talk; set --auth-token (or $NPC_AUTH_TOKEN) or listen on 127.0.0.1", address=address)
     print(f"listening on {address}", flush=True)  # the line launchers and tests wait for
 
     stop = stop or asyncio.Event()
@@ -104,6 +129,8 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
             break
         await asyncio.sleep(0.01)
     await server.stop(grace=1.0)
+    if session_file is not None:  # every finished turn is already in its journal; this compacts it
+        session_file.close(sessions)
     registry.stop_watching()
     await engine.shutdown()
     log.info("stopped")

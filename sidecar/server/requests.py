@@ -84,9 +84,10 @@ def parse_talk(req: pb.TalkRequest, limits: RequestLimits) -> TalkInput:
 
 
 def sampling_params(talk: TalkInput, defaults: Generation, limits: RequestLimits) -> SamplingParams:
-    """The request's options over the character's `generation` section."""
+    """The request's options over the character's `generation` section (its max_tokens_limit caps the reply)."""
+    cap = min(limits.max_tokens, defaults.max_tokens_limit or limits.max_tokens)
     return SamplingParams(
-        max_tokens=min(talk.max_tokens or defaults.max_tokens, limits.max_tokens),
+        max_tokens=min(talk.max_tokens or defaults.max_tokens, cap),
         temperature=defaults.temperature if talk.temperature is None else talk.temperature,
         top_p=defaults.top_p if talk.top_p is None else talk.top_p,
         top_k=talk.top_k or 0,

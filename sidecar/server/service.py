@@ -6,7 +6,8 @@ Everything here runs on the server's one asyncio loop; the model runs on the eng
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 
 import grpc
 import structlog
@@ -26,7 +27,7 @@ from sidecar.engine.engine import AsyncEngine, QueueFull, RequestStream
 from sidecar.engine.sampler import SamplingParams
 from sidecar.engine.sequence import AdapterRef, EngineEvent
 from sidecar.errors import UserError
-from sidecar.model.lora import AdapterError
+from sidecar.model.lora import AdapterError, LoraAdapter
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from sidecar.pb.npc.v1 import dialogue_pb2_grpc as pb_grpc
 from sidecar.server.requests import check_character_id, check_session_id, parse_talk, sampling_params
@@ -59,18 +60,41 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return next(code for kind, code in STATUS_FOR if isinstance(exc, kind))
 
 
-def adapter_ref(character: Character) -> AdapterRef | None:
-    """The engine's handle on a character's adapter: editing only the persona keeps the adapter loaded."""
-    if character.adapter_path is None:
-        return None
-    return AdapterRef(character.id, character.adapter_path, character.adapter_version or character.version,
-                      character.lora_scale)
+class ServingAdapters:
+    """Each character's last good adapter, held in memory once validated.
+
+    The engine gets these weights rather than the folder's path, so an adapter file overwritten
+    (or half-copied) after its version was checked can never change what that version says.
+    """
+
+    def __init__(self, load: Callable[[Character], LoraAdapter]):
+        self._load = load
+        self._by_character: dict[str, tuple[tuple[str | None, float], LoraAdapter]] = {}
+
+    def validate(self, character: Character) -> None:
+        """The registry's adapter validator: raises AdapterError, or keeps the adapter for serving."""
+        adapter = self._load(character)
+        self._by_character[character.id] = ((character.adapter_version, character.lora_scale), adapter)
+
+    def forget(self, character_id: str, status: CharacterStatus | None) -> None:
+        if status is None:  # the character's folder is gone
+            self._by_character.pop(character_id, None)
+
+    def ref(self, character: Character) -> AdapterRef | None:
+        """The engine's handle on a character's adapter: editing only the persona keeps the adapter loaded."""
+        if character.adapter_path is None:
+            return None
+        key, adapter = self._by_character.get(character.id, (None, None))
+        return AdapterRef(character.id, character.adapter_path, character.adapter_version or character.version,
+                          character.lora_scale,
+                          loaded=adapter if key == (character.adapter_version, character.lora_scale) else None)
 
 
 class DialogueService(pb_grpc.NpcDialogueServicer):
     def __init__(self, engine: AsyncEngine, registry: CharacterRegistry, sessions: SessionStore,
-                 config: ServerConfig, device: str = "cpu"):
+                 config: ServerConfig, adapters: ServingAdapters, device: str = "cpu"):
         self.engine, self.registry, self.sessions, self.config = engine, registry, sessions, config
+        self.adapters = adapters
         self.limits = config.limits
         self.device = device
         self.accepting = True
@@ -90,7 +114,7 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
             prompt = fit_to_budget(self.engine.base.tokenizer, character, history, talk.player_line, talk.world,
                                    talk.player_name,
                                    max_prompt_tokens=self.engine.config.max_seq_len - sampling.max_tokens)
-            stream = self.engine.submit(prompt.token_ids, adapter_ref(character), sampling)
+            stream = self.engine.submit(prompt.token_ids, self.adapters.ref(character), sampling)
         except (UserError, QueueFull, ShuttingDown) as exc:
             await self._refuse(context, "Talk", exc, character=request.character_id)
             return
@@ -155,7 +179,7 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
         tok = self.engine.base.tokenizer
         ids = tok.encode_chat(emotion_messages(messages, reply, labels))
         try:
-            stream = self.engine.submit(ids, adapter_ref(character), SamplingParams(max_tokens=1),
+            stream = self.engine.submit(ids, self.adapters.ref(character), SamplingParams(max_tokens=1),
                                         choices=[tok.encode_literal(label) for label in labels])
             async for event in stream:
                 if event.kind == "finished" and event.choice is not None:
@@ -219,7 +243,7 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
             version=VERSION, max_resident_adapters=cfg.max_resident_adapters, max_waiting=cfg.max_waiting,
             context_tokens=cfg.max_seq_len, max_tokens_limit=self.limits.max_tokens, sessions=len(self.sessions),
             max_sessions=self.sessions.max_sessions, device=self.device,
-            max_session_turns=self.sessions.max_turns)
+            max_session_turns=self.sessions.max_turns, limits=pb.RequestLimits(**asdict(self.limits)))
 
     # --- shutdown -----------------------------------------------------------------------------
 

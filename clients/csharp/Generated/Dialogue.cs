@@ -67,7 +67,7 @@ namespace Npc.V1 {
             "IAEoCSJOChRJbXBvcnRTZXNzaW9uUmVxdWVzdBIjCgVzdGF0ZRgBIAEoCzIU",
             "Lm5wYy52MS5TZXNzaW9uU3RhdGUSEQoJb3ZlcndyaXRlGAIgASgIIjgKFUlt",
             "cG9ydFNlc3Npb25SZXNwb25zZRINCgV0dXJucxgBIAEoBRIQCghyZXBsYWNl",
-            "ZBgCIAEoCCIWChRHZXRTZXJ2ZXJJbmZvUmVxdWVzdCLpAgoKU2VydmVySW5m",
+            "ZBgCIAEoCCIWChRHZXRTZXJ2ZXJJbmZvUmVxdWVzdCKQAwoKU2VydmVySW5m",
             "bxINCgVtb2RlbBgBIAEoCRIPCgd3ZWlnaHRzGAIgASgJEg8KB2JhY2tlbmQY",
             "AyABKAkSEQoJbWF4X2JhdGNoGAQgASgFEhgKEGFjdGl2ZV9zZXF1ZW5jZXMY",
             "BSABKAUSGAoQd2FpdGluZ19yZXF1ZXN0cxgGIAEoBRIZChFyZXNpZGVudF9h",
@@ -75,23 +75,28 @@ namespace Npc.V1 {
             "dF9hZGFwdGVycxgJIAEoBRITCgttYXhfd2FpdGluZxgKIAEoBRIWCg5jb250",
             "ZXh0X3Rva2VucxgLIAEoBRIYChBtYXhfdG9rZW5zX2xpbWl0GAwgASgFEhAK",
             "CHNlc3Npb25zGA0gASgFEhQKDG1heF9zZXNzaW9ucxgOIAEoBRIOCgZkZXZp",
-            "Y2UYDyABKAkSGQoRbWF4X3Nlc3Npb25fdHVybnMYECABKAUqfAoMRmluaXNo",
-            "UmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5J",
-            "U0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEhsK",
-            "F0ZJTklTSF9SRUFTT05fQ0FOQ0VMTEVEEAMqbAoPQ2hhcmFjdGVyU3RhdHVz",
-            "EiAKHENIQVJBQ1RFUl9TVEFUVVNfVU5TUEVDSUZJRUQQABIaChZDSEFSQUNU",
-            "RVJfU1RBVFVTX1JFQURZEAESGwoXQ0hBUkFDVEVSX1NUQVRVU19GQUlMRUQQ",
-            "AjKxAwoLTnBjRGlhbG9ndWUSMAoEVGFsaxITLm5wYy52MS5UYWxrUmVxdWVz",
-            "dBoRLm5wYy52MS5UYWxrRXZlbnQwARJPCg5MaXN0Q2hhcmFjdGVycxIdLm5w",
-            "Yy52MS5MaXN0Q2hhcmFjdGVyc1JlcXVlc3QaHi5ucGMudjEuTGlzdENoYXJh",
-            "Y3RlcnNSZXNwb25zZRJJCgxSZXNldFNlc3Npb24SGy5ucGMudjEuUmVzZXRT",
-            "ZXNzaW9uUmVxdWVzdBocLm5wYy52MS5SZXNldFNlc3Npb25SZXNwb25zZRJD",
-            "Cg1FeHBvcnRTZXNzaW9uEhwubnBjLnYxLkV4cG9ydFNlc3Npb25SZXF1ZXN0",
-            "GhQubnBjLnYxLlNlc3Npb25TdGF0ZRJMCg1JbXBvcnRTZXNzaW9uEhwubnBj",
-            "LnYxLkltcG9ydFNlc3Npb25SZXF1ZXN0Gh0ubnBjLnYxLkltcG9ydFNlc3Np",
-            "b25SZXNwb25zZRJBCg1HZXRTZXJ2ZXJJbmZvEhwubnBjLnYxLkdldFNlcnZl",
-            "ckluZm9SZXF1ZXN0GhIubnBjLnYxLlNlcnZlckluZm9CCaoCBk5wYy5WMWIG",
-            "cHJvdG8z"));
+            "Y2UYDyABKAkSGQoRbWF4X3Nlc3Npb25fdHVybnMYECABKAUSJQoGbGltaXRz",
+            "GBEgASgLMhUubnBjLnYxLlJlcXVlc3RMaW1pdHMi3AEKDVJlcXVlc3RMaW1p",
+            "dHMSFgoObWF4X2xpbmVfY2hhcnMYASABKAUSFgoObWF4X25hbWVfY2hhcnMY",
+            "AiABKAUSGQoRbWF4X3dvcmxkX2VudHJpZXMYAyABKAUSGwoTbWF4X3dvcmxk",
+            "X2tleV9jaGFycxgEIAEoBRIdChVtYXhfd29ybGRfdmFsdWVfY2hhcnMYBSAB",
+            "KAUSGAoQbWF4X3N0b3Bfc3RyaW5ncxgGIAEoBRIWCg5tYXhfc3RvcF9jaGFy",
+            "cxgHIAEoBRISCgptYXhfdG9rZW5zGAggASgFKnwKDEZpbmlzaFJlYXNvbhId",
+            "ChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNP",
+            "Tl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIbChdGSU5JU0hf",
+            "UkVBU09OX0NBTkNFTExFRBADKmwKD0NoYXJhY3RlclN0YXR1cxIgChxDSEFS",
+            "QUNURVJfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGgoWQ0hBUkFDVEVSX1NUQVRV",
+            "U19SRUFEWRABEhsKF0NIQVJBQ1RFUl9TVEFUVVNfRkFJTEVEEAIysQMKC05w",
+            "Y0RpYWxvZ3VlEjAKBFRhbGsSEy5ucGMudjEuVGFsa1JlcXVlc3QaES5ucGMu",
+            "djEuVGFsa0V2ZW50MAESTwoOTGlzdENoYXJhY3RlcnMSHS5ucGMudjEuTGlz",
+            "dENoYXJhY3RlcnNSZXF1ZXN0Gh4ubnBjLnYxLkxpc3RDaGFyYWN0ZXJzUmVz",
+            "cG9uc2USSQoMUmVzZXRTZXNzaW9uEhsubnBjLnYxLlJlc2V0U2Vzc2lvblJl",
+            "cXVlc3QaHC5ucGMudjEuUmVzZXRTZXNzaW9uUmVzcG9uc2USQwoNRXhwb3J0",
+            "U2Vzc2lvbhIcLm5wYy52MS5FeHBvcnRTZXNzaW9uUmVxdWVzdBoULm5wYy52",
+            "MS5TZXNzaW9uU3RhdGUSTAoNSW1wb3J0U2Vzc2lvbhIcLm5wYy52MS5JbXBv",
+            "cnRTZXNzaW9uUmVxdWVzdBodLm5wYy52MS5JbXBvcnRTZXNzaW9uUmVzcG9u",
+            "c2USQQoNR2V0U2VydmVySW5mbxIcLm5wYy52MS5HZXRTZXJ2ZXJJbmZvUmVx",
+            "dWVzdBoSLm5wYy52MS5TZXJ2ZXJJbmZvQgmqAgZOcGMuVjFiBnByb3RvMw=="));
       descriptor = pbr::FileDescriptor.FromGeneratedCode(descriptorData,
           new pbr::FileDescriptor[] { },
           new pbr::GeneratedClrTypeInfo(new[] {typeof(global::Npc.V1.FinishReason), typeof(global::Npc.V1.CharacterStatus), }, null, new pbr::GeneratedClrTypeInfo[] {
@@ -114,7 +119,8 @@ namespace Npc.V1 {
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ImportSessionRequest), global::Npc.V1.ImportSessionRequest.Parser, new[]{ "State", "Overwrite" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ImportSessionResponse), global::Npc.V1.ImportSessionResponse.Parser, new[]{ "Turns", "Replaced" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.GetServerInfoRequest), global::Npc.V1.GetServerInfoRequest.Parser, null, null, null, null, null),
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ServerInfo), global::Npc.V1.ServerInfo.Parser, new[]{ "Model", "Weights", "Backend", "MaxBatch", "ActiveSequences", "WaitingRequests", "ResidentAdapters", "Version", "MaxResidentAdapters", "MaxWaiting", "ContextTokens", "MaxTokensLimit", "Sessions", "MaxSessions", "Device", "MaxSessionTurns" }, null, null, null, null)
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ServerInfo), global::Npc.V1.ServerInfo.Parser, new[]{ "Model", "Weights", "Backend", "MaxBatch", "ActiveSequences", "WaitingRequests", "ResidentAdapters", "Version", "MaxResidentAdapters", "MaxWaiting", "ContextTokens", "MaxTokensLimit", "Sessions", "MaxSessions", "Device", "MaxSessionTurns", "Limits" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.RequestLimits), global::Npc.V1.RequestLimits.Parser, new[]{ "MaxLineChars", "MaxNameChars", "MaxWorldEntries", "MaxWorldKeyChars", "MaxWorldValueChars", "MaxStopStrings", "MaxStopChars", "MaxTokens" }, null, null, null, null)
           }));
     }
     #endregion
@@ -5779,6 +5785,7 @@ namespace Npc.V1 {
       maxSessions_ = other.maxSessions_;
       device_ = other.device_;
       maxSessionTurns_ = other.maxSessionTurns_;
+      limits_ = other.limits_ != null ? other.limits_.Clone() : null;
       _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
     }
 
@@ -6031,6 +6038,21 @@ namespace Npc.V1 {
       }
     }
 
+    /// <summary>Field number for the "limits" field.</summary>
+    public const int LimitsFieldNumber = 17;
+    private global::Npc.V1.RequestLimits limits_;
+    /// <summary>
+    /// The request limits in force (see the top of this file).
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public global::Npc.V1.RequestLimits Limits {
+      get { return limits_; }
+      set {
+        limits_ = value;
+      }
+    }
+
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public override bool Equals(object other) {
@@ -6062,6 +6084,7 @@ namespace Npc.V1 {
       if (MaxSessions != other.MaxSessions) return false;
       if (Device != other.Device) return false;
       if (MaxSessionTurns != other.MaxSessionTurns) return false;
+      if (!object.Equals(Limits, other.Limits)) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
 
@@ -6085,6 +6108,7 @@ namespace Npc.V1 {
       if (MaxSessions != 0) hash ^= MaxSessions.GetHashCode();
       if (Device.Length != 0) hash ^= Device.GetHashCode();
       if (MaxSessionTurns != 0) hash ^= MaxSessionTurns.GetHashCode();
+      if (limits_ != null) hash ^= Limits.GetHashCode();
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
       }
@@ -6167,6 +6191,10 @@ namespace Npc.V1 {
         output.WriteRawTag(128, 1);
         output.WriteInt32(MaxSessionTurns);
       }
+      if (limits_ != null) {
+        output.WriteRawTag(138, 1);
+        output.WriteMessage(Limits);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -6241,6 +6269,10 @@ namespace Npc.V1 {
         output.WriteRawTag(128, 1);
         output.WriteInt32(MaxSessionTurns);
       }
+      if (limits_ != null) {
+        output.WriteRawTag(138, 1);
+        output.WriteMessage(Limits);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -6298,6 +6330,9 @@ namespace Npc.V1 {
       }
       if (MaxSessionTurns != 0) {
         size += 2 + pb::CodedOutputStream.ComputeInt32Size(MaxSessionTurns);
+      }
+      if (limits_ != null) {
+        size += 2 + pb::CodedOutputStream.ComputeMessageSize(Limits);
       }
       if (_unknownFields != null) {
         size += _unknownFields.CalculateSize();
@@ -6358,6 +6393,12 @@ namespace Npc.V1 {
       }
       if (other.MaxSessionTurns != 0) {
         MaxSessionTurns = other.MaxSessionTurns;
+      }
+      if (other.limits_ != null) {
+        if (limits_ == null) {
+          Limits = new global::Npc.V1.RequestLimits();
+        }
+        Limits.MergeFrom(other.Limits);
       }
       _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
     }
@@ -6438,6 +6479,13 @@ namespace Npc.V1 {
             MaxSessionTurns = input.ReadInt32();
             break;
           }
+          case 138: {
+            if (limits_ == null) {
+              Limits = new global::Npc.V1.RequestLimits();
+            }
+            input.ReadMessage(Limits);
+            break;
+          }
         }
       }
     #endif
@@ -6515,6 +6563,488 @@ namespace Npc.V1 {
           }
           case 128: {
             MaxSessionTurns = input.ReadInt32();
+            break;
+          }
+          case 138: {
+            if (limits_ == null) {
+              Limits = new global::Npc.V1.RequestLimits();
+            }
+            input.ReadMessage(Limits);
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
+  /// Bounds on one TalkRequest, as `npc serve --limit NAME=VALUE` set them.
+  /// </summary>
+  public sealed partial class RequestLimits : pb::IMessage<RequestLimits>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<RequestLimits> _parser = new pb::MessageParser<RequestLimits>(() => new RequestLimits());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<RequestLimits> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[20]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public RequestLimits() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public RequestLimits(RequestLimits other) : this() {
+      maxLineChars_ = other.maxLineChars_;
+      maxNameChars_ = other.maxNameChars_;
+      maxWorldEntries_ = other.maxWorldEntries_;
+      maxWorldKeyChars_ = other.maxWorldKeyChars_;
+      maxWorldValueChars_ = other.maxWorldValueChars_;
+      maxStopStrings_ = other.maxStopStrings_;
+      maxStopChars_ = other.maxStopChars_;
+      maxTokens_ = other.maxTokens_;
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public RequestLimits Clone() {
+      return new RequestLimits(this);
+    }
+
+    /// <summary>Field number for the "max_line_chars" field.</summary>
+    public const int MaxLineCharsFieldNumber = 1;
+    private int maxLineChars_;
+    /// <summary>
+    /// player_line
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int MaxLineChars {
+      get { return maxLineChars_; }
+      set {
+        maxLineChars_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "max_name_chars" field.</summary>
+    public const int MaxNameCharsFieldNumber = 2;
+    private int maxNameChars_;
+    /// <summary>
+    /// player_name
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int MaxNameChars {
+      get { return maxNameChars_; }
+      set {
+        maxNameChars_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "max_world_entries" field.</summary>
+    public const int MaxWorldEntriesFieldNumber = 3;
+    private int maxWorldEntries_;
+    /// <summary>
+    /// entries in world
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int MaxWorldEntries {
+      get { return maxWorldEntries_; }
+      set {
+        maxWorldEntries_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "max_world_key_chars" field.</summary>
+    public const int MaxWorldKeyCharsFieldNumber = 4;
+    private int maxWorldKeyChars_;
+    /// <summary>
+    /// one world key
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int MaxWorldKeyChars {
+      get { return maxWorldKeyChars_; }
+      set {
+        maxWorldKeyChars_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "max_world_value_chars" field.</summary>
+    public const int MaxWorldValueCharsFieldNumber = 5;
+    private int maxWorldValueChars_;
+    /// <summary>
+    /// one world value
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int MaxWorldValueChars {
+      get { return maxWorldValueChars_; }
+      set {
+        maxWorldValueChars_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "max_stop_strings" field.</summary>
+    public const int MaxStopStringsFieldNumber = 6;
+    private int maxStopStrings_;
+    /// <summary>
+    /// GenerationOptions.stop entries
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int MaxStopStrings {
+      get { return maxStopStrings_; }
+      set {
+        maxStopStrings_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "max_stop_chars" field.</summary>
+    public const int MaxStopCharsFieldNumber = 7;
+    private int maxStopChars_;
+    /// <summary>
+    /// one stop string
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int MaxStopChars {
+      get { return maxStopChars_; }
+      set {
+        maxStopChars_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "max_tokens" field.</summary>
+    public const int MaxTokensFieldNumber = 8;
+    private int maxTokens_;
+    /// <summary>
+    /// GenerationOptions.max_tokens (= ServerInfo.max_tokens_limit)
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int MaxTokens {
+      get { return maxTokens_; }
+      set {
+        maxTokens_ = value;
+      }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as RequestLimits);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(RequestLimits other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if (MaxLineChars != other.MaxLineChars) return false;
+      if (MaxNameChars != other.MaxNameChars) return false;
+      if (MaxWorldEntries != other.MaxWorldEntries) return false;
+      if (MaxWorldKeyChars != other.MaxWorldKeyChars) return false;
+      if (MaxWorldValueChars != other.MaxWorldValueChars) return false;
+      if (MaxStopStrings != other.MaxStopStrings) return false;
+      if (MaxStopChars != other.MaxStopChars) return false;
+      if (MaxTokens != other.MaxTokens) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      if (MaxLineChars != 0) hash ^= MaxLineChars.GetHashCode();
+      if (MaxNameChars != 0) hash ^= MaxNameChars.GetHashCode();
+      if (MaxWorldEntries != 0) hash ^= MaxWorldEntries.GetHashCode();
+      if (MaxWorldKeyChars != 0) hash ^= MaxWorldKeyChars.GetHashCode();
+      if (MaxWorldValueChars != 0) hash ^= MaxWorldValueChars.GetHashCode();
+      if (MaxStopStrings != 0) hash ^= MaxStopStrings.GetHashCode();
+      if (MaxStopChars != 0) hash ^= MaxStopChars.GetHashCode();
+      if (MaxTokens != 0) hash ^= MaxTokens.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      if (MaxLineChars != 0) {
+        output.WriteRawTag(8);
+        output.WriteInt32(MaxLineChars);
+      }
+      if (MaxNameChars != 0) {
+        output.WriteRawTag(16);
+        output.WriteInt32(MaxNameChars);
+      }
+      if (MaxWorldEntries != 0) {
+        output.WriteRawTag(24);
+        output.WriteInt32(MaxWorldEntries);
+      }
+      if (MaxWorldKeyChars != 0) {
+        output.WriteRawTag(32);
+        output.WriteInt32(MaxWorldKeyChars);
+      }
+      if (MaxWorldValueChars != 0) {
+        output.WriteRawTag(40);
+        output.WriteInt32(MaxWorldValueChars);
+      }
+      if (MaxStopStrings != 0) {
+        output.WriteRawTag(48);
+        output.WriteInt32(MaxStopStrings);
+      }
+      if (MaxStopChars != 0) {
+        output.WriteRawTag(56);
+        output.WriteInt32(MaxStopChars);
+      }
+      if (MaxTokens != 0) {
+        output.WriteRawTag(64);
+        output.WriteInt32(MaxTokens);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      if (MaxLineChars != 0) {
+        output.WriteRawTag(8);
+        output.WriteInt32(MaxLineChars);
+      }
+      if (MaxNameChars != 0) {
+        output.WriteRawTag(16);
+        output.WriteInt32(MaxNameChars);
+      }
+      if (MaxWorldEntries != 0) {
+        output.WriteRawTag(24);
+        output.WriteInt32(MaxWorldEntries);
+      }
+      if (MaxWorldKeyChars != 0) {
+        output.WriteRawTag(32);
+        output.WriteInt32(MaxWorldKeyChars);
+      }
+      if (MaxWorldValueChars != 0) {
+        output.WriteRawTag(40);
+        output.WriteInt32(MaxWorldValueChars);
+      }
+      if (MaxStopStrings != 0) {
+        output.WriteRawTag(48);
+        output.WriteInt32(MaxStopStrings);
+      }
+      if (MaxStopChars != 0) {
+        output.WriteRawTag(56);
+        output.WriteInt32(MaxStopChars);
+      }
+      if (MaxTokens != 0) {
+        output.WriteRawTag(64);
+        output.WriteInt32(MaxTokens);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      if (MaxLineChars != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxLineChars);
+      }
+      if (MaxNameChars != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxNameChars);
+      }
+      if (MaxWorldEntries != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxWorldEntries);
+      }
+      if (MaxWorldKeyChars != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxWorldKeyChars);
+      }
+      if (MaxWorldValueChars != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxWorldValueChars);
+      }
+      if (MaxStopStrings != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxStopStrings);
+      }
+      if (MaxStopChars != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxStopChars);
+      }
+      if (MaxTokens != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxTokens);
+      }
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(RequestLimits other) {
+      if (other == null) {
+        return;
+      }
+      if (other.MaxLineChars != 0) {
+        MaxLineChars = other.MaxLineChars;
+      }
+      if (other.MaxNameChars != 0) {
+        MaxNameChars = other.MaxNameChars;
+      }
+      if (other.MaxWorldEntries != 0) {
+        MaxWorldEntries = other.MaxWorldEntries;
+      }
+      if (other.MaxWorldKeyChars != 0) {
+        MaxWorldKeyChars = other.MaxWorldKeyChars;
+      }
+      if (other.MaxWorldValueChars != 0) {
+        MaxWorldValueChars = other.MaxWorldValueChars;
+      }
+      if (other.MaxStopStrings != 0) {
+        MaxStopStrings = other.MaxStopStrings;
+      }
+      if (other.MaxStopChars != 0) {
+        MaxStopChars = other.MaxStopChars;
+      }
+      if (other.MaxTokens != 0) {
+        MaxTokens = other.MaxTokens;
+      }
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 8: {
+            MaxLineChars = input.ReadInt32();
+            break;
+          }
+          case 16: {
+            MaxNameChars = input.ReadInt32();
+            break;
+          }
+          case 24: {
+            MaxWorldEntries = input.ReadInt32();
+            break;
+          }
+          case 32: {
+            MaxWorldKeyChars = input.ReadInt32();
+            break;
+          }
+          case 40: {
+            MaxWorldValueChars = input.ReadInt32();
+            break;
+          }
+          case 48: {
+            MaxStopStrings = input.ReadInt32();
+            break;
+          }
+          case 56: {
+            MaxStopChars = input.ReadInt32();
+            break;
+          }
+          case 64: {
+            MaxTokens = input.ReadInt32();
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 8: {
+            MaxLineChars = input.ReadInt32();
+            break;
+          }
+          case 16: {
+            MaxNameChars = input.ReadInt32();
+            break;
+          }
+          case 24: {
+            MaxWorldEntries = input.ReadInt32();
+            break;
+          }
+          case 32: {
+            MaxWorldKeyChars = input.ReadInt32();
+            break;
+          }
+          case 40: {
+            MaxWorldValueChars = input.ReadInt32();
+            break;
+          }
+          case 48: {
+            MaxStopStrings = input.ReadInt32();
+            break;
+          }
+          case 56: {
+            MaxStopChars = input.ReadInt32();
+            break;
+          }
+          case 64: {
+            MaxTokens = input.ReadInt32();
             break;
           }
         }

@@ -34,13 +34,17 @@
 //   UNAVAILABLE          the sidecar is not running, or is shutting down and takes no new calls
 //
 // Limits, checked by the server (INVALID_ARGUMENT beyond them). "Characters" are Unicode code
-// points, not bytes and not UTF-16 units.
+// points, not bytes and not UTF-16 units. The figures are the defaults: `npc serve --limit
+// NAME=VALUE` changes those marked [limit NAME], and ServerInfo.limits reports the ones in force.
 //   character_id         1-64 characters from [a-z0-9_-] (the character's folder name)
 //   session_id           1-256 characters where required; 0-256 in TalkRequest
-//   player_line          1-2000 characters, not only whitespace
-//   player_name          0-64 characters
-//   world                at most 32 entries; key 1-64 characters; value 0-500 characters
-//   stop                 at most 8 strings, each 1-64 characters
+//   player_line          1-2000 characters, not only whitespace [limit max_line_chars]
+//   player_name          0-64 characters [limit max_name_chars]
+//   world                at most 32 entries [max_world_entries]; key 1-64 characters
+//                        [max_world_key_chars]; value 0-500 characters [max_world_value_chars]
+//   stop                 at most 8 strings [max_stop_strings], each 1-64 characters
+//                        [max_stop_chars]
+//   max_tokens           0-512 [max_tokens]; a character's generation.max_tokens_limit caps it further
 //   SessionState.turns   at most ServerInfo.max_session_turns; player_line and npc_line 0-20000
 //                        characters each
 #pragma warning disable 0414, 1591, 8981, 0612

@@ -233,7 +233,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model", "weights", "backend", "max_batch", "active_sequences", "waiting_requests", "resident_adapters", "version", "max_resident_adapters", "max_waiting", "context_tokens", "max_tokens_limit", "sessions", "max_sessions", "device", "max_session_turns")
+    __slots__ = ("model", "weights", "backend", "max_batch", "active_sequences", "waiting_requests", "resident_adapters", "version", "max_resident_adapters", "max_waiting", "context_tokens", "max_tokens_limit", "sessions", "max_sessions", "device", "max_session_turns", "limits")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +250,7 @@ class ServerInfo(_message.Message):
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSION_TURNS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     model: str
     weights: str
     backend: str
@@ -266,4 +267,25 @@ class ServerInfo(_message.Message):
     max_sessions: int
     device: str
     max_session_turns: int
-    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch: _Optional[int] = ..., active_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., version: _Optional[str] = ..., max_resident_adapters: _Optional[int] = ..., max_waiting: _Optional[int] = ..., context_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., max_session_turns: _Optional[int] = ...) -> None: ...
+    limits: RequestLimits
+    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch: _Optional[int] = ..., active_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., version: _Optional[str] = ..., max_resident_adapters: _Optional[int] = ..., max_waiting: _Optional[int] = ..., context_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., max_session_turns: _Optional[int] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ...) -> None: ...
+
+class RequestLimits(_message.Message):
+    __slots__ = ("max_line_chars", "max_name_chars", "max_world_entries", "max_world_key_chars", "max_world_value_chars", "max_stop_strings", "max_stop_chars", "max_tokens")
+    MAX_LINE_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NAME_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORLD_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORLD_KEY_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORLD_VALUE_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    max_line_chars: int
+    max_name_chars: int
+    max_world_entries: int
+    max_world_key_chars: int
+    max_world_value_chars: int
+    max_stop_strings: int
+    max_stop_chars: int
+    max_tokens: int
+    def __init__(self, max_line_chars: _Optional[int] = ..., max_name_chars: _Optional[int] = ..., max_world_entries: _Optional[int] = ..., max_world_key_chars: _Optional[int] = ..., max_world_value_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_chars: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
