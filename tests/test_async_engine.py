@@ -65,3 +65,27 @@ def test_stream_order_cancel_and_queue_limit(base, tokenizer):
             await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_failing_step_ends_its_batch_and_the_engine_keeps_serving(base, tokenizer, monkeypatch):
+    async def main() -> None:
+        engine = AsyncEngine(base, EngineConfig(max_batch=2))
+        try:
+            real_step, failures = engine.core.step, []
+
+            def step_once_broken() -> None:
+                if engine.core.scheduler.running and not failures:
+                    failures.append(1)
+                    raise RuntimeError("simulated kernel failure")
+                real_step()
+
+            monkeypatch.setattr(engine.core, "step", step_once_broken)
+            events = [e async for e in engine.submit(ids(tokenizer, "Hello!"), None, SamplingParams(max_tokens=20))]
+            assert events[-1].kind == "error" and events[-1].internal and "simulated" in events[-1].error
+            after = [e async for e in engine.submit(ids(tokenizer, "Hi again"), None, SamplingParams(max_tokens=4))]
+            assert after[-1].kind == "finished" and after[-1].finish_reason in ("stop", "length") and after[-1].text
+            assert engine.stats()["active_sequences"] == 0
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())

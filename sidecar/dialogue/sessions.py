@@ -214,7 +214,8 @@ def parse_export(data: Any, max_turns: int, where: str = "session") -> tuple[str
     _no_unknown(data, {"format", "session_id", "updated_unix_ms", "turns"}, where)
     fmt = data.get("format")
     if fmt != EXPORT_FORMAT or isinstance(fmt, bool):
-        raise SessionError(f"{where}.format: must be {EXPORT_FORMAT}, got {_show(fmt)}")
+        name = "format_version" if where == "state" else "format"  # the proto's name on the gRPC path
+        raise SessionError(f"{where}.{name}: must be {EXPORT_FORMAT}, got {_show(fmt)}")
     sid = data.get("session_id")
     check_session_id(sid, f"{where}.session_id")
     updated = data.get("updated_unix_ms", 0)

@@ -16,6 +16,8 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
 
+import structlog
+
 from sidecar.config import EngineConfig
 from sidecar.engine.base_model import BaseModel
 from sidecar.engine.llm_engine import LLMEngine
@@ -24,6 +26,8 @@ from sidecar.engine.scheduler import QueueFull
 from sidecar.engine.sequence import AdapterRef, EngineEvent, Sequence
 
 __all__ = ["AsyncEngine", "QueueFull", "RequestStream"]
+
+log = structlog.get_logger(__name__)
 
 
 class RequestStream:
@@ -139,7 +143,11 @@ class AsyncEngine:
                 inbox, self._inbox = self._inbox, []
             for seq in inbox:
                 self.core.add(seq)  # capacity was checked in submit()
-            self.core.step()
+            try:
+                self.core.step()
+            except Exception as e:  # a bug must not silence every NPC: end this batch, keep serving
+                ended = self.core.fail_active(f"internal error in the engine ({type(e).__name__}: {e})")
+                log.exception("engine step failed; the replies in it ended with an error", ended=ended)
             if self.core.scheduler.waiting and not self.core.scheduler.running and not self.core.scheduler.prefilling:
                 # Only waiting on adapter loads: do not spin.
                 with self._lock:

@@ -161,6 +161,17 @@ class LLMEngine:
         """Marks a sequence cancelled; the next step removes it and frees its row (within one step)."""
         seq.cancelled = True
 
+    def fail_active(self, message: str) -> int:
+        """Ends every sequence of the current batch with an internal error (after a failed step);
+        the waiting ones keep their place. Returns how many ended."""
+        s = self.scheduler
+        active = [*s.running, *([s.prefilling] if s.prefilling else [])]
+        for seq in active:
+            s.finish(seq)
+            seq.emit(EngineEvent("error", seq.request_id, finish_reason="error", error=message, internal=True,
+                                 prompt_tokens=len(seq.prompt), **seq.timing_fields()))
+        return len(active)
+
     def stats(self) -> dict[str, object]:
         s = self.scheduler
         return {"active_sequences": len(s.running) + (1 if s.prefilling else 0), "waiting_requests": len(s.waiting),

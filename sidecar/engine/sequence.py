@@ -56,6 +56,7 @@ class EngineEvent:
     first_token_ms: float = 0.0
     total_ms: float = 0.0
     error: str | None = None
+    internal: bool = False  # error: the engine failed (a bug), not the request's input
     choice: int | None = None  # a choice request: the index of the most likely candidate
     choice_logprobs: tuple[float, ...] = ()  # ...and every candidate's log-probability
 

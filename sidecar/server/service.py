@@ -116,7 +116,7 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
                                    max_prompt_tokens=self.engine.config.max_seq_len - sampling.max_tokens)
             stream = self.engine.submit(prompt.token_ids, self.adapters.ref(character), sampling)
         except (UserError, QueueFull, ShuttingDown) as exc:
-            await self._refuse(context, "Talk", exc, character=request.character_id)
+            await self._refuse(context, "Talk", exc, character=request.character_id[:64])  # bounded log line
             return
 
         bound = log.bind(request_id=stream.request_id, character=character.id, version=character.version,
@@ -135,10 +135,10 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
                 elif event.kind == "delta":
                     first_token_ms = first_token_ms or (time.perf_counter() - received) * 1000
                     yield pb.TalkEvent(delta=pb.TextDelta(text=event.text))
-                elif event.kind == "error":  # the adapter failed to load in the engine
-                    bound.warning("reply failed", error=event.error)
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                        f"character {character.id!r}: {event.error}")
+                elif event.kind == "error":  # the adapter failed to load, or (internal) an engine bug
+                    bound.warning("reply failed", error=event.error, internal=event.internal)
+                    code = grpc.StatusCode.INTERNAL if event.internal else grpc.StatusCode.FAILED_PRECONDITION
+                    await context.abort(code, f"character {character.id!r}: {event.error}")
                 else:
                     finished = event
             if finished is None:
