@@ -27,11 +27,15 @@
 //                        (ExportSession)
 //   ALREADY_EXISTS       ImportSession without `overwrite` onto a session the server holds
 //   FAILED_PRECONDITION  the character exists but has no version that loaded (message says why)
-//   RESOURCE_EXHAUSTED   too many replies waiting for the model; retry after a short backoff
+//   RESOURCE_EXHAUSTED   too many replies waiting for the model; retry after a short backoff.
+//                        (gRPC itself also answers it for a request message over 4 MB: do not
+//                        retry those; a SessionState must stay under 4 MB encoded.)
 //   UNAUTHENTICATED      missing or wrong bearer token
 //   CANCELLED            the client cancelled the call (or disconnected)
 //   DEADLINE_EXCEEDED    the client's deadline passed; a reply in progress is stopped
 //   UNAVAILABLE          the sidecar is not running, or is shutting down and takes no new calls
+//   INTERNAL             a bug in the sidecar ended this reply; other replies keep going and
+//                        the next call is served normally
 //
 // Limits, checked by the server (INVALID_ARGUMENT beyond them). "Characters" are Unicode code
 // points, not bytes and not UTF-16 units. The figures are the defaults: `npc serve --limit
