@@ -192,7 +192,7 @@ def _bench_reliability(args: argparse.Namespace) -> int:
     else:
         from sidecar.bench.faults import FaultsConfig, run_faults_bench
 
-        run_faults_bench(FaultsConfig(clients=args.clients or 16, duration=args.duration or 30.0,
+        run_faults_bench(FaultsConfig(clients=args.clients or 16, duration=args.duration or 60.0,
                                       disconnects=args.disconnects, grace=args.grace, **common))
     return 0
 
@@ -305,14 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load, faults: characters to serve (copied to a temp folder first; default ./characters)")
     b.add_argument("--clients", type=int, help="load, faults: clients talking at once (default 64 / 16)")
     b.add_argument("--duration", type=float,
-                   help="load: seconds measured after the warm-up (default 300); faults: seconds of each of the "
-                        "edit, adapter and SIGTERM steps together (default 30)")
+                   help="load: seconds measured after the warm-up (default 300); faults: seconds of the edit, "
+                        "adapter and SIGTERM steps together (default 60)")
     b.add_argument("--warmup", type=float, default=30.0, help="load: seconds of load before measuring (default 30)")
     b.add_argument("--deadline", type=float, default=120.0, help="load, faults: deadline of each reply in seconds")
     b.add_argument("--max-tokens", type=int, help="load, faults: max_tokens of each reply (default: the character's)")
     b.add_argument("--disconnects", type=int, default=1000,
                    help="faults: clients that hang up mid-reply, 50 at a time (default 1000)")
-    b.add_argument("--grace", type=float, default=3.0, help="faults: the server's --grace for the SIGTERM step")
+    b.add_argument("--grace", type=float, default=1.0,
+                   help="faults: the server's --grace for the SIGTERM step (default 1 s: short enough that some "
+                        "replies in flight are cancelled and some finish)")
     b.add_argument("--report", default="docs/reliability.md",
                    help="load, faults: Markdown document whose section for the scenario is rewritten")
     b.set_defaults(run=_cmd_bench)

@@ -176,7 +176,8 @@ class LLMEngine:
         s = self.scheduler
         return {"active_sequences": len(s.running) + (1 if s.prefilling else 0), "waiting_requests": len(s.waiting),
                 "resident_adapters": self.adapters.resident(), "prefix_hits": self.prefix.hits,
-                "prefix_lookups": self.prefix.lookups, "steps": self.steps}
+                "prefix_lookups": self.prefix.lookups, "steps": self.steps,
+                "prefix_cache_bytes": self.prefix.used, "prefix_cache_capacity_bytes": self.prefix.capacity}
 
     def shutdown(self) -> None:
         self.adapters.shutdown()

@@ -108,6 +108,8 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
             if not self.accepting:
                 raise ShuttingDown("the sidecar is shutting down")
             talk = parse_talk(request, self.limits)
+            if self.engine.stats()["waiting_requests"] >= self.engine.config.max_waiting:
+                raise QueueFull("the queue is full; retry after a short backoff")  # before building the prompt
             character = self.registry.get(talk.character_id)  # this version serves the whole reply
             sampling = sampling_params(talk, character.generation, self.limits)
             history = self.sessions.history(talk.session_id) if talk.session_id else ()
@@ -243,7 +245,9 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
             version=VERSION, max_resident_adapters=cfg.max_resident_adapters, max_waiting=cfg.max_waiting,
             context_tokens=cfg.max_seq_len, max_tokens_limit=self.limits.max_tokens, sessions=len(self.sessions),
             max_sessions=self.sessions.max_sessions, device=self.device,
-            max_session_turns=self.sessions.max_turns, limits=pb.RequestLimits(**asdict(self.limits)))
+            max_session_turns=self.sessions.max_turns, limits=pb.RequestLimits(**asdict(self.limits)),
+            prefix_cache_bytes=int(stats.get("prefix_cache_bytes", 0)),
+            prefix_cache_capacity_bytes=int(stats.get("prefix_cache_capacity_bytes", 0)))
 
     # --- shutdown -----------------------------------------------------------------------------
 

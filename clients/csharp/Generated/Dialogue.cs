@@ -67,7 +67,7 @@ namespace Npc.V1 {
             "IAEoCSJOChRJbXBvcnRTZXNzaW9uUmVxdWVzdBIjCgVzdGF0ZRgBIAEoCzIU",
             "Lm5wYy52MS5TZXNzaW9uU3RhdGUSEQoJb3ZlcndyaXRlGAIgASgIIjgKFUlt",
             "cG9ydFNlc3Npb25SZXNwb25zZRINCgV0dXJucxgBIAEoBRIQCghyZXBsYWNl",
-            "ZBgCIAEoCCIWChRHZXRTZXJ2ZXJJbmZvUmVxdWVzdCKQAwoKU2VydmVySW5m",
+            "ZBgCIAEoCCIWChRHZXRTZXJ2ZXJJbmZvUmVxdWVzdCLRAwoKU2VydmVySW5m",
             "bxINCgVtb2RlbBgBIAEoCRIPCgd3ZWlnaHRzGAIgASgJEg8KB2JhY2tlbmQY",
             "AyABKAkSEQoJbWF4X2JhdGNoGAQgASgFEhgKEGFjdGl2ZV9zZXF1ZW5jZXMY",
             "BSABKAUSGAoQd2FpdGluZ19yZXF1ZXN0cxgGIAEoBRIZChFyZXNpZGVudF9h",
@@ -76,27 +76,29 @@ namespace Npc.V1 {
             "ZXh0X3Rva2VucxgLIAEoBRIYChBtYXhfdG9rZW5zX2xpbWl0GAwgASgFEhAK",
             "CHNlc3Npb25zGA0gASgFEhQKDG1heF9zZXNzaW9ucxgOIAEoBRIOCgZkZXZp",
             "Y2UYDyABKAkSGQoRbWF4X3Nlc3Npb25fdHVybnMYECABKAUSJQoGbGltaXRz",
-            "GBEgASgLMhUubnBjLnYxLlJlcXVlc3RMaW1pdHMi3AEKDVJlcXVlc3RMaW1p",
-            "dHMSFgoObWF4X2xpbmVfY2hhcnMYASABKAUSFgoObWF4X25hbWVfY2hhcnMY",
-            "AiABKAUSGQoRbWF4X3dvcmxkX2VudHJpZXMYAyABKAUSGwoTbWF4X3dvcmxk",
-            "X2tleV9jaGFycxgEIAEoBRIdChVtYXhfd29ybGRfdmFsdWVfY2hhcnMYBSAB",
-            "KAUSGAoQbWF4X3N0b3Bfc3RyaW5ncxgGIAEoBRIWCg5tYXhfc3RvcF9jaGFy",
-            "cxgHIAEoBRISCgptYXhfdG9rZW5zGAggASgFKnwKDEZpbmlzaFJlYXNvbhId",
-            "ChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNP",
-            "Tl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIbChdGSU5JU0hf",
-            "UkVBU09OX0NBTkNFTExFRBADKmwKD0NoYXJhY3RlclN0YXR1cxIgChxDSEFS",
-            "QUNURVJfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGgoWQ0hBUkFDVEVSX1NUQVRV",
-            "U19SRUFEWRABEhsKF0NIQVJBQ1RFUl9TVEFUVVNfRkFJTEVEEAIysQMKC05w",
-            "Y0RpYWxvZ3VlEjAKBFRhbGsSEy5ucGMudjEuVGFsa1JlcXVlc3QaES5ucGMu",
-            "djEuVGFsa0V2ZW50MAESTwoOTGlzdENoYXJhY3RlcnMSHS5ucGMudjEuTGlz",
-            "dENoYXJhY3RlcnNSZXF1ZXN0Gh4ubnBjLnYxLkxpc3RDaGFyYWN0ZXJzUmVz",
-            "cG9uc2USSQoMUmVzZXRTZXNzaW9uEhsubnBjLnYxLlJlc2V0U2Vzc2lvblJl",
-            "cXVlc3QaHC5ucGMudjEuUmVzZXRTZXNzaW9uUmVzcG9uc2USQwoNRXhwb3J0",
-            "U2Vzc2lvbhIcLm5wYy52MS5FeHBvcnRTZXNzaW9uUmVxdWVzdBoULm5wYy52",
-            "MS5TZXNzaW9uU3RhdGUSTAoNSW1wb3J0U2Vzc2lvbhIcLm5wYy52MS5JbXBv",
-            "cnRTZXNzaW9uUmVxdWVzdBodLm5wYy52MS5JbXBvcnRTZXNzaW9uUmVzcG9u",
-            "c2USQQoNR2V0U2VydmVySW5mbxIcLm5wYy52MS5HZXRTZXJ2ZXJJbmZvUmVx",
-            "dWVzdBoSLm5wYy52MS5TZXJ2ZXJJbmZvQgmqAgZOcGMuVjFiBnByb3RvMw=="));
+            "GBEgASgLMhUubnBjLnYxLlJlcXVlc3RMaW1pdHMSGgoScHJlZml4X2NhY2hl",
+            "X2J5dGVzGBIgASgDEiMKG3ByZWZpeF9jYWNoZV9jYXBhY2l0eV9ieXRlcxgT",
+            "IAEoAyLcAQoNUmVxdWVzdExpbWl0cxIWCg5tYXhfbGluZV9jaGFycxgBIAEo",
+            "BRIWCg5tYXhfbmFtZV9jaGFycxgCIAEoBRIZChFtYXhfd29ybGRfZW50cmll",
+            "cxgDIAEoBRIbChNtYXhfd29ybGRfa2V5X2NoYXJzGAQgASgFEh0KFW1heF93",
+            "b3JsZF92YWx1ZV9jaGFycxgFIAEoBRIYChBtYXhfc3RvcF9zdHJpbmdzGAYg",
+            "ASgFEhYKDm1heF9zdG9wX2NoYXJzGAcgASgFEhIKCm1heF90b2tlbnMYCCAB",
+            "KAUqfAoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJ",
+            "RUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09O",
+            "X0xFTkdUSBACEhsKF0ZJTklTSF9SRUFTT05fQ0FOQ0VMTEVEEAMqbAoPQ2hh",
+            "cmFjdGVyU3RhdHVzEiAKHENIQVJBQ1RFUl9TVEFUVVNfVU5TUEVDSUZJRUQQ",
+            "ABIaChZDSEFSQUNURVJfU1RBVFVTX1JFQURZEAESGwoXQ0hBUkFDVEVSX1NU",
+            "QVRVU19GQUlMRUQQAjKxAwoLTnBjRGlhbG9ndWUSMAoEVGFsaxITLm5wYy52",
+            "MS5UYWxrUmVxdWVzdBoRLm5wYy52MS5UYWxrRXZlbnQwARJPCg5MaXN0Q2hh",
+            "cmFjdGVycxIdLm5wYy52MS5MaXN0Q2hhcmFjdGVyc1JlcXVlc3QaHi5ucGMu",
+            "djEuTGlzdENoYXJhY3RlcnNSZXNwb25zZRJJCgxSZXNldFNlc3Npb24SGy5u",
+            "cGMudjEuUmVzZXRTZXNzaW9uUmVxdWVzdBocLm5wYy52MS5SZXNldFNlc3Np",
+            "b25SZXNwb25zZRJDCg1FeHBvcnRTZXNzaW9uEhwubnBjLnYxLkV4cG9ydFNl",
+            "c3Npb25SZXF1ZXN0GhQubnBjLnYxLlNlc3Npb25TdGF0ZRJMCg1JbXBvcnRT",
+            "ZXNzaW9uEhwubnBjLnYxLkltcG9ydFNlc3Npb25SZXF1ZXN0Gh0ubnBjLnYx",
+            "LkltcG9ydFNlc3Npb25SZXNwb25zZRJBCg1HZXRTZXJ2ZXJJbmZvEhwubnBj",
+            "LnYxLkdldFNlcnZlckluZm9SZXF1ZXN0GhIubnBjLnYxLlNlcnZlckluZm9C",
+            "CaoCBk5wYy5WMWIGcHJvdG8z"));
       descriptor = pbr::FileDescriptor.FromGeneratedCode(descriptorData,
           new pbr::FileDescriptor[] { },
           new pbr::GeneratedClrTypeInfo(new[] {typeof(global::Npc.V1.FinishReason), typeof(global::Npc.V1.CharacterStatus), }, null, new pbr::GeneratedClrTypeInfo[] {
@@ -119,7 +121,7 @@ namespace Npc.V1 {
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ImportSessionRequest), global::Npc.V1.ImportSessionRequest.Parser, new[]{ "State", "Overwrite" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ImportSessionResponse), global::Npc.V1.ImportSessionResponse.Parser, new[]{ "Turns", "Replaced" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.GetServerInfoRequest), global::Npc.V1.GetServerInfoRequest.Parser, null, null, null, null, null),
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ServerInfo), global::Npc.V1.ServerInfo.Parser, new[]{ "Model", "Weights", "Backend", "MaxBatch", "ActiveSequences", "WaitingRequests", "ResidentAdapters", "Version", "MaxResidentAdapters", "MaxWaiting", "ContextTokens", "MaxTokensLimit", "Sessions", "MaxSessions", "Device", "MaxSessionTurns", "Limits" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ServerInfo), global::Npc.V1.ServerInfo.Parser, new[]{ "Model", "Weights", "Backend", "MaxBatch", "ActiveSequences", "WaitingRequests", "ResidentAdapters", "Version", "MaxResidentAdapters", "MaxWaiting", "ContextTokens", "MaxTokensLimit", "Sessions", "MaxSessions", "Device", "MaxSessionTurns", "Limits", "PrefixCacheBytes", "PrefixCacheCapacityBytes" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.RequestLimits), global::Npc.V1.RequestLimits.Parser, new[]{ "MaxLineChars", "MaxNameChars", "MaxWorldEntries", "MaxWorldKeyChars", "MaxWorldValueChars", "MaxStopStrings", "MaxStopChars", "MaxTokens" }, null, null, null, null)
           }));
     }
@@ -5786,6 +5788,8 @@ namespace Npc.V1 {
       device_ = other.device_;
       maxSessionTurns_ = other.maxSessionTurns_;
       limits_ = other.limits_ != null ? other.limits_.Clone() : null;
+      prefixCacheBytes_ = other.prefixCacheBytes_;
+      prefixCacheCapacityBytes_ = other.prefixCacheCapacityBytes_;
       _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
     }
 
@@ -6053,6 +6057,34 @@ namespace Npc.V1 {
       }
     }
 
+    /// <summary>Field number for the "prefix_cache_bytes" field.</summary>
+    public const int PrefixCacheBytesFieldNumber = 18;
+    private long prefixCacheBytes_;
+    /// <summary>
+    /// Bytes of prompt K/V kept for reuse (personas, conversations) now, and the most it may hold.
+    /// It fills up with use and then stays at about its capacity: growth, not a leak.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public long PrefixCacheBytes {
+      get { return prefixCacheBytes_; }
+      set {
+        prefixCacheBytes_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "prefix_cache_capacity_bytes" field.</summary>
+    public const int PrefixCacheCapacityBytesFieldNumber = 19;
+    private long prefixCacheCapacityBytes_;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public long PrefixCacheCapacityBytes {
+      get { return prefixCacheCapacityBytes_; }
+      set {
+        prefixCacheCapacityBytes_ = value;
+      }
+    }
+
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public override bool Equals(object other) {
@@ -6085,6 +6117,8 @@ namespace Npc.V1 {
       if (Device != other.Device) return false;
       if (MaxSessionTurns != other.MaxSessionTurns) return false;
       if (!object.Equals(Limits, other.Limits)) return false;
+      if (PrefixCacheBytes != other.PrefixCacheBytes) return false;
+      if (PrefixCacheCapacityBytes != other.PrefixCacheCapacityBytes) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
 
@@ -6109,6 +6143,8 @@ namespace Npc.V1 {
       if (Device.Length != 0) hash ^= Device.GetHashCode();
       if (MaxSessionTurns != 0) hash ^= MaxSessionTurns.GetHashCode();
       if (limits_ != null) hash ^= Limits.GetHashCode();
+      if (PrefixCacheBytes != 0L) hash ^= PrefixCacheBytes.GetHashCode();
+      if (PrefixCacheCapacityBytes != 0L) hash ^= PrefixCacheCapacityBytes.GetHashCode();
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
       }
@@ -6195,6 +6231,14 @@ namespace Npc.V1 {
         output.WriteRawTag(138, 1);
         output.WriteMessage(Limits);
       }
+      if (PrefixCacheBytes != 0L) {
+        output.WriteRawTag(144, 1);
+        output.WriteInt64(PrefixCacheBytes);
+      }
+      if (PrefixCacheCapacityBytes != 0L) {
+        output.WriteRawTag(152, 1);
+        output.WriteInt64(PrefixCacheCapacityBytes);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -6273,6 +6317,14 @@ namespace Npc.V1 {
         output.WriteRawTag(138, 1);
         output.WriteMessage(Limits);
       }
+      if (PrefixCacheBytes != 0L) {
+        output.WriteRawTag(144, 1);
+        output.WriteInt64(PrefixCacheBytes);
+      }
+      if (PrefixCacheCapacityBytes != 0L) {
+        output.WriteRawTag(152, 1);
+        output.WriteInt64(PrefixCacheCapacityBytes);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -6333,6 +6385,12 @@ namespace Npc.V1 {
       }
       if (limits_ != null) {
         size += 2 + pb::CodedOutputStream.ComputeMessageSize(Limits);
+      }
+      if (PrefixCacheBytes != 0L) {
+        size += 2 + pb::CodedOutputStream.ComputeInt64Size(PrefixCacheBytes);
+      }
+      if (PrefixCacheCapacityBytes != 0L) {
+        size += 2 + pb::CodedOutputStream.ComputeInt64Size(PrefixCacheCapacityBytes);
       }
       if (_unknownFields != null) {
         size += _unknownFields.CalculateSize();
@@ -6399,6 +6457,12 @@ namespace Npc.V1 {
           Limits = new global::Npc.V1.RequestLimits();
         }
         Limits.MergeFrom(other.Limits);
+      }
+      if (other.PrefixCacheBytes != 0L) {
+        PrefixCacheBytes = other.PrefixCacheBytes;
+      }
+      if (other.PrefixCacheCapacityBytes != 0L) {
+        PrefixCacheCapacityBytes = other.PrefixCacheCapacityBytes;
       }
       _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
     }
@@ -6486,6 +6550,14 @@ namespace Npc.V1 {
             input.ReadMessage(Limits);
             break;
           }
+          case 144: {
+            PrefixCacheBytes = input.ReadInt64();
+            break;
+          }
+          case 152: {
+            PrefixCacheCapacityBytes = input.ReadInt64();
+            break;
+          }
         }
       }
     #endif
@@ -6570,6 +6642,14 @@ namespace Npc.V1 {
               Limits = new global::Npc.V1.RequestLimits();
             }
             input.ReadMessage(Limits);
+            break;
+          }
+          case 144: {
+            PrefixCacheBytes = input.ReadInt64();
+            break;
+          }
+          case 152: {
+            PrefixCacheCapacityBytes = input.ReadInt64();
             break;
           }
         }

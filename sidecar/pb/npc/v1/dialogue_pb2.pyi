@@ -233,7 +233,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model", "weights", "backend", "max_batch", "active_sequences", "waiting_requests", "resident_adapters", "version", "max_resident_adapters", "max_waiting", "context_tokens", "max_tokens_limit", "sessions", "max_sessions", "device", "max_session_turns", "limits")
+    __slots__ = ("model", "weights", "backend", "max_batch", "active_sequences", "waiting_requests", "resident_adapters", "version", "max_resident_adapters", "max_waiting", "context_tokens", "max_tokens_limit", "sessions", "max_sessions", "device", "max_session_turns", "limits", "prefix_cache_bytes", "prefix_cache_capacity_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +251,8 @@ class ServerInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSION_TURNS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     weights: str
     backend: str
@@ -268,7 +270,9 @@ class ServerInfo(_message.Message):
     device: str
     max_session_turns: int
     limits: RequestLimits
-    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch: _Optional[int] = ..., active_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., version: _Optional[str] = ..., max_resident_adapters: _Optional[int] = ..., max_waiting: _Optional[int] = ..., context_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., max_session_turns: _Optional[int] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ...) -> None: ...
+    prefix_cache_bytes: int
+    prefix_cache_capacity_bytes: int
+    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch: _Optional[int] = ..., active_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., version: _Optional[str] = ..., max_resident_adapters: _Optional[int] = ..., max_waiting: _Optional[int] = ..., context_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., max_session_turns: _Optional[int] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_capacity_bytes: _Optional[int] = ...) -> None: ...
 
 class RequestLimits(_message.Message):
     __slots__ = ("max_line_chars", "max_name_chars", "max_world_entries", "max_world_key_chars", "max_world_value_chars", "max_stop_strings", "max_stop_chars", "max_tokens")
