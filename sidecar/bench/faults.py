@@ -42,6 +42,7 @@ from sidecar.bench.grpc_load import (
     TalkRecord,
     client_loop,
     copy_characters,
+    optional_flags,
     percentile,
     rss_mb,
     status_counts,
@@ -78,15 +79,7 @@ class FaultsConfig:
     def command(self) -> str:
         parts = [f"npc bench --scenario faults --clients {self.clients} --duration {self.duration:g} "
                  f"--disconnects {self.disconnects} --grace {self.grace:g}"]
-        if self.max_tokens:
-            parts.append(f"--max-tokens {self.max_tokens}")
-        if self.deadline != FaultsConfig.deadline:
-            parts.append(f"--deadline {self.deadline:g}")
-        if self.characters != FaultsConfig.characters:
-            parts.append(f"--characters {self.characters}")
-        if self.out_dir != FaultsConfig.out_dir or self.report != FaultsConfig.report:
-            parts.append(f"--out {self.out_dir} --report {self.report}")
-        return " ".join(parts)
+        return " ".join(parts + optional_flags(self, FaultsConfig))
 
     @property
     def smoke(self) -> bool:

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -23,7 +24,7 @@ from sidecar.client import NpcClient
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 
 __all__ = ["PLAYER_LINES", "ServerMonitor", "TalkRecord", "client_loop", "copy_characters", "latency_summary",
-           "percentile", "rss_mb", "status_counts", "talk", "wait_idle"]
+           "optional_flags", "percentile", "rss_mb", "status_counts", "talk", "wait_idle"]
 
 # What players type: greetings, trade, quests, lore, small talk, a few odd ones. Varied lengths so
 # prompts (and prefix-cache hits) vary the way they do in a game.
@@ -257,3 +258,15 @@ def copy_characters(source: Path, dest: Path) -> list[str]:
     for cid in ids:
         shutil.copytree(source / cid, dest / cid)
     return ids
+
+
+def optional_flags(cfg: Any, defaults: Any) -> list[str]:
+    """The `npc bench` flags shared by load and faults, for the values that differ from the defaults."""
+    parts = [f"--max-tokens {cfg.max_tokens}"] if cfg.max_tokens else []
+    if cfg.deadline != defaults.deadline:
+        parts.append(f"--deadline {cfg.deadline:g}")
+    if cfg.characters != defaults.characters:
+        parts.append(f"--characters {cfg.characters}")
+    if cfg.out_dir != defaults.out_dir or cfg.report != defaults.report:
+        parts.append(f"--out {cfg.out_dir} --report {cfg.report}")
+    return parts

@@ -34,6 +34,7 @@ from sidecar.bench.grpc_load import (
     client_loop,
     copy_characters,
     latency_summary,
+    optional_flags,
     percentile,
     status_counts,
     talk,
@@ -65,15 +66,7 @@ class LoadConfig:
         """The `npc bench` command line that reproduces this run."""
         parts = [f"npc bench --scenario load --clients {self.clients} --duration {self.duration:g} "
                  f"--warmup {self.warmup:g}"]
-        if self.max_tokens:
-            parts.append(f"--max-tokens {self.max_tokens}")
-        if self.deadline != LoadConfig.deadline:
-            parts.append(f"--deadline {self.deadline:g}")
-        if self.characters != LoadConfig.characters:
-            parts.append(f"--characters {self.characters}")
-        if self.out_dir != LoadConfig.out_dir or self.report != LoadConfig.report:
-            parts.append(f"--out {self.out_dir} --report {self.report}")
-        return " ".join(parts)
+        return " ".join(parts + optional_flags(self, LoadConfig))
 
     @property
     def smoke(self) -> bool:
