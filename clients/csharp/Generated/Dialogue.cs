@@ -6061,8 +6061,8 @@ namespace Npc.V1 {
     public const int PrefixCacheBytesFieldNumber = 18;
     private long prefixCacheBytes_;
     /// <summary>
-    /// Bytes of prompt K/V kept for reuse (personas, conversations) now, and the most it may hold.
-    /// It fills up with use and then stays at about its capacity: growth, not a leak.
+    /// Bytes of prompt K/V kept for reuse (personas, conversations) now. It fills up with use and
+    /// then stays at about its capacity: growth, not a leak.
     /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
@@ -6076,6 +6076,9 @@ namespace Npc.V1 {
     /// <summary>Field number for the "prefix_cache_capacity_bytes" field.</summary>
     public const int PrefixCacheCapacityBytesFieldNumber = 19;
     private long prefixCacheCapacityBytes_;
+    /// <summary>
+    /// The most bytes the prefix cache may hold.
+    /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public long PrefixCacheCapacityBytes {
