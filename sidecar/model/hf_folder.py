@@ -7,6 +7,7 @@ Pickled `*.bin` checkpoints are refused: loading them can run arbitrary code.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -143,14 +144,22 @@ def load_hf_folder(folder: Path) -> Checkpoint:
     tied = bool(cfg.get("tie_word_embeddings", False)) or "head" not in tensors
     config = _config(cfg, folder / "config.json", tied)
     validate(folder, config, tensors)
+    return replace(read_hf_metadata(folder, config), tensors=tensors)
+
+
+def read_hf_metadata(folder: Path, config: LlamaConfig | None = None) -> Checkpoint:
+    """The folder's shape, tokenizer files, chat template and eos ids, without reading a weight
+    (`tensors` is empty): what a backend that loads the weights itself (TensorRT-LLM) needs."""
+    cfg = _read_json(folder / "config.json")
+    if config is None:
+        config = _config(cfg, folder / "config.json", tied=bool(cfg.get("tie_word_embeddings", False)))
     files, template, eos_tokens = _tokenizer(folder)
-
-    from tokenizers import Tokenizer as HfTokenizer
-
-    tok = HfTokenizer.from_file(str(files.tokenizer_json))
     gen = _read_json(folder / "generation_config.json", required=False)
     eos_ids = gen.get("eos_token_id", cfg.get("eos_token_id"))
     if eos_ids is None:
+        from tokenizers import Tokenizer as HfTokenizer
+
+        tok = HfTokenizer.from_file(str(files.tokenizer_json))
         eos_ids = [tok.token_to_id(e) for e in eos_tokens if tok.token_to_id(e) is not None]
     eos_ids = tuple(eos_ids) if isinstance(eos_ids, list) else (eos_ids,)
-    return Checkpoint(folder, "safetensors", config, tensors, files, template, tuple(int(e) for e in eos_ids))
+    return Checkpoint(folder, "safetensors", config, {}, files, template, tuple(int(e) for e in eos_ids))

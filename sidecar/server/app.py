@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import signal
-import sys
 import time
 
 import grpc
@@ -19,16 +18,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from sidecar.config import EngineConfig, ModelConfig, ServerConfig
+from sidecar.backends import create_engine, model_config_of
+from sidecar.config import EngineConfig, ModelConfig, RemoteConfig, ServerConfig
 from sidecar.dialogue.registry import CharacterRegistry
 from sidecar.dialogue.session_file import SessionFile
 from sidecar.dialogue.sessions import SessionStore
-from sidecar.engine.base_model import load_base_model
-from sidecar.engine.engine import AsyncEngine
 from sidecar.errors import UserError
 from sidecar.model.lora import load_peft_adapter
 from sidecar.pb.npc.v1 import dialogue_pb2
 from sidecar.server.interceptors import BearerTokenAuth
+from sidecar.server.openai_http import OpenAiEndpoint
 from sidecar.server.service import DialogueService, ServingAdapters
 from sidecar.server.wire import dialogue_handler
 
@@ -50,8 +49,9 @@ def is_loopback(listen: str) -> bool:
 
 
 async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_config: EngineConfig,
-                stop: asyncio.Event | None = None) -> None:
-    """Runs until `stop` is set or SIGTERM / SIGINT arrives. Prints `listening on HOST:PORT` on stdout when ready."""
+                stop: asyncio.Event | None = None, backend: str = "torch", remote: RemoteConfig | None = None) -> None:
+    """Runs until `stop` is set or SIGTERM / SIGINT arrives. Prints `listening on HOST:PORT` on stdout when ready
+    (after `openai http on HOST:PORT` when --openai-listen is set)."""
     started = time.perf_counter()
     if not server_config.characters.is_dir():  # fail fast, before the model loads
         raise UserError(f"--characters: folder {server_config.characters} not found")
@@ -59,13 +59,12 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
     session_file = SessionFile(server_config.session_store) if server_config.session_store else None
     if session_file is not None:  # before the model loads: a bad or locked file fails fast
         session_file.open(sessions)
-    log.info("loading model", path=str(model_config.path), weights=model_config.weights)
-    engine = await asyncio.to_thread(
-        AsyncEngine, lambda: load_base_model(model_config, progress=sys.stderr.isatty()), engine_config)
-    config = engine.base.model.config
-    if server_config.limits.max_tokens >= engine_config.max_seq_len:
+    log.info("loading model", path=str(model_config.path), weights=model_config.weights, backend=backend)
+    engine = await create_engine(backend, model_config, engine_config, remote)
+    config = model_config_of(engine)  # a remote backend still validates adapters against the same base model
+    if server_config.limits.max_tokens >= engine.config.max_seq_len:
         await engine.shutdown()
-        raise UserError(f"--limit max_tokens: must be below the context length ({engine_config.max_seq_len} tokens), "
+        raise UserError(f"--limit max_tokens: must be below the context length ({engine.config.max_seq_len} tokens), "
                         f"got {server_config.limits.max_tokens}")
 
     # A broken adapter keeps the last good version serving, from memory.
@@ -74,6 +73,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
     registry = CharacterRegistry(server_config.characters, on_change=adapters.forget,
                                  adapter_validator=adapters.validate)
     service = DialogueService(engine, registry, sessions, server_config, adapters, device=model_config.device)
+    http = OpenAiEndpoint(engine, registry, adapters, server_config, accepting=lambda: service.accepting)
 
     interceptors = [BearerTokenAuth(server_config.auth_token)] if server_config.auth_token else []
     server = grpc.aio.server(interceptors=interceptors, options=[
@@ -86,11 +86,17 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
         port = server.add_insecure_port(server_config.listen)
     except RuntimeError:
         port = 0
-    if not port:
+    http_address = None
+    try:
+        if not port:
+            raise UserError(f"--listen: cannot listen on {server_config.listen} (address in use or not local?)")
+        if server_config.openai_listen:
+            http_address = await http.start(server_config.openai_listen)
+    except UserError:
         await engine.shutdown()
         if session_file is not None:
             session_file.close(sessions)
-        raise UserError(f"--listen: cannot listen on {server_config.listen} (address in use or not local?)")
+        raise
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -98,11 +104,19 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
     address = f"{server_config.listen.rpartition(':')[0]}:{port}"
     characters = registry.list()
     log.info("serving", address=address, model=engine.base.path.name, weights=engine.base.weights,
+             backend=service.backend, openai_http=http_address,
              characters=[c.id for c in characters], failed=[c.id for c in characters if c.error],
              auth=bool(server_config.auth_token), startup_s=round(time.perf_counter() - started, 1))
-    if not is_loopback(server_config.listen) and not server_config.auth_token:
-        log.warning("listening beyond this PC without --auth-token: anyone who can reach the port can make "
-                    "NPCs talk; set --auth-token (or $NPC_AUTH_TOKEN) or listen on 127.0.0.1", address=address)
+    for listen in filter(None, (server_config.listen, server_config.openai_listen)):
+        if not is_loopback(listen) and not server_config.auth_token:
+            log.warning("listening beyond this PC without --auth-token: anyone who can reach the port can make "
+                        "NPCs talk; set --auth-token (or $NPC_AUTH_TOKEN) or listen on 127.0.0.1", address=listen)
+    if hasattr(engine, "missing_models") and (missing := engine.missing_models(
+            [c.id for c in characters if c.has_adapter])):
+        log.warning("the remote lists no model for these characters' adapters; their replies fail with "
+                    "FAILED_PRECONDITION until it serves them", models=missing)
+    if http_address:
+        print(f"openai http on {http_address}", flush=True)
     print(f"listening on {address}", flush=True)  # the line launchers and tests wait for
 
     stop = stop or asyncio.Event()
@@ -129,6 +143,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
             break
         await asyncio.sleep(0.01)
     await server.stop(grace=1.0)
+    await http.stop()
     if session_file is not None:  # every finished turn is already in its journal; this compacts it
         session_file.close(sessions)
     registry.stop_watching()

@@ -12,6 +12,7 @@ from dataclasses import asdict
 import grpc
 import structlog
 
+from sidecar.backends import BackendUnavailable, backend_name
 from sidecar.config import ServerConfig
 from sidecar.dialogue.characters import Character
 from sidecar.dialogue.prompt import emotion_messages, fit_to_budget
@@ -50,6 +51,7 @@ STATUS_FOR = (
     (SessionExists, grpc.StatusCode.ALREADY_EXISTS),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
     (UserError, grpc.StatusCode.INVALID_ARGUMENT),
 )
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
@@ -93,10 +95,12 @@ class ServingAdapters:
 class DialogueService(pb_grpc.NpcDialogueServicer):
     def __init__(self, engine: AsyncEngine, registry: CharacterRegistry, sessions: SessionStore,
                  config: ServerConfig, adapters: ServingAdapters, device: str = "cpu"):
+        """`engine`: AsyncEngine or a backend with its surface (sidecar/backends)."""
         self.engine, self.registry, self.sessions, self.config = engine, registry, sessions, config
         self.adapters = adapters
         self.limits = config.limits
         self.device = device
+        self.backend = backend_name(engine, device)
         self.accepting = True
         self.replies: dict[str, RequestStream] = {}  # in flight, by request id
 
@@ -126,8 +130,9 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
         self.replies[stream.request_id] = stream
         finished: EngineEvent | None = None
         queue_ms = first_token_ms = 0.0
+        refused: list[Exception] = []
         try:
-            async for event in stream:
+            async for event in _until_refused(stream, refused):
                 if event.kind == "started":
                     queue_ms = (time.perf_counter() - received) * 1000
                     yield pb.TalkEvent(started=pb.Started(
@@ -143,6 +148,8 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
                     await context.abort(code, f"character {character.id!r}: {event.error}")
                 else:
                     finished = event
+            if refused:  # a remote backend was busy (429) or failed: RESOURCE_EXHAUSTED / UNAVAILABLE
+                await self._refuse(context, "Talk", refused[0], character=character.id)
             if finished is None:
                 return
             completed = finished.finish_reason in ("stop", "length")
@@ -171,7 +178,8 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
             self.replies.pop(stream.request_id, None)
             if finished is None:
                 stream.cancel()
-                bound.info("reply cancelled by the client")
+                if not refused:
+                    bound.info("reply cancelled by the client")
 
     async def _emotion(self, character: Character, messages, reply: str) -> str:
         """One of the character's emotion labels for this reply, by constrained choice under its adapter."""
@@ -188,7 +196,7 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
                     return labels[event.choice]
                 if event.kind in ("finished", "error"):
                     break
-        except (UserError, QueueFull) as exc:  # e.g. a reply so long the question no longer fits the context
+        except (UserError, QueueFull, BackendUnavailable) as exc:  # e.g. a reply so long the question no longer fits
             log.warning("emotion not scored; using the first label", character=character.id, error=str(exc))
         return labels[0]
 
@@ -239,7 +247,7 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
                             context: grpc.aio.ServicerContext) -> pb.ServerInfo:
         stats, cfg = self.engine.stats(), self.engine.config
         return pb.ServerInfo(
-            model=self.engine.base.path.name, weights=self.engine.base.weights, backend=f"torch-{self.device}",
+            model=self.engine.base.path.name, weights=self.engine.base.weights, backend=self.backend,
             max_batch=cfg.max_batch, active_sequences=int(stats["active_sequences"]),
             waiting_requests=int(stats["waiting_requests"]), resident_adapters=len(stats["resident_adapters"]),
             version=VERSION, max_resident_adapters=cfg.max_resident_adapters, max_waiting=cfg.max_waiting,
@@ -261,6 +269,16 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
         code = status_for(exc)
         log.info("refused", rpc=rpc, code=code.name, error=str(exc), **fields)
         await context.abort(code, str(exc))
+
+
+async def _until_refused(stream: AsyncIterator[EngineEvent], refused: list[Exception]) -> AsyncIterator[EngineEvent]:
+    """The stream's events; a backend's QueueFull or BackendUnavailable raised while streaming ends
+    them and is put in `refused` (the in-process engine raises neither once submitted)."""
+    try:
+        async for event in stream:
+            yield event
+    except (QueueFull, BackendUnavailable) as exc:
+        refused.append(exc)
 
 
 def character_pb(s: CharacterStatus) -> pb.Character:

@@ -1,0 +1,175 @@
+"""The OpenAI completions API as the remote backend speaks it (pure parts, unit-testable): the
+request body, server-sent events, refusals, echo log-probabilities, and chunks -> engine events."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from sidecar.backends import BackendUnavailable
+from sidecar.engine.engine import QueueFull
+from sidecar.engine.sampler import SamplingParams, StopStringFilter
+from sidecar.engine.sequence import EngineEvent
+from sidecar.engine.tokenizer import Tokenizer
+
+
+class RemoteRefused(Exception):
+    """The remote answered 4xx other than 429: no such model, or a request it will not run."""
+
+
+def completion_body(prompt_ids: list[int], model: str, params: SamplingParams, max_tokens: int) -> dict[str, Any]:
+    """A streamed /v1/completions request for a reply. Fields beyond OpenAI's (top_k, repetition_penalty,
+    ignore_eos, return_token_ids) are vLLM's names, sent only when they change something or help."""
+    body: dict[str, Any] = {"model": model, "prompt": list(prompt_ids), "max_tokens": max_tokens, "stream": True,
+                            "stream_options": {"include_usage": True}, "return_token_ids": True,
+                            "temperature": params.temperature, "top_p": params.top_p}
+    if params.seed is not None:
+        body["seed"] = params.seed
+    if params.top_k:
+        body["top_k"] = params.top_k
+    if params.repetition_penalty != 1.0:
+        body["repetition_penalty"] = params.repetition_penalty
+    if params.ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+def candidate_logprob(response: dict, prompt_len: int, candidate: list[int]) -> float:
+    """log p(candidate | prompt) from an echo response for prompt + candidate: the sum of the
+    candidate positions' token_logprobs."""
+    try:
+        values = response["choices"][0]["logprobs"]["token_logprobs"][prompt_len:prompt_len + len(candidate)]
+    except (KeyError, IndexError, TypeError):
+        values = []
+    if len(values) != len(candidate) or not all(isinstance(v, int | float) for v in values):
+        raise RemoteRefused("the remote returned no prompt log-probabilities for the candidate "
+                            "(needs echo + logprobs with max_tokens 0)")
+    return float(sum(values))
+
+
+class ReplyEvents:
+    """A streamed reply's chunks -> our engine events, as the torch engine emits them.
+
+    `tokens()` takes new token ids (exact: our detokenizer), `text()` new text when the remote
+    sends no ids. Either way our stop-string filter runs on the text, an eos id ends the reply
+    unless ignore_eos, and max_tokens ends it with "length".
+    """
+
+    def __init__(self, request_id: str, prompt_tokens: int, params: SamplingParams, max_tokens: int,
+                 tokenizer: Tokenizer, submitted: float):
+        self.request_id, self.prompt_tokens, self.max_tokens = request_id, prompt_tokens, max_tokens
+        self.detokenizer = tokenizer.detokenizer()
+        self.stops = StopStringFilter(params.stop)
+        self.eos = frozenset(() if params.ignore_eos else tokenizer.eos_ids)
+        self.output: list[int] = []
+        self.pieces = 0  # text chunks received without ids
+        self.text = ""
+        self.done = False
+        self.submitted, self.first_token = submitted, 0.0
+        self._pending: list[int] = []
+
+    def started(self) -> EngineEvent:
+        return EngineEvent("started", self.request_id, prompt_tokens=self.prompt_tokens, **self.timings())
+
+    def tokens(self, ids: list[int]) -> list[EngineEvent]:
+        events: list[EngineEvent] = []
+        for token in ids:
+            if self.done:
+                break
+            self.first_token = self.first_token or time.perf_counter()
+            if token in self.eos:
+                return events + self.finish("stop")
+            self.output.append(token)
+            self._pending.append(token)
+            events += self._push(self.detokenizer.push(token))
+            if not self.done and len(self.output) >= self.max_tokens:
+                events += self.finish("length")
+        return events
+
+    def text_piece(self, text: str) -> list[EngineEvent]:
+        if self.done or not text:
+            return []
+        self.first_token = self.first_token or time.perf_counter()
+        self.pieces += 1
+        return self._push(text)
+
+    def _push(self, piece: str) -> list[EngineEvent]:
+        out, hit = self.stops.push(piece)
+        events = [self._delta(out)] if out else []
+        return events + (self.finish("stop", stop_string=True) if hit else [])
+
+    def finish(self, reason: str, stop_string: bool = False, usage: dict | None = None) -> list[EngineEvent]:
+        if self.done:
+            return []
+        events = []
+        if reason in ("stop", "length") and not stop_string:  # release held-back text, as the engine does
+            tail, hit = self.stops.push(self.detokenizer.flush())
+            tail += "" if hit else self.stops.flush()
+            if tail:
+                events.append(self._delta(tail))
+        self.done = True
+        usage = usage or {}
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        completion = len(self.output) if self.output or not self.pieces else usage.get("completion_tokens", self.pieces)
+        events.append(EngineEvent("finished", self.request_id, text=self.text, token_ids=tuple(self.output),
+                                  finish_reason=reason, prompt_tokens=self.prompt_tokens, cached_tokens=int(cached),
+                                  completion_tokens=int(completion), **self.timings()))
+        return events
+
+    def timings(self) -> dict[str, float]:
+        now = time.perf_counter()
+        return {"queue_ms": 0.0, "first_token_ms": ((self.first_token or now) - self.submitted) * 1000,
+                "total_ms": (now - self.submitted) * 1000}
+
+    def _delta(self, text: str) -> EngineEvent:
+        self.text += text
+        event = EngineEvent("delta", self.request_id, text=text, token_ids=tuple(self._pending))
+        self._pending.clear()
+        return event
+
+
+async def sse_data(content: aiohttp.StreamReader) -> AsyncIterator[dict]:
+    """The JSON objects of a server-sent event stream, up to `data: [DONE]`."""
+    async for raw in content:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue  # blank separators, comments (": ping"), event names
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            raise BackendUnavailable(f"the remote sent a malformed event: {payload[:80]!r}") from None
+        if isinstance(data, dict):
+            yield data
+
+
+async def refusal(response: aiohttp.ClientResponse, model: str) -> Exception:
+    """The exception for a non-200 answer."""
+    raw = await response.content.read(4096)
+    try:
+        message = str(json.loads(raw)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = raw.decode(errors="replace").strip()
+    message = message[:300] or response.reason or ""
+    status = response.status
+    if status == 429:
+        return QueueFull(f"the remote model server is busy (HTTP 429: {message}); retry after a short backoff")
+    if status == 404:
+        return RemoteRefused(f"the remote serves no model {model!r} (HTTP 404: {message}); register the adapter "
+                             f"under that name there (vLLM: --lora-modules {model}=PATH)")
+    if status in (401, 403):
+        return BackendUnavailable(f"the remote refused the API key (HTTP {status}); check --remote-api-key")
+    if 400 <= status < 500:
+        return RemoteRefused(f"the remote refused the request (HTTP {status}: {message})")
+    return BackendUnavailable(f"the remote model server failed (HTTP {status}: {message})")
+
+
+
+def finish_reason(remote: str) -> str:
+    return remote if remote in ("stop", "length") else "cancelled"

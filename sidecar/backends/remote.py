@@ -1,0 +1,375 @@
+"""Remote backend: the model runs on an OpenAI-compatible server elsewhere; the sidecar stays the
+gRPC front (characters, prompts, sessions, limits) for the game. `npc serve --backend remote
+--remote-url URL` serves the same contract as the in-process engine.
+
+What stays ours, so replies mean the same on either side:
+- the prompt: built and budgeted with OUR tokenizer (from --model, which must be the remote's
+  model) and sent as a list of token ids to POST /v1/completions. Nothing is re-tokenized on
+  the remote, so the prompt is exactly the in-process one and player text stays literal (a
+  typed `<|im_end|>` can never become a control token);
+- detokenizing and stop strings: when the remote streams token ids (`return_token_ids`, vLLM's
+  name; our own endpoint sends them too) they go through our detokenizer and stop-string filter,
+  as in the engine; otherwise its text chunks do. Stop strings are matched here (exact on text)
+  and never sent; when one ends the reply, the HTTP response is closed, which stops the remote.
+
+Each character maps to a model name on the remote: its id when it has an adapter (override with
+--remote-adapter ID=NAME), else the base model (--remote-model, default: the first model that
+GET /v1/models lists). The remote serves its own copy of the adapters: with vLLM that is
+`--enable-lora --lora-modules ID=PATH` (or runtime loading), named by character id; a
+character's lora_scale and its adapter version are the remote's business there. Adapters are
+still validated here, against the model --model names, so a broken one fails the same way.
+
+Errors: HTTP 429 -> QueueFull (RESOURCE_EXHAUSTED); refused connections, timeouts, 5xx and a
+stream cut short -> BackendUnavailable (UNAVAILABLE); 404 (no such model / adapter) and other
+4xx -> an error event (FAILED_PRECONDITION, with the remote's message). Cancelling a request
+closes its HTTP response. Emotion labels (`choices`) are scored with one request per candidate:
+`echo: true, logprobs: 1, max_tokens: 0` on prompt + candidate, summing the candidate's
+`token_logprobs`.
+
+What was run, and what was not
+------------------------------
+Run here: against a second `npc serve --openai-listen` process (sidecar/server/openai_http.py)
+on the same characters, tests/test_backend_remote.py: dialogue over the remote-backed gRPC
+socket, greedy replies equal to the serving process's own, cancel stopping the remote, 429,
+unreachable remote, emotion scoring.
+Not run: vLLM, trtllm-serve, llama.cpp's llama-server (none can be installed here). What this
+module assumes of them was read, not tried: vLLM's CompletionRequest (vllm/entrypoints/openai/
+completion/protocol.py) takes `prompt` as a list of token ids, `echo` with `max_tokens: 0` as
+scoring without generating (prompt logprobs = `logprobs`), `return_token_ids`, `top_k`,
+`repetition_penalty`, `ignore_eos`, `stream_options.include_usage`; unknown fields are logged and
+ignored, not refused (engine/protocol.py, OpenAIBaseModel extra="allow"); its model cards carry
+`max_model_len`; it selects a LoRA adapter by `model` (docs.vllm.ai, features/lora).
+llama.cpp's server README (tools/server) documents token-id prompts for /completion and says
+/v1/completions takes the same options; it lists one model, does not select adapters by `model`
+and, as far as read, streams no token ids (the text path then applies). trtllm-serve: not
+checked beyond being OpenAI-compatible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+
+from sidecar.backends import BackendUnavailable
+from sidecar.backends.openai_wire import (
+    RemoteRefused,
+    ReplyEvents,
+    candidate_logprob,
+    completion_body,
+    finish_reason,
+    refusal,
+    sse_data,
+)
+from sidecar.config import EngineConfig, ModelConfig, RemoteConfig
+from sidecar.engine.engine import QueueFull
+from sidecar.engine.sampler import SamplingParams
+from sidecar.engine.sequence import AdapterRef, EngineEvent
+from sidecar.engine.tokenizer import Tokenizer
+from sidecar.errors import UserError
+
+__all__ = ["RemoteBase", "RemoteEngine", "RemoteStream", "read_base"]
+
+log = structlog.get_logger(__name__)
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class RemoteBase:
+    """What the servicer reads as `engine.base`: our tokenizer and the model's shape; no weights here."""
+
+    path: Path
+    tokenizer: Tokenizer
+    config: Any  # LlamaConfig: adapters are validated against it
+    weights: str = ""  # held by the remote, in a form it does not report
+
+
+def read_base(path: Path) -> RemoteBase:
+    """Tokenizer and model shape from --model (a GGUF file is memory-mapped, a folder's weights are not read)."""
+    path = Path(path)
+    if path.is_dir():
+        from sidecar.backends.tensorrt_llm import read_model_folder
+
+        tokenizer, config = read_model_folder(path)
+        return RemoteBase(path, tokenizer, config)
+    from sidecar.model.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    return RemoteBase(path, Tokenizer(checkpoint), checkpoint.config)
+
+
+# --- the engine -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Live:
+    request_id: str
+    generating: bool  # False: a choices (scoring) request, which no queue limit refuses
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # EngineEvent, or an exception to raise
+    submitted: float = field(default_factory=time.perf_counter)
+    task: asyncio.Task | None = None
+    ended: bool = False
+
+    def emit(self, event: EngineEvent) -> None:
+        if not self.ended:
+            self.ended = event.kind in ("finished", "error")
+            self.queue.put_nowait(event)
+
+    def fail(self, exc: Exception) -> None:
+        if not self.ended:
+            self.ended = True
+            self.queue.put_nowait(exc)
+
+
+class RemoteStream:
+    """RequestStream's surface; also raises QueueFull / BackendUnavailable when the remote refused or
+    failed (the servicer maps those to RESOURCE_EXHAUSTED / UNAVAILABLE). Leaving early cancels."""
+
+    def __init__(self, engine: RemoteEngine, live: _Live):
+        self._engine, self._live = engine, live
+
+    @property
+    def request_id(self) -> str:
+        return self._live.request_id
+
+    def __aiter__(self) -> AsyncIterator[EngineEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[EngineEvent]:
+        done = False
+        try:
+            while not done:
+                item = await self._live.queue.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                done = item.kind in ("finished", "error")
+                yield item
+        finally:
+            if not done:
+                self._engine.cancel(self.request_id)
+
+    def cancel(self) -> None:
+        self._engine.cancel(self.request_id)
+
+
+class RemoteEngine:
+    """AsyncEngine's surface over an OpenAI-compatible server: one asyncio task per request, on the
+    server's event loop. From `config`: max_batch and max_waiting bound the requests in flight
+    (beyond them, QueueFull here, before the remote is asked), max_seq_len the prompt budget
+    (lowered to the remote's max_model_len when it reports one)."""
+
+    backend = "remote"
+
+    def __init__(self, base: RemoteBase, config: EngineConfig, remote: RemoteConfig, session: aiohttp.ClientSession,
+                 base_model: str, listed: tuple[str, ...]):
+        self.base, self.config, self.remote, self.session = base, config, remote, session
+        self.base_model, self.listed = base_model, listed
+        self.adapter_names = dict(remote.adapter_names)
+        self._url = remote.base_url + "/v1/completions"
+        self._live: dict[str, _Live] = {}
+        self._stopping = False
+
+    @classmethod
+    async def connect(cls, model_config: ModelConfig, config: EngineConfig, remote: RemoteConfig) -> RemoteEngine:
+        """Reads our tokenizer, then asks the remote which models it serves; UserError if that fails."""
+        base = await asyncio.to_thread(read_base, model_config.path)
+        headers = {"Authorization": f"Bearer {remote.api_key}"} if remote.api_key else {}
+        session = aiohttp.ClientSession(
+            headers=headers, connector=aiohttp.TCPConnector(limit=0),  # our own queue limit bounds connections
+            timeout=aiohttp.ClientTimeout(total=None, connect=remote.connect_timeout_s,
+                                          sock_read=remote.read_timeout_s))
+        try:
+            cards = await _list_models(session, remote)
+            names = tuple(str(card.get("id")) for card in cards)
+            if remote.model is not None and remote.model not in names:
+                raise UserError(f"--remote-model {remote.model!r}: {remote.base_url} does not serve it; it lists "
+                                f"{', '.join(names[:20])}")
+            base_model = remote.model or names[0]
+            card = cards[names.index(base_model)]
+            limit = card.get("max_model_len")
+            if isinstance(limit, int) and 1 < limit < config.max_seq_len:
+                config = replace(config, max_seq_len=limit)  # prompts are budgeted to what the remote holds
+        except BaseException:
+            await session.close()
+            raise
+        log.info("remote backend", url=remote.base_url, base_model=base_model, models=list(names[:20]),
+                 tokenizer=str(base.path), context_tokens=config.max_seq_len)
+        return cls(base, config, remote, session, base_model, names)
+
+    def model_for(self, adapter: AdapterRef | None) -> str:
+        return self.base_model if adapter is None else self.adapter_names.get(adapter.name, adapter.name)
+
+    def missing_models(self, character_ids: list[str]) -> list[str]:
+        """Remote model names, for these characters with adapters, that the remote did not list at start."""
+        return [name for name in (self.adapter_names.get(c, c) for c in character_ids) if name not in self.listed]
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
+               request_id: str | None = None, choices: list[list[int]] | None = None) -> RemoteStream:
+        """Queues a request; raises QueueFull or UserError as AsyncEngine.submit does (same messages)."""
+        if not prompt_ids:
+            raise UserError("prompt is empty")
+        if choices is not None and (not choices or any(not c for c in choices)):
+            raise UserError("choices must be a non-empty list of non-empty token lists")
+        longest = max((len(c) for c in choices), default=0) if choices else 0
+        room = self.config.max_seq_len - len(prompt_ids) - longest
+        if room < 1:
+            raise UserError(f"prompt has {len(prompt_ids)} tokens; the limit is {self.config.max_seq_len - 1} "
+                            "(max_seq_len)")
+        vocab = self.base.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids) or any(not 0 <= t < vocab for c in choices or () for t in c):
+            raise UserError(f"prompt or choices hold token ids outside the vocabulary [0, {vocab})")
+        if self._stopping:
+            raise QueueFull("the engine is shutting down")
+        generating = sum(1 for live in self._live.values() if live.generating)
+        if choices is None and generating >= self.config.max_batch + self.config.max_waiting:
+            raise QueueFull(f"{generating - self.config.max_batch} requests are already waiting "
+                            f"(max_waiting {self.config.max_waiting})")
+        live = _Live(request_id or f"remote-{next(_ids)}", generating=choices is None)
+        self._live[live.request_id] = live
+        model = self.model_for(adapter)
+        work = (self._score(live, list(prompt_ids), model, [list(c) for c in choices]) if choices is not None
+                else self._generate(live, list(prompt_ids), model, sampling, min(sampling.max_tokens, room)))
+        live.task = asyncio.get_running_loop().create_task(work)
+        live.task.add_done_callback(lambda _: self._ended(live))
+        return RemoteStream(self, live)
+
+    def cancel(self, request_id: str) -> bool:
+        live = self._live.get(request_id)
+        if live is None or live.task is None or live.task.done():
+            return False
+        live.task.cancel()
+        return True
+
+    async def _generate(self, live: _Live, prompt: list[int], model: str, sampling: SamplingParams,
+                        max_tokens: int) -> None:
+        reply = ReplyEvents(live.request_id, len(prompt), sampling, max_tokens, self.base.tokenizer, live.submitted)
+        response: aiohttp.ClientResponse | None = None
+        complete = False  # the body was read to its end: the connection can be reused
+        try:
+            response = await self.session.post(self._url, json=completion_body(prompt, model, sampling, max_tokens))
+            if response.status != 200:
+                raise await refusal(response, model)
+            live.emit(reply.started())
+            reason: str | None = None
+            async for data in sse_data(response.content):
+                if "error" in data:
+                    raise RuntimeError(f"the remote failed mid-reply: {str(data['error'])[:300]}")
+                for choice in data.get("choices") or ():
+                    ids = choice.get("token_ids")
+                    events = reply.tokens(ids) if ids is not None else reply.text_piece(choice.get("text", ""))
+                    for event in events:
+                        live.emit(event)
+                    reason = reason or choice.get("finish_reason")
+                if data.get("usage") and reason:  # the remote's last chunk: read on to [DONE]
+                    for event in reply.finish(finish_reason(reason), usage=data["usage"]):
+                        live.emit(event)
+                elif reply.done:
+                    break  # ours ended it (stop string, eos, max_tokens): closing the response stops the remote
+            else:  # [DONE], or the end of the body
+                complete = True
+                if not reply.done and reason is None:
+                    raise BackendUnavailable("the remote ended the reply without a finish reason")
+                for event in reply.finish(finish_reason(reason or "stop")):
+                    live.emit(event)
+        except asyncio.CancelledError:
+            for event in reply.finish("cancelled"):
+                live.emit(event)
+        except (QueueFull, BackendUnavailable) as e:
+            live.fail(e)
+        except RemoteRefused as e:
+            live.emit(EngineEvent("error", live.request_id, finish_reason="error", error=str(e),
+                                  prompt_tokens=len(prompt), **reply.timings()))
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            live.fail(self._unreachable(e))
+        except Exception as e:
+            log.warning("remote request failed", request_id=live.request_id, error=f"{type(e).__name__}: {e}")
+            live.emit(EngineEvent("error", live.request_id, finish_reason="error", internal=True,
+                                  error=f"remote backend: {type(e).__name__}: {e}", prompt_tokens=len(prompt),
+                                  **reply.timings()))
+        finally:
+            if response is not None:
+                # Closing a response that is still streaming drops the connection: the remote
+                # sees the client leave and stops the sequence (our own endpoint cancels it).
+                if complete:
+                    response.release()
+                else:
+                    response.close()
+
+    async def _score(self, live: _Live, prompt: list[int], model: str, choices: list[list[int]]) -> None:
+        async def one(candidate: list[int]) -> float:
+            body = {"model": model, "prompt": prompt + candidate, "max_tokens": 0, "echo": True, "logprobs": 1,
+                    "temperature": 0.0}
+            async with self.session.post(self._url, json=body) as r:
+                if r.status != 200:
+                    raise await refusal(r, model)
+                return candidate_logprob(await r.json(content_type=None), len(prompt), candidate)
+
+        try:
+            scores = await asyncio.gather(*(one(c) for c in choices))
+            live.emit(EngineEvent("started", live.request_id, prompt_tokens=len(prompt)))
+            live.emit(EngineEvent("finished", live.request_id, finish_reason="choice", prompt_tokens=len(prompt),
+                                  choice=max(range(len(scores)), key=scores.__getitem__), choice_logprobs=tuple(scores),
+                                  total_ms=(time.perf_counter() - live.submitted) * 1000))
+        except asyncio.CancelledError:
+            live.emit(EngineEvent("finished", live.request_id, finish_reason="cancelled"))
+        except (QueueFull, BackendUnavailable) as e:
+            live.fail(e)
+        except RemoteRefused as e:
+            live.emit(EngineEvent("error", live.request_id, finish_reason="error", error=str(e)))
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
+            live.fail(self._unreachable(e))
+
+    def _unreachable(self, e: BaseException) -> BackendUnavailable:
+        return BackendUnavailable(f"the remote model server at {self.remote.base_url} is unreachable or stopped "
+                                  f"answering ({type(e).__name__}: {e})")
+
+    def _ended(self, live: _Live) -> None:
+        """Task done; one cancelled before it ran still ends its stream."""
+        self._live.pop(live.request_id, None)
+        live.emit(EngineEvent("finished", live.request_id, finish_reason="cancelled"))
+
+    # --- control ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        """Replies in flight beyond max_batch count as waiting; adapters and caches are the remote's."""
+        generating = sum(1 for live in self._live.values() if live.generating)
+        active = min(generating, self.config.max_batch)
+        return {"active_sequences": active, "waiting_requests": generating - active, "resident_adapters": [],
+                "prefix_cache_bytes": 0, "prefix_cache_capacity_bytes": 0}
+
+    async def shutdown(self, cancel_running: bool = True) -> None:
+        self._stopping = True
+        tasks = [live.task for live in self._live.values() if live.task is not None]
+        if cancel_running:
+            for task in tasks:
+                task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        await self.session.close()
+
+
+async def _list_models(session: aiohttp.ClientSession, remote: RemoteConfig) -> list[dict]:
+    url = remote.base_url + "/v1/models"
+    try:
+        async with session.get(url) as r:
+            if r.status in (401, 403):
+                raise UserError(f"--remote-api-key: {url} refused it (HTTP {r.status})")
+            if r.status != 200:
+                raise UserError(f"--remote-url: GET {url} answered HTTP {r.status}; is it an OpenAI-compatible server?")
+            data = await r.json(content_type=None)
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
+        raise UserError(f"--remote-url: cannot reach {url} ({type(e).__name__}: {e})") from None
+    cards = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(cards, list) or not cards or not all(isinstance(c, dict) and c.get("id") for c in cards):
+        raise UserError(f"--remote-url: GET {url} listed no models")
+    return cards

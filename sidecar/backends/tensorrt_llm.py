@@ -1,0 +1,506 @@
+"""TensorRT-LLM backend: the base model and the characters' LoRA adapters served by NVIDIA's
+TensorRT-LLM (its `LLM` API, default PyTorch backend) instead of our torch engine, behind the
+surface the servicer uses on AsyncEngine (`submit`, `cancel`, `stats`, `shutdown`, `config`, `base`).
+
+What stays ours, so replies mean the same on either backend:
+- the tokenizer (read from the model folder): prompts are built, budgeted and passed as token
+  ids, never text, so player text stays literal; TensorRT-LLM's own tokenizer is never loaded;
+- detokenizing (never half a UTF-8 character) and stop strings (`StopStringFilter`, exact on
+  text): TensorRT-LLM's `stop` matches token sequences, which misses a stop string that another
+  tokenization of the same text spells differently, or that starts inside a token. When our
+  filter ends a reply, the TensorRT-LLM request is aborted (at most a step of extra decoding);
+- adapters: each validated adapter version is written to a private PEFT folder in the one form
+  TensorRT-LLM's loader reads unambiguously (one rank, lora_alpha = r, the character's
+  lora_scale folded into B), under an int id that is new for every (character, version, scale).
+
+What was run, and what was not
+-------------------------------
+Run here (CPU only; tensorrt_llm not installed, no GPU): tests/test_backend_tensorrt_llm.py.
+It covers LoraIds, sampling_kwargs, lora_config_kwargs, write_peft_snapshot (read back by our
+own PEFT loader), continuation_logprob, OutputEvents and stream_events on hand-made output
+objects, read_model_folder, the missing-package / no-GPU errors, and TensorRtLlmEngine's request
+flow (stream, stop string, cancel, choices, adapter error, queue limit, stats, shutdown) against
+a fake `LLM` object shaped like the documented API.
+
+Never run: anything that imports tensorrt_llm, on any GPU. What this module assumes of TensorRT-LLM is
+read from its documentation and source (NVIDIA/TensorRT-LLM: tensorrt_llm/llmapi/llm.py,
+sampling_params.py, executor/request.py, executor/result.py, executor/base_worker.py,
+lora_manager.py, _torch/peft/lora/config.py, _torch/pyexecutor/_util.py; docs features/lora.html)
+and is unverified, in particular: LoRA without `lora_dir` given explicit `lora_target_modules`;
+`skip_tokenizer_init=True` with token-id prompts; greedy as `top_k=1`; `return_context_logits`
+on the PyTorch backend, and which rows it returns under KV-cache block reuse; `abort()` ending a
+streamed request with finish_reason "cancelled"; repetition_penalty on the PyTorch sampler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import itertools
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import structlog
+import torch
+
+from sidecar.backends.trt_adapters import (
+    AdapterSnapshots,
+    LoraIds,
+    lora_config_kwargs,
+    write_peft_snapshot,
+)
+from sidecar.config import EngineConfig
+from sidecar.engine.engine import QueueFull, RequestStream
+from sidecar.engine.sampler import SamplingParams, StopStringFilter
+from sidecar.engine.sequence import AdapterRef, EngineEvent
+from sidecar.engine.tokenizer import Detokenizer, Tokenizer
+from sidecar.errors import UserError
+from sidecar.model.config import LlamaConfig
+from sidecar.model.hf_folder import read_hf_metadata
+from sidecar.model.lora import AdapterError
+
+__all__ = ["AdapterSnapshots", "LoraIds", "OutputEvents", "TensorRtLlmEngine", "TrtBase", "choice_sampling_kwargs",
+           "continuation_logprob", "load_tensorrt_llm", "lora_config_kwargs", "read_model_folder", "sampling_kwargs",
+           "stream_events", "write_peft_snapshot"]
+
+log = structlog.get_logger(__name__)
+
+NOT_INSTALLED = ("--backend tensorrt-llm: the tensorrt-llm package is not installed: pip install "
+                 "'npc-sidecar[tensorrt]' (Linux/Windows with an NVIDIA GPU)")
+NO_GPU = ("--backend tensorrt-llm: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
+          "TensorRT-LLM needs an NVIDIA GPU with its CUDA driver (use the default torch backend otherwise)")
+
+_ids = itertools.count()
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def _package_installed() -> bool:
+    return importlib.util.find_spec("tensorrt_llm") is not None
+
+
+def load_tensorrt_llm() -> SimpleNamespace:
+    """The four TensorRT-LLM names this backend uses (LLM, SamplingParams, LoraConfig, LoRARequest).
+
+    Raises UserError when the package is missing, no CUDA GPU is visible, or the import fails.
+    """
+    if not _package_installed():
+        raise UserError(NOT_INSTALLED)
+    if not torch.cuda.is_available():
+        raise UserError(NO_GPU)
+    try:
+        trt = importlib.import_module("tensorrt_llm")
+        request = importlib.import_module("tensorrt_llm.executor.request")
+        lora_config = None
+        # LoraConfig moved between releases; the documented import paths, newest first.
+        for module in ("tensorrt_llm._torch.peft.lora.config", "tensorrt_llm.lora_helper", "tensorrt_llm.lora_manager"):
+            try:
+                lora_config = importlib.import_module(module).LoraConfig
+                break
+            except (ImportError, AttributeError):
+                continue
+        if lora_config is None:
+            raise ImportError("LoraConfig not found in this tensorrt_llm release")
+        return SimpleNamespace(LLM=trt.LLM, SamplingParams=trt.SamplingParams, LoraConfig=lora_config,
+                               LoRARequest=request.LoRARequest)
+    except Exception as e:  # a broken install (CUDA libraries, MPI) fails in many ways
+        raise UserError(f"--backend tensorrt-llm: importing tensorrt_llm failed: {type(e).__name__}: {e}") from None
+
+
+def read_model_folder(folder: Path) -> tuple[Tokenizer, LlamaConfig]:
+    """Our tokenizer and the model's shape from a Hugging Face folder, without reading its weights.
+
+    The eos ids follow load_hf_folder exactly (generation_config.json, config.json, then the
+    tokenizer's eos token), so prompts and stops match the torch engine's for the same folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--backend tensorrt-llm: needs a Hugging Face model folder (config.json, *.safetensors, "
+                        f"tokenizer.json); {folder} is not a folder (GGUF files are for the torch backend)")
+    metadata = read_hf_metadata(folder)
+    return Tokenizer(metadata), metadata.config
+
+
+@dataclass(frozen=True)
+class TrtBase:
+    """What the servicer reads as `engine.base`: tokenizer, path and weights, plus the model shape
+    that adapters are validated against (AsyncEngine has it at `base.model.config`)."""
+
+    path: Path
+    tokenizer: Tokenizer
+    config: LlamaConfig
+    weights: str = "auto"  # TensorRT-LLM's dtype "auto": the folder's torch_dtype
+
+
+# --- pure parts -------------------------------------------------------------------------------
+
+
+def sampling_kwargs(params: SamplingParams, max_tokens: int, eos_ids: Sequence[int],
+                    rng: random.Random | None = None) -> dict[str, Any]:
+    """Keyword arguments for tensorrt_llm.SamplingParams that sample what our Sampler samples.
+
+    - greedy (temperature 0) is `top_k=1`: every TensorRT-LLM release reads top_k == 1 as greedy
+      (newer ones also temperature == 0, but older ones document temperature > 0 only);
+    - otherwise temperature, top_p and top_k are always explicit: with all three unset,
+      TensorRT-LLM decodes greedily; top_k 0 means no limit there as here;
+    - a request without a seed gets a fresh random one: TensorRT-LLM's default seed is 0 for
+      every request, which would give identical "random" replies to identical prompts;
+    - end_id is our first eos id, the others are stop_token_ids (TensorRT-LLM takes one end id);
+      ignore_eos is passed through. Without any eos id, end_id is -1 (what TensorRT-LLM itself
+      uses for ignore_eos): there must be one, since its tokenizer is never loaded;
+    - stop strings are not passed (see the module docstring), nor is detokenizing wanted.
+    """
+    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "end_id": eos_ids[0] if eos_ids else -1,
+                              "detokenize": False}
+    if params.ignore_eos:
+        kwargs["ignore_eos"] = True
+    elif len(eos_ids) > 1:
+        kwargs["stop_token_ids"] = list(eos_ids[1:])
+    if params.greedy:
+        kwargs["top_k"] = 1
+    else:
+        seed = params.seed if params.seed is not None else (rng or random).getrandbits(63)
+        kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=seed)
+    if params.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = params.repetition_penalty
+    return kwargs
+
+
+def choice_sampling_kwargs(eos_ids: Sequence[int]) -> dict[str, Any]:
+    """A scoring request: one throwaway greedy token, and the logits of every prompt position."""
+    return {"max_tokens": 1, "end_id": eos_ids[0] if eos_ids else -1, "detokenize": False, "top_k": 1,
+            "return_context_logits": True}
+
+
+def continuation_logprob(context_logits: Any, candidate: Sequence[int]) -> float:
+    """log p(candidate | prompt) from the context logits of one request whose input was
+    prompt + candidate[:-1]: the row of input position i predicts the token at i + 1, so the last
+    len(candidate) rows predict the candidate's tokens.
+
+    Only those last rows are used: with KV-cache block reuse, TensorRT-LLM returns logits only
+    for the positions it computed, not for a reused prompt prefix (NVIDIA/Model-Optimizer#1577),
+    and the last input positions are the ones computed. Fewer rows than that is an error.
+    """
+    logits = torch.as_tensor(context_logits)
+    while logits.dim() > 2 and logits.shape[0] == 1:
+        logits = logits[0]
+    if logits.dim() != 2 or logits.shape[0] < len(candidate):
+        raise ValueError(f"context logits of shape {list(logits.shape)}; the candidate needs its last "
+                         f"{len(candidate)} rows")
+    rows = logits[logits.shape[0] - len(candidate):].float().cpu()  # only these rows leave the GPU
+    logp = torch.log_softmax(rows, dim=-1)
+    return float(logp.gather(1, torch.tensor(list(candidate))[:, None]).sum())
+
+
+class OutputEvents:
+    """One request's TensorRT-LLM outputs -> our engine events, as the torch engine emits them.
+
+    `update()` takes the cumulative generated token ids TensorRT-LLM reports at each streaming step
+    (CompletionOutput.token_ids: every token so far, not a diff) and its finish_reason (None while
+    running; "stop", "length", "timeout" or "cancelled"). Tokens go through our detokenizer and
+    stop-string filter; an eos token ends the reply unless ignore_eos, and `max_tokens` ends it
+    with "length" even if TensorRT-LLM would go on. After the "finished" event every call returns
+    nothing; the caller then aborts the TensorRT-LLM request if it is still running.
+    """
+
+    def __init__(self, request_id: str, prompt_tokens: int, params: SamplingParams, max_tokens: int,
+                 detokenizer: Detokenizer, eos_ids: Sequence[int], submitted: float | None = None):
+        self.request_id, self.prompt_tokens, self.max_tokens = request_id, prompt_tokens, max_tokens
+        self.detokenizer = detokenizer
+        self.stops = StopStringFilter(params.stop)
+        self.eos = frozenset(() if params.ignore_eos else eos_ids)
+        self.output: list[int] = []
+        self.text = ""
+        self.finished = False
+        self.submitted = submitted if submitted is not None else time.perf_counter()
+        self.started_at = 0.0
+        self.first_token = 0.0
+        self._seen = 0  # how many of TensorRT-LLM's token ids have been taken
+        self._pending: list[int] = []  # ids whose text is not streamed yet
+
+    def started(self) -> EngineEvent:
+        self.started_at = time.perf_counter()
+        return EngineEvent("started", self.request_id, prompt_tokens=self.prompt_tokens,
+                           queue_ms=(self.started_at - self.submitted) * 1000)
+
+    def update(self, token_ids: Sequence[int], finish_reason: str | None) -> list[EngineEvent]:
+        events: list[EngineEvent] = []
+        if self.finished:
+            return events
+        new = list(token_ids[self._seen:])
+        self._seen = max(self._seen, len(token_ids))
+        for token in new:
+            if not self.first_token:
+                self.first_token = time.perf_counter()
+            if token in self.eos:
+                return events + self._finish("stop")
+            self.output.append(token)
+            self._pending.append(token)
+            text, hit_stop = self.stops.push(self.detokenizer.push(token))
+            if text:
+                events.append(self._delta(text))
+            if hit_stop:
+                return events + self._finish("stop", stop_string=True)
+            if len(self.output) >= self.max_tokens:
+                return events + self._finish("length")
+        if finish_reason is not None:
+            events += self._finish(finish_reason if finish_reason in ("stop", "length") else "cancelled")
+        return events
+
+    def cancel(self) -> list[EngineEvent]:
+        """Ends the reply as cancelled with the text streamed so far (held-back text is dropped)."""
+        return [] if self.finished else self._finish("cancelled")
+
+    def timings(self) -> dict[str, float]:
+        now = time.perf_counter()
+        return {"queue_ms": ((self.started_at or now) - self.submitted) * 1000,
+                "first_token_ms": ((self.first_token or now) - self.submitted) * 1000,
+                "total_ms": (now - self.submitted) * 1000}
+
+    def _delta(self, text: str) -> EngineEvent:
+        self.text += text
+        event = EngineEvent("delta", self.request_id, text=text, token_ids=tuple(self._pending))
+        self._pending.clear()
+        return event
+
+    def _finish(self, reason: str, stop_string: bool = False) -> list[EngineEvent]:
+        events = []
+        if reason in ("stop", "length") and not stop_string:  # release held-back text (as LLMEngine._finish)
+            tail, hit = self.stops.push(self.detokenizer.flush())
+            tail += "" if hit else self.stops.flush()
+            if tail:
+                events.append(self._delta(tail))
+        self.finished = True
+        events.append(EngineEvent("finished", self.request_id, text=self.text, token_ids=tuple(self.output),
+                                  finish_reason=reason, prompt_tokens=self.prompt_tokens,
+                                  completion_tokens=len(self.output), **self.timings()))
+        return events
+
+
+async def stream_events(outputs: AsyncIterable[Any], events: OutputEvents) -> AsyncIterator[EngineEvent]:
+    """Events from a streamed TensorRT-LLM request (`async for` over what generate_async returns;
+    each item has `.outputs[0].token_ids` and `.finish_reason`) until the reply has finished."""
+    async for output in outputs:
+        completion = output.outputs[0]
+        for event in events.update(completion.token_ids, completion.finish_reason):
+            yield event
+        if events.finished:
+            return
+    for event in events.cancel():  # the stream ended without a final output
+        yield event
+
+
+# --- the engine -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Live:
+    """A request in flight: its event queue (read by RequestStream) and the task serving it."""
+
+    request_id: str
+    queue: asyncio.Queue[EngineEvent]
+    submitted: float = field(default_factory=time.perf_counter)
+    task: asyncio.Task[None] | None = None
+    lora_id: int | None = None
+    ended: bool = False
+
+    def emit(self, event: EngineEvent) -> None:
+        if self.ended:
+            return
+        self.ended = event.kind in ("finished", "error")
+        self.queue.put_nowait(event)
+
+
+class TensorRtLlmEngine:
+    """AsyncEngine's surface over tensorrt_llm.LLM. Everything runs on the caller's event loop:
+    one asyncio task per request drives TensorRT-LLM's async result (which needs that loop).
+
+    From `config` (EngineConfig): max_batch, max_seq_len, max_resident_adapters (adapters on the
+    GPU), max_rank and max_waiting are used; prefill_chunk and the prefix cache sizes are
+    TensorRT-LLM's own business (its KV-cache block reuse). `llm_kwargs` go to tensorrt_llm.LLM
+    as they are (e.g. kv_cache_config); `api` replaces the tensorrt_llm names (tests).
+    """
+
+    def __init__(self, model_path: Path, config: EngineConfig | None = None, *, max_cpu_loras: int | None = None,
+                 llm_kwargs: dict[str, Any] | None = None, api: Any = None):
+        self.config = config or EngineConfig()
+        self._api = api or load_tensorrt_llm()
+        model_path = Path(model_path)
+        tokenizer, model_config = read_model_folder(model_path)
+        self.base = TrtBase(model_path, tokenizer, model_config)
+        self.max_len = min(self.config.max_seq_len, model_config.max_position)
+        cpu_loras = max_cpu_loras or 2 * self.config.max_resident_adapters
+        lora_kwargs = lora_config_kwargs(self.config.max_rank, self.config.max_resident_adapters, cpu_loras)
+        self._snapshot_root = Path(tempfile.mkdtemp(prefix="npc-trtllm-adapters-"))
+        self.snapshots = AdapterSnapshots(self._snapshot_root, model_config, self.config.max_rank)
+        self.lora_ids = LoraIds(max(cpu_loras, 16), on_forget=self.snapshots.forget)
+        self._live: dict[str, _Live] = {}
+        self._stopping = False
+        self._rng = random.Random()
+        try:
+            self.llm = self._api.LLM(model=str(model_path), skip_tokenizer_init=True,
+                                      max_batch_size=self.config.max_batch, max_seq_len=self.max_len,
+                                      lora_config=self._api.LoraConfig(**lora_kwargs), **(llm_kwargs or {}))
+        except Exception:
+            shutil.rmtree(self._snapshot_root, ignore_errors=True)
+            raise
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
+               request_id: str | None = None, choices: list[list[int]] | None = None) -> RequestStream:
+        """Queues a request; raises QueueFull or UserError as AsyncEngine.submit does (same messages).
+
+        With `choices`, nothing is generated: each candidate continuation is scored from the
+        context logits of prompt + candidate, and the request finishes (reason "choice").
+        """
+        if not prompt_ids:
+            raise UserError("prompt is empty")
+        if choices is not None and (not choices or any(not c for c in choices)):
+            raise UserError("choices must be a non-empty list of non-empty token lists")
+        longest = max((len(c) for c in choices), default=0) if choices else 0
+        room = self.max_len - len(prompt_ids) - longest
+        if room < 1:
+            raise UserError(f"prompt has {len(prompt_ids)} tokens; the limit is {self.max_len - 1} (max_seq_len)")
+        vocab = self.base.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids) or any(not 0 <= t < vocab for c in choices or () for t in c):
+            raise UserError(f"prompt or choices hold token ids outside the vocabulary [0, {vocab})")
+        if self._stopping:
+            raise QueueFull("the engine is shutting down")
+        if choices is None and len(self._live) >= self.config.max_batch + self.config.max_waiting:
+            waiting = len(self._live) - self.config.max_batch
+            raise QueueFull(f"{waiting} requests are already waiting (max_waiting {self.config.max_waiting})")
+
+        live = _Live(request_id or f"trt-{next(_ids)}", asyncio.Queue())
+        self._live[live.request_id] = live
+        work = (self._score(live, list(prompt_ids), adapter, [list(c) for c in choices]) if choices is not None
+                else self._generate(live, list(prompt_ids), adapter, sampling, min(sampling.max_tokens, room)))
+        live.task = asyncio.get_running_loop().create_task(work)
+        live.task.add_done_callback(lambda _: self._ended(live))
+        return RequestStream(self, live, live.queue)  # type: ignore[arg-type]  # needs only .request_id
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancels a request; its stream ends with finish_reason "cancelled" at once."""
+        live = self._live.get(request_id)
+        if live is None or live.task is None or live.task.done():
+            return False
+        live.task.cancel()
+        return True
+
+    async def _generate(self, live: _Live, prompt: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
+                        max_tokens: int) -> None:
+        tok = self.base.tokenizer
+        events = OutputEvents(live.request_id, len(prompt), sampling, max_tokens, tok.detokenizer(), tok.eos_ids,
+                              live.submitted)
+        result = None
+        try:
+            lora = await self._lora_request(live, adapter)
+            params = self._api.SamplingParams(**sampling_kwargs(sampling, max_tokens, tok.eos_ids, self._rng))
+            result = self.llm.generate_async(prompt, sampling_params=params, lora_request=lora, streaming=True)
+            live.emit(events.started())
+            async for event in stream_events(result, events):
+                live.emit(event)
+        except asyncio.CancelledError:
+            for event in events.cancel():
+                live.emit(event)
+        except Exception as e:
+            self._fail(live, e, len(prompt), events)
+        finally:
+            self._abort([result])
+
+    async def _score(self, live: _Live, prompt: list[int], adapter: AdapterRef | None,
+                     choices: list[list[int]]) -> None:
+        events = OutputEvents(live.request_id, len(prompt), SamplingParams(max_tokens=1), 1,
+                              self.base.tokenizer.detokenizer(), (), live.submitted)
+        results: list[Any] = []
+        try:
+            lora = await self._lora_request(live, adapter)
+            for candidate in choices:  # one request each: prompt + candidate[:-1] holds every row needed
+                params = self._api.SamplingParams(**choice_sampling_kwargs(self.base.tokenizer.eos_ids))
+                results.append(self.llm.generate_async(prompt + candidate[:-1], sampling_params=params,
+                                                        lora_request=lora))
+            live.emit(events.started())
+            scores = []
+            for candidate, result in zip(choices, results, strict=True):
+                await result.aresult()
+                scores.append(continuation_logprob(result.context_logits, candidate))
+            live.emit(EngineEvent("finished", live.request_id, finish_reason="choice", prompt_tokens=len(prompt),
+                                  choice=max(range(len(scores)), key=scores.__getitem__),
+                                  choice_logprobs=tuple(scores), **events.timings()))
+        except asyncio.CancelledError:
+            for event in events.cancel():
+                live.emit(event)
+        except Exception as e:
+            self._fail(live, e, len(prompt), events)
+        finally:
+            self._abort(results)
+
+    async def _lora_request(self, live: _Live, ref: AdapterRef | None) -> Any:
+        args = self.lora_ids.request_args(ref)
+        if args is None:
+            return None
+        name, lora_id, _ = args
+        self.lora_ids.pin(lora_id)
+        live.lora_id = lora_id
+        folder = await asyncio.to_thread(self.snapshots.folder, lora_id, ref)
+        return self._api.LoRARequest(name, lora_id, str(folder))
+
+    def _fail(self, live: _Live, e: Exception, prompt_tokens: int, events: OutputEvents) -> None:
+        if isinstance(e, AdapterError):  # the character's adapter folder is unusable: not an engine fault
+            live.emit(EngineEvent("error", live.request_id, finish_reason="error", error=str(e),
+                                  prompt_tokens=prompt_tokens, **events.timings()))
+            return
+        log.exception("tensorrt-llm request failed", request_id=live.request_id)
+        live.emit(EngineEvent("error", live.request_id, finish_reason="error", internal=True,
+                              error=f"internal error in the tensorrt-llm backend ({type(e).__name__}: {e})",
+                              prompt_tokens=prompt_tokens, **events.timings()))
+
+    @staticmethod
+    def _abort(results: Sequence[Any]) -> None:
+        """Stops TensorRT-LLM requests still running (our stop string, a cancel, an error)."""
+        for result in results:
+            if result is not None and not result.finished:
+                try:
+                    result.abort()
+                except Exception:  # e.g. the executor is already shut down
+                    log.warning("aborting a tensorrt-llm request failed", exc_info=True)
+
+    def _ended(self, live: _Live) -> None:
+        """Task done: release its adapter id; a task cancelled before it ran still ends its stream."""
+        self._live.pop(live.request_id, None)
+        if live.lora_id is not None:
+            self.lora_ids.unpin(live.lora_id)
+        live.emit(EngineEvent("finished", live.request_id, finish_reason="cancelled",
+                              total_ms=(time.perf_counter() - live.submitted) * 1000))
+
+    # --- control ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        """Requests in flight beyond max_batch count as waiting (TensorRT-LLM queues them itself);
+        resident_adapters are the adapter versions with an id (on the GPU, in host memory or known)."""
+        active = min(len(self._live), self.config.max_batch)
+        return {"active_sequences": active, "waiting_requests": len(self._live) - active,
+                "resident_adapters": self.lora_ids.resident()}
+
+    async def shutdown(self, cancel_running: bool = True) -> None:
+        """Ends live requests (cancelled, or finished within 5 s), then shuts TensorRT-LLM down."""
+        self._stopping = True
+        tasks = [live.task for live in self._live.values() if live.task is not None]
+        if cancel_running:
+            for task in tasks:
+                task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        try:
+            await asyncio.to_thread(self.llm.shutdown)
+        finally:
+            shutil.rmtree(self._snapshot_root, ignore_errors=True)
