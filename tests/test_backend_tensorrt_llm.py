@@ -17,9 +17,9 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HfTokenizer
 
 from sidecar.backends import tensorrt_llm as trt
+from sidecar.backends.events import TokenEvents as OutputEvents
 from sidecar.backends.tensorrt_llm import (
     LoraIds,
-    OutputEvents,
     TensorRtLlmEngine,
     continuation_logprob,
     lora_config_kwargs,

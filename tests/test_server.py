@@ -27,8 +27,10 @@ def run(coro):
     return asyncio.run(coro)
 
 
-@pytest.fixture(scope="module")
-def sidecar(tmp_path_factory, checkpoint):
+@pytest.fixture(scope="module", params=["torch", "remote"])
+def sidecar(request, tmp_path_factory, checkpoint):
+    """The same dialogue tests against both ways of serving: the in-process engine, and the remote
+    backend (`--backend remote`) in front of a second `npc serve --openai-listen` holding the model."""
     root = copy_characters(tmp_path_factory.mktemp("characters"))
     write_character(root, "guard", "You are a bored town guard. You answer in one short sentence.",
                     emotions="[bored, suspicious, stern]")
@@ -38,9 +40,21 @@ def sidecar(tmp_path_factory, checkpoint):
         folder = write_character(root, cid, f"You are the {cid}.", adapter="adapter")
         write_random_adapter(folder / "adapter", checkpoint.config, seed=seed, rank=8)
     write_character(root, "broken", "x", generation="{temperature: hot}")  # never loads: FAILED_PRECONDITION
-    server = SidecarProcess(root, "--max-batch", "8")
-    yield server
-    assert server.stop() == 0, "".join(server.log[-20:])
+    if request.param == "torch":
+        server = SidecarProcess(root, "--max-batch", "8")
+        server.backend = "torch-cpu"
+        yield server
+        assert server.stop() == 0, "".join(server.log[-20:])
+        return
+    cluster = SidecarProcess(root, "--openai-listen", "127.0.0.1:0", "--max-batch", "8")
+    try:
+        front = SidecarProcess(root, "--backend", "remote", "--remote-url", f"http://{cluster.openai_address}",
+                               "--max-batch", "8")
+        front.backend = "remote"
+        yield front
+        assert front.stop() == 0, "".join(front.log[-20:])
+    finally:
+        cluster.stop()
 
 
 async def _collect(client: NpcClient, character: str, line: str, **kwargs) -> list[pb.TalkEvent]:
@@ -117,10 +131,12 @@ def test_sessions_remember_reset_export_import(sidecar):
         async with NpcClient(sidecar.address) as client:
             opts = pb.GenerationOptions(**GREEDY)
             first, _, _ = await client.say("baker", "Hello!", session_id="p1", options=opts)
-            second, _, _ = await client.say("baker", "What bread do you have?", session_id="p1", options=opts)
+            second, _, second_done = await client.say("baker", "What bread do you have?", session_id="p1",
+                                                      options=opts)
             other, _, _ = await client.say("guard", "Hello!", session_id="p1", options=opts)
             assert (first.history_turns, second.history_turns, other.history_turns) == (0, 1, 0)
-            assert second.cached_prompt_tokens > 0  # the persona's K/V was reused
+            if sidecar.backend != "remote":  # a remote's cache use is not reported (README: not verified)
+                assert second.cached_prompt_tokens == second_done.usage.cached_prompt_tokens > 0
             state = await client.export_session("p1")
             assert [t.character_id for t in state.turns] == ["baker", "baker", "guard"]
             assert state.format_version == 1 and state.turns[0].player_line == "Hello!"
@@ -301,7 +317,8 @@ def test_health_reflection_and_info(sidecar):
             assert "npc.v1.NpcDialogue" in names
         async with NpcClient(sidecar.address) as client:
             info = await client.server_info()
-        assert info.weights == "int4" and info.max_batch == 8 and info.backend == "torch-cpu"
+        assert info.max_batch == 8 and info.backend == sidecar.backend
+        assert info.weights == "int4" or sidecar.backend == "remote"
         assert info.model.endswith(".gguf") and info.context_tokens > 0
 
     run(go())

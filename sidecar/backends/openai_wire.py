@@ -11,8 +11,9 @@ from typing import Any
 import aiohttp
 
 from sidecar.backends import BackendUnavailable
+from sidecar.backends.events import TokenEvents
 from sidecar.engine.engine import QueueFull
-from sidecar.engine.sampler import SamplingParams, StopStringFilter
+from sidecar.engine.sampler import SamplingParams
 from sidecar.engine.sequence import EngineEvent
 from sidecar.engine.tokenizer import Tokenizer
 
@@ -51,85 +52,39 @@ def candidate_logprob(response: dict, prompt_len: int, candidate: list[int]) -> 
     return float(sum(values))
 
 
-class ReplyEvents:
-    """A streamed reply's chunks -> our engine events, as the torch engine emits them.
+class ReplyEvents(TokenEvents):
+    """A streamed reply's chunks -> our engine events (TokenEvents, with our tokenizer).
 
-    `tokens()` takes new token ids (exact: our detokenizer), `text()` new text when the remote
-    sends no ids. Either way our stop-string filter runs on the text, an eos id ends the reply
-    unless ignore_eos, and max_tokens ends it with "length".
+    `tokens()` takes new token ids (exact: our detokenizer), `text_piece()` new text when the remote
+    sends no ids; our stop-string filter runs on the text either way. `finish()` takes the usage of
+    the remote's last chunk, for cached_tokens, and completion_tokens when it sent text without ids.
     """
 
     def __init__(self, request_id: str, prompt_tokens: int, params: SamplingParams, max_tokens: int,
                  tokenizer: Tokenizer, submitted: float):
-        self.request_id, self.prompt_tokens, self.max_tokens = request_id, prompt_tokens, max_tokens
-        self.detokenizer = tokenizer.detokenizer()
-        self.stops = StopStringFilter(params.stop)
-        self.eos = frozenset(() if params.ignore_eos else tokenizer.eos_ids)
-        self.output: list[int] = []
+        super().__init__(request_id, prompt_tokens, params, max_tokens, tokenizer.detokenizer(), tokenizer.eos_ids,
+                         submitted, measure_queue=False)
         self.pieces = 0  # text chunks received without ids
-        self.text = ""
-        self.done = False
-        self.submitted, self.first_token = submitted, 0.0
-        self._pending: list[int] = []
-
-    def started(self) -> EngineEvent:
-        return EngineEvent("started", self.request_id, prompt_tokens=self.prompt_tokens, **self.timings())
-
-    def tokens(self, ids: list[int]) -> list[EngineEvent]:
-        events: list[EngineEvent] = []
-        for token in ids:
-            if self.done:
-                break
-            self.first_token = self.first_token or time.perf_counter()
-            if token in self.eos:
-                return events + self.finish("stop")
-            self.output.append(token)
-            self._pending.append(token)
-            events += self._push(self.detokenizer.push(token))
-            if not self.done and len(self.output) >= self.max_tokens:
-                events += self.finish("length")
-        return events
+        self.usage: dict = {}
 
     def text_piece(self, text: str) -> list[EngineEvent]:
-        if self.done or not text:
+        if self.finished or not text:
             return []
         self.first_token = self.first_token or time.perf_counter()
         self.pieces += 1
         return self._push(text)
 
-    def _push(self, piece: str) -> list[EngineEvent]:
-        out, hit = self.stops.push(piece)
-        events = [self._delta(out)] if out else []
-        return events + (self.finish("stop", stop_string=True) if hit else [])
-
     def finish(self, reason: str, stop_string: bool = False, usage: dict | None = None) -> list[EngineEvent]:
-        if self.done:
-            return []
-        events = []
-        if reason in ("stop", "length") and not stop_string:  # release held-back text, as the engine does
-            tail, hit = self.stops.push(self.detokenizer.flush())
-            tail += "" if hit else self.stops.flush()
-            if tail:
-                events.append(self._delta(tail))
-        self.done = True
-        usage = usage or {}
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        completion = len(self.output) if self.output or not self.pieces else usage.get("completion_tokens", self.pieces)
-        events.append(EngineEvent("finished", self.request_id, text=self.text, token_ids=tuple(self.output),
-                                  finish_reason=reason, prompt_tokens=self.prompt_tokens, cached_tokens=int(cached),
-                                  completion_tokens=int(completion), **self.timings()))
-        return events
+        if usage and not self.finished:
+            self.usage = usage
+        return super().finish(reason, stop_string)
 
-    def timings(self) -> dict[str, float]:
-        now = time.perf_counter()
-        return {"queue_ms": 0.0, "first_token_ms": ((self.first_token or now) - self.submitted) * 1000,
-                "total_ms": (now - self.submitted) * 1000}
-
-    def _delta(self, text: str) -> EngineEvent:
-        self.text += text
-        event = EngineEvent("delta", self.request_id, text=text, token_ids=tuple(self._pending))
-        self._pending.clear()
-        return event
+    def _usage(self) -> dict[str, int]:
+        cached = (self.usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        # Text without ids: the remote's count if it gave one, else one token a chunk (a guess).
+        completion = (len(self.output) if self.output or not self.pieces
+                      else self.usage.get("completion_tokens", self.pieces))
+        return {"cached_tokens": int(cached), "completion_tokens": int(completion)}
 
 
 async def sse_data(content: aiohttp.StreamReader) -> AsyncIterator[dict]:
@@ -168,8 +123,3 @@ async def refusal(response: aiohttp.ClientResponse, model: str) -> Exception:
     if 400 <= status < 500:
         return RemoteRefused(f"the remote refused the request (HTTP {status}: {message})")
     return BackendUnavailable(f"the remote model server failed (HTTP {status}: {message})")
-
-
-
-def finish_reason(remote: str) -> str:
-    return remote if remote in ("stop", "length") else "cancelled"

@@ -58,13 +58,13 @@ from typing import Any
 import aiohttp
 import structlog
 
-from sidecar.backends import BackendUnavailable
+from sidecar.backends import BackendUnavailable, cancel_task, cancel_tasks, in_flight_stats
+from sidecar.backends.events import engine_reason
 from sidecar.backends.openai_wire import (
     RemoteRefused,
     ReplyEvents,
     candidate_logprob,
     completion_body,
-    finish_reason,
     refusal,
     sse_data,
 )
@@ -245,10 +245,7 @@ class RemoteEngine:
 
     def cancel(self, request_id: str) -> bool:
         live = self._live.get(request_id)
-        if live is None or live.task is None or live.task.done():
-            return False
-        live.task.cancel()
-        return True
+        return live is not None and cancel_task(live.task)
 
     async def _generate(self, live: _Live, prompt: list[int], model: str, sampling: SamplingParams,
                         max_tokens: int) -> None:
@@ -271,15 +268,15 @@ class RemoteEngine:
                         live.emit(event)
                     reason = reason or choice.get("finish_reason")
                 if data.get("usage") and reason:  # the remote's last chunk: read on to [DONE]
-                    for event in reply.finish(finish_reason(reason), usage=data["usage"]):
+                    for event in reply.finish(engine_reason(reason), usage=data["usage"]):
                         live.emit(event)
-                elif reply.done:
+                elif reply.finished:
                     break  # ours ended it (stop string, eos, max_tokens): closing the response stops the remote
             else:  # [DONE], or the end of the body
                 complete = True
-                if not reply.done and reason is None:
+                if not reply.finished and reason is None:
                     raise BackendUnavailable("the remote ended the reply without a finish reason")
-                for event in reply.finish(finish_reason(reason or "stop")):
+                for event in reply.finish(engine_reason(reason or "stop")):
                     live.emit(event)
         except asyncio.CancelledError:
             for event in reply.finish("cancelled"):
@@ -343,18 +340,12 @@ class RemoteEngine:
     def stats(self) -> dict[str, object]:
         """Replies in flight beyond max_batch count as waiting; adapters and caches are the remote's."""
         generating = sum(1 for live in self._live.values() if live.generating)
-        active = min(generating, self.config.max_batch)
-        return {"active_sequences": active, "waiting_requests": generating - active, "resident_adapters": [],
+        return {**in_flight_stats(generating, self.config.max_batch), "resident_adapters": [],
                 "prefix_cache_bytes": 0, "prefix_cache_capacity_bytes": 0}
 
     async def shutdown(self, cancel_running: bool = True) -> None:
         self._stopping = True
-        tasks = [live.task for live in self._live.values() if live.task is not None]
-        if cancel_running:
-            for task in tasks:
-                task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
+        await cancel_tasks([live.task for live in self._live.values() if live.task is not None], cancel_running)
         await self.session.close()
 
 

@@ -17,7 +17,7 @@ What was run, and what was not
 -------------------------------
 Run here (CPU only; tensorrt_llm not installed, no GPU): tests/test_backend_tensorrt_llm.py.
 It covers LoraIds, sampling_kwargs, lora_config_kwargs, write_peft_snapshot (read back by our
-own PEFT loader), continuation_logprob, OutputEvents and stream_events on hand-made output
+own PEFT loader), continuation_logprob, TokenEvents and stream_events on hand-made output
 objects, read_model_folder, the missing-package / no-GPU errors, and TensorRtLlmEngine's request
 flow (stream, stop string, cancel, choices, adapter error, queue limit, stats, shutdown) against
 a fake `LLM` object shaped like the documented API.
@@ -35,6 +35,7 @@ streamed request with finish_reason "cancelled"; repetition_penalty on the PyTor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import importlib.util
 import itertools
@@ -42,7 +43,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,6 +52,8 @@ from typing import Any
 import structlog
 import torch
 
+from sidecar.backends import cancel_task, cancel_tasks, in_flight_stats
+from sidecar.backends.events import TokenEvents
 from sidecar.backends.trt_adapters import (
     AdapterSnapshots,
     LoraIds,
@@ -59,15 +62,15 @@ from sidecar.backends.trt_adapters import (
 )
 from sidecar.config import EngineConfig
 from sidecar.engine.engine import QueueFull, RequestStream
-from sidecar.engine.sampler import SamplingParams, StopStringFilter
+from sidecar.engine.sampler import SamplingParams
 from sidecar.engine.sequence import AdapterRef, EngineEvent
-from sidecar.engine.tokenizer import Detokenizer, Tokenizer
+from sidecar.engine.tokenizer import Tokenizer
 from sidecar.errors import UserError
 from sidecar.model.config import LlamaConfig
 from sidecar.model.hf_folder import read_hf_metadata
 from sidecar.model.lora import AdapterError
 
-__all__ = ["AdapterSnapshots", "LoraIds", "OutputEvents", "TensorRtLlmEngine", "TrtBase", "choice_sampling_kwargs",
+__all__ = ["AdapterSnapshots", "LoraIds", "TensorRtLlmEngine", "TrtBase", "choice_sampling_kwargs",
            "continuation_logprob", "load_tensorrt_llm", "lora_config_kwargs", "read_model_folder", "sampling_kwargs",
            "stream_events", "write_peft_snapshot"]
 
@@ -201,94 +204,9 @@ def continuation_logprob(context_logits: Any, candidate: Sequence[int]) -> float
     return float(logp.gather(1, torch.tensor(list(candidate))[:, None]).sum())
 
 
-class OutputEvents:
-    """One request's TensorRT-LLM outputs -> our engine events, as the torch engine emits them.
-
-    `update()` takes the cumulative generated token ids TensorRT-LLM reports at each streaming step
-    (CompletionOutput.token_ids: every token so far, not a diff) and its finish_reason (None while
-    running; "stop", "length", "timeout" or "cancelled"). Tokens go through our detokenizer and
-    stop-string filter; an eos token ends the reply unless ignore_eos, and `max_tokens` ends it
-    with "length" even if TensorRT-LLM would go on. After the "finished" event every call returns
-    nothing; the caller then aborts the TensorRT-LLM request if it is still running.
-    """
-
-    def __init__(self, request_id: str, prompt_tokens: int, params: SamplingParams, max_tokens: int,
-                 detokenizer: Detokenizer, eos_ids: Sequence[int], submitted: float | None = None):
-        self.request_id, self.prompt_tokens, self.max_tokens = request_id, prompt_tokens, max_tokens
-        self.detokenizer = detokenizer
-        self.stops = StopStringFilter(params.stop)
-        self.eos = frozenset(() if params.ignore_eos else eos_ids)
-        self.output: list[int] = []
-        self.text = ""
-        self.finished = False
-        self.submitted = submitted if submitted is not None else time.perf_counter()
-        self.started_at = 0.0
-        self.first_token = 0.0
-        self._seen = 0  # how many of TensorRT-LLM's token ids have been taken
-        self._pending: list[int] = []  # ids whose text is not streamed yet
-
-    def started(self) -> EngineEvent:
-        self.started_at = time.perf_counter()
-        return EngineEvent("started", self.request_id, prompt_tokens=self.prompt_tokens,
-                           queue_ms=(self.started_at - self.submitted) * 1000)
-
-    def update(self, token_ids: Sequence[int], finish_reason: str | None) -> list[EngineEvent]:
-        events: list[EngineEvent] = []
-        if self.finished:
-            return events
-        new = list(token_ids[self._seen:])
-        self._seen = max(self._seen, len(token_ids))
-        for token in new:
-            if not self.first_token:
-                self.first_token = time.perf_counter()
-            if token in self.eos:
-                return events + self._finish("stop")
-            self.output.append(token)
-            self._pending.append(token)
-            text, hit_stop = self.stops.push(self.detokenizer.push(token))
-            if text:
-                events.append(self._delta(text))
-            if hit_stop:
-                return events + self._finish("stop", stop_string=True)
-            if len(self.output) >= self.max_tokens:
-                return events + self._finish("length")
-        if finish_reason is not None:
-            events += self._finish(finish_reason if finish_reason in ("stop", "length") else "cancelled")
-        return events
-
-    def cancel(self) -> list[EngineEvent]:
-        """Ends the reply as cancelled with the text streamed so far (held-back text is dropped)."""
-        return [] if self.finished else self._finish("cancelled")
-
-    def timings(self) -> dict[str, float]:
-        now = time.perf_counter()
-        return {"queue_ms": ((self.started_at or now) - self.submitted) * 1000,
-                "first_token_ms": ((self.first_token or now) - self.submitted) * 1000,
-                "total_ms": (now - self.submitted) * 1000}
-
-    def _delta(self, text: str) -> EngineEvent:
-        self.text += text
-        event = EngineEvent("delta", self.request_id, text=text, token_ids=tuple(self._pending))
-        self._pending.clear()
-        return event
-
-    def _finish(self, reason: str, stop_string: bool = False) -> list[EngineEvent]:
-        events = []
-        if reason in ("stop", "length") and not stop_string:  # release held-back text (as LLMEngine._finish)
-            tail, hit = self.stops.push(self.detokenizer.flush())
-            tail += "" if hit else self.stops.flush()
-            if tail:
-                events.append(self._delta(tail))
-        self.finished = True
-        events.append(EngineEvent("finished", self.request_id, text=self.text, token_ids=tuple(self.output),
-                                  finish_reason=reason, prompt_tokens=self.prompt_tokens,
-                                  completion_tokens=len(self.output), **self.timings()))
-        return events
-
-
-async def stream_events(outputs: AsyncIterable[Any], events: OutputEvents) -> AsyncIterator[EngineEvent]:
+async def stream_events(outputs: AsyncIterable[Any], events: TokenEvents) -> AsyncIterator[EngineEvent]:
     """Events from a streamed TensorRT-LLM request (`async for` over what generate_async returns;
-    each item has `.outputs[0].token_ids` and `.finish_reason`) until the reply has finished."""
+    each item has `.outputs[0].token_ids`, every id so far, and `.finish_reason`) until the reply has finished."""
     async for output in outputs:
         completion = output.outputs[0]
         for event in events.update(completion.token_ids, completion.finish_reason):
@@ -391,38 +309,28 @@ class TensorRtLlmEngine:
     def cancel(self, request_id: str) -> bool:
         """Cancels a request; its stream ends with finish_reason "cancelled" at once."""
         live = self._live.get(request_id)
-        if live is None or live.task is None or live.task.done():
-            return False
-        live.task.cancel()
-        return True
+        return live is not None and cancel_task(live.task)
 
     async def _generate(self, live: _Live, prompt: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
                         max_tokens: int) -> None:
         tok = self.base.tokenizer
-        events = OutputEvents(live.request_id, len(prompt), sampling, max_tokens, tok.detokenizer(), tok.eos_ids,
-                              live.submitted)
-        result = None
-        try:
+        events = TokenEvents(live.request_id, len(prompt), sampling, max_tokens, tok.detokenizer(), tok.eos_ids,
+                             live.submitted)
+        results: list[Any] = []
+        with self._ending(live, len(prompt), events, results):
             lora = await self._lora_request(live, adapter)
             params = self._api.SamplingParams(**sampling_kwargs(sampling, max_tokens, tok.eos_ids, self._rng))
-            result = self.llm.generate_async(prompt, sampling_params=params, lora_request=lora, streaming=True)
+            results.append(self.llm.generate_async(prompt, sampling_params=params, lora_request=lora, streaming=True))
             live.emit(events.started())
-            async for event in stream_events(result, events):
+            async for event in stream_events(results[0], events):
                 live.emit(event)
-        except asyncio.CancelledError:
-            for event in events.cancel():
-                live.emit(event)
-        except Exception as e:
-            self._fail(live, e, len(prompt), events)
-        finally:
-            self._abort([result])
 
     async def _score(self, live: _Live, prompt: list[int], adapter: AdapterRef | None,
                      choices: list[list[int]]) -> None:
-        events = OutputEvents(live.request_id, len(prompt), SamplingParams(max_tokens=1), 1,
-                              self.base.tokenizer.detokenizer(), (), live.submitted)
+        events = TokenEvents(live.request_id, len(prompt), SamplingParams(max_tokens=1), 1,
+                             self.base.tokenizer.detokenizer(), (), live.submitted)
         results: list[Any] = []
-        try:
+        with self._ending(live, len(prompt), events, results):
             lora = await self._lora_request(live, adapter)
             for candidate in choices:  # one request each: prompt + candidate[:-1] holds every row needed
                 params = self._api.SamplingParams(**choice_sampling_kwargs(self.base.tokenizer.eos_ids))
@@ -436,11 +344,18 @@ class TensorRtLlmEngine:
             live.emit(EngineEvent("finished", live.request_id, finish_reason="choice", prompt_tokens=len(prompt),
                                   choice=max(range(len(scores)), key=scores.__getitem__),
                                   choice_logprobs=tuple(scores), **events.timings()))
-        except asyncio.CancelledError:
+
+    @contextlib.contextmanager
+    def _ending(self, live: _Live, prompt_tokens: int, events: TokenEvents, results: list[Any]) -> Iterator[None]:
+        """How _generate and _score end: a cancel finishes the stream as cancelled (with the text so far),
+        a failure with an error event, and either way the TensorRT-LLM requests in `results` are aborted."""
+        try:
+            yield
+        except asyncio.CancelledError:  # cancel(): the stream ends here; the task itself ends normally
             for event in events.cancel():
                 live.emit(event)
         except Exception as e:
-            self._fail(live, e, len(prompt), events)
+            self._fail(live, e, prompt_tokens, events)
         finally:
             self._abort(results)
 
@@ -454,7 +369,7 @@ class TensorRtLlmEngine:
         folder = await asyncio.to_thread(self.snapshots.folder, lora_id, ref)
         return self._api.LoRARequest(name, lora_id, str(folder))
 
-    def _fail(self, live: _Live, e: Exception, prompt_tokens: int, events: OutputEvents) -> None:
+    def _fail(self, live: _Live, e: Exception, prompt_tokens: int, events: TokenEvents) -> None:
         if isinstance(e, AdapterError):  # the character's adapter folder is unusable: not an engine fault
             live.emit(EngineEvent("error", live.request_id, finish_reason="error", error=str(e),
                                   prompt_tokens=prompt_tokens, **events.timings()))
@@ -468,7 +383,7 @@ class TensorRtLlmEngine:
     def _abort(results: Sequence[Any]) -> None:
         """Stops TensorRT-LLM requests still running (our stop string, a cancel, an error)."""
         for result in results:
-            if result is not None and not result.finished:
+            if not result.finished:
                 try:
                     result.abort()
                 except Exception:  # e.g. the executor is already shut down
@@ -487,19 +402,13 @@ class TensorRtLlmEngine:
     def stats(self) -> dict[str, object]:
         """Requests in flight beyond max_batch count as waiting (TensorRT-LLM queues them itself);
         resident_adapters are the adapter versions with an id (on the GPU, in host memory or known)."""
-        active = min(len(self._live), self.config.max_batch)
-        return {"active_sequences": active, "waiting_requests": len(self._live) - active,
+        return {**in_flight_stats(len(self._live), self.config.max_batch),
                 "resident_adapters": self.lora_ids.resident()}
 
     async def shutdown(self, cancel_running: bool = True) -> None:
         """Ends live requests (cancelled, or finished within 5 s), then shuts TensorRT-LLM down."""
         self._stopping = True
-        tasks = [live.task for live in self._live.values() if live.task is not None]
-        if cancel_running:
-            for task in tasks:
-                task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
+        await cancel_tasks([live.task for live in self._live.values() if live.task is not None], cancel_running)
         try:
             await asyncio.to_thread(self.llm.shutdown)
         finally:
