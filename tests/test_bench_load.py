@@ -53,8 +53,8 @@ def test_load_and_faults_scenarios_report_their_figures(tmp_path, monkeypatch):
     broken, restored = c["phases"]["random bytes, in place"], c["phases"]["restored, atomic"]
     assert broken["status"] == "FAILED" and broken["serving"] and broken["error"] and restored["status"] == "READY"
     assert d["exit_code"] == 0 and d["other_outcomes"] == {} and d["failed_before_signal"] == {}
-    if faults["session_store_supported"]:
-        assert d["sessions"]["turns_missing"] == 0 and d["sessions"]["sessions_out_of_order"] == 0
+    assert faults["session_store_supported"]
+    assert d["sessions"]["turns_missing"] == 0 and d["sessions"]["sessions_out_of_order"] == 0
 
     report = (tmp_path / "reliability.md").read_text()  # one section per scenario, both kept
     assert report.count("<!-- load: begin") == 1 and report.count("<!-- faults: begin") == 1

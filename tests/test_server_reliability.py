@@ -187,10 +187,13 @@ def test_loopback_by_default_and_a_warning_beyond_it(tmp_path):
             port = guarded.address.rpartition(":")[2]
             for sent in (token, "wrong-" + token, None):
                 async with NpcClient(f"127.0.0.1:{port}", auth_token=sent) as client:
-                    try:
-                        await client.say("oracle", "Hello", options=pb.GenerationOptions(max_tokens=2))
-                    except grpc.aio.AioRpcError as e:
-                        assert sent != token and e.code() == grpc.StatusCode.UNAUTHENTICATED
+                    call = client.say("oracle", "Hello", options=pb.GenerationOptions(max_tokens=2))
+                    if sent == token:
+                        await call
+                        continue
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await call
+                    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
         run(go())
     finally:
