@@ -71,8 +71,7 @@ async def cancel_tasks(tasks: list[asyncio.Task[Any]], cancel_running: bool, tim
 
 def backend_name(engine: Any, device: str) -> str:
     """What ServerInfo.backend says: the engine's own name, else the torch engine on its device."""
-    named = getattr(engine, "backend", None) or {"TensorRtLlmEngine": "tensorrt-llm"}.get(type(engine).__name__)
-    return named or f"torch-{device}"
+    return getattr(engine, "backend", None) or f"torch-{device}"
 
 
 def model_config_of(engine: Any) -> Any:

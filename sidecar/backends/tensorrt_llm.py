@@ -248,6 +248,8 @@ class TensorRtLlmEngine:
     as they are (e.g. kv_cache_config); `api` replaces the tensorrt_llm names (tests).
     """
 
+    backend = "tensorrt-llm"  # ServerInfo.backend
+
     def __init__(self, model_path: Path, config: EngineConfig | None = None, *, max_cpu_loras: int | None = None,
                  llm_kwargs: dict[str, Any] | None = None, api: Any = None):
         self.config = config or EngineConfig()
