@@ -32,6 +32,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from sidecar.backends import BackendUnavailable
 from sidecar.config import ServerConfig
 from sidecar.dialogue.registry import CharacterRegistry, CharacterUnavailable, UnknownCharacter
 from sidecar.engine.engine import QueueFull
@@ -115,6 +116,8 @@ class OpenAiEndpoint:
                                  "invalid_api_key").response()
         try:
             return await handler(request)
+        except (QueueFull, BackendUnavailable) as e:  # a remote backend refusing mid-call
+            return _refusal(e).response()
         except HttpError as e:
             return e.response()
         except web.HTTPException as e:  # unknown path, wrong method, body too large: JSON too
@@ -211,7 +214,7 @@ class OpenAiEndpoint:
         try:
             return self.engine.submit(ids, adapter, sampling, choices=choices)
         except QueueFull as e:
-            raise HttpError(429, f"{e}; retry after a short backoff", "rate_limit_error", "queue_full") from None
+            raise _refusal(e) from None
         except UserError as e:
             raise HttpError(400, str(e), param="prompt") from None
 
@@ -240,7 +243,7 @@ class OpenAiEndpoint:
                 return web.json_response(shape.whole(finished))
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)
-            async for event in reply:
+            async for event in _refusals_as_errors(reply):
                 if event.kind == "delta":
                     await _send(response, shape.chunk(event.text, None, event.token_ids))
                 elif event.kind == "started":
@@ -339,6 +342,22 @@ class _Shape:
             choice["token_ids"] = list(finished.token_ids)
         return self._envelope("chat.completion" if self.chat else "text_completion", [choice],
                               usage=_usage(finished))
+
+
+def _refusal(e: Exception) -> HttpError:
+    if isinstance(e, QueueFull):
+        return HttpError(429, f"{e}; retry after a short backoff", "rate_limit_error", "queue_full")
+    return HttpError(503, str(e), "server_error", "backend_unavailable")
+
+
+async def _refusals_as_errors(reply: Any) -> Any:
+    """A stream's events; a remote backend's refusal raised once the SSE response has started (its
+    status line is sent) becomes an error event, sent to the client as an error chunk."""
+    try:
+        async for event in reply:
+            yield event
+    except (QueueFull, BackendUnavailable) as e:
+        yield EngineEvent("error", reply.request_id, finish_reason="error", error=_refusal(e).message)
 
 
 def _usage(event: EngineEvent) -> dict:
