@@ -134,7 +134,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     deadline = time.perf_counter() + server_config.shutdown_grace_s
-    while service.replies and time.perf_counter() < deadline:
+    while (service.replies or http.replies) and time.perf_counter() < deadline:  # gRPC and HTTP alike
         await asyncio.sleep(0.02)
     if cancelled := service.cancel_all():
         log.info("grace period over: replies cancelled", cancelled=cancelled)

@@ -69,14 +69,21 @@ class ServingAdapters:
     (or half-copied) after its version was checked can never change what that version says.
     """
 
+    KEEP = 2  # versions per character: the one serving, and a newer one validated but not yet published
+
     def __init__(self, load: Callable[[Character], LoraAdapter]):
         self._load = load
-        self._by_character: dict[str, tuple[tuple[str | None, float], LoraAdapter]] = {}
+        # character id -> {(adapter version, scale): adapter}, oldest first
+        self._by_character: dict[str, dict[tuple[str | None, float], LoraAdapter]] = {}
 
     def validate(self, character: Character) -> None:
-        """The registry's adapter validator: raises AdapterError, or keeps the adapter for serving."""
+        """The registry's adapter validator: raises AdapterError, or keeps the adapter for serving.
+        It runs before the registry publishes the new version, so the serving one is kept too."""
         adapter = self._load(character)
-        self._by_character[character.id] = ((character.adapter_version, character.lora_scale), adapter)
+        versions = self._by_character.setdefault(character.id, {})
+        versions[(character.adapter_version, character.lora_scale)] = adapter
+        while len(versions) > self.KEEP:
+            del versions[next(iter(versions))]
 
     def forget(self, character_id: str, status: CharacterStatus | None) -> None:
         if status is None:  # the character's folder is gone
@@ -86,10 +93,9 @@ class ServingAdapters:
         """The engine's handle on a character's adapter: editing only the persona keeps the adapter loaded."""
         if character.adapter_path is None:
             return None
-        key, adapter = self._by_character.get(character.id, (None, None))
+        adapter = self._by_character.get(character.id, {}).get((character.adapter_version, character.lora_scale))
         return AdapterRef(character.id, character.adapter_path, character.adapter_version or character.version,
-                          character.lora_scale,
-                          loaded=adapter if key == (character.adapter_version, character.lora_scale) else None)
+                          character.lora_scale, loaded=adapter)
 
 
 class DialogueService(pb_grpc.NpcDialogueServicer):
