@@ -19,11 +19,15 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
+def _add_model_flags(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("--model", help="GGUF file or Hugging Face folder (default: $NPC_MODEL, else the embedded "
                                    "SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto",
-                   help="weight format in memory (default: auto = fastest lossless choice for the file)")
+                   help="weight format in memory (default: auto = fastest lossless choice for the file; bf16 on a GPU)")
+    if device:
+        p.add_argument("--device", default="cpu",
+                       help="cpu (default), cuda, cuda:N, or auto (cuda when torch sees a GPU). The CUDA path has "
+                            "not been run on a GPU yet (README)")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -34,7 +38,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from sidecar.model.lora import load_peft_adapter
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    base = load_base_model(ModelConfig(resolve_model_path(args.model), args.weights), progress=not args.json)
+    base = load_base_model(ModelConfig(resolve_model_path(args.model), args.weights, args.device),
+                           progress=not args.json)
     adapter = load_peft_adapter(Path(args.adapter), base.model.config) if args.adapter else None
     tok = base.tokenizer
     if args.raw:
@@ -75,8 +80,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           shutdown_grace_s=args.grace,
                           session_store=Path(args.session_store) if args.session_store else None,
                           limits=RequestLimits.parse(args.limit), openai_listen=args.openai_listen)
-    engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting)
-    model = ModelConfig(resolve_model_path(args.model), args.weights)
+    engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting, cuda_graphs=args.cuda_graphs)
+    model = ModelConfig(resolve_model_path(args.model), args.weights, args.device)
     remote = None
     if args.backend == "remote":
         if not args.remote_url:
@@ -173,9 +178,23 @@ def _bench_multi_npc(args: argparse.Namespace) -> int:
     for p in peers:
         if p not in PEERS:
             raise UserError(f"--peers: unknown peer {p!r}; choose from {','.join(PEERS)} or none")
-    cfg = MultiNpcConfig(model=resolve_model_path(args.model), ns=_int_list("--n", args.n or "1,4,8,16,32"),
-                         tokens=args.tokens, peers=peers, out_dir=Path(args.out),
-                         json_path=Path(args.json) if args.json else None)
+    if args.model and args.model_shape:
+        raise UserError("--model and --model-shape exclude each other: a shape means a random-weight model")
+    if args.model_shape:
+        from sidecar.bench.random_model import SHAPES
+
+        if args.model_shape not in SHAPES:
+            raise UserError(f"--model-shape: unknown shape {args.model_shape!r}; choose from {', '.join(SHAPES)}")
+    # The same checks as npc serve's (device name, int8 on CUDA, a GPU torch can use), before any work.
+    device = ModelConfig(Path(args.model or "."), args.weights or "auto", args.device).resolved_device()
+    for flag, value in (("--run-timeout", args.run_timeout), ("--time-budget", args.time_budget)):
+        if value is not None and value <= 0:
+            raise UserError(f"{flag}: must be a positive number of seconds")
+    cfg = MultiNpcConfig(model=None if args.model_shape else resolve_model_path(args.model),
+                         ns=_int_list("--n", args.n or "1,4,8,16,32"), tokens=args.tokens, peers=peers,
+                         out_dir=Path(args.out), json_path=Path(args.json) if args.json else None,
+                         workdir=Path(args.workdir), device=device, weights=args.weights,
+                         model_shape=args.model_shape, run_timeout=args.run_timeout, time_budget=args.time_budget)
     run_multi_npc_bench(cfg)
     return 0
 
@@ -237,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051; port 0 = any)")
     s.add_argument("--characters", default="characters", help="characters folder (default ./characters)")
     s.add_argument("--max-batch", type=int, default=16, help="replies generated together (default 16)")
+    s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="with --device cuda: launch decode kernels one by one instead of replaying captured graphs")
     s.add_argument("--max-waiting", type=int, default=64,
                    help="replies that may queue for the batch; more get RESOURCE_EXHAUSTED (default 64)")
     s.add_argument("--auth-token", help="require `authorization: Bearer TOKEN` on every call "
@@ -301,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="persona fidelity: held-out perplexity with and without the adapter")
     e.add_argument("character_dir")
-    _add_model_flags(e)
+    _add_model_flags(e, device=False)
     e.add_argument("--samples", type=int, default=3, help="replies shown side by side")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(run=_cmd_eval)
@@ -320,6 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--n", help="multi-npc: NPC counts (default 1,4,8,16,32)")
     b.add_argument("--tokens", type=int, default=64, help="multi-npc: new tokens per NPC")
     b.add_argument("--json", help="multi-npc: also write the results to this JSON file")
+    b.add_argument("--device", default="cpu",
+                   help="multi-npc: cpu (default), cuda or cuda:N; on a GPU the report is gpu.{json,md,png}")
+    b.add_argument("--model-shape",
+                   help="multi-npc: benchmark a random-weight model of this shape (llama-3.2-1b, tiny), written "
+                        "once under --workdir; excludes --model")
+    b.add_argument("--weights", choices=WEIGHT_FORMATS,
+                   help="multi-npc: our weight format (default: auto on the CPU, bf16 on a GPU)")
+    b.add_argument("--workdir", default="/tmp/npc-bench-multi",
+                   help="multi-npc: where the random adapters (and models) are kept between runs")
+    b.add_argument("--run-timeout", type=float,
+                   help="multi-npc: seconds one (system, N) run may take before it is killed (default: no limit)")
+    b.add_argument("--time-budget", type=float,
+                   help="multi-npc: seconds for all runs together; later runs are skipped (default: no limit)")
     b.add_argument("--formats", default="int4,int8,bf16,fp32", help="decode: weight formats")
     b.add_argument("--batches", help="decode: batch sizes (default 1,8,32)")
     b.add_argument("--steps", type=int, default=32, help="decode: steps timed per repeat")
@@ -354,3 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+if __name__ == "__main__":  # `python -m sidecar.cli`, where the `npc` script is not installed (a bare GPU box)
+    sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -46,13 +47,31 @@ class ModelConfig:
 
     path: Path
     weights: str = "auto"
-    device: str = "cpu"
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when torch sees a GPU, else cpu)
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_FORMATS:
             raise UserError(f"--weights: unknown format {self.weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise UserError(f"--device: unknown device {self.device!r}; use cpu or cuda[:N]")
+        if not re.fullmatch(r"cpu|auto|cuda(:[0-9]+)?", self.device):
+            raise UserError(f"--device: unknown device {self.device!r}; use cpu, cuda, cuda:N or auto")
+        if self.device.startswith("cuda") and self.weights == "int8":
+            raise UserError("--weights int8 runs on the CPU only (torch has no int8 GPU kernel); "
+                            "use bf16 or int4 with --device cuda")
+
+    def resolved_device(self) -> str:
+        """The torch device to load on; UserError when CUDA is asked for and torch cannot use it."""
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                build = "this torch is a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+                raise UserError(f"--device {self.device}: CUDA is not available ({build}); use --device cpu")
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                raise UserError(f"--device {self.device}: there are {torch.cuda.device_count()} CUDA devices")
+        return self.device
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,7 @@ class EngineConfig:
     max_rank: int = 64  # largest LoRA rank accepted
     prefix_cache_mb: int = 256  # K/V of persona prefixes kept for reuse
     prefix_block: int = 16  # prefix cache granularity in tokens
+    cuda_graphs: bool = True  # on a GPU, replay decode steps from captured CUDA graphs (engine/cuda_decode.py)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_seq_len", "prefill_chunk", "max_resident_adapters", "max_rank",
@@ -116,10 +136,13 @@ class RequestLimits:
         return cls(**values)
 
 
-def check_listen(flag: str, listen: str) -> None:
+def parse_listen(flag: str, listen: str) -> tuple[str, int]:
+    """(host as written, port) of a HOST:PORT flag value; an IPv6 host keeps its brackets ([::1]:50051),
+    which gRPC wants and a socket bind does not. Every HOST:PORT is parsed here, so all refuse the same."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise UserError(f"{flag}: expected HOST:PORT (e.g. 127.0.0.1:50051), got {listen!r}")
+    return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -176,9 +199,9 @@ class ServerConfig:
     openai_listen: str | None = None  # HOST:PORT of the OpenAI-compatible HTTP endpoint; None: not served
 
     def __post_init__(self) -> None:
-        check_listen("--listen", self.listen)
+        parse_listen("--listen", self.listen)
         if self.openai_listen is not None:
-            check_listen("--openai-listen", self.openai_listen)
+            parse_listen("--openai-listen", self.openai_listen)
         if self.auth_token is not None and not self.auth_token.strip():
             raise UserError("--auth-token: must not be empty")
         if self.shutdown_grace_s < 0:

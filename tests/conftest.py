@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated: set it before anything imports the CUDA
+# path's kernels, so that without a GPU they run (slowly) in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest
-import torch
 
 from sidecar.config import embedded_model_path
 from sidecar.engine.tokenizer import Tokenizer

@@ -115,3 +115,50 @@ def test_generate_with_adapter_cli(adapter):
     _break("pickle", adapter)
     bad = npc("generate", "--adapter", str(adapter), "Hello")
     assert bad.returncode == 2 and "pickled weights" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("step,replaced", [("_read_settings", "adapter_config.json"),
+                                           ("_read_tensors", "adapter_model.safetensors")])
+def test_fingerprint_names_the_bytes_the_weights_came_from(adapter, checkpoint, tmp_path, monkeypatch, step, replaced):
+    """A file replaced just after it was read must not lend its hash to the weights read before (the
+    prefix cache keys K/V on the fingerprint: a mismatch would reuse another adapter's K/V)."""
+    from sidecar.model import lora
+
+    read = load_peft_adapter(adapter, checkpoint.config)
+    other = write_random_adapter(tmp_path / "other", checkpoint.config, seed=1, rank=8, alpha=16.0,
+                                 targets=("q_proj", "v_proj", "down_proj"))
+    original = getattr(lora, step)
+
+    def then_replaced(*args, **kwargs):
+        result = original(*args, **kwargs)
+        (adapter / replaced).write_bytes((other / replaced).read_bytes())
+        return result
+
+    monkeypatch.setattr(lora, step, then_replaced)
+    raced = load_peft_adapter(adapter, checkpoint.config)
+    monkeypatch.undo()
+    assert torch.equal(raced.weights[(3, "v_proj")][1], read.weights[(3, "v_proj")][1])  # the old bytes' weights
+    assert raced.fingerprint == read.fingerprint  # ... under the old bytes' name
+    assert load_peft_adapter(adapter, checkpoint.config).fingerprint != read.fingerprint  # the files did change
+
+
+def test_loaded_weights_do_not_follow_the_file(adapter, checkpoint, tmp_path):
+    """The weights are copies: a file rewritten in place after loading (same inode) leaves them as read."""
+    loaded = load_peft_adapter(adapter, checkpoint.config)
+    before = loaded.weights[(3, "v_proj")][0].clone()
+    other = write_random_adapter(tmp_path / "other", checkpoint.config, seed=1, rank=8,
+                                 targets=("q_proj", "v_proj", "down_proj"))
+    with open(adapter / "adapter_model.safetensors", "r+b") as f:
+        f.write((other / "adapter_model.safetensors").read_bytes())
+    assert torch.equal(loaded.weights[(3, "v_proj")][0], before)
+
+
+def test_character_version_and_fingerprint_name_the_same_bytes(tmp_path, checkpoint):
+    from sidecar.dialogue.characters import load_character
+
+    home = tmp_path / "elf"
+    write_random_adapter(home / "adapter", checkpoint.config, seed=2, rank=4, targets=("q_proj",))
+    (home / "character.yaml").write_text("id: elf\nname: Elara\npersona: x\nadapter: adapter\nlora_scale: 0.5\n")
+    character = load_character(home)
+    adapter = load_peft_adapter(character.adapter_path, checkpoint.config, scale=character.lora_scale)
+    assert adapter.fingerprint.startswith(character.adapter_version) and adapter.fingerprint.endswith("x0.5")

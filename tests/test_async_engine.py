@@ -67,6 +67,42 @@ def test_stream_order_cancel_and_queue_limit(base, tokenizer):
     asyncio.run(main())
 
 
+def test_queue_full_agrees_with_submit(base, tokenizer, monkeypatch):
+    """queue_full() is the servicer's cheap early refusal; submit() stays the authority. Requests move
+    from the inbox to the scheduler under the engine's lock, so neither ever counts one in neither place."""
+    async def main() -> None:
+        engine = AsyncEngine(base, EngineConfig(max_batch=1, max_waiting=1))
+        moved_under_lock = []
+        real_add = engine.core.add
+        monkeypatch.setattr(engine.core, "add", lambda seq: (moved_under_lock.append(engine._lock.locked()),
+                                                             real_add(seq)))
+        try:
+            params = SamplingParams(max_tokens=200, ignore_eos=True)
+            assert not engine.queue_full()
+            streams = [engine.submit(ids(tokenizer, "Line 0"), None, params)]
+            for _ in range(200):
+                if engine.stats()["active_sequences"] == 1:
+                    break
+                await asyncio.sleep(0.02)
+            streams.append(engine.submit(ids(tokenizer, "Line 1"), None, params))
+            assert engine.queue_full() and engine.stats()["waiting_requests"] == 1
+            with pytest.raises(QueueFull):
+                engine.submit(ids(tokenizer, "one more"), None, params)
+            scored = [e async for e in engine.submit(ids(tokenizer, "Line 2"), None, SamplingParams(max_tokens=1),
+                                                     choices=[[5], [6]])]
+            assert scored[-1].finish_reason == "choice"  # scoring is never refused
+            for s in streams:
+                s.cancel()
+            for s in streams:
+                _ = [e async for e in s]
+            assert not engine.queue_full()
+            assert moved_under_lock and all(moved_under_lock)
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+
+
 def test_a_failing_step_ends_its_batch_and_the_engine_keeps_serving(base, tokenizer, monkeypatch):
     async def main() -> None:
         engine = AsyncEngine(base, EngineConfig(max_batch=2))

@@ -16,10 +16,13 @@ import grpc
 import pytest
 
 from sidecar.backends.openai_wire import RemoteRefused, ReplyEvents, candidate_logprob, completion_body
+from sidecar.backends.remote import RemoteBase, RemoteEngine
 from sidecar.bench.workload import write_random_adapter
 from sidecar.client import NpcClient
+from sidecar.config import EngineConfig, RemoteConfig
 from sidecar.dialogue.characters import load_character
 from sidecar.dialogue.prompt import fit_to_budget
+from sidecar.engine.engine import QueueFull
 from sidecar.engine.sampler import SamplingParams
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from tests.sidecar_process import SidecarProcess, copy_characters, write_character
@@ -110,6 +113,33 @@ def test_candidate_logprob():
 
 
 # --- two processes ----------------------------------------------------------------------------
+
+
+def test_engine_counts_only_replies_toward_the_queue_limit(tokenizer, checkpoint):
+    """The rule every backend shares (engine/admission.py), before the remote is asked: replies beyond
+    max_batch + max_waiting are refused, scoring requests never; queue_full() says so without a submit."""
+    class SilentSession:  # the remote never answers: every request stays in flight
+        async def post(self, url, json):
+            await asyncio.Event().wait()
+
+    async def go():
+        engine = RemoteEngine(RemoteBase(Path("model.gguf"), tokenizer, checkpoint.config),
+                              EngineConfig(max_batch=2, max_waiting=1), RemoteConfig("http://127.0.0.1:9"),
+                              SilentSession(), "base", ("base",))
+        streams = [engine.submit([5], None, SamplingParams()) for _ in range(2)]
+        streams.append(engine.submit([5], None, SamplingParams(), choices=[[7]]))
+        assert not engine.queue_full()
+        streams.append(engine.submit([5], None, SamplingParams()))
+        assert engine.queue_full() and engine.stats()["waiting_requests"] == 1
+        with pytest.raises(QueueFull, match="1 requests are already waiting"):
+            engine.submit([5], None, SamplingParams())
+        streams.append(engine.submit([5], None, SamplingParams(), choices=[[7]]))  # scoring: never refused
+        for stream in streams:
+            stream.cancel()
+        await asyncio.sleep(0.01)
+        assert not engine.queue_full() and engine.stats()["active_sequences"] == 0
+
+    run(go())
 
 
 def test_server_info_names_the_backend(pair):

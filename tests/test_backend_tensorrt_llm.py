@@ -525,3 +525,22 @@ def test_shutdown_cancels_live_requests_and_stops_the_llm(model_folder):
         with pytest.raises(QueueFull, match="shutting down"):
             engine.submit([5], None, SamplingParams())
     engine_run(model_folder, body)
+
+
+def test_engine_counts_only_replies_toward_the_queue_limit(model_folder):
+    """The rule every backend shares (engine/admission.py): a scoring request is never refused and never
+    takes a reply's place; queue_full() says what the next reply's submit() would meet."""
+    async def body(engine):
+        engine.llm.script = lambda inputs, params: FakeResult(context_logits=torch.zeros(len(inputs), 259))
+        replies = [engine.submit([5], None, SamplingParams()) for _ in range(2)]  # max_batch 2: both run
+        scoring = engine.submit([5], None, SamplingParams(), choices=[[7]])
+        replies.append(engine.submit([5], None, SamplingParams()))  # waits (the scoring one takes no place)
+        assert engine.queue_full() and engine.stats()["waiting_requests"] == 1
+        with pytest.raises(QueueFull, match="1 requests are already waiting"):
+            engine.submit([5], None, SamplingParams())
+        assert [e.kind async for e in scoring] == ["started", "finished"]
+        for stream in replies:
+            stream.cancel()
+        await asyncio.sleep(0.01)
+        assert not engine.queue_full()
+    engine_run(model_folder, body)

@@ -173,6 +173,17 @@ def test_import_too_many_turns():
         SessionStore(max_turns=2).import_(data, where="state")
 
 
+def test_the_caller_names_the_format_field():
+    """The proto calls it format_version, the export dict `format`: the caller says which, whatever `where` is."""
+    from sidecar.dialogue.sessions import parse_export
+
+    bad = _with(["format"], 2)
+    with pytest.raises(SessionError, match=r"^save\.format_version: must be 1, got 2"):
+        parse_export(bad, 5, "save", format_field="format_version")
+    with pytest.raises(SessionError, match=r"^state\.format: must be 1, got 2"):
+        SessionStore().import_(bad, where="state", format_field="format")
+
+
 def test_optional_turn_fields():
     data = _with(["turns", 0, "character_version"], _DELETE)
     del data["turns"][0]["player_name"]

@@ -199,6 +199,25 @@ def test_queue_limit(base, tokenizer):
         engine.add(engine.make_sequence(ids, None, GREEDY, lambda e: None))
 
 
+def test_scoring_requests_take_no_place_in_the_queue(base, tokenizer):
+    """Scoring (choices) finishes a conversation already admitted: never refused, and never the
+    reason a reply is (engine/admission.py, the rule of every backend)."""
+    from sidecar.engine.scheduler import QueueFull
+
+    engine = LLMEngine(base, EngineConfig(max_batch=1, max_waiting=2))
+    ids = prompt(tokenizer, LINES[0])
+    for _ in range(3):
+        engine.add(engine.make_sequence(ids, None, GREEDY, lambda e: None, choices=[[5]]))
+    for _ in range(2):
+        engine.add(engine.make_sequence(ids, None, GREEDY, lambda e: None))
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        engine.add(engine.make_sequence(ids, None, GREEDY, lambda e: None))
+    engine.add(engine.make_sequence(ids, None, GREEDY, lambda e: None, choices=[[5]]))
+    assert engine.scheduler.waiting_replies == 2 and len(engine.scheduler.waiting) == 6
+    engine.scheduler.finish(engine.scheduler.waiting[-1])  # a reply leaving the queue frees its place
+    assert engine.scheduler.waiting_replies == 1
+
+
 def test_engine_rejects_bad_requests(base):
     from sidecar.errors import UserError
 

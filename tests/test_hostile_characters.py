@@ -32,7 +32,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from structlog.testing import capture_logs
 
-import sidecar.model.lora as lora_module
 from sidecar.bench.workload import write_random_adapter
 from sidecar.dialogue.characters import CharacterError, load_character
 from sidecar.dialogue.check import check_characters
@@ -266,19 +265,13 @@ def _audit(event: str, args: tuple) -> None:
 
 
 @pytest.fixture
-def opened(monkeypatch):
-    """The real paths of the files opened while the test runs, from Python and from safetensors."""
+def opened():
+    """The real paths of the files opened while the test runs (the adapter loader opens files with Python's
+    open and parses the bytes, so the audit hook sees every one)."""
     global _opened, _audit_installed
     if not _audit_installed:
         sys.addaudithook(_audit)
         _audit_installed = True
-    real_safe_open = lora_module.safe_open
-
-    def recording_safe_open(path, *args, **kwargs):  # opened by Rust, unseen by the audit hook
-        _opened.append(os.path.realpath(path))
-        return real_safe_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(lora_module, "safe_open", recording_safe_open)
     _opened = []
     yield _opened
     _opened = None

@@ -11,8 +11,12 @@ import pytest
 
 from sidecar.bench.workload import write_random_adapter
 from sidecar.client import NpcClient
+from sidecar.config import RequestLimits, ServerConfig
 from sidecar.engine.tokenizer import ChatMessage
-from sidecar.server.openai_http import ECHO_LOGPROB_TOKENS
+from sidecar.errors import UserError
+from sidecar.pb.npc.v1 import dialogue_pb2 as pb
+from sidecar.server.openai_http import ECHO_LOGPROB_TOKENS, HttpError, OpenAiEndpoint
+from sidecar.server.requests import parse_talk
 from tests.sidecar_process import SidecarProcess, copy_characters, write_character
 
 TOKEN = "s3cret-token"
@@ -26,6 +30,7 @@ def server(tmp_path_factory, checkpoint):
     folder = write_character(root, "ghost", "You are the ghost.", adapter="adapter")
     write_random_adapter(folder / "adapter", checkpoint.config, seed=1, rank=8, std=0.05)
     write_character(root, "broken", "x", generation="{temperature: hot}")
+    write_character(root, "terse", "You are terse.", generation="{max_tokens: 2, max_tokens_limit: 3}")
     # One reply at a time and one waiting: the third is refused with 429.
     process = SidecarProcess(root, "--openai-listen", "127.0.0.1:0", "--auth-token", TOKEN,
                              "--max-batch", "1", "--max-waiting", "1")
@@ -70,7 +75,7 @@ def test_models_lists_base_then_serving_characters(server):
     status, body = asyncio.run(go())
     assert status == 200 and body["object"] == "list"
     ids = [m["id"] for m in body["data"]]
-    assert ids[0] == "base" and set(ids) == {"base", "blacksmith", "ghost"}  # "broken" never loaded
+    assert ids[0] == "base" and set(ids) == {"base", "blacksmith", "ghost", "terse"}  # "broken" never loaded
     assert all(m["max_model_len"] == 2048 for m in body["data"])
 
 
@@ -152,6 +157,40 @@ def test_echo_scores_the_prompt_and_model_selects_the_adapter(server, tokenizer)
     assert base_best[-1] > base_other[-1]  # the greedy token is the likelier one
     assert base_best[:-1] == pytest.approx(base_other[:-1], abs=1e-3)  # same prefix, same scores
     assert score("ghost", best)[-1] != pytest.approx(base_best[-1], abs=1e-4)  # the adapter changes the model
+
+
+def test_a_characters_max_tokens_limit_caps_http_replies(server, tokenizer):
+    """model=<character> gets that character's generation.max_tokens_limit, clamped as over gRPC."""
+    ids = tokenizer.encode_chat(MESSAGES)
+    for model, expected in (("terse", 3), ("base", 20)):
+        status, body = post(server, "/v1/completions", {"model": model, "prompt": ids, "max_tokens": 20,
+                                                        "temperature": 0, "ignore_eos": True})
+        assert status == 200, body
+        assert body["usage"]["completion_tokens"] == expected and body["choices"][0]["finish_reason"] == "length"
+
+
+def test_http_and_grpc_share_the_range_and_stop_checks():
+    """One implementation (server/requests.py), each edge's own names: `options.top_p` over gRPC,
+    `top_p` (and param "top_p") over HTTP."""
+    limits = RequestLimits()
+    endpoint = OpenAiEndpoint(engine=None, registry=None, adapters=None, config=ServerConfig(limits=limits))
+    request = pb.TalkRequest(character_id="oracle", player_line="Hi")
+    cases = [("temperature", 9.0), ("top_p", 0.0), ("repetition_penalty", 3.0), ("stop", [""]),
+             ("stop", ["x"] * 9), ("stop", ["y" * 65])]
+    for name, value in cases:
+        grpc_request = pb.TalkRequest()
+        grpc_request.CopyFrom(request)
+        if name == "stop":
+            grpc_request.options.stop.extend(value)
+        else:
+            setattr(grpc_request.options, name, value)
+        with pytest.raises(UserError) as grpc_error:
+            parse_talk(grpc_request, limits)
+        with pytest.raises(HttpError) as http_error:
+            endpoint._sampling({name: value}, chat=False)
+        assert str(grpc_error.value).startswith(f"options.{name}")
+        assert http_error.value.message == str(grpc_error.value).removeprefix("options."), name
+        assert (http_error.value.status, http_error.value.param) == (400, name)
 
 
 BAD = [

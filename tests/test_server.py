@@ -14,9 +14,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sidecar.bench.workload import write_random_adapter
 from sidecar.client import NpcClient
+from sidecar.config import EngineConfig, ServerConfig
 from sidecar.dialogue.characters import load_character
 from sidecar.dialogue.prompt import fit_to_budget
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
+from sidecar.server.service import DialogueService
 from tests.sidecar_process import SidecarProcess, copy_characters, write_character
 
 GREEDY = dict(max_tokens=12, temperature=0.0)
@@ -340,6 +342,37 @@ def test_queue_overflow_is_resource_exhausted(tmp_path):
         run(go())
     finally:
         server.stop()
+
+
+def test_a_full_queue_is_refused_before_any_work_without_engine_stats():
+    """Talk asks the engine's cheap queue_full() (no lock-taking stats dict per request) and refuses
+    with RESOURCE_EXHAUSTED before looking up the character or building the prompt."""
+    class FullEngine:
+        backend = "fake"
+        config = EngineConfig()
+
+        def queue_full(self) -> bool:
+            return True
+
+        def stats(self):
+            raise AssertionError("Talk must not build engine stats")
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        async def abort(self, code, details):
+            raise Aborted(code, details)
+
+    service = DialogueService(FullEngine(), registry=None, sessions=None, config=ServerConfig(), adapters=None)
+
+    async def talk():
+        return [event async for event in service.Talk(pb.TalkRequest(character_id="oracle", player_line="Hi"),
+                                                      Context())]
+
+    with pytest.raises(Aborted) as e:
+        run(talk())
+    assert e.value.args[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in e.value.args[1]
 
 
 def test_auth_token(tmp_path):

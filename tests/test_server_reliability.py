@@ -172,6 +172,16 @@ def test_bad_limit_flags_name_the_flag(tmp_path):
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_host_port_flags_are_parsed_in_one_place():
+    from sidecar.config import ServerConfig, parse_listen
+    from sidecar.errors import UserError
+
+    assert parse_listen("--listen", "[::1]:50051") == ("[::1]", 50051) and parse_listen("--x", "h:0") == ("h", 0)
+    for bad in ("50051", ":1", "h:", "h:65536", "h:-1", "h:\u00b2", "h:\uff15"):  # (² and ５ are str.isdigit())
+        with pytest.raises(UserError, match="--openai-listen: expected HOST:PORT"):
+            ServerConfig(openai_listen=bad)
+
+
 def test_loopback_by_default_and_a_warning_beyond_it(tmp_path):
     assert is_loopback("127.0.0.1:50051") and is_loopback("localhost:1") and is_loopback("[::1]:5")
     assert not is_loopback("0.0.0.0:50051") and not is_loopback("[::]:1") and not is_loopback("game-pc:1")

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
+import os
+import threading
+import time
+from dataclasses import asdict as _asdict
 
 import pytest
 
@@ -145,3 +151,111 @@ def test_write_failure_keeps_serving(tmp_path):
     f._file = open(path, "a")  # noqa: SIM115
     f.close(store)
     assert json.loads(path.read_text().splitlines()[1])["session"]["session_id"] == "p"  # compaction wrote it
+
+
+def test_a_reset_that_triggers_compaction_is_kept(tmp_path, monkeypatch):
+    """The compaction's snapshot must already hold the change whose record triggered it."""
+    monkeypatch.setattr(session_file, "MIN_RECORDS_BEFORE_COMPACTING", 1)
+    path = tmp_path / "s.jsonl"
+    store, f = SessionStore(), SessionFile(path)
+    f.open(store)
+    for i in range(4):
+        store.append_turn("p1", _turn(i))
+    store.reset("p1")  # the 5th record: past 4 x 1 session, compacts
+    assert "p1" not in _reopen(path)
+    f.close(store)
+
+
+def _swapped(path, inode: int) -> bool:
+    return os.stat(path).st_ino != inode  # the compacted file was renamed over the journal
+
+
+def test_records_during_a_background_compaction_follow_it_in_order(tmp_path, monkeypatch):
+    """Compaction writes its snapshot on a worker thread; what the loop journals meanwhile must be in the new
+    file too, after the snapshot and in order (and in the old one until the swap)."""
+    monkeypatch.setattr(session_file, "MIN_RECORDS_BEFORE_COMPACTING", 5)
+    started, release = threading.Event(), threading.Event()
+    write_snapshot = session_file._write_snapshot
+
+    def held(*args):
+        if threading.current_thread() is not threading.main_thread():  # (_reopen compacts on this thread)
+            started.set()
+            assert release.wait(10)
+        return write_snapshot(*args)
+
+    monkeypatch.setattr(session_file, "_write_snapshot", held)
+    path = tmp_path / "s.jsonl"
+    store, f = SessionStore(max_sessions=3), SessionFile(path)
+    f.open(store)
+    inode = os.stat(path).st_ino
+
+    async def go():
+        for i in range(9):  # the 9th record (past 4 x 2 sessions) starts a compaction
+            store.append_turn(f"p{i % 2}", _turn(i))
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        store.append_turn("p0", _turn(10))  # all of these while the snapshot is being written
+        store.reset("p1", "oracle")
+        store.import_({"format": 1, "session_id": "p2", "turns": [_asdict(_turn(11, "elara"))]})
+        store.append_turn("p3", _turn(12))  # evicts the least recent session (p1)
+        assert not _swapped(path, inode)
+        expected = _state(store)
+        assert _state(_reopen(path, max_sessions=3)) == expected  # the old journal has everything so far
+        release.set()
+        while not _swapped(path, inode):
+            await asyncio.sleep(0.001)
+        assert _state(_reopen(path, max_sessions=3)) == expected
+        ops = [json.loads(line)["op"] for line in path.read_text().splitlines()[1:]]
+        assert ops == ["put", "put", "turn", "reset", "put", "turn", "reset"]  # the snapshot, then what followed
+        store.append_turn("p0", _turn(13))  # journaled into the new file
+
+    asyncio.run(asyncio.wait_for(go(), 20))
+    assert _state(_reopen(path, max_sessions=3)) == _state(store)
+    f.close(store)
+    assert _state(_reopen(path, max_sessions=3)) == _state(store)
+
+
+def test_compaction_leaves_the_event_loop_free(tmp_path, monkeypatch):
+    """A large compaction (~35 MB here; ~100 MB at the default caps) must not stall every NPC's stream."""
+    path = tmp_path / "s.jsonl"
+    store, f = SessionStore(max_sessions=1000, max_turns=40), SessionFile(path)
+    f.open(store)
+    hook, store.on_change = store.on_change, None  # filled unjournaled: only the snapshot's size matters here
+    line = "x" * 400
+    for i in range(40_000):
+        store.append_turn(f"s{i % 1000}", Turn("oracle", line, line, "Aria", "v1"), 1)
+    store.on_change = hook
+    monkeypatch.setattr(session_file, "MIN_RECORDS_BEFORE_COMPACTING", 100)
+    inode = os.stat(path).st_ino
+    gaps: list[float] = []
+
+    async def go():
+        async def heartbeat():
+            last = time.perf_counter()
+            while True:
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        beat = asyncio.create_task(heartbeat())
+        await asyncio.sleep(0.01)
+        i, started = 0, time.perf_counter()
+        while not _swapped(path, inode):  # NPCs keep finishing turns: the 4001st record starts a compaction
+            store.append_turn(f"s{i % 1000}", _turn(i))
+            i += 1
+            if i % 20 == 0:
+                await asyncio.sleep(0)
+        await asyncio.sleep(0.02)  # the heartbeat notes the last gap
+        beat.cancel()
+        return time.perf_counter() - started
+
+    gc.disable()  # a full collection stops every thread, whatever runs (~0.1 s under pytest): not what is measured
+    try:
+        took = asyncio.run(asyncio.wait_for(go(), 20))
+    finally:
+        gc.enable()
+    # (on the loop, a compaction stalls it for most of `took`; a busy machine stretches both)
+    assert max(gaps) < max(0.1, took / 4), f"the event loop stalled for {max(gaps):.3f} of {took:.3f} s"
+    assert _state(_reopen(path, max_sessions=1000, max_turns=40)) == _state(store)  # with what came meanwhile
+    f.close(store)

@@ -1,5 +1,6 @@
 """Inference backends other than the in-process torch engine (sidecar/engine), behind the same surface:
-`submit() -> stream of EngineEvent`, `cancel()`, `stats()`, `shutdown()`, `config`, `base`.
+`submit() -> stream of EngineEvent`, `cancel()`, `queue_full()`, `stats()`, `shutdown()`, `config`, `base`.
+The requests each admits and how its queue is counted are engine/admission.py's, for every backend.
 
 `create_engine` is the one place `npc serve` turns `--backend` into an engine. The heavy modules
 (torch engine, TensorRT-LLM, the HTTP client) are imported only for the backend chosen.
@@ -41,32 +42,6 @@ async def create_engine(backend: str, model_config: ModelConfig, engine_config: 
             raise UserError("--backend remote: needs --remote-url (the OpenAI-compatible server, e.g. http://HOST:8000)")
         return await RemoteEngine.connect(model_config, engine_config, remote)
     raise UserError(f"--backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-
-
-def in_flight_stats(in_flight: int, max_batch: int) -> dict[str, int]:
-    """stats()' request counts for a backend that queues by itself: what is in flight beyond max_batch
-    counts as waiting, which is what the two counts mean on the torch engine."""
-    active = min(in_flight, max_batch)
-    return {"active_sequences": active, "waiting_requests": in_flight - active}
-
-
-def cancel_task(task: asyncio.Task[Any] | None) -> bool:
-    """cancel() for the task serving one request: False when there is none or it has already ended.
-    The task itself then ends the request's stream (finish_reason "cancelled")."""
-    if task is None or task.done():
-        return False
-    task.cancel()
-    return True
-
-
-async def cancel_tasks(tasks: list[asyncio.Task[Any]], cancel_running: bool, timeout: float = 5) -> None:
-    """shutdown()'s first step: cancels the requests' tasks (or lets them run) and waits up to `timeout`
-    seconds, so that each stream gets its last event before the backend's client or executor closes."""
-    if cancel_running:
-        for task in tasks:
-            task.cancel()
-    if tasks:
-        await asyncio.wait(tasks, timeout=timeout)
 
 
 def backend_name(engine: Any, device: str) -> str:

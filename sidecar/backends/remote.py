@@ -48,18 +48,17 @@ checked beyond being OpenAI-compatible.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import structlog
 
-from sidecar.backends import BackendUnavailable, cancel_task, cancel_tasks, in_flight_stats
+from sidecar.backends import BackendUnavailable
 from sidecar.backends.events import engine_reason
+from sidecar.backends.live import Live, LiveRequests
 from sidecar.backends.openai_wire import (
     RemoteRefused,
     ReplyEvents,
@@ -69,16 +68,16 @@ from sidecar.backends.openai_wire import (
     sse_data,
 )
 from sidecar.config import EngineConfig, ModelConfig, RemoteConfig
-from sidecar.engine.engine import QueueFull
+from sidecar.engine.admission import QueueFull
+from sidecar.engine.engine import RequestStream
 from sidecar.engine.sampler import SamplingParams
 from sidecar.engine.sequence import AdapterRef, EngineEvent
 from sidecar.engine.tokenizer import Tokenizer
 from sidecar.errors import UserError
 
-__all__ = ["RemoteBase", "RemoteEngine", "RemoteStream", "read_base"]
+__all__ = ["RemoteBase", "RemoteEngine", "read_base"]
 
 log = structlog.get_logger(__name__)
-_ids = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -108,58 +107,6 @@ def read_base(path: Path) -> RemoteBase:
 # --- the engine -------------------------------------------------------------------------------
 
 
-@dataclass
-class _Live:
-    request_id: str
-    generating: bool  # False: a choices (scoring) request, which no queue limit refuses
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # EngineEvent, or an exception to raise
-    submitted: float = field(default_factory=time.perf_counter)
-    task: asyncio.Task | None = None
-    ended: bool = False
-
-    def emit(self, event: EngineEvent) -> None:
-        if not self.ended:
-            self.ended = event.kind in ("finished", "error")
-            self.queue.put_nowait(event)
-
-    def fail(self, exc: Exception) -> None:
-        if not self.ended:
-            self.ended = True
-            self.queue.put_nowait(exc)
-
-
-class RemoteStream:
-    """RequestStream's surface; also raises QueueFull / BackendUnavailable when the remote refused or
-    failed (the servicer maps those to RESOURCE_EXHAUSTED / UNAVAILABLE). Leaving early cancels."""
-
-    def __init__(self, engine: RemoteEngine, live: _Live):
-        self._engine, self._live = engine, live
-
-    @property
-    def request_id(self) -> str:
-        return self._live.request_id
-
-    def __aiter__(self) -> AsyncIterator[EngineEvent]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[EngineEvent]:
-        done = False
-        try:
-            while not done:
-                item = await self._live.queue.get()
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                done = item.kind in ("finished", "error")
-                yield item
-        finally:
-            if not done:
-                self._engine.cancel(self.request_id)
-
-    def cancel(self) -> None:
-        self._engine.cancel(self.request_id)
-
-
 class RemoteEngine:
     """AsyncEngine's surface over an OpenAI-compatible server: one asyncio task per request, on the
     server's event loop. From `config`: max_batch and max_waiting bound the requests in flight
@@ -174,8 +121,7 @@ class RemoteEngine:
         self.base_model, self.listed = base_model, listed
         self.adapter_names = dict(remote.adapter_names)
         self._url = remote.base_url + "/v1/completions"
-        self._live: dict[str, _Live] = {}
-        self._stopping = False
+        self._in_flight = LiveRequests(config, "remote")
 
     @classmethod
     async def connect(cls, model_config: ModelConfig, config: EngineConfig, remote: RemoteConfig) -> RemoteEngine:
@@ -214,40 +160,23 @@ class RemoteEngine:
     # --- requests -----------------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
-               request_id: str | None = None, choices: list[list[int]] | None = None) -> RemoteStream:
-        """Queues a request; raises QueueFull or UserError as AsyncEngine.submit does (same messages)."""
-        if not prompt_ids:
-            raise UserError("prompt is empty")
-        if choices is not None and (not choices or any(not c for c in choices)):
-            raise UserError("choices must be a non-empty list of non-empty token lists")
-        longest = max((len(c) for c in choices), default=0) if choices else 0
-        room = self.config.max_seq_len - len(prompt_ids) - longest
-        if room < 1:
-            raise UserError(f"prompt has {len(prompt_ids)} tokens; the limit is {self.config.max_seq_len - 1} "
-                            "(max_seq_len)")
-        vocab = self.base.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids) or any(not 0 <= t < vocab for c in choices or () for t in c):
-            raise UserError(f"prompt or choices hold token ids outside the vocabulary [0, {vocab})")
-        if self._stopping:
-            raise QueueFull("the engine is shutting down")
-        generating = sum(1 for live in self._live.values() if live.generating)
-        if choices is None and generating >= self.config.max_batch + self.config.max_waiting:
-            raise QueueFull(f"{generating - self.config.max_batch} requests are already waiting "
-                            f"(max_waiting {self.config.max_waiting})")
-        live = _Live(request_id or f"remote-{next(_ids)}", generating=choices is None)
-        self._live[live.request_id] = live
+               request_id: str | None = None, choices: list[list[int]] | None = None) -> RequestStream:
+        """Queues a request; raises QueueFull or UserError as AsyncEngine.submit does (engine/admission.py).
+        The stream may also raise QueueFull / BackendUnavailable: the remote's own refusals come later."""
         model = self.model_for(adapter)
-        work = (self._score(live, list(prompt_ids), model, [list(c) for c in choices]) if choices is not None
-                else self._generate(live, list(prompt_ids), model, sampling, min(sampling.max_tokens, room)))
-        live.task = asyncio.get_running_loop().create_task(work)
-        live.task.add_done_callback(lambda _: self._ended(live))
-        return RemoteStream(self, live)
+        return self._in_flight.submit(
+            prompt_ids, choices, sampling, request_id, self.config.max_seq_len, self.base.config.vocab_size,
+            generate=lambda live, prompt, max_tokens: self._generate(live, prompt, model, sampling, max_tokens),
+            score=lambda live, prompt, candidates: self._score(live, prompt, model, candidates))
 
     def cancel(self, request_id: str) -> bool:
-        live = self._live.get(request_id)
-        return live is not None and cancel_task(live.task)
+        return self._in_flight.cancel(request_id)
 
-    async def _generate(self, live: _Live, prompt: list[int], model: str, sampling: SamplingParams,
+    def queue_full(self) -> bool:
+        """Whether a reply submitted now would be refused before the remote is asked (submit() decides)."""
+        return self._in_flight.queue_full()
+
+    async def _generate(self, live: Live, prompt: list[int], model: str, sampling: SamplingParams,
                         max_tokens: int) -> None:
         reply = ReplyEvents(live.request_id, len(prompt), sampling, max_tokens, self.base.tokenizer, live.submitted)
         response: aiohttp.ClientResponse | None = None
@@ -302,7 +231,7 @@ class RemoteEngine:
                 else:
                     response.close()
 
-    async def _score(self, live: _Live, prompt: list[int], model: str, choices: list[list[int]]) -> None:
+    async def _score(self, live: Live, prompt: list[int], model: str, choices: list[list[int]]) -> None:
         async def one(candidate: list[int]) -> float:
             body = {"model": model, "prompt": prompt + candidate, "max_tokens": 0, "echo": True, "logprobs": 1,
                     "temperature": 0.0}
@@ -330,22 +259,15 @@ class RemoteEngine:
         return BackendUnavailable(f"the remote model server at {self.remote.base_url} is unreachable or stopped "
                                   f"answering ({type(e).__name__}: {e})")
 
-    def _ended(self, live: _Live) -> None:
-        """Task done; one cancelled before it ran still ends its stream."""
-        self._live.pop(live.request_id, None)
-        live.emit(EngineEvent("finished", live.request_id, finish_reason="cancelled"))
-
     # --- control ------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
         """Replies in flight beyond max_batch count as waiting; adapters and caches are the remote's."""
-        generating = sum(1 for live in self._live.values() if live.generating)
-        return {**in_flight_stats(generating, self.config.max_batch), "resident_adapters": [],
-                "prefix_cache_bytes": 0, "prefix_cache_capacity_bytes": 0}
+        return {**self._in_flight.counts(), "resident_adapters": [], "prefix_cache_bytes": 0,
+                "prefix_cache_capacity_bytes": 0}
 
     async def shutdown(self, cancel_running: bool = True) -> None:
-        self._stopping = True
-        await cancel_tasks([live.task for live in self._live.values() if live.task is not None], cancel_running)
+        await self._in_flight.shutdown(cancel_running)
         await self.session.close()
 
 

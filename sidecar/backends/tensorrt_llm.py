@@ -1,6 +1,7 @@
 """TensorRT-LLM backend: the base model and the characters' LoRA adapters served by NVIDIA's
 TensorRT-LLM (its `LLM` API, default PyTorch backend) instead of our torch engine, behind the
-surface the servicer uses on AsyncEngine (`submit`, `cancel`, `stats`, `shutdown`, `config`, `base`).
+surface the servicer uses on AsyncEngine (`submit`, `cancel`, `queue_full`, `stats`, `shutdown`,
+`config`, `base`).
 
 What stays ours, so replies mean the same on either backend:
 - the tokenizer (read from the model folder): prompts are built, budgeted and passed as token
@@ -36,15 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import importlib.util
-import itertools
 import random
 import shutil
 import tempfile
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -52,8 +52,8 @@ from typing import Any
 import structlog
 import torch
 
-from sidecar.backends import cancel_task, cancel_tasks, in_flight_stats
 from sidecar.backends.events import TokenEvents
+from sidecar.backends.live import Live, LiveRequests
 from sidecar.backends.trt_adapters import (
     AdapterSnapshots,
     LoraIds,
@@ -61,7 +61,7 @@ from sidecar.backends.trt_adapters import (
     write_peft_snapshot,
 )
 from sidecar.config import EngineConfig
-from sidecar.engine.engine import QueueFull, RequestStream
+from sidecar.engine.engine import RequestStream
 from sidecar.engine.sampler import SamplingParams
 from sidecar.engine.sequence import AdapterRef, EngineEvent
 from sidecar.engine.tokenizer import Tokenizer
@@ -80,8 +80,6 @@ NOT_INSTALLED = ("--backend tensorrt-llm: the tensorrt-llm package is not instal
                  "'npc-sidecar[tensorrt]' (Linux/Windows with an NVIDIA GPU)")
 NO_GPU = ("--backend tensorrt-llm: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
           "TensorRT-LLM needs an NVIDIA GPU with its CUDA driver (use the default torch backend otherwise)")
-
-_ids = itertools.count()
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -220,24 +218,6 @@ async def stream_events(outputs: AsyncIterable[Any], events: TokenEvents) -> Asy
 # --- the engine -------------------------------------------------------------------------------
 
 
-@dataclass
-class _Live:
-    """A request in flight: its event queue (read by RequestStream) and the task serving it."""
-
-    request_id: str
-    queue: asyncio.Queue[EngineEvent]
-    submitted: float = field(default_factory=time.perf_counter)
-    task: asyncio.Task[None] | None = None
-    lora_id: int | None = None
-    ended: bool = False
-
-    def emit(self, event: EngineEvent) -> None:
-        if self.ended:
-            return
-        self.ended = event.kind in ("finished", "error")
-        self.queue.put_nowait(event)
-
-
 class TensorRtLlmEngine:
     """AsyncEngine's surface over tensorrt_llm.LLM. Everything runs on the caller's event loop:
     one asyncio task per request drives TensorRT-LLM's async result (which needs that loop).
@@ -263,8 +243,7 @@ class TensorRtLlmEngine:
         self._snapshot_root = Path(tempfile.mkdtemp(prefix="npc-trtllm-adapters-"))
         self.snapshots = AdapterSnapshots(self._snapshot_root, model_config, self.config.max_rank)
         self.lora_ids = LoraIds(max(cpu_loras, 16), on_forget=self.snapshots.forget)
-        self._live: dict[str, _Live] = {}
-        self._stopping = False
+        self._in_flight = LiveRequests(self.config, "trt")
         self._rng = random.Random()
         try:
             self.llm = self._api.LLM(model=str(model_path), skip_tokenizer_init=True,
@@ -278,42 +257,25 @@ class TensorRtLlmEngine:
 
     def submit(self, prompt_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
                request_id: str | None = None, choices: list[list[int]] | None = None) -> RequestStream:
-        """Queues a request; raises QueueFull or UserError as AsyncEngine.submit does (same messages).
+        """Queues a request; raises QueueFull or UserError as AsyncEngine.submit does (engine/admission.py).
 
         With `choices`, nothing is generated: each candidate continuation is scored from the
         context logits of prompt + candidate, and the request finishes (reason "choice").
         """
-        if not prompt_ids:
-            raise UserError("prompt is empty")
-        if choices is not None and (not choices or any(not c for c in choices)):
-            raise UserError("choices must be a non-empty list of non-empty token lists")
-        longest = max((len(c) for c in choices), default=0) if choices else 0
-        room = self.max_len - len(prompt_ids) - longest
-        if room < 1:
-            raise UserError(f"prompt has {len(prompt_ids)} tokens; the limit is {self.max_len - 1} (max_seq_len)")
-        vocab = self.base.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids) or any(not 0 <= t < vocab for c in choices or () for t in c):
-            raise UserError(f"prompt or choices hold token ids outside the vocabulary [0, {vocab})")
-        if self._stopping:
-            raise QueueFull("the engine is shutting down")
-        if choices is None and len(self._live) >= self.config.max_batch + self.config.max_waiting:
-            waiting = len(self._live) - self.config.max_batch
-            raise QueueFull(f"{waiting} requests are already waiting (max_waiting {self.config.max_waiting})")
-
-        live = _Live(request_id or f"trt-{next(_ids)}", asyncio.Queue())
-        self._live[live.request_id] = live
-        work = (self._score(live, list(prompt_ids), adapter, [list(c) for c in choices]) if choices is not None
-                else self._generate(live, list(prompt_ids), adapter, sampling, min(sampling.max_tokens, room)))
-        live.task = asyncio.get_running_loop().create_task(work)
-        live.task.add_done_callback(lambda _: self._ended(live))
-        return RequestStream(self, live, live.queue)  # type: ignore[arg-type]  # needs only .request_id
+        return self._in_flight.submit(
+            prompt_ids, choices, sampling, request_id, self.max_len, self.base.config.vocab_size,
+            generate=lambda live, prompt, max_tokens: self._generate(live, prompt, adapter, sampling, max_tokens),
+            score=lambda live, prompt, candidates: self._score(live, prompt, adapter, candidates))
 
     def cancel(self, request_id: str) -> bool:
         """Cancels a request; its stream ends with finish_reason "cancelled" at once."""
-        live = self._live.get(request_id)
-        return live is not None and cancel_task(live.task)
+        return self._in_flight.cancel(request_id)
 
-    async def _generate(self, live: _Live, prompt: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
+    def queue_full(self) -> bool:
+        """Whether a reply submitted now would be refused for a full queue (submit() decides)."""
+        return self._in_flight.queue_full()
+
+    async def _generate(self, live: Live, prompt: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
                         max_tokens: int) -> None:
         tok = self.base.tokenizer
         events = TokenEvents(live.request_id, len(prompt), sampling, max_tokens, tok.detokenizer(), tok.eos_ids,
@@ -327,7 +289,7 @@ class TensorRtLlmEngine:
             async for event in stream_events(results[0], events):
                 live.emit(event)
 
-    async def _score(self, live: _Live, prompt: list[int], adapter: AdapterRef | None,
+    async def _score(self, live: Live, prompt: list[int], adapter: AdapterRef | None,
                      choices: list[list[int]]) -> None:
         events = TokenEvents(live.request_id, len(prompt), SamplingParams(max_tokens=1), 1,
                              self.base.tokenizer.detokenizer(), (), live.submitted)
@@ -348,7 +310,7 @@ class TensorRtLlmEngine:
                                   choice_logprobs=tuple(scores), **events.timings()))
 
     @contextlib.contextmanager
-    def _ending(self, live: _Live, prompt_tokens: int, events: TokenEvents, results: list[Any]) -> Iterator[None]:
+    def _ending(self, live: Live, prompt_tokens: int, events: TokenEvents, results: list[Any]) -> Iterator[None]:
         """How _generate and _score end: a cancel finishes the stream as cancelled (with the text so far),
         a failure with an error event, and either way the TensorRT-LLM requests in `results` are aborted."""
         try:
@@ -361,17 +323,17 @@ class TensorRtLlmEngine:
         finally:
             self._abort(results)
 
-    async def _lora_request(self, live: _Live, ref: AdapterRef | None) -> Any:
+    async def _lora_request(self, live: Live, ref: AdapterRef | None) -> Any:
         args = self.lora_ids.request_args(ref)
         if args is None:
             return None
         name, lora_id, _ = args
         self.lora_ids.pin(lora_id)
-        live.lora_id = lora_id
+        live.on_end.append(functools.partial(self.lora_ids.unpin, lora_id))
         folder = await asyncio.to_thread(self.snapshots.folder, lora_id, ref)
         return self._api.LoRARequest(name, lora_id, str(folder))
 
-    def _fail(self, live: _Live, e: Exception, prompt_tokens: int, events: TokenEvents) -> None:
+    def _fail(self, live: Live, e: Exception, prompt_tokens: int, events: TokenEvents) -> None:
         if isinstance(e, AdapterError):  # the character's adapter folder is unusable: not an engine fault
             live.emit(EngineEvent("error", live.request_id, finish_reason="error", error=str(e),
                                   prompt_tokens=prompt_tokens, **events.timings()))
@@ -391,26 +353,16 @@ class TensorRtLlmEngine:
                 except Exception:  # e.g. the executor is already shut down
                     log.warning("aborting a tensorrt-llm request failed", exc_info=True)
 
-    def _ended(self, live: _Live) -> None:
-        """Task done: release its adapter id; a task cancelled before it ran still ends its stream."""
-        self._live.pop(live.request_id, None)
-        if live.lora_id is not None:
-            self.lora_ids.unpin(live.lora_id)
-        live.emit(EngineEvent("finished", live.request_id, finish_reason="cancelled",
-                              total_ms=(time.perf_counter() - live.submitted) * 1000))
-
     # --- control ------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
         """Requests in flight beyond max_batch count as waiting (TensorRT-LLM queues them itself);
         resident_adapters are the adapter versions with an id (on the GPU, in host memory or known)."""
-        return {**in_flight_stats(len(self._live), self.config.max_batch),
-                "resident_adapters": self.lora_ids.resident()}
+        return {**self._in_flight.counts(), "resident_adapters": self.lora_ids.resident()}
 
     async def shutdown(self, cancel_running: bool = True) -> None:
         """Ends live requests (cancelled, or finished within 5 s), then shuts TensorRT-LLM down."""
-        self._stopping = True
-        await cancel_tasks([live.task for live in self._live.values() if live.task is not None], cancel_running)
+        await self._in_flight.shutdown(cancel_running)
         try:
             await asyncio.to_thread(self.llm.shutdown)
         finally:

@@ -16,8 +16,9 @@ class SidecarProcess:
     def __init__(self, characters: Path, *args: str, env: dict[str, str] | None = None):
         self.characters = characters
         npc = Path(sys.executable).with_name("npc")
+        command = [str(npc)] if npc.exists() else [sys.executable, "-m", "sidecar.cli"]  # not pip-installed
         self.proc = subprocess.Popen(
-            [str(npc), "serve", "--listen", "127.0.0.1:0", "--characters", str(characters), "--log-format", "json",
+            [*command, "serve", "--listen", "127.0.0.1:0", "--characters", str(characters), "--log-format", "json",
              *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.log: list[str] = []

@@ -27,8 +27,13 @@ PLAYER_LINES = ["Have you heard any rumours lately?", "What can you sell me?", "
 
 
 def write_random_adapter(folder: Path, config: LlamaConfig, seed: int, rank: int = 16, alpha: float = 32.0,
-                         targets: tuple[str, ...] = TARGET_MODULES, std: float = 0.02) -> Path:
-    """A PEFT LoRA folder with random A and non-zero B (what `init_lora_weights=False` gives)."""
+                         targets: tuple[str, ...] = TARGET_MODULES, std: float = 0.02,
+                         dtype: torch.dtype = torch.float32) -> Path:
+    """A PEFT LoRA folder with random A and non-zero B (what `init_lora_weights=False` gives).
+
+    `dtype` is the stored type (the values are drawn in float32 either way): bf16 halves what a
+    benchmark with many adapters on a large model writes and reads.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     shapes = module_shapes(config)
@@ -37,8 +42,8 @@ def write_random_adapter(folder: Path, config: LlamaConfig, seed: int, rank: int
         for module in targets:
             out, inp = shapes[module]
             prefix = f"base_model.model.model.layers.{layer}.{_MODULE_PREFIX[module]}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, inp, generator=gen) * std
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out, rank, generator=gen) * std
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, inp, generator=gen) * std).to(dtype)
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(out, rank, generator=gen) * std).to(dtype)
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.dialogue.yaml_file import MAX_FILE_BYTES, YamlFileError, read_yaml
+from sidecar.model.adapter_files import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, MAX_CONFIG_BYTES, adapter_digest
 
 CHARACTER_FILE = "character.yaml"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Hashing reads these whole on every change: a planted 50 GB file must be refused by its size first.
 # (The loader in model/lora.py holds the weights to the tighter bound the base model implies.)
-ADAPTER_FILE_LIMITS = {"adapter_config.json": 1 << 20, "adapter_model.safetensors": 2 << 30}
+ADAPTER_FILE_LIMITS = {ADAPTER_CONFIG: MAX_CONFIG_BYTES, ADAPTER_WEIGHTS: 2 << 30}
 ID_PATTERN = re.compile(r"[a-z0-9_-]{1,64}")
 MAX_TEXT = 20_000  # characters in one string field; the token budget is the real limit
 MAX_ITEMS = 256  # entries in one list field
@@ -71,7 +71,7 @@ class Character:
     memory: Memory = field(default_factory=Memory)
     adapter: str | None = None  # as written in the file (relative to the folder)
     adapter_path: Path | None = None  # resolved, inside `folder`
-    adapter_version: str | None = None  # hash of the adapter files alone: editing the persona keeps it
+    adapter_version: str | None = None  # hash of the adapter files alone (the start of the loader's fingerprint)
     lora_scale: float = 1.0
 
     @property
@@ -144,6 +144,17 @@ def load_character(folder: Path) -> Character:
     )
 
 
+def character_folders(root: Path) -> dict[str, Path]:
+    """The entries of `root` that are character folders, by name, sorted: not hidden, a folder (or a link
+    to one: load_character refuses one leading outside `root`), holding a character.yaml. lexists: a
+    character.yaml that is a broken link, a FIFO or a folder is listed, so that it is reported, not hidden.
+    Raises OSError when `root` cannot be listed."""
+    with os.scandir(root) as entries:
+        found = [(e.name, Path(e.path)) for e in entries
+                 if not e.name.startswith(".") and e.is_dir() and os.path.lexists(os.path.join(e.path, CHARACTER_FILE))]
+    return dict(sorted(found))
+
+
 def adapter_files(character: Character) -> tuple[Path, ...]:
     """The files whose bytes go into the character's version (for cheap change detection)."""
     if character.adapter_path is None:
@@ -190,17 +201,17 @@ def _resolve_adapter(path: Path, home: Path, adapter: str) -> Path:
 
 
 def _hash_files(path: Path, folder: Path) -> bytes:
-    h = hashlib.sha256()
+    """The adapter's version digest, streamed (the files may be 2 GiB; the loader reads them whole)."""
+    digests: dict[str, bytes | None] = {}
     for name in ADAPTER_FILES:
-        h.update(name.encode() + b"\0")
         try:
             with (folder / name).open("rb") as f:
-                h.update(hashlib.file_digest(f, "sha256").digest())
+                digests[name] = hashlib.file_digest(f, "sha256").digest()
         except FileNotFoundError:
-            h.update(b"missing")
+            digests[name] = None
         except OSError as e:
             raise CharacterError(path, "adapter", f"cannot read {folder / name}: {e.strerror or e}") from None
-    return h.digest()
+    return adapter_digest(digests)
 
 
 def _show(value: Any) -> str:

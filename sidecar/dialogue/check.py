@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from sidecar.dialogue.characters import CHARACTER_FILE, load_character
+from sidecar.dialogue.characters import CHARACTER_FILE, character_folders, load_character
 from sidecar.errors import UserError
 
 
 def check_characters(root: Path, model: Path | None = None, max_rank: int = 64) -> tuple[list[str], int]:
     """(problems, characters checked). With `model`, adapters are loaded and checked against its shapes.
 
-    The folders checked are the ones the server would load: not hidden, holding a character.yaml
-    (here also one that is a broken link or not a regular file, so that it gets reported).
+    The folders checked are the ones the server would load (characters.character_folders).
     """
     if not root.is_dir():
         raise UserError(f"characters folder {root} not found")
@@ -22,10 +20,12 @@ def check_characters(root: Path, model: Path | None = None, max_rank: int = 64) 
         from sidecar.model.checkpoint import load_checkpoint
 
         config = load_checkpoint(model).config
+    try:
+        folders = character_folders(root)
+    except OSError as e:
+        raise UserError(f"characters folder {root} cannot be listed ({e.strerror or e})") from None
     problems, count = [], 0
-    for folder in sorted(p for p in root.iterdir() if not p.name.startswith(".") and os.path.isdir(p)):
-        if not os.path.lexists(folder / CHARACTER_FILE):
-            continue
+    for folder in folders.values():
         count += 1
         try:
             character = load_character(folder)

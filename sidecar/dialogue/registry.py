@@ -29,7 +29,7 @@ from pathlib import Path
 
 import structlog
 
-from sidecar.dialogue.characters import CHARACTER_FILE, Character, adapter_files, load_character
+from sidecar.dialogue.characters import CHARACTER_FILE, Character, adapter_files, character_folders, load_character
 from sidecar.errors import UserError
 
 log = structlog.get_logger(__name__)
@@ -135,14 +135,11 @@ class CharacterRegistry:
         return changed
 
     def _folders(self) -> dict[str, Path]:
-        # lexists: a character.yaml that is a broken link, a FIFO or a folder is listed FAILED, not hidden
         try:
-            children = list(os.scandir(self.root))
+            return character_folders(self.root)
         except OSError as e:
             log.warning("characters folder unreadable", folder=str(self.root), error=str(e))
             return {}
-        return {c.name: Path(c.path) for c in children
-                if not c.name.startswith(".") and c.is_dir() and os.path.lexists(os.path.join(c.path, CHARACTER_FILE))}
 
     def _refresh(self, cid: str, folder: Path) -> bool:
         """Loads one character if its files changed; True when its status changed."""

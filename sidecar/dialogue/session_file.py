@@ -8,18 +8,25 @@ Opening replays the journal and compacts it (one `put` per session, written to a
 and renamed over the old one); so does closing, and so does a journal grown to several times what
 it describes. A malformed line in the middle is refused with file and line (never silently
 dropped); a torn last line, what a crash mid-write leaves, is dropped with a warning.
+
+The growth compaction may write ~100 MB (default caps), so under an event loop it runs on a worker
+thread: the loop takes a snapshot of the store (cheap: turns are immutable), the worker writes and
+fsyncs it, and back on the loop the records journaled meanwhile (also in the old file) are appended
+and fsynced before the rename. The new file is the snapshot then those records, in order.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
 import structlog
 
-from sidecar.dialogue.sessions import SessionError, SessionStore
+from sidecar.dialogue.sessions import SessionError, SessionSnapshot, SessionStore, put_record
 from sidecar.errors import UserError
 
 log = structlog.get_logger(__name__)
@@ -41,8 +48,13 @@ class SessionFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._file: IO[str] | None = None
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
         self._records = 0  # appended since the last compaction
         self._write_failed = False
+        self._compacting = 0  # the id of the background compaction under way; 0: none
+        self._next_id = 0
+        self._tail: list[str] | None = None  # lines journaled since its snapshot
+        self._worker: ThreadPoolExecutor | None = None
 
     def open(self, store: SessionStore) -> int:
         """Loads the file into `store` (which must be empty), compacts it, then journals every change."""
@@ -70,6 +82,10 @@ class SessionFile:
     def close(self, store: SessionStore) -> None:
         """Compacts the journal and lets go of the file (at shutdown, after the last reply)."""
         store.on_change = None
+        if self._worker is not None:  # a snapshot being written to the temp file this compaction rewrites
+            self._worker.shutdown(wait=True)
+            self._worker = None
+        self._compacting, self._tail = 0, None  # (its completion, still queued on the loop, is ignored)
         if self._file is not None:
             try:
                 self._compact(store)
@@ -106,29 +122,89 @@ class SessionFile:
 
     def _append(self, record: dict[str, Any], store: SessionStore) -> None:
         try:
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            line = json.dumps(record, ensure_ascii=False) + "\n"
+            self._file.write(line)
             self._file.flush()
             self._records += 1
-            if self._records > max(MIN_RECORDS_BEFORE_COMPACTING, 4 * len(store)):
-                self._compact(store)
+            if self._tail is not None:
+                self._tail.append(line)
+            elif not self._compacting and self._records > max(MIN_RECORDS_BEFORE_COMPACTING, 4 * len(store)):
+                self._start_compaction(store)
         except OSError as e:  # a full disk must not stop the NPCs talking: the store in memory is intact
-            if not self._write_failed:
-                log.error("session store: write failed; sessions are kept in memory", file=str(self.path),
-                          error=str(e))
-            self._write_failed = True
+            self._failed(e)
+
+    def _failed(self, error: OSError) -> None:
+        if not self._write_failed:
+            log.error("session store: write failed; sessions are kept in memory", file=str(self.path),
+                      error=str(error))
+        self._write_failed = True
+
+    def _start_compaction(self, store: SessionStore) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop to keep responsive: compact here and now
+            self._compact(store)
+            return
+        self._next_id += 1
+        self._compacting = self._next_id
+        # The snapshot waits for the change being recorded to finish (a record may precede its change).
+        loop.call_soon(self._snapshot, store, loop, self._compacting)
+
+    def _snapshot(self, store: SessionStore, loop: asyncio.AbstractEventLoop, compaction: int) -> None:
+        """On the loop: from here on, journaled lines also go to the tail; the worker writes the rest."""
+        if compaction != self._compacting:
+            return  # closed meanwhile
+        self._tail = []
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="session-store")
+        job = self._worker.submit(_write_snapshot, self._tmp, store.snapshot())
+
+        def done(job: Future) -> None:  # on the worker thread
+            try:
+                loop.call_soon_threadsafe(self._finish, job, compaction)
+            except RuntimeError:  # the loop has closed: close() compacted without it
+                pass
+
+        job.add_done_callback(done)
+
+    def _finish(self, job: Future, compaction: int) -> None:
+        """On the loop: the snapshot is on disk; the tail follows it, then the new file takes the journal's place."""
+        if compaction != self._compacting:
+            return
+        tail, self._tail, self._compacting = self._tail or [], None, 0
+        try:
+            job.result()
+            self._swap(tail)
+        except OSError as e:  # the old journal still holds every record
+            self._failed(e)
+            self._records = 0  # tried again after as many records as led to this try, not on the next one
 
     def _compact(self, store: SessionStore) -> None:
         """Rewrites the file as one record per session: temp file, fsync, rename (never half a file)."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in [HEADER, *store.records()]:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        _write_snapshot(self._tmp, store.snapshot())
+        self._swap([])
+
+    def _swap(self, tail: list[str]) -> None:
+        """Renames the temp file over the journal, after `tail` (lines journaled since its snapshot)."""
+        if tail:
+            with open(self._tmp, "a", encoding="utf-8") as f:
+                f.writelines(tail)
+                f.flush()
+                os.fsync(f.fileno())
         if self._file is not None:
             self._file.close()
         try:
-            os.replace(tmp, self.path)
+            os.replace(self._tmp, self.path)
         finally:  # journal on, into whichever file now holds the sessions
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held until close)
-        self._records = 0
+        self._records = len(tail)
+
+
+def _write_snapshot(path: Path, snapshot: list[SessionSnapshot]) -> None:
+    """The header and one `put` per session, fsynced (a worker thread may run this: it touches nothing shared)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(HEADER) + "\n")
+        for entry in snapshot:
+            f.write(json.dumps(put_record(entry), ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -117,13 +117,15 @@ class SessionStore:
             if missing_ok:
                 return 0
             raise UnknownSession(f"session_id: unknown session {_show(session_id)}")
-        self._record({"op": "reset", "session_id": session_id, "character_id": character_id or None})
         if not character_id:
             del self._sessions[session_id]
-            return len(session.turns)
-        kept = [t for t in session.turns if t.character_id != character_id]
-        forgotten = len(session.turns) - len(kept)
-        session.turns = kept
+            forgotten = len(session.turns)
+        else:
+            kept = [t for t in session.turns if t.character_id != character_id]
+            forgotten = len(session.turns) - len(kept)
+            session.turns = kept
+        # Recorded once done, like every change: a compaction it triggers must snapshot the store without it.
+        self._record({"op": "reset", "session_id": session_id, "character_id": character_id or None})
         return forgotten
 
     def export(self, session_id: str, character_id: str | None = None) -> dict[str, Any]:
@@ -132,18 +134,18 @@ class SessionStore:
         session = self._sessions.get(session_id)
         if session is None:
             raise UnknownSession(f"session_id: unknown session {_show(session_id)}")
-        turns = [asdict(t) for t in session.turns if not character_id or t.character_id == character_id]
-        return {"format": EXPORT_FORMAT, "session_id": session_id, "updated_unix_ms": session.updated_unix_ms,
-                "turns": turns}
+        turns = [t for t in session.turns if not character_id or t.character_id == character_id]
+        return _export(session_id, session.updated_unix_ms, turns)
 
     def import_(self, data: Any, session_id: str | None = None, *, overwrite: bool = True,
-                where: str = "session") -> ImportResult:
+                where: str = "session", format_field: str = "format") -> ImportResult:
         """Restores a session from an export, replacing a session of the same id (`session_id` renames it).
 
         Everything is checked before anything changes, so a bad save leaves the store as it was.
-        `where` prefixes field paths in errors (the servicer passes "state").
+        `where` prefixes field paths in errors, and `format_field` is what the caller's input calls
+        `format` (the servicer: "state" and the proto's "format_version").
         """
-        sid, session = parse_export(data, self.max_turns, where)
+        sid, session = parse_export(data, self.max_turns, where, format_field=format_field)
         sid = session_id if session_id is not None else sid
         check_session_id(sid)
         replaced = sid in self._sessions
@@ -157,7 +159,12 @@ class SessionStore:
 
     def records(self) -> list[dict[str, Any]]:
         """The whole store as `put` records, least recently used first (what apply() rebuilds it from)."""
-        return [{"op": "put", "session": self.export(sid)} for sid in self._sessions]
+        return [put_record(entry) for entry in self.snapshot()]
+
+    def snapshot(self) -> list[SessionSnapshot]:
+        """The whole store, least recently used first, copied cheaply (Turns are immutable): another thread
+        can turn it into records while the store changes (session_file.py compacts off the event loop)."""
+        return [(sid, s.updated_unix_ms, tuple(s.turns)) for sid, s in self._sessions.items()]
 
     def apply(self, record: Any) -> None:
         """Replays one change record (from on_change); raises SessionError for a malformed one."""
@@ -194,6 +201,19 @@ class SessionStore:
             log.info("session evicted", session_id=sid, turns=len(session.turns), max_sessions=self.max_sessions)
 
 
+SessionSnapshot = tuple[str, int, tuple[Turn, ...]]  # (session id, updated_unix_ms, turns)
+
+
+def put_record(entry: SessionSnapshot) -> dict[str, Any]:
+    """The `put` record that restores one session of a snapshot."""
+    return {"op": "put", "session": _export(*entry)}
+
+
+def _export(session_id: str, updated_unix_ms: int, turns: Iterable[Turn]) -> dict[str, Any]:
+    return {"format": EXPORT_FORMAT, "session_id": session_id, "updated_unix_ms": updated_unix_ms,
+            "turns": [asdict(t) for t in turns]}
+
+
 def check_session_id(session_id: Any, field_name: str = "session_id") -> None:
     if not isinstance(session_id, str) or not session_id:
         raise SessionError(f"{field_name}: must be a non-empty string, got {_show(session_id)}")
@@ -207,15 +227,16 @@ _TURN_FIELDS = {"character_id": 64, "player_line": MAX_LINE, "npc_line": MAX_LIN
 _OPTIONAL = {"player_name", "character_version"}  # missing or null: ""
 
 
-def parse_export(data: Any, max_turns: int, where: str = "session") -> tuple[str, _Session]:
-    """(session id, session) from an export dict, or SessionError naming the first bad field."""
+def parse_export(data: Any, max_turns: int, where: str = "session", *,
+                 format_field: str = "format") -> tuple[str, _Session]:
+    """(session id, session) from an export dict, or SessionError naming the first bad field as the caller's
+    input names it: `where` is its path, `format_field` its name for `format`."""
     if not isinstance(data, dict):
         raise SessionError(f"{where}: must be an object, got {type(data).__name__}")
     _no_unknown(data, {"format", "session_id", "updated_unix_ms", "turns"}, where)
     fmt = data.get("format")
     if fmt != EXPORT_FORMAT or isinstance(fmt, bool):
-        name = "format_version" if where == "state" else "format"  # the proto's name on the gRPC path
-        raise SessionError(f"{where}.{name}: must be {EXPORT_FORMAT}, got {_show(fmt)}")
+        raise SessionError(f"{where}.{format_field}: must be {EXPORT_FORMAT}, got {_show(fmt)}")
     sid = data.get("session_id")
     check_session_id(sid, f"{where}.session_id")
     updated = data.get("updated_unix_ms", 0)

@@ -35,7 +35,13 @@ def choose_weight_format(ckpt: Checkpoint) -> str:
 
 
 def load_base_model(config: ModelConfig, progress: bool = False) -> BaseModel:
+    device = config.resolved_device()
     ckpt = load_checkpoint(config.path)
-    weights = choose_weight_format(ckpt) if config.weights == "auto" else config.weights
-    model = LlamaModel.from_checkpoint(ckpt, weights, progress=progress)
+    if config.weights != "auto":
+        weights = config.weights
+    elif device.startswith("cuda"):
+        weights = "bf16"  # a GPU has the memory and bf16 tensor cores; exact for any source format
+    else:
+        weights = choose_weight_format(ckpt)
+    model = LlamaModel.from_checkpoint(ckpt, weights, progress=progress, device=device)
     return BaseModel(config.path, model, Tokenizer(ckpt))

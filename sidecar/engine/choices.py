@@ -33,6 +33,6 @@ def score_continuations(model: LlamaModel, cache: KVCache, row: int, start: int,
             logits = model.forward(tokens, start=[start], rows=[row], cache=cache, all_logits=True,
                                    lora=lora_for(len(candidate) - 1))[0]
             logp = torch.log_softmax(logits.float(), dim=-1)
-            total += logp.gather(1, torch.tensor(candidate[1:])[:, None]).sum().item()
+            total += logp.gather(1, torch.tensor(candidate[1:], device=logp.device)[:, None]).sum().item()
         scores.append(total)
     return scores

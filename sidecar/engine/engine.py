@@ -13,16 +13,17 @@ machine (15.5 vs 25 ms per batch-8 decode step; docs/benchmarks.md).
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 
 import structlog
 
 from sidecar.config import EngineConfig
+from sidecar.engine.admission import QueueFull, check_queue
 from sidecar.engine.base_model import BaseModel
 from sidecar.engine.llm_engine import LLMEngine
 from sidecar.engine.sampler import SamplingParams
-from sidecar.engine.scheduler import QueueFull
 from sidecar.engine.sequence import AdapterRef, EngineEvent, Sequence
 
 __all__ = ["AsyncEngine", "QueueFull", "RequestStream"]
@@ -31,16 +32,15 @@ log = structlog.get_logger(__name__)
 
 
 class RequestStream:
-    """Async iterator over one request's events; ends after its "finished" or "error" event.
-    Closing it early (break, or the consumer being cancelled) cancels the request."""
+    """Async iterator over one request's events, on every backend; ends after its "finished" or "error"
+    event, or raises an exception queued in their place (a remote's refusal that came after submit():
+    QueueFull, BackendUnavailable). Closing it early (break, or the consumer being cancelled) cancels
+    the request."""
 
-    def __init__(self, engine: AsyncEngine, seq: Sequence, queue: asyncio.Queue[EngineEvent]):
-        self._engine, self._seq, self._queue = engine, seq, queue
+    def __init__(self, request_id: str, queue: asyncio.Queue[EngineEvent | Exception],
+                 cancel: Callable[[str], object]):
+        self.request_id, self._queue, self._cancel = request_id, queue, cancel
         self._done = False
-
-    @property
-    def request_id(self) -> str:
-        return self._seq.request_id
 
     def __aiter__(self) -> AsyncIterator[EngineEvent]:
         return self._iterate()
@@ -48,15 +48,18 @@ class RequestStream:
     async def _iterate(self) -> AsyncIterator[EngineEvent]:
         try:
             while not self._done:
-                event = await self._queue.get()
-                self._done = event.kind in ("finished", "error")
-                yield event
+                item = await self._queue.get()
+                if isinstance(item, Exception):
+                    self._done = True
+                    raise item
+                self._done = item.kind in ("finished", "error")
+                yield item
         finally:
             if not self._done:
-                self._engine.cancel(self.request_id)
+                self.cancel()
 
     def cancel(self) -> None:
-        self._engine.cancel(self.request_id)
+        self._cancel(self.request_id)
 
 
 class AsyncEngine:
@@ -79,7 +82,7 @@ class AsyncEngine:
     def _run(self, base: BaseModel | Callable[[], BaseModel]) -> None:
         try:
             self.base = base if isinstance(base, BaseModel) else base()
-            self.core = LLMEngine(self.base, self.config)
+            self.core = LLMEngine(self.base, self.config, progress=sys.stderr.isatty())
         except BaseException as e:  # handed to the constructor's caller
             self._load_error = e
             self._ready.set()
@@ -89,12 +92,13 @@ class AsyncEngine:
 
     def submit(self, prompt_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
                request_id: str | None = None, choices: list[list[int]] | None = None) -> RequestStream:
-        """Queues a request. Raises QueueFull when max_waiting requests are queued, UserError for bad input.
+        """Queues a request. Raises QueueFull when max_waiting replies are queued (admission.check_queue),
+        UserError for bad input.
 
         With `choices` the request scores those continuations instead of generating (LLMEngine.make_sequence).
         """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        queue: asyncio.Queue[EngineEvent | Exception] = asyncio.Queue()
 
         def emit(event: EngineEvent) -> None:
             if event.kind in ("finished", "error"):
@@ -107,15 +111,12 @@ class AsyncEngine:
 
         seq = self.core.make_sequence(prompt_ids, adapter, sampling, emit, request_id, choices)
         with self._lock:
-            if self._stopping:
-                raise QueueFull("the engine is shutting down")
-            waiting = len(self._inbox) + len(self.core.scheduler.waiting)
-            if waiting >= self.config.max_waiting and choices is None:
-                raise QueueFull(f"{waiting} requests are already waiting (max_waiting {self.config.max_waiting})")
+            check_queue(self._waiting_replies(), self.config.max_waiting, scoring=choices is not None,
+                        stopping=self._stopping)
             self._inbox.append(seq)
             self._live[seq.request_id] = seq
             self._wake.notify()
-        return RequestStream(self, seq, queue)
+        return RequestStream(seq.request_id, queue, self.cancel)
 
     def cancel(self, request_id: str) -> bool:
         """Cancels a request; its stream ends with finish_reason "cancelled" within one step."""
@@ -127,10 +128,20 @@ class AsyncEngine:
             self._wake.notify()
         return True
 
+    def queue_full(self) -> bool:
+        """Whether a reply submitted now would be refused for a full queue: the servicer's cheap early
+        check (no stats dict), before it builds a prompt. submit() decides."""
+        with self._lock:
+            return self._waiting_replies() >= self.config.max_waiting
+
+    def _waiting_replies(self) -> int:
+        """Replies queued here or in the scheduler (held lock: the loop moves them across under it)."""
+        return sum(1 for seq in self._inbox if seq.choices is None) + self.core.scheduler.waiting_replies
+
     def stats(self) -> dict[str, object]:
         with self._lock:
             stats = self.core.stats()
-            stats["waiting_requests"] = int(stats["waiting_requests"]) + len(self._inbox)
+            stats["waiting_requests"] = self._waiting_replies()  # what max_waiting bounds (ServerInfo)
         return stats
 
     def _loop(self) -> None:
@@ -140,9 +151,10 @@ class AsyncEngine:
                     self._wake.wait()
                 if self._stopping:
                     return
-                inbox, self._inbox = self._inbox, []
-            for seq in inbox:
-                self.core.add(seq)  # capacity was checked in submit()
+                # Under the lock: a sequence is always in the inbox or the scheduler when submit() counts.
+                for seq in self._inbox:
+                    self.core.add(seq)  # never QueueFull: submit() checked the same count
+                self._inbox.clear()
             try:
                 self.core.step()
             except Exception as e:  # a bug must not silence every NPC: end this batch, keep serving

@@ -46,7 +46,7 @@ def generate_stream(model: LlamaModel, tokenizer: Tokenizer, prompt_ids: list[in
     eos = set(tokenizer.eos_ids)
     slots = None
     if adapter is not None:
-        slots = LoraSlots(model.config, num_slots=1, dtype=model.dtype, rank=adapter.rank)
+        slots = LoraSlots(model.config, num_slots=1, dtype=model.dtype, rank=adapter.rank, device=model.device)
         slots.load(0, adapter)
 
     def lora(tokens: int) -> LoraBatch | None:

@@ -11,30 +11,40 @@ import torch
 
 from sidecar.config import EngineConfig
 from sidecar.engine.adapters import AdapterCache
+from sidecar.engine.admission import check_request
 from sidecar.engine.base_model import BaseModel
 from sidecar.engine.choices import score_continuations
 from sidecar.engine.kv_cache import PrefixCache
 from sidecar.engine.sampler import SamplingParams, sample_batch
 from sidecar.engine.scheduler import Scheduler, StepPlan
 from sidecar.engine.sequence import AdapterRef, EngineEvent, Sequence
-from sidecar.errors import UserError
+from sidecar.model.cuda import triton_available
 from sidecar.model.lora import LoraBatch, LoraSlots
 
 _ids = itertools.count()
 
 
 class LLMEngine:
-    def __init__(self, base: BaseModel, config: EngineConfig | None = None):
+    def __init__(self, base: BaseModel, config: EngineConfig | None = None, progress: bool = False):
         self.base, self.config = base, config or EngineConfig()
         config, model = self.config, base.model
         self.cache = model.new_cache(rows=config.max_batch + 1, max_len=min(config.max_seq_len,
                                                                               model.config.max_position))
         self.prefix = PrefixCache(config.prefix_cache_mb * 2**20, config.prefix_block)
-        self.slots = LoraSlots(model.config, config.max_resident_adapters, model.dtype)
+        self.slots = LoraSlots(model.config, config.max_resident_adapters, model.dtype, device=model.device)
         self.adapters = AdapterCache(model.config, self.slots, config.max_rank)
         self.scheduler = Scheduler(config, self.cache, self.prefix, self.adapters)
         self.eos = set(base.tokenizer.eos_ids)
         self.steps = 0
+        # On a GPU with Triton, decode steps run through CudaDecoder (captured graphs unless turned off).
+        self.cuda_decoder = None
+        if model.device.type == "cuda" and triton_available():
+            from sidecar.engine.cuda_decode import CudaDecoder
+
+            self.cuda_decoder = CudaDecoder(model, self.cache, self.slots, config.max_batch, config.cuda_graphs,
+                                            progress=progress)
+            if config.cuda_graphs:
+                self.cuda_decoder.capture()
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -46,17 +56,7 @@ class LLMEngine:
         With `choices`, nothing is generated: the prompt is prefilled, each candidate continuation
         is scored, and the request finishes (reason "choice") with the most likely one's index.
         """
-        if not prompt:
-            raise UserError("prompt is empty")
-        if choices is not None and (not choices or any(not c for c in choices)):
-            raise UserError("choices must be a non-empty list of non-empty token lists")
-        longest = max((len(c) for c in choices), default=0) if choices else 0
-        room = self.cache.max_len - len(prompt) - longest
-        if room < 1:
-            raise UserError(f"prompt has {len(prompt)} tokens; the limit is {self.cache.max_len - 1} (max_seq_len)")
-        vocab = self.base.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt) or any(not 0 <= t < vocab for c in choices or () for t in c):
-            raise UserError(f"prompt or choices hold token ids outside the vocabulary [0, {vocab})")
+        room = check_request(prompt, choices, self.cache.max_len, self.base.model.config.vocab_size)
         return Sequence(request_id or f"req-{next(_ids)}", list(prompt), adapter, params, emit,
                         self.base.tokenizer.detokenizer(), max_tokens=min(params.max_tokens, room),
                         choices=tuple(tuple(c) for c in choices) if choices else None)
@@ -81,8 +81,10 @@ class LLMEngine:
         self.steps += 1
 
     def _run_decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        tokens = torch.tensor([[s.last_token] for s in seqs])
         slots = [s.slot for s in seqs]
+        if self.cuda_decoder is not None:
+            return self.cuda_decoder.run([s.last_token for s in seqs], [s.num_computed for s in seqs], slots)
+        tokens = torch.tensor([[s.last_token] for s in seqs])
         lora = LoraBatch(self.slots, slots, 1) if any(s >= 0 for s in slots) else None
         return self.base.model.forward(tokens, start=[s.num_computed for s in seqs], rows=list(range(len(seqs))),
                                        cache=self.cache, lora=lora)

@@ -98,8 +98,8 @@ def sample_batch(logits: torch.Tensor, samplers: list[Sampler], histories: list[
     by_row = [not s.params.greedy or s.params.repetition_penalty != 1.0 for s in samplers]
     tokens = logits.argmax(-1).tolist() if not all(by_row) else [0] * len(samplers)
     for b, needs_row in enumerate(by_row):
-        if needs_row:
-            tokens[b] = samplers[b](logits[b], histories[b])
+        if needs_row:  # on the CPU: each request's generator lives there (seeded replies match across devices)
+            tokens[b] = samplers[b](logits[b].cpu(), histories[b])
     return tokens
 
 

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 
 from sidecar.config import EngineConfig
 from sidecar.engine.adapters import AdapterCache
+from sidecar.engine.admission import QueueFull, check_queue
 from sidecar.engine.kv_cache import PrefixCache
 from sidecar.engine.sequence import EngineEvent, Sequence, Status
 from sidecar.model.llama import KVCache
 from sidecar.model.lora import AdapterError
 
-
-class QueueFull(Exception):
-    """The waiting queue is at max_waiting: the caller should answer RESOURCE_EXHAUSTED."""
+__all__ = ["QueueFull", "Scheduler", "StepPlan"]  # QueueFull: engine/admission.py, named here too
 
 
 @dataclass(frozen=True)
@@ -34,19 +33,22 @@ class Scheduler:
     def __init__(self, config: EngineConfig, cache: KVCache, prefix: PrefixCache, adapters: AdapterCache | None):
         self.config, self.cache, self.prefix, self.adapters = config, cache, prefix, adapters
         self.waiting: deque[Sequence] = deque()
+        # Replies (not scoring requests) in `waiting`: what max_waiting bounds. A plain int, so that
+        # AsyncEngine reads it from the event loop's thread without iterating a deque this thread changes.
+        self.waiting_replies = 0
         self.running: list[Sequence] = []
         self.prefilling: Sequence | None = None
         self.staging_row = config.max_batch
 
     def add(self, seq: Sequence) -> None:
+        """Queues a sequence; raises QueueFull (admission.check_queue). Scoring a finished reply (its
+        emotion) completes a conversation already served: it goes first."""
+        check_queue(self.waiting_replies, self.config.max_waiting, scoring=seq.choices is not None)
         if seq.choices is not None:
-            # Scoring a finished reply (its emotion) completes a conversation already served:
-            # it goes first and is never refused.
             self.waiting.appendleft(seq)
             return
-        if len(self.waiting) >= self.config.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_waiting)")
         self.waiting.append(seq)
+        self.waiting_replies += 1
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.prefilling)
@@ -75,13 +77,13 @@ class Scheduler:
                     acquired = self.adapters.acquire(seq.adapter)
                 except AdapterError as e:
                     self.adapters.forget_failed(seq.adapter)
-                    self.waiting.remove(seq)
+                    self._unqueue(seq)
                     self._fail(seq, str(e))
                     continue
                 if acquired is None:
                     continue  # loading in the background, or every slot pinned
                 seq.slot, seq.adapter_key = acquired[0], f"{seq.adapter.name}:{acquired[1]}"
-            self.waiting.remove(seq)
+            self._unqueue(seq)
             seq.status = Status.PREFILLING
             seq.started = time.perf_counter()
             seq.cached_tokens = self.prefix.lookup(seq.adapter_key, seq.prompt, self.cache, self.staging_row)
@@ -112,10 +114,15 @@ class Scheduler:
         elif seq is self.prefilling:
             self.prefilling = None
         elif seq in self.waiting:
-            self.waiting.remove(seq)
+            self._unqueue(seq)
         if seq.adapter is not None and self.adapters is not None and seq.status != Status.WAITING:
             self.adapters.release(seq.adapter)
         seq.status = Status.FINISHED
+
+    def _unqueue(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        if seq.choices is None:
+            self.waiting_replies -= 1
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in (*self.waiting, *self.running, self.prefilling) if s is not None and s.cancelled]:

@@ -19,6 +19,10 @@ from sidecar.model.checkpoint import Checkpoint
 from sidecar.model.config import LlamaConfig
 from sidecar.model.quant import COMPUTE_DTYPE, DenseLinear, Linear, build_linear
 
+# Triton's decode attention reads each row's own length from a tensor, so one captured CUDA graph
+# serves every step; it is imported on first CUDA use (Triton is absent on CPU-only installs).
+_decode_attention = None
+
 
 class LoraHook(Protocol):
     """Adds a per-row LoRA delta to a projection's output (implemented by model/lora.py).
@@ -70,7 +74,7 @@ class KVCache:
 class _StepLayout:
     """Everything about one forward call that is the same in every layer."""
 
-    write_rows: torch.Tensor  # [B, T] cache row of each new token
+    write_rows: torch.Tensor  # [B, T] cache row of each new token (or [B, 1] broadcast over T)
     write_pos: torch.Tensor  # [B, T] position of each new token
     read_rows: slice | torch.Tensor  # cache rows of the batch, as a view when contiguous
     kv_len: int
@@ -78,12 +82,14 @@ class _StepLayout:
     causal: bool  # plain causal prefill from position 0 (SDPA's own mask)
     cos: torch.Tensor  # [B, T, 1, head_dim]
     sin: torch.Tensor
+    seq_lens: torch.Tensor | None = None  # [B] keys per row, for the CUDA decode kernel (rows 0..B-1)
 
 
 class LlamaModel:
     def __init__(self, config: LlamaConfig, layers: list[LayerWeights], embed: torch.Tensor, norm: torch.Tensor,
-                 head: Linear, weights: str, dtype: torch.dtype):
+                 head: Linear, weights: str, dtype: torch.dtype, device: str = "cpu"):
         self.config = config
+        self.device = torch.device(device)
         self.layers = layers
         self.embed = embed  # [vocab, hidden] in the compute dtype
         self.norm = norm
@@ -94,41 +100,44 @@ class LlamaModel:
         angles = torch.outer(positions, config.inv_freq())  # [max_pos, head_dim / 2]
         angles = torch.cat([angles, angles], dim=-1)
         # Tables in fp32 then cast, as the HF reference does.
-        self._cos = angles.cos().to(dtype)
-        self._sin = angles.sin().to(dtype)
+        self._cos = angles.cos().to(device=device, dtype=dtype)
+        self._sin = angles.sin().to(device=device, dtype=dtype)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, weights: str, dtype: torch.dtype | None = None,
-                        progress: bool = False) -> LlamaModel:
-        """Build the in-memory model in weight format `weights` (int4 | int8 | bf16 | fp32)."""
+                        progress: bool = False, device: str = "cpu") -> LlamaModel:
+        """Build the model in weight format `weights` (int4 | int8 | bf16 | fp32) on `device`
+        (cpu, cuda[:N]; "meta" builds shapes only, for device-placement tests)."""
         c = ckpt.config
         dtype = dtype or COMPUTE_DTYPE[weights]
+        on_cpu = torch.device(device).type == "cpu"
         layers = []
         for i in tqdm(range(c.num_layers), desc=f"loading {weights} weights", unit="layer", disable=not progress):
             def t(name: str, i: int = i):
                 return ckpt.tensor(f"layers.{i}.{name}")
 
             layers.append(LayerWeights(
-                attn_norm=t("attn_norm").to_float().to(dtype),
-                qkv=build_linear([t("q"), t("k"), t("v")], weights, dtype),
-                o=build_linear([t("o")], weights, dtype),
-                ffn_norm=t("ffn_norm").to_float().to(dtype),
-                gate_up=build_linear([t("gate"), t("up")], weights, dtype),
-                down=build_linear([t("down")], weights, dtype),
+                attn_norm=t("attn_norm").to_float().to(device=device, dtype=dtype),
+                qkv=build_linear([t("q"), t("k"), t("v")], weights, dtype, device),
+                o=build_linear([t("o")], weights, dtype, device),
+                ffn_norm=t("ffn_norm").to_float().to(device=device, dtype=dtype),
+                gate_up=build_linear([t("gate"), t("up")], weights, dtype, device),
+                down=build_linear([t("down")], weights, dtype, device),
             ))
-        embed = ckpt.tensor("embed").to_float().to(dtype)
+        embed = ckpt.tensor("embed").to_float().to(device=device, dtype=dtype)
         head_source = ckpt.tensor("embed" if c.tie_embeddings else "head")
-        # The output head stays at 8 bits under int4, as llama.cpp keeps it: 4-bit logits cost quality.
-        head_format = "int8" if weights == "int4" else weights
+        # The output head stays at 8 bits under int4 on the CPU, as llama.cpp keeps it: 4-bit
+        # logits cost quality. A GPU has no int8 kernel; the head stays in the activation dtype.
+        head_format = weights if weights != "int4" else "int8" if on_cpu else "bf16"
         if head_format in ("fp32", "bf16") and c.tie_embeddings:
-            head = DenseLinear(embed)  # tied: share the embedding table
+            head = DenseLinear(embed, device)  # tied: share the embedding table
         else:
-            head = build_linear([head_source], head_format, dtype)
-        norm = ckpt.tensor("norm").to_float().to(dtype)
-        return cls(c, layers, embed, norm, head, weights, dtype)
+            head = build_linear([head_source], head_format, dtype, device)
+        norm = ckpt.tensor("norm").to_float().to(device=device, dtype=dtype)
+        return cls(c, layers, embed, norm, head, weights, dtype, device)
 
     def new_cache(self, rows: int, max_len: int) -> KVCache:
-        return KVCache(self.config, rows, max_len, self.dtype)
+        return KVCache(self.config, rows, max_len, self.dtype, self.device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: list[int], rows: list[int], cache: KVCache,
@@ -139,9 +148,32 @@ class LlamaModel:
         row rows[b]; their keys and values are written there. Logits are [B, V] for the last
         position of each row, or [B, T, V] with `all_logits`.
         """
+        layout = self._layout(start, rows, tokens.shape[1])
+        return self._run(tokens.to(self.device), layout, cache, all_logits, lora)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+               lora: LoraHook | None = None) -> torch.Tensor:
+        """One new token per row for rows 0..B-1 of the cache, everything given as device tensors:
+        tokens [B, 1] and positions [B] (where each row's token goes; it attends to 0..position).
+
+        Nothing here reads a tensor's value on the host, so a CUDA graph can capture this call and
+        replay it with new tokens, positions and adapter slots. Needs the Triton decode kernel.
+        """
+        global _decode_attention
+        if _decode_attention is None:
+            from sidecar.model.cuda.decode_attention import decode_attention as _decode_attention
+        batch = tokens.shape[0]
+        write_pos = positions[:, None]
+        layout = _StepLayout(
+            write_rows=torch.arange(batch, device=self.device)[:, None], write_pos=write_pos,
+            read_rows=slice(0, batch), kv_len=cache.max_len, mask=None, causal=False,
+            cos=self._cos[write_pos].unsqueeze(2), sin=self._sin[write_pos].unsqueeze(2), seq_lens=positions + 1)
+        return self._run(tokens, layout, cache, False, lora)
+
+    def _run(self, tokens: torch.Tensor, layout: _StepLayout, cache: KVCache, all_logits: bool,
+             lora: LoraHook | None) -> torch.Tensor:
         c = self.config
-        batch, steps = tokens.shape
-        layout = self._layout(start, rows, steps)
         h = F.embedding(tokens, self.embed)  # [B, T, hidden]
         for i, layer in enumerate(self.layers):
             h = h + self._attention(i, layer, F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_eps),
@@ -152,24 +184,24 @@ class LlamaModel:
         return self.head(F.rms_norm(h, (c.hidden_size,), self.norm, c.rms_eps)).float()
 
     def _layout(self, start: list[int], rows: list[int], steps: int) -> _StepLayout:
-        batch = len(start)
-        start_t = torch.tensor(start)
-        write_pos = start_t[:, None] + torch.arange(steps)  # [B, T]
+        batch, device = len(start), self.device
+        start_t = torch.tensor(start, device=device)
+        write_pos = start_t[:, None] + torch.arange(steps, device=device)  # [B, T]
         kv_len = max(start) + steps
         if kv_len > self.config.max_position:
             raise ValueError(f"position {kv_len} is past the model's context of {self.config.max_position}")
         contiguous = rows == list(range(rows[0], rows[0] + batch))
-        read_rows = slice(rows[0], rows[0] + batch) if contiguous else torch.tensor(rows)
+        read_rows = slice(rows[0], rows[0] + batch) if contiguous else torch.tensor(rows, device=device)
         causal = batch == 1 and start[0] == 0 and steps > 1
         uniform_decode = steps == 1 and len(set(start)) == 1
         mask = None
         if not causal and not uniform_decode:
             # Additive (0 / -inf) rather than boolean: SDPA's CPU kernel is ~2.5x slower with a
             # boolean mask (540 vs 210 us for 8 rows x 250 keys).
-            allowed = torch.arange(kv_len)[None, None, None, :] <= write_pos[:, None, :, None]
-            mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
+            allowed = torch.arange(kv_len, device=device)[None, None, None, :] <= write_pos[:, None, :, None]
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device).masked_fill_(~allowed, float("-inf"))
         return _StepLayout(
-            write_rows=torch.tensor(rows)[:, None].expand(batch, steps),
+            write_rows=torch.tensor(rows, device=device)[:, None].expand(batch, steps),
             write_pos=write_pos,
             read_rows=read_rows,
             kv_len=kv_len,
@@ -191,6 +223,10 @@ class LlamaModel:
         qk = _rope(qkv[:, :, : heads + kv_heads], layout.cos, layout.sin)  # q and k rotated together
         cache.k[i][layout.write_rows, :, layout.write_pos] = qk[:, :, heads:]
         cache.v[i][layout.write_rows, :, layout.write_pos] = qkv[:, :, heads + kv_heads:]
+        if layout.seq_lens is not None:  # graph-friendly decode: each row reads its own length
+            out = _decode_attention(qk[:, 0, :heads], cache.k[i], cache.v[i], layout.seq_lens, head_dim ** -0.5)
+            y = layer.o(out.reshape(batch, 1, heads * head_dim))
+            return y if lora is None else lora.apply(i, "o", out.reshape(batch, 1, -1), y)
         k = cache.k[i][layout.read_rows][:, :, : layout.kv_len]  # [B, KVH, S, D]
         v = cache.v[i][layout.read_rows][:, :, : layout.kv_len]
         q = qk[:, :, :heads].transpose(1, 2)  # [B, H, T, D]

@@ -14,6 +14,10 @@ Each slot also keeps a compact float32 copy for the one-adapter path (a prefill 
 decode batch whose rows all use one adapter): A_s [sum of ranks, in] over the targeted parts and
 a block-diagonal B_s [sum of ranks, out]. Two float32 matmuls per projection: on this CPU class,
 small fp32 GEMMs run 3-4x faster than bf16 ones of the same shape (docs/benchmarks.md).
+
+On CUDA the stacks live on the GPU and decode batches use the Triton BGMV kernel
+(model/cuda/lora_triton.py), which reads only each row's own adapter and never syncs with the
+host, so it runs inside captured CUDA graphs; without Triton they take the masked torch path.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import deserialize
 
 from sidecar.errors import UserError
+from sidecar.model.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_CONFIG_BYTES, adapter_digest
 from sidecar.model.config import LlamaConfig
+from sidecar.model.cuda import triton_available
 from sidecar.model.native import BgmvKernel, bgmv_kernel
 
 # PEFT module name -> (fused projection, part index). The part order matches the fused weights.
@@ -43,8 +49,8 @@ _TENSOR_NAME = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.([0-9]+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # under `self_attn`; the others under `mlp`
 
-MAX_CONFIG_BYTES = 1 << 20  # adapter_config.json is a page of settings
-_FLOAT_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # safetensors dtypes a LoRA weight may have
+# safetensors dtypes a LoRA weight may have
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 # rank_pattern / alpha_pattern keys are module names or dotted paths. PEFT reads them as regular
 # expressions; an adapter file is not trusted to supply one (`(.*)*X` takes minutes per module).
 _PLAIN_PATTERN_KEY = re.compile(r"[\w.-]{1,200}")
@@ -81,7 +87,7 @@ class LoraAdapter:
 
     name: str
     path: Path
-    fingerprint: str  # sha256 of the adapter's files: the identity the prefix cache keys on
+    fingerprint: str  # digest of the bytes the weights came from (+ scale): the identity the prefix cache keys on
     rank: int
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
@@ -90,11 +96,12 @@ class LoraAdapter:
         return {m for _, m in self.weights}
 
 
-def _fingerprint(*files: Path) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+def _fingerprint(config_sha256: bytes, weights_sha256: bytes, scale: float) -> str:
+    """Names the very bytes the weights were parsed from (hashed from that one read, never re-read: a file
+    replaced meanwhile must not lend its name to K/V of the old weights), the way the registry's adapter
+    version names them, plus the scale, which changes the K/V too."""
+    digest = adapter_digest({ADAPTER_CONFIG: config_sha256, ADAPTER_WEIGHTS: weights_sha256})
+    return digest.hex()[:16] + ("" if scale == 1.0 else f"x{scale!r}")
 
 
 def pattern_value(patterns: dict, module_path: str, default: float) -> float:
@@ -119,7 +126,7 @@ def load_peft_adapter(folder: Path, config: LlamaConfig, max_rank: int = 64, nam
         raise AdapterError(folder, f"scale must be a finite number >= 0, got {scale}")
     if not folder.is_dir():
         raise AdapterError(folder, "no such folder")
-    cfg_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    cfg_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pkl")):
             raise AdapterError(folder, "pickled weights (adapter_model.bin) are refused: loading them can run "
@@ -127,8 +134,8 @@ def load_peft_adapter(folder: Path, config: LlamaConfig, max_rank: int = 64, nam
         raise AdapterError(folder, "missing adapter_model.safetensors")
     if not cfg_path.is_file():
         raise AdapterError(folder, "missing adapter_config.json")
-    settings = _read_settings(folder, cfg_path, max_rank)
-    raw = _read_tensors(folder, weights_path, config, max_rank)
+    settings, config_sha256 = _read_settings(folder, cfg_path, max_rank)
+    raw, weights_sha256 = _read_tensors(folder, weights_path, config, max_rank)
 
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     top_rank = 0
@@ -154,8 +161,8 @@ def load_peft_adapter(folder: Path, config: LlamaConfig, max_rank: int = 64, nam
             raise WeightsError(folder, f"{where}: lora_alpha {alpha:g} scales the weights past the float range")
         weights[(layer, module)] = (a.contiguous(), b.contiguous())
         top_rank = max(top_rank, rank)
-    fingerprint = _fingerprint(cfg_path, weights_path) + ("" if scale == 1.0 else f"x{scale!r}")
-    return LoraAdapter(name or folder.name, folder, fingerprint, top_rank, weights)
+    return LoraAdapter(name or folder.name, folder, _fingerprint(config_sha256, weights_sha256, scale), top_rank,
+                       weights)
 
 
 @dataclass(frozen=True)
@@ -169,20 +176,28 @@ class _Settings:
     alpha_pattern: dict[str, float]
 
 
-def _read_settings(folder: Path, cfg_path: Path, max_rank: int) -> _Settings:
+def _read_capped(folder: Path, path: Path, limit: int, over: str) -> bytes:
+    """The whole file from one read: refused by its size before reading (`over` says why), and if it grew
+    past `limit` while being read."""
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise AdapterError(folder, f"{path.name} is {size} bytes{over}")
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise AdapterError(folder, f"cannot read {path.name} ({e.strerror or e})") from None
+    if len(data) > limit:
+        raise AdapterError(folder, f"{path.name} grew past {limit} bytes while being read{over}")
+    return data
+
+
+def _read_settings(folder: Path, cfg_path: Path, max_rank: int) -> tuple[_Settings, bytes]:
+    """The checked settings and the sha256 of the bytes they were parsed from."""
     def fail(field: str, problem: str):
         raise AdapterError(folder, f"adapter_config.json: {field}: {problem}")
 
-    try:
-        size = cfg_path.stat().st_size
-        if size > MAX_CONFIG_BYTES:  # refused on its size: never read
-            raise AdapterError(folder, f"adapter_config.json is {size} bytes; the limit is {MAX_CONFIG_BYTES}")
-        with cfg_path.open("rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise AdapterError(folder, f"cannot read adapter_config.json ({e.strerror or e})") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise AdapterError(folder, f"adapter_config.json is over the limit of {MAX_CONFIG_BYTES} bytes")
+    data = _read_capped(folder, cfg_path, MAX_CONFIG_BYTES, f"; the limit is {MAX_CONFIG_BYTES}")
     try:
         cfg = json.loads(data)
     except (ValueError, RecursionError) as e:  # (bad UTF-8 and 5000-digit numbers are ValueErrors too)
@@ -231,65 +246,66 @@ def _read_settings(folder: Path, cfg_path: Path, max_rank: int) -> _Settings:
             if field == "rank_pattern" and value > max_rank:
                 fail(f"{field}.{key}", f"rank {value} is above max_rank {max_rank}")
         patterns[field] = table
-    return _Settings(rank, float(alpha), rslora, patterns["rank_pattern"], patterns["alpha_pattern"])
+    settings = _Settings(rank, float(alpha), rslora, patterns["rank_pattern"], patterns["alpha_pattern"])
+    return settings, hashlib.sha256(data).digest()
 
 
 def _read_tensors(folder: Path, weights_path: Path, config: LlamaConfig,
-                  max_rank: int) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
-    """{(layer, module): {"A": tensor, "B": tensor}}, each tensor's name, dtype and shape checked before it is read."""
+                  max_rank: int) -> tuple[dict[tuple[int, str], dict[str, torch.Tensor]], bytes]:
+    """{(layer, module): {"A": tensor, "B": tensor}} and the sha256 of the bytes they came from.
+
+    The file is read once into memory: the hash and the tensors describe the same bytes, and the
+    tensors are copies (a memory map would change under a file rewritten in place, or fault if it
+    shrank). Each tensor's name, dtype and shape are checked before it becomes a tensor.
+    """
     shapes = module_shapes(config)
     # The largest file a valid adapter can be: every module at max_rank in float64, plus a header.
     limit = 8 * max_rank * config.num_layers * sum(out + inp for out, inp in shapes.values()) + (1 << 20)
+    data = _read_capped(folder, weights_path, limit, f", more than a rank-{max_rank} adapter of this model can be "
+                                                     f"({limit})")
+    sha256 = hashlib.sha256(data).digest()
     try:
-        size = weights_path.stat().st_size
-    except OSError as e:
-        raise AdapterError(folder, f"cannot read adapter_model.safetensors ({e.strerror or e})") from None
-    if size > limit:
-        raise AdapterError(folder, f"adapter_model.safetensors is {size} bytes, more than a rank-{max_rank} "
-                                   f"adapter of this model can be ({limit})")
-    raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    try:
-        with safe_open(weights_path, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                m = _TENSOR_NAME.match(key)
-                if m is None:
-                    raise WeightsError(folder, f"tensor {key!r} is not a LoRA A/B weight of a supported module "
-                                               f"({', '.join(MODULES)})")
-                layer, parent, module, which = int(m.group(1)), m.group(2), m.group(3), m.group(4)
-                if module not in MODULES:
-                    raise WeightsError(folder, f"target module {module!r} is not in the model "
-                                               f"(supported: {', '.join(MODULES)})")
-                if parent != ("self_attn" if module in _ATTENTION else "mlp"):
-                    raise WeightsError(folder, f"tensor {key!r}: {module} is not under {parent} in this model")
-                if layer >= config.num_layers:
-                    raise WeightsError(folder, f"tensor {key!r} is for layer {layer}, the model has "
-                                               f"{config.num_layers} layers")
-                where = f"layer {layer} {module}"
-                info = f.get_slice(key)
-                dtype, shape = info.get_dtype(), list(info.get_shape())
-                if dtype not in _FLOAT_BYTES:
-                    raise WeightsError(folder, f"tensor {key!r} holds {dtype} values; LoRA weights are floats "
-                                               f"({', '.join(_FLOAT_BYTES)})")
-                out, inp = shapes[module]
-                rank = (shape[0] if which == "A" else shape[1]) if len(shape) == 2 else -1
-                if shape != ([rank, inp] if which == "A" else [out, rank]):
-                    raise WeightsError(folder, f"{where}: lora_{which} has shape {shape}: the shapes do not match "
-                                               f"the base model (expected A [r, {inp}], B [{out}, r])")
-                if rank > max_rank:
-                    raise WeightsError(folder, f"{where}: rank {rank} is above max_rank {max_rank}")
-                if rank < 1:
-                    raise WeightsError(folder, f"{where}: rank must be at least 1")
-                pair = raw.setdefault((layer, module), {})
-                if which in pair:
-                    raise WeightsError(folder, f"{where}: two lora_{which} tensors (one is {key!r})")
-                pair[which] = f.get_tensor(key)
-    except AdapterError:
-        raise
+        views = sorted(deserialize(data), key=lambda view: view[0])  # by name, as safe_open lists them
     except Exception as e:  # safetensors raises its own types on damaged files
         raise AdapterError(folder, f"cannot read adapter_model.safetensors ({e})") from None
+    del data
+    raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, view in views:
+        m = _TENSOR_NAME.match(key)
+        if m is None:
+            raise WeightsError(folder, f"tensor {key!r} is not a LoRA A/B weight of a supported module "
+                                       f"({', '.join(MODULES)})")
+        layer, parent, module, which = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        if module not in MODULES:
+            raise WeightsError(folder, f"target module {module!r} is not in the model "
+                                       f"(supported: {', '.join(MODULES)})")
+        if parent != ("self_attn" if module in _ATTENTION else "mlp"):
+            raise WeightsError(folder, f"tensor {key!r}: {module} is not under {parent} in this model")
+        if layer >= config.num_layers:
+            raise WeightsError(folder, f"tensor {key!r} is for layer {layer}, the model has "
+                                       f"{config.num_layers} layers")
+        where = f"layer {layer} {module}"
+        dtype, shape = view["dtype"], list(view["shape"])
+        if dtype not in _FLOAT_DTYPES:
+            raise WeightsError(folder, f"tensor {key!r} holds {dtype} values; LoRA weights are floats "
+                                       f"({', '.join(_FLOAT_DTYPES)})")
+        out, inp = shapes[module]
+        rank = (shape[0] if which == "A" else shape[1]) if len(shape) == 2 else -1
+        if shape != ([rank, inp] if which == "A" else [out, rank]):
+            raise WeightsError(folder, f"{where}: lora_{which} has shape {shape}: the shapes do not match "
+                                       f"the base model (expected A [r, {inp}], B [{out}, r])")
+        if rank > max_rank:
+            raise WeightsError(folder, f"{where}: rank {rank} is above max_rank {max_rank}")
+        if rank < 1:
+            raise WeightsError(folder, f"{where}: rank must be at least 1")
+        pair = raw.setdefault((layer, module), {})
+        if which in pair:
+            raise WeightsError(folder, f"{where}: two lora_{which} tensors (one is {key!r})")
+        # (safetensors checked that the data is exactly shape x dtype; its bytearray is this tensor's own)
+        pair[which] = torch.frombuffer(view["data"], dtype=_FLOAT_DTYPES[dtype]).reshape(shape)
     if not raw:
         raise AdapterError(folder, "adapter_model.safetensors holds no LoRA weights")
-    return raw
+    return raw, sha256
 
 
 def _is_rank(value: object) -> bool:
@@ -308,8 +324,11 @@ def _show(value: object) -> str:
 class LoraSlots:
     """Resident adapters, stacked per layer and fused projection (layout in the module docstring)."""
 
-    def __init__(self, config: LlamaConfig, num_slots: int, dtype: torch.dtype, rank: int = 8):
+    def __init__(self, config: LlamaConfig, num_slots: int, dtype: torch.dtype, rank: int = 8,
+                 device: str | torch.device = "cpu"):
         self.config, self.num_slots, self.dtype = config, num_slots, dtype
+        self.device = torch.device(device)
+        self.generation = 0  # bumped when the stacks are reallocated (captured CUDA graphs hold their addresses)
         shapes = module_shapes(config)
         self.part_out = {p: tuple(shapes[m][0] for m in mods) for p, mods in PROJECTIONS.items()}
         self.in_features = {p: shapes[mods[0]][1] for p, mods in PROJECTIONS.items()}
@@ -324,14 +343,16 @@ class LoraSlots:
         """(Re)allocates the stacks for `rank`, keeping what is loaded (zero-padded)."""
         old_rank, old_A, old_B = self.rank, self.A, self.B
         S = self.num_slots
-        self.A = [{p: torch.zeros(len(self.part_out[p]) * S * rank, self.in_features[p], dtype=self.dtype)
+        on = {"dtype": self.dtype, "device": self.device}
+        self.A = [{p: torch.zeros(len(self.part_out[p]) * S * rank, self.in_features[p], **on)
                    for p in PROJECTIONS} for _ in range(self.config.num_layers)]
-        self.B = [{p: [torch.zeros(S * rank, out, dtype=self.dtype) for out in self.part_out[p]]
+        self.B = [{p: [torch.zeros(S * rank, out, **on) for out in self.part_out[p]]
                    for p in PROJECTIONS} for _ in range(self.config.num_layers)]
         self.rank = rank
-        # What the native kernel needs per (layer, projection): the B part pointers and out sizes.
+        self.generation += 1
+        # What the native (CPU) kernel needs per (layer, projection): the B part pointers and out sizes.
         self.b_pointers = [{p: (ctypes.c_void_p * len(parts))(*(t.data_ptr() for t in parts))
-                            for p, parts in layer.items()} for layer in self.B]
+                            for p, parts in layer.items()} for layer in self.B] if self.device.type == "cpu" else []
         self.part_out_c = {p: (ctypes.c_int64 * len(outs))(*outs) for p, outs in self.part_out.items()}
         if old_rank:
             keep = min(old_rank, rank)
@@ -381,7 +402,7 @@ class LoraSlots:
                 a_rows.append(a.float())
                 b_blocks.append(block)
             col += out
-        return torch.cat(a_rows).contiguous(), torch.cat(b_blocks).contiguous()
+        return torch.cat(a_rows).to(self.device).contiguous(), torch.cat(b_blocks).to(self.device).contiguous()
 
     def clear(self, slot: int) -> None:
         self.single[slot] = None
@@ -445,32 +466,49 @@ def lora_sgmv(y: torch.Tensor, x: torch.Tensor, compact: list[tuple[torch.Tensor
 class LoraBatch:
     """The LoRA hook of one forward call: which slot each batch row uses (model/llama.LoraHook).
 
-    Decode (one token per row) goes to the native BGMV kernel when it is built and the model runs
-    in bfloat16: it reads exactly one adapter per row. Otherwise a batch with one adapter (a
-    prefill chunk, a single NPC) takes the segment path, and mixed decode batches the masked
-    all-slot path, which keeps the op count fixed at the price of S-fold arithmetic.
+    Decode (one token per row) goes to a kernel that reads exactly one adapter per row: the
+    native BGMV kernel on the CPU when it is built and the model runs in bfloat16, the Triton one
+    on CUDA. Otherwise a batch with one adapter (a prefill chunk, a single NPC) takes the segment
+    path, and mixed decode batches the masked all-slot path, which keeps the op count fixed at the
+    price of S-fold arithmetic.
     """
 
     def __init__(self, slots: LoraSlots, row_slots: list[int], tokens_per_row: int,
                  kernel: BgmvKernel | None | bool = True):
         self.slots = slots
         self.active = any(s >= 0 for s in row_slots)
+        on_cpu = slots.device.type == "cpu"
         self.kernel = (bgmv_kernel() if kernel is True else kernel or None) \
-            if tokens_per_row == 1 and slots.dtype == torch.bfloat16 else None
-        self.row_slot = torch.tensor(row_slots, dtype=torch.int64)
+            if tokens_per_row == 1 and slots.dtype == torch.bfloat16 and on_cpu else None
+        use_triton = tokens_per_row == 1 and slots.device.type == "cuda" and kernel is not False and triton_available()
+        self.triton = _triton_bgmv() if use_triton else None
+        self.row_slot = torch.tensor(row_slots, dtype=torch.int64, device=slots.device)
         self.segments: list[tuple[int, int, int]] | None = None
-        if self.kernel is None and (len(set(row_slots)) == 1 or tokens_per_row > 1):
+        if self.triton is not None:
+            pass
+        elif self.kernel is None and (len(set(row_slots)) == 1 or tokens_per_row > 1):
             self.segments = _segments([s for s in row_slots for _ in range(tokens_per_row)])
         elif self.kernel is None:
-            S, r = slots.num_slots, slots.rank
-            owner = torch.arange(S).repeat_interleave(r)  # slot of each column
-            self.mask = (owner[None, :] == self.row_slot[:, None]).to(slots.dtype)  # [N, S*r]
+            self.mask = _slot_mask(slots, self.row_slot)
+
+    @classmethod
+    def for_graph(cls, slots: LoraSlots, row_slot: torch.Tensor) -> LoraBatch:
+        """The decode hook a captured CUDA graph replays: `row_slot` is a device buffer the caller
+        refills before each replay (-1 = no adapter), read by the Triton kernel on the GPU."""
+        hook = cls.__new__(cls)
+        hook.slots, hook.active, hook.kernel, hook.triton, hook.segments = slots, True, None, _triton_bgmv(), None
+        hook.row_slot = row_slot
+        return hook
 
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return y
         s = self.slots
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        if self.triton is not None:
+            self.triton(y2, x2, s.A[layer][module], s.B[layer][module], self.row_slot, s.num_slots, s.rank,
+                             s.part_out[module])
+            return y
         if self.kernel is not None and x2.dtype == torch.bfloat16 and self.kernel(
                 y2, x2, self.row_slot, s.num_slots, s.rank, s.A[layer][module], s.b_pointers[layer][module],
                 s.part_out_c[module]):
@@ -480,11 +518,23 @@ class LoraBatch:
             lora_sgmv(y2, x2, compact, self.segments)
         else:
             if self.kernel is not None:  # the kernel declined: build the mask once
-                owner = torch.arange(s.num_slots).repeat_interleave(s.rank)
-                self.mask = (owner[None, :] == self.row_slot[:, None]).to(s.dtype)
+                self.mask = _slot_mask(s, self.row_slot)
                 self.kernel = None
             lora_bgmv(y2, x2, s.A[layer][module], s.B[layer][module], self.mask, s.part_out[module])
         return y
+
+
+def _slot_mask(slots: LoraSlots, row_slot: torch.Tensor) -> torch.Tensor:
+    """[N, S*r]: ones on the rank columns of each row's slot (lora_bgmv's mask)."""
+    owner = torch.arange(slots.num_slots, device=row_slot.device).repeat_interleave(slots.rank)
+    return (owner[None, :] == row_slot[:, None]).to(slots.dtype)
+
+
+def _triton_bgmv():
+    """model/cuda/lora_triton.lora_bgmv_triton, imported where it is used (Triton is optional)."""
+    from sidecar.model.cuda.lora_triton import lora_bgmv_triton
+
+    return lora_bgmv_triton
 
 
 def _segments(token_slots: list[int]) -> list[tuple[int, int, int]]:

@@ -7,6 +7,11 @@ CPU kernels (torch 2.13):
 - int8: `_weight_int8pack_mm`, symmetric per output channel.
 Both are fast only with bf16 activations (fp32 activations are 7-30x slower), so the quantized
 formats compute in bf16; fp32 activations still work and are what the exactness tests use.
+
+CUDA kernels: int4 uses `_weight_int4pack_mm` (tinygemm; bf16 activations, compute capability
+8.0+), the same grouped affine convention, so a GGUF Q4 tensor is still repacked exactly. int8
+has no CUDA kernel in torch and is refused there (ModelConfig names the choice); bf16 is what
+`--weights auto` picks on a GPU.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bf
 class DenseLinear:
     """fp32 or bf16 weight [out, in]."""
 
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight.contiguous()
+    def __init__(self, weight: torch.Tensor, device: str = "cpu"):
+        self.weight = weight.to(device).contiguous()
         self.out_features, self.in_features = weight.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,33 +71,51 @@ class Int4Linear:
     own layout of q.
     """
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype,
+                 device: str = "cpu"):
         # codes: int32 [out, in]; scales, zeros: float32 [out, in / 32]
         self.out_features, self.in_features = codes.shape
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-        self.scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype).contiguous()
+        self.cuda = torch.device(device).type == "cuda"
+        if self.cuda:
+            # tinygemm's input: two codes per byte, the even column in the high nibble.
+            codes = codes.to(device=device, dtype=torch.int32)
+            pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(pairs, _inner_k_tiles(self.in_features))
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        self.scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(device=device, dtype=dtype)
+        self.scales_and_zeros = self.scales_and_zeros.contiguous()
+
+    @staticmethod
+    def fits_cuda(out_features: int, in_features: int) -> bool:
+        """Shapes tinygemm takes: rows a multiple of 8, columns of 32 (then inner tiles of 2 at least)."""
+        return out_features % 8 == 0 and in_features % 32 == 0
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype) -> Int4Linear:
+    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype, device: str = "cpu") -> Int4Linear:
         """Asymmetric min/max int4 of a float weight (for sources that are not 4-bit already)."""
         out, inp = weight.shape
         groups = weight.reshape(out, inp // INT4_GROUP, INT4_GROUP)
         lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
         scale = ((hi - lo) / 15).clamp_min(1e-12)
         codes = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15)
-        return cls(codes.reshape(out, inp).to(torch.int32), scale, lo + 8 * scale, dtype)
+        return cls(codes.reshape(out, inp).to(torch.int32), scale, lo + 8 * scale, dtype, device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features), self.packed, INT4_GROUP, self.scales_and_zeros
-        )
+        mm = torch.ops.aten._weight_int4pack_mm if self.cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = mm(x.reshape(-1, self.in_features).contiguous(), self.packed, INT4_GROUP, self.scales_and_zeros)
         return y.reshape(*lead, self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         # The packed layout is the kernel's own; multiplying the identity reads W back through it.
-        eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
-        return self(eye).t().float()
+        eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype, device=self.packed.device)
+        return self(eye).t().float().cpu()
+
+
+def _inner_k_tiles(in_features: int) -> int:
+    """tinygemm's K tiling: the largest of 8, 4, 2 with in_features a multiple of 16 * tiles."""
+    return next(tiles for tiles in (8, 4, 2) if in_features % (16 * tiles) == 0)
 
 
 Linear = DenseLinear | Int8Linear | Int4Linear
@@ -121,23 +144,28 @@ def q4_blocks_to_int4(source: SourceTensor) -> tuple[torch.Tensor, torch.Tensor,
     return torch.from_numpy(codes.astype(np.int32)), torch.from_numpy(d), torch.from_numpy(zero)
 
 
-def build_linear(parts: list[SourceTensor], fmt: str, dtype: torch.dtype | None = None) -> Linear:
+def build_linear(parts: list[SourceTensor], fmt: str, dtype: torch.dtype | None = None,
+                 device: str = "cpu") -> Linear:
     """One linear layer from one or more stored matrices stacked along `out` (fused q/k/v, gate/up).
 
-    `dtype` is the activation dtype; it defaults to the format's compute dtype.
+    `dtype` is the activation dtype; it defaults to the format's compute dtype. The weights are
+    prepared on the CPU and end on `device`.
     """
     dtype = dtype or COMPUTE_DTYPE[fmt]
-    in_features = parts[0].shape[1]
-    if fmt == "int4" and in_features % INT4_GROUP == 0:
+    out_features, in_features = sum(p.shape[0] for p in parts), parts[0].shape[1]
+    on_cuda = torch.device(device).type == "cuda"
+    int4_fits = Int4Linear.fits_cuda(out_features, in_features) if on_cuda else in_features % INT4_GROUP == 0
+    if fmt == "int4" and int4_fits:
         if all(p.kind in ("Q4_0", "Q4_1") for p in parts):
             decoded = [q4_blocks_to_int4(p) for p in parts]
             codes, scales, zeros = (torch.cat([d[i] for d in decoded]) for i in range(3))
-            return Int4Linear(codes, scales, zeros, dtype)
-        return Int4Linear.quantize(_stacked_float(parts), dtype)
-    if fmt in ("int4", "int8"):
+            return Int4Linear(codes, scales, zeros, dtype, device)
+        return Int4Linear.quantize(_stacked_float(parts), dtype, device)
+    if fmt in ("int4", "int8") and not on_cuda:
         # int4 needs `in` to be a multiple of 32; such rare matrices fall back to int8.
         return Int8Linear.quantize(_stacked_float(parts), dtype)
-    return DenseLinear(_stacked_float(parts).to(dtype))
+    # (on CUDA, a matrix tinygemm cannot take stays in the activation dtype)
+    return DenseLinear(_stacked_float(parts).to(dtype), device)
 
 
 def _stacked_float(parts: list[SourceTensor]) -> torch.Tensor:

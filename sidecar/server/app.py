@@ -19,7 +19,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from sidecar.backends import create_engine, model_config_of
-from sidecar.config import EngineConfig, ModelConfig, RemoteConfig, ServerConfig
+from sidecar.config import EngineConfig, ModelConfig, RemoteConfig, ServerConfig, parse_listen
 from sidecar.dialogue.registry import CharacterRegistry
 from sidecar.dialogue.session_file import SessionFile
 from sidecar.dialogue.sessions import SessionStore
@@ -37,9 +37,9 @@ SERVICE_NAME = dialogue_pb2.DESCRIPTOR.services_by_name["NpcDialogue"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a TalkRequest is a few KB; this bounds what a bad client can send
 
 
-def is_loopback(listen: str) -> bool:
+def is_loopback(listen: str, flag: str = "--listen") -> bool:
     """Whether HOST:PORT only accepts connections from this machine."""
-    host = listen.rpartition(":")[0].strip("[]")
+    host = parse_listen(flag, listen)[0].strip("[]")
     if host == "localhost":
         return True
     try:
@@ -72,7 +72,8 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
                                                             c.lora_scale))
     registry = CharacterRegistry(server_config.characters, on_change=adapters.forget,
                                  adapter_validator=adapters.validate)
-    service = DialogueService(engine, registry, sessions, server_config, adapters, device=model_config.device)
+    device = str(engine.base.model.device) if backend == "torch" else model_config.device
+    service = DialogueService(engine, registry, sessions, server_config, adapters, device=device)
     http = OpenAiEndpoint(engine, registry, adapters, server_config, accepting=lambda: service.accepting)
 
     interceptors = [BearerTokenAuth(server_config.auth_token)] if server_config.auth_token else []
@@ -101,14 +102,14 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     registry.start_watching(server_config.reload_interval_s)
-    address = f"{server_config.listen.rpartition(':')[0]}:{port}"
+    address = f"{parse_listen('--listen', server_config.listen)[0]}:{port}"
     characters = registry.list()
     log.info("serving", address=address, model=engine.base.path.name, weights=engine.base.weights,
              backend=service.backend, openai_http=http_address,
              characters=[c.id for c in characters], failed=[c.id for c in characters if c.error],
              auth=bool(server_config.auth_token), startup_s=round(time.perf_counter() - started, 1))
-    for listen in filter(None, (server_config.listen, server_config.openai_listen)):
-        if not is_loopback(listen) and not server_config.auth_token:
+    for flag, listen in (("--listen", server_config.listen), ("--openai-listen", server_config.openai_listen)):
+        if listen and not is_loopback(listen, flag) and not server_config.auth_token:
             log.warning("listening beyond this PC without --auth-token: anyone who can reach the port can make "
                         "NPCs talk; set --auth-token (or $NPC_AUTH_TOKEN) or listen on 127.0.0.1", address=listen)
     if hasattr(engine, "missing_models") and (missing := engine.missing_models(

@@ -12,11 +12,13 @@ engine calls, JSON / server-sent events out. Served:
   (see ECHO_LOGPROB_TOKENS);
 - POST /v1/chat/completions: `messages` through the model's chat template, contents literal.
 
-`model` picks the character whose adapter (and lora_scale) is used; the persona is not added:
-the caller's prompt is the whole prompt. Sampling: max_tokens, temperature, top_p, top_k,
-repetition_penalty, seed, stop, ignore_eos. Errors are OpenAI-shaped JSON,
-`{"error": {"message", "type", "param", "code"}}`: 400 bad input, 401 without the server's
---auth-token as `Authorization: Bearer`, 404 unknown model or path, 429 queue full, 503 draining.
+`model` picks the character whose adapter (and lora_scale) is used, and whose
+generation.max_tokens_limit caps max_tokens (clamped, as over gRPC); the persona is not added: the
+caller's prompt is the whole prompt. Sampling: max_tokens, temperature, top_p, top_k,
+repetition_penalty, seed, stop, ignore_eos, checked by server/requests.py as gRPC's options are.
+Errors are OpenAI-shaped JSON, `{"error": {"message", "type", "param", "code"}}`: 400 bad input,
+401 without the server's --auth-token as `Authorization: Bearer`, 404 unknown model or path, 429
+queue full, 503 draining.
 A client that disconnects cancels its request in the engine (aiohttp cancels the handler).
 """
 
@@ -24,22 +26,30 @@ from __future__ import annotations
 
 import hmac
 import json
-import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from aiohttp import web
 
 from sidecar.backends import BackendUnavailable
-from sidecar.config import ServerConfig
+from sidecar.config import ServerConfig, parse_listen
+from sidecar.dialogue.characters import Generation
 from sidecar.dialogue.registry import CharacterRegistry, CharacterUnavailable, UnknownCharacter
 from sidecar.engine.engine import QueueFull
 from sidecar.engine.sampler import SamplingParams
 from sidecar.engine.sequence import AdapterRef, EngineEvent
 from sidecar.engine.tokenizer import ChatMessage
 from sidecar.errors import UserError
+from sidecar.server.requests import (
+    InvalidArgument,
+    check_sampling_number,
+    check_stops,
+    check_whole_number,
+    reply_token_cap,
+)
 
 log = structlog.get_logger("sidecar.server")
 
@@ -67,6 +77,15 @@ class HttpError(Exception):
                                              "code": self.code}}, status=self.status)
 
 
+@dataclass(frozen=True)
+class _Model:
+    """What a request's `model` names: the base model, or a character's adapter and reply cap."""
+
+    name: str
+    adapter: AdapterRef | None = None
+    generation: Generation | None = None  # the character's: its max_tokens_limit caps replies
+
+
 class OpenAiEndpoint:
     def __init__(self, engine: Any, registry: CharacterRegistry, adapters: Any, config: ServerConfig,
                  accepting: Callable[[], bool] = lambda: True):
@@ -87,12 +106,12 @@ class OpenAiEndpoint:
 
     async def start(self, listen: str) -> str:
         """Listens on HOST:PORT (port 0: any free one); returns the address bound."""
-        host, _, port = listen.rpartition(":")
+        host, port = parse_listen("--openai-listen", listen)
         # handler_cancellation: a client that hangs up cancels its handler, which cancels its sequence.
         self._runner = web.AppRunner(self.application(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
         try:
-            await web.TCPSite(self._runner, host.strip("[]"), int(port)).start()
+            await web.TCPSite(self._runner, host.strip("[]"), port).start()
         except OSError as e:
             await self._runner.cleanup()
             raise UserError(f"--openai-listen: cannot listen on {listen} ({e.strerror or e})") from None
@@ -134,15 +153,15 @@ class OpenAiEndpoint:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
-        model, adapter = self._model(body)
+        model = self._model(body)
         ids = self._prompt_ids(body.get("prompt"))
         if body.get("echo"):
-            return await self._echo(body, model, adapter, ids)
-        return await self._generate(request, body, model, adapter, ids, chat=False)
+            return await self._echo(body, model, ids)
+        return await self._generate(request, body, model, ids, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
-        model, adapter = self._model(body)
+        model = self._model(body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise HttpError(400, "messages: required, a non-empty list", param="messages")
@@ -151,18 +170,18 @@ class OpenAiEndpoint:
             ids = self.engine.base.tokenizer.encode_chat(chat)
         except UserError as e:
             raise HttpError(400, str(e), param="messages") from None
-        return await self._generate(request, body, model, adapter, ids, chat=True)
+        return await self._generate(request, body, model, ids, chat=True)
 
     # --- parts --------------------------------------------------------------------------------
 
-    def _model(self, body: dict) -> tuple[str, AdapterRef | None]:
+    def _model(self, body: dict) -> _Model:
         if not self.accepting():
             raise HttpError(503, "the sidecar is shutting down", "server_error", "shutting_down")
         model = body.get("model", BASE_MODEL)
         if not isinstance(model, str) or not model:
             raise HttpError(400, "model: must be a non-empty string", param="model")
         if model == BASE_MODEL:
-            return model, None
+            return _Model(model)
         try:
             character = self.registry.get(model)
         except UnknownCharacter:
@@ -170,7 +189,7 @@ class OpenAiEndpoint:
                             param="model") from None
         except CharacterUnavailable as e:
             raise HttpError(400, str(e), code="model_unavailable", param="model") from None
-        return model, self.adapters.ref(character)
+        return _Model(model, self.adapters.ref(character), character.generation)
 
     def _prompt_ids(self, prompt: Any) -> list[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
@@ -182,31 +201,31 @@ class OpenAiEndpoint:
         raise HttpError(400, "prompt: a non-empty string or a non-empty list of token ids (one prompt per request)",
                         param="prompt")
 
-    def _sampling(self, body: dict, chat: bool) -> SamplingParams:
+    def _sampling(self, body: dict, chat: bool, generation: Generation | None = None) -> SamplingParams:
+        """The body's sampling parameters, checked as gRPC's options are (server/requests.py) under their
+        OpenAI names; max_tokens is clamped to the character's max_tokens_limit (`generation`)."""
         if body.get("n", 1) != 1:
             raise HttpError(400, "n: only 1 is supported", param="n")
-        name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-        max_tokens = _int(body, name, 16, 1, self.limits.max_tokens)
-        stop = body.get("stop")
-        stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
-        if not isinstance(stops, list) or len(stops) > self.limits.max_stop_strings or not all(
-                isinstance(s, str) and 0 < len(s) <= self.limits.max_stop_chars for s in stops):
-            raise HttpError(400, f"stop: a string or up to {self.limits.max_stop_strings} non-empty strings of at most "
-                                 f"{self.limits.max_stop_chars} characters", param="stop")
-        top_k = _int(body, "top_k", 0, -1, 1_000_000)
-        seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
-            raise HttpError(400, "seed: a whole number from 0 to 2**63 - 1", param="seed")
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise HttpError(400, "ignore_eos: true or false", param="ignore_eos")
+        stop = body.get("stop")
+        stops = [stop] if isinstance(stop, str) else [] if stop is None else stop
+        if not isinstance(stops, list):
+            raise HttpError(400, "stop: a string or a list of strings", param="stop")
+        name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
         try:
             return SamplingParams(
-                max_tokens=max_tokens, temperature=_float(body, "temperature", 1.0, 0.0, 2.0),
-                top_p=_float(body, "top_p", 1.0, 0.0, 1.0, low_open=True), top_k=max(top_k, 0),
-                repetition_penalty=_float(body, "repetition_penalty", 1.0, 0.0, 2.0, low_open=True),
-                stop=tuple(stops), seed=seed, ignore_eos=ignore_eos)
-        except UserError as e:
+                max_tokens=min(_whole(body, name, 16, 1, self.limits.max_tokens),
+                               reply_token_cap(self.limits, generation)),
+                temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
+                top_k=max(_whole(body, "top_k", 0, -1, 1_000_000, " (no limit)"), 0),
+                repetition_penalty=_number(body, "repetition_penalty", 1.0),
+                stop=check_stops("stop", stops, self.limits), seed=_whole(body, "seed", None, 0, 2**63 - 1),
+                ignore_eos=ignore_eos)
+        except InvalidArgument as e:
+            raise HttpError(400, str(e), param=e.param) from None
+        except UserError as e:  # SamplingParams' own checks
             raise HttpError(400, str(e)) from None
 
     def _submit(self, ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
@@ -218,18 +237,18 @@ class OpenAiEndpoint:
         except UserError as e:
             raise HttpError(400, str(e), param="prompt") from None
 
-    async def _generate(self, request: web.Request, body: dict, model: str, adapter: AdapterRef | None,
-                        ids: list[int], chat: bool) -> web.StreamResponse:
-        sampling = self._sampling(body, chat)
+    async def _generate(self, request: web.Request, body: dict, model: _Model, ids: list[int],
+                        chat: bool) -> web.StreamResponse:
+        sampling = self._sampling(body, chat, model.generation)
         if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
             raise HttpError(400, "logprobs: only prompt log-probabilities (echo with max_tokens 0) are supported",
                             param="logprobs")
         stream_options = body.get("stream_options") or {}
         usage_chunk = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
         with_ids = body.get("return_token_ids") is True
-        reply = self._submit(ids, adapter, sampling)
-        shape = _Shape(reply.request_id, model, chat, with_ids)
-        bound = log.bind(request_id=reply.request_id, model=model, api="chat" if chat else "completions")
+        reply = self._submit(ids, model.adapter, sampling)
+        shape = _Shape(reply.request_id, model.name, chat, with_ids)
+        bound = log.bind(request_id=reply.request_id, model=model.name, api="chat" if chat else "completions")
         finished: EngineEvent | None = None
         response: web.StreamResponse | None = None
         self.replies[reply.request_id] = reply
@@ -272,7 +291,7 @@ class OpenAiEndpoint:
                 bound.info("http reply", reason=finished.finish_reason, prompt_tokens=finished.prompt_tokens,
                            completion_tokens=finished.completion_tokens)
 
-    async def _echo(self, body: dict, model: str, adapter: AdapterRef | None, ids: list[int]) -> web.Response:
+    async def _echo(self, body: dict, model: _Model, ids: list[int]) -> web.Response:
         """The prompt's token log-probabilities, without generating (vLLM: echo with max_tokens 0)."""
         if body.get("max_tokens") != 0 or body.get("stream") is True:
             raise HttpError(400, "echo: only with max_tokens 0 and without stream (prompt scoring)", param="echo")
@@ -281,7 +300,7 @@ class OpenAiEndpoint:
         if tail > 0:
             # Each prefix of the tail is a choice; their summed scores differ by one token's log-probability.
             last = ids[-tail:]
-            reply = self._submit(ids[:-tail], adapter, SamplingParams(max_tokens=1),
+            reply = self._submit(ids[:-tail], model.adapter, SamplingParams(max_tokens=1),
                                  choices=[last[:i] for i in range(1, tail + 1)])
             scores: tuple[float, ...] = ()
             async for event in reply:
@@ -297,8 +316,8 @@ class OpenAiEndpoint:
                     "top_logprobs": [None] * len(ids), "text_offset": None}
         return web.json_response({
             "id": f"cmpl-echo-{time.monotonic_ns()}", "object": "text_completion", "created": int(time.time()),
-            "model": model, "choices": [{"index": 0, "text": tok.decode(ids), "logprobs": logprobs,
-                                         "finish_reason": "length", "prompt_token_ids": ids}],
+            "model": model.name, "choices": [{"index": 0, "text": tok.decode(ids), "logprobs": logprobs,
+                                              "finish_reason": "length", "prompt_token_ids": ids}],
             "usage": {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}})
 
 
@@ -401,22 +420,13 @@ def _message(message: Any, i: int) -> tuple[str, str]:
     return message["role"], content
 
 
-def _float(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+def _number(body: dict, name: str, default: float) -> float:
+    """A sampling number of the body (server/requests.py's range for `name`), or its OpenAI default."""
     value = body.get(name)
-    if value is None:
-        return default
-    ok = (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-          and (low < value if low_open else low <= value) and value <= high)
-    if not ok:
-        bound = f"greater than {low:g}" if low_open else f"at least {low:g}"
-        raise HttpError(400, f"{name}: must be {bound} and at most {high:g}, got {value!r}", param=name)
-    return float(value)
+    return default if value is None else check_sampling_number(name, name, value)
 
 
-def _int(body: dict, name: str, default: int, low: int, high: int) -> int:
+def _whole(body: dict, name: str, default: int | None, low: int, high: int, low_means: str = "") -> int | None:
+    """A whole-number parameter of the body from low to high, or `default` when absent or null."""
     value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise HttpError(400, f"{name}: a whole number from {low} to {high}, got {value!r}", param=name)
-    return value
+    return default if value is None else check_whole_number(name, value, low, high, low_means)

@@ -1,9 +1,13 @@
 """TalkRequest -> checked plain values. Every problem is an InvalidArgument whose message starts
-with the field's path (proto npc.v1 documents the limits; config.RequestLimits sets them)."""
+with the field's path (proto npc.v1 documents the limits; config.RequestLimits sets them).
+
+The range, stop-string and reply-length rules are also the OpenAI endpoint's (server/openai_http.py):
+both edges call the same checks, each passing its own name for the field."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sidecar.config import RequestLimits
@@ -13,9 +17,18 @@ from sidecar.engine.sampler import SamplingParams
 from sidecar.errors import UserError
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 
+# Sampling options both edges take: name -> (low, high, low excluded). Temperature 0 is greedy.
+SAMPLING_RANGES: dict[str, tuple[float, float, bool]] = {
+    "temperature": (0.0, 2.0, False), "top_p": (0.0, 1.0, True), "repetition_penalty": (0.0, 2.0, True)}
+
 
 class InvalidArgument(UserError):
-    """A request field out of its documented range (INVALID_ARGUMENT)."""
+    """A request field out of its documented range (gRPC INVALID_ARGUMENT, HTTP 400). `param` is the
+    field as the edge names it (an OpenAI error's "param"); None where the message alone says it."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -64,28 +77,59 @@ def parse_talk(req: pb.TalkRequest, limits: RequestLimits) -> TalkInput:
         _max_len(f"world[{_show(key[:32])}]", value, limits.max_world_value_chars)
 
     o = req.options
-    if not 0 <= o.max_tokens <= limits.max_tokens:
-        raise InvalidArgument(f"options.max_tokens: must be 0 (character default) to {limits.max_tokens}, "
-                              f"got {o.max_tokens}")
-    temperature = _optional_float(o, "temperature", 0.0, 2.0, low_open=False)
-    top_p = _optional_float(o, "top_p", 0.0, 1.0, low_open=True)
-    penalty = _optional_float(o, "repetition_penalty", 0.0, 2.0, low_open=True)
-    top_k = o.top_k if o.HasField("top_k") else None
-    if top_k is not None and top_k < 0:
-        raise InvalidArgument(f"options.top_k: must be >= 0 (0 = no limit), got {top_k}")
-    if len(o.stop) > limits.max_stop_strings:
-        raise InvalidArgument(f"options.stop: {len(o.stop)} strings; the limit is {limits.max_stop_strings}")
-    for i, stop in enumerate(o.stop):
-        if not stop:
-            raise InvalidArgument(f"options.stop[{i}]: must not be empty")
-        _max_len(f"options.stop[{i}]", stop, limits.max_stop_chars)
+    check_whole_number("options.max_tokens", o.max_tokens, 0, limits.max_tokens, " (the character's default)")
+    top_k = check_whole_number("options.top_k", o.top_k, 0, 2**31 - 1, " (no limit)") if o.HasField("top_k") else None
+    stops = check_stops("options.stop", list(o.stop), limits)
     return TalkInput(req.character_id, req.session_id, line, dict(req.world), req.player_name, o.max_tokens,
-                     temperature, top_p, top_k, penalty, o.seed if o.HasField("seed") else None, tuple(o.stop))
+                     _sampling_option(o, "temperature"), _sampling_option(o, "top_p"), top_k,
+                     _sampling_option(o, "repetition_penalty"), o.seed if o.HasField("seed") else None, stops)
+
+
+def check_sampling_number(field: str, name: str, value: object) -> float:
+    """`value` within SAMPLING_RANGES[name]; the message starts with `field`, the edge's own name for it."""
+    low, high, low_open = SAMPLING_RANGES[name]
+    ok = (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+          and (low < value if low_open else low <= value) and value <= high)
+    if not ok:
+        bound = f"greater than {low:g}" if low_open else f"at least {low:g}"
+        raise InvalidArgument(f"{field}: must be {bound} and at most {high:g}, got {value!r}", field)
+    return float(value)
+
+
+def check_whole_number(field: str, value: object, low: int, high: int, low_means: str = "") -> int:
+    """An int (not a bool: JSON true is no count) from low to high; `low_means` explains the low end."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidArgument(f"{field}: must be a whole number from {low}{low_means} to {high}, got {value!r}",
+                              field)
+    return value
+
+
+def check_stops(field: str, stops: Sequence[object], limits: RequestLimits) -> tuple[str, ...]:
+    """At most max_stop_strings stop strings, each a non-empty string of at most max_stop_chars."""
+    if len(stops) > limits.max_stop_strings:
+        raise InvalidArgument(f"{field}: {len(stops)} strings; the limit is {limits.max_stop_strings}", field)
+    checked: list[str] = []
+    for i, stop in enumerate(stops):
+        if not isinstance(stop, str):
+            raise InvalidArgument(f"{field}[{i}]: must be a string, got {type(stop).__name__}", field)
+        if not stop:
+            raise InvalidArgument(f"{field}[{i}]: must not be empty", field)
+        _max_len(f"{field}[{i}]", stop, limits.max_stop_chars, param=field)
+        checked.append(stop)
+    return tuple(checked)
+
+
+def reply_token_cap(limits: RequestLimits, generation: Generation | None) -> int:
+    """The longest reply a request may get: the server's max_tokens, lowered by the character's
+    max_tokens_limit. Asking for more is clamped, not refused: a game usually sends one max_tokens
+    for every NPC."""
+    character_limit = generation.max_tokens_limit if generation is not None else None
+    return min(limits.max_tokens, character_limit or limits.max_tokens)
 
 
 def sampling_params(talk: TalkInput, defaults: Generation, limits: RequestLimits) -> SamplingParams:
     """The request's options over the character's `generation` section (its max_tokens_limit caps the reply)."""
-    cap = min(limits.max_tokens, defaults.max_tokens_limit or limits.max_tokens)
+    cap = reply_token_cap(limits, defaults)
     return SamplingParams(
         max_tokens=min(talk.max_tokens or defaults.max_tokens, cap),
         temperature=defaults.temperature if talk.temperature is None else talk.temperature,
@@ -97,20 +141,14 @@ def sampling_params(talk: TalkInput, defaults: Generation, limits: RequestLimits
     )
 
 
-def _optional_float(options: pb.GenerationOptions, name: str, low: float, high: float, low_open: bool) -> float | None:
-    if not options.HasField(name):
-        return None
-    value = getattr(options, name)
-    ok = math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
-    if not ok:
-        bound = f"greater than {low:g}" if low_open else f"at least {low:g}"
-        raise InvalidArgument(f"options.{name}: must be {bound} and at most {high:g}, got {value}")
-    return float(value)
+def _sampling_option(options: pb.GenerationOptions, name: str) -> float | None:
+    """A checked GenerationOptions number, or None when unset (the character's default applies)."""
+    return check_sampling_number(f"options.{name}", name, getattr(options, name)) if options.HasField(name) else None
 
 
-def _max_len(field: str, value: str, limit: int) -> None:
+def _max_len(field: str, value: str, limit: int, param: str | None = None) -> None:
     if len(value) > limit:
-        raise InvalidArgument(f"{field}: {len(value)} characters; the limit is {limit}")
+        raise InvalidArgument(f"{field}: {len(value)} characters; the limit is {limit}", param)
 
 
 def _show(value: str) -> str:

@@ -118,8 +118,8 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
             if not self.accepting:
                 raise ShuttingDown("the sidecar is shutting down")
             talk = parse_talk(request, self.limits)
-            if self.engine.stats()["waiting_requests"] >= self.engine.config.max_waiting:
-                raise QueueFull("the queue is full; retry after a short backoff")  # before building the prompt
+            if self.engine.queue_full():  # cheap, before building the prompt; submit() still decides
+                raise QueueFull("the queue is full; retry after a short backoff")
             character = self.registry.get(talk.character_id)  # this version serves the whole reply
             sampling = sampling_params(talk, character.generation, self.limits)
             history = self.sessions.history(talk.session_id) if talk.session_id else ()
@@ -244,7 +244,8 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
                     "turns": [{"character_id": t.character_id, "player_line": t.player_line, "npc_line": t.npc_line,
                                "player_name": t.player_name, "character_version": t.character_version}
                               for t in s.turns]}
-            result = self.sessions.import_(data, overwrite=request.overwrite, where="state")
+            result = self.sessions.import_(data, overwrite=request.overwrite, where="state",
+                                           format_field="format_version")
         except UserError as exc:
             await self._refuse(context, "ImportSession", exc)
         return pb.ImportSessionResponse(turns=result.turns, replaced=result.replaced)
