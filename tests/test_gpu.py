@@ -30,7 +30,7 @@ from tests.tiny import tiny_gguf
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")]
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
-RANKS = {"r2": 2, "r4": 4, "r8": 8, "r16": 16}
+RANKS = {"r2": 2, "r4": 4, "r8": 8, "r16": 16, "r32": 32}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,8 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu")
     hf = tiny_gguf(root / "tiny-q4_1.gguf", "Q4_1")
     ckpt = load_checkpoint(root / "tiny-q4_1.gguf")
-    targets = {"r2": ("k_proj", "up_proj"), "r4": ("q_proj", "v_proj"), "r8": None, "r16": ("o_proj", "down_proj")}
+    targets = {"r2": ("k_proj", "up_proj"), "r4": ("q_proj", "v_proj"), "r8": None, "r16": ("o_proj", "down_proj"),
+               "r32": ("q_proj", "gate_proj")}
     adapters = {}
     for seed, (name, rank) in enumerate(RANKS.items()):
         extra = {"targets": targets[name]} if targets[name] else {}
@@ -112,40 +113,62 @@ def test_mixed_batch_rows_identical_to_running_alone(tiny, cuda_models, graphs):
     assert len({finished(e).token_ids for e in together}) >= 6  # the adapters changed the replies
 
 
-def test_graph_replay_equals_eager_steps(tiny, cuda_models):
+@pytest.mark.parametrize("weights", ["bf16", "int4"])
+def test_graph_replay_equals_eager_steps(tiny, cuda_models, weights):
     ckpt, _, adapters = tiny
-    base = base_of(cuda_models("bf16"), ckpt)
+    base = base_of(cuda_models(weights), ckpt)
     plan = ["r8", None, "r4", "r16", "r8"]
     requests = [(ids, AdapterRef(a, adapters[a]) if a else None) for ids, a in zip(prompts(5), plan, strict=True)]
     eager = run(LLMEngine(base, EngineConfig(max_batch=8, cuda_graphs=False)), requests, GREEDY)
     engine = LLMEngine(base, EngineConfig(max_batch=8, cuda_graphs=True))
     assert engine.cuda_decoder is not None and engine.cuda_decoder._graphs
     replayed = run(engine, requests, GREEDY)
+    assert engine.cuda_decoder.use_graphs  # still replaying: nothing fell back to eager steps
     for a, b in zip(eager, replayed, strict=True):
         assert finished(a).token_ids == finished(b).token_ids
 
 
-def test_rank_growth_recaptures_and_running_replies_continue(tiny, cuda_models):
-    """r2 is decoding when r16 arrives: the stacks grow (LoraSlots starts at rank 8), the graphs are
-    captured again mid-reply, and r2's reply is the same as alone."""
-    ckpt, _, adapters = tiny
-    base = base_of(cuda_models("bf16"), ckpt)
-    first, second = prompts(2)
-    small, big = AdapterRef("r2", adapters["r2"]), AdapterRef("r16", adapters["r16"])
-    alone = finished(run(LLMEngine(base, EngineConfig(max_batch=4, prefix_cache_mb=0)), [(first, small)], GREEDY)[0])
-
-    engine = LLMEngine(base, EngineConfig(max_batch=4, prefix_cache_mb=0))
+def _first_reply_while_a_bigger_adapter_arrives(base, adapters, graphs: bool) -> tuple[list, int]:
+    """r2 decodes; once its first token is out, r32 arrives (above the stacks' starting rank of 16)."""
+    engine = LLMEngine(base, EngineConfig(max_batch=4, prefix_cache_mb=0, cuda_graphs=graphs))
     generation = engine.slots.generation
+    first, second = prompts(2)
     events: list[list] = [[], []]
-    engine.add(engine.make_sequence(first, small, GREEDY, events[0].append))
-    for _ in range(4):
+    engine.add(engine.make_sequence(first, AdapterRef("r2", adapters["r2"]), GREEDY, events[0].append))
+    while not any(e.kind == "delta" for e in events[0]):
         engine.step()
-    engine.add(engine.make_sequence(second, big, GREEDY, events[1].append))
+    engine.add(engine.make_sequence(second, AdapterRef("r32", adapters["r32"]), GREEDY, events[1].append))
     while engine.has_work():
         engine.step()
-    assert engine.slots.generation > generation
-    assert finished(events[0]).token_ids == alone.token_ids
     assert finished(events[1]).token_ids
+    return finished(events[0]).token_ids, engine.slots.generation - generation
+
+
+def test_rank_growth_recaptures_and_running_replies_continue(tiny, cuda_models):
+    """The stacks grow mid-reply, so the graphs are captured again between two of r2's steps; r2's
+    reply is the same as with eager steps on the same schedule (same shapes, same kernels)."""
+    base = base_of(cuda_models("bf16"), tiny[0])
+    replayed, grown = _first_reply_while_a_bigger_adapter_arrives(base, tiny[2], graphs=True)
+    eager, _ = _first_reply_while_a_bigger_adapter_arrives(base, tiny[2], graphs=False)
+    assert grown >= 1 and replayed == eager
+
+
+def test_failed_capture_falls_back_to_eager_steps(tiny, cuda_models, monkeypatch):
+    from sidecar.engine.cuda_decode import CudaDecoder
+
+    ckpt, _, adapters = tiny
+    base = base_of(cuda_models("bf16"), ckpt)
+    requests = [(ids, AdapterRef("r8", adapters["r8"])) for ids in prompts(3)]
+    eager = run(LLMEngine(base, EngineConfig(max_batch=4, cuda_graphs=False)), requests, GREEDY)
+
+    def fail(self):
+        raise torch.cuda.OutOfMemoryError("no memory for the graphs")
+
+    monkeypatch.setattr(CudaDecoder, "_capture_all", fail)
+    engine = LLMEngine(base, EngineConfig(max_batch=4, cuda_graphs=True))
+    assert not engine.cuda_decoder.use_graphs
+    for a, b in zip(eager, run(engine, requests, GREEDY), strict=True):
+        assert finished(a).token_ids == finished(b).token_ids
 
 
 def test_serve_on_cuda_over_grpc(tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sidecar.config import ModelConfig
 from sidecar.engine.tokenizer import Tokenizer
+from sidecar.errors import UserError
 from sidecar.model.checkpoint import Checkpoint, load_checkpoint
 from sidecar.model.llama import LlamaModel
 
@@ -43,5 +44,14 @@ def load_base_model(config: ModelConfig, progress: bool = False) -> BaseModel:
         weights = "bf16"  # a GPU has the memory and bf16 tensor cores; exact for any source format
     else:
         weights = choose_weight_format(ckpt)
+    if device.startswith("cuda"):
+        import torch
+
+        # Streams, graph captures and Triton launches use the thread's current device: make it ours
+        # (this thread is the one that runs the model).
+        torch.cuda.set_device(device)
+        if weights == "int4" and torch.cuda.get_device_capability(device) < (8, 0):
+            raise UserError(f"--weights int4 on {torch.cuda.get_device_name(device)}: torch's int4 GPU kernel needs "
+                            "compute capability 8.0 or newer (Ampere); use --weights bf16")
     model = LlamaModel.from_checkpoint(ckpt, weights, progress=progress, device=device)
     return BaseModel(config.path, model, Tokenizer(ckpt))

@@ -15,11 +15,14 @@ captured again before the next replay.
 
 from __future__ import annotations
 
+import structlog
 import torch
 from tqdm import tqdm
 
 from sidecar.model.llama import KVCache, LlamaModel
 from sidecar.model.lora import LoraBatch, LoraSlots
+
+log = structlog.get_logger(__name__)
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -41,7 +44,7 @@ class CudaDecoder:
         self.inputs = torch.zeros(3, max_batch, dtype=torch.int64, device=model.device)
         self.tokens, self.positions, self.row_slot = self.inputs[0].unsqueeze(1), self.inputs[1], self.inputs[2]
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
+        self.logits: torch.Tensor | None = None  # what the graphs write (allocated when they are captured)
         self._captured_generation: int | None = None
 
     def run(self, tokens: list[int], positions: list[int], row_slots: list[int]) -> torch.Tensor:
@@ -51,19 +54,20 @@ class CudaDecoder:
         pad = size - n
         host = torch.tensor([tokens + [0] * pad, positions + [0] * pad, row_slots + [-1] * pad], dtype=torch.int64)
         self.inputs[:, :size].copy_(host)
+        if self.use_graphs and self._captured_generation != self.slots.generation:
+            self.capture()
         if not self.use_graphs:
             return self._step(size)[:n]
-        if self._captured_generation != self.slots.generation:
-            self.capture()
         self._graphs[size].replay()
-        return self._outputs[size][:n]
+        return self.logits[:n]
 
     def _step(self, size: int) -> torch.Tensor:
         lora = LoraBatch.for_graph(self.slots, self.row_slot[:size])
         return self.model.decode(self.tokens[:size], self.positions[:size], self.cache, lora)
 
     def capture(self) -> None:
-        """Captures one graph per bucket, largest first, all sharing one memory pool."""
+        """Captures one graph per bucket, largest first, all sharing one memory pool. If capturing
+        fails (out of memory, a kernel the GPU cannot run), decode goes on eagerly, with a warning."""
         # The warm-up run before each capture executes for real: it writes K/V at position 0 of rows
         # 0..size-1, which running sequences may hold. Keep those positions and put them back after.
         rows = self.buckets[-1]
@@ -73,7 +77,23 @@ class CudaDecoder:
         self.inputs[:2].zero_()
         self.inputs[2].fill_(-1)
         self._graphs.clear()
-        self._outputs.clear()
+        try:
+            self._capture_all()
+            self._captured_generation = self.slots.generation
+        except Exception as e:  # noqa: BLE001 (any failure: serve without graphs rather than not at all)
+            self._graphs.clear()
+            self.use_graphs = False
+            log.warning("capturing CUDA graphs failed; decode steps run without them", error=f"{type(e).__name__}: {e}")
+        finally:
+            torch.cuda.synchronize()
+            self.cache.k_all[:, :rows, :, 0] = saved_k
+            self.cache.v_all[:, :rows, :, 0] = saved_v
+            self.inputs.copy_(saved_inputs)
+
+    def _capture_all(self) -> None:
+        # One logits buffer for every bucket: a graph writes its rows into it, so memory does not
+        # grow with the number of buckets (a 128K vocabulary makes each row 0.5 MB).
+        self.logits = torch.empty(self.buckets[-1], self.model.config.vocab_size, device=self.model.device)
         pool = None
         for size in tqdm(sorted(self.buckets, reverse=True), desc="capturing CUDA graphs", unit="graph",
                          disable=not self.progress):
@@ -84,11 +104,6 @@ class CudaDecoder:
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._outputs[size] = self._step(size)
+                self.logits[:size].copy_(self._step(size))
             pool = pool or graph.pool()
             self._graphs[size] = graph
-        torch.cuda.synchronize()
-        self.cache.k_all[:, :rows, :, 0] = saved_k
-        self.cache.v_all[:, :rows, :, 0] = saved_v
-        self.inputs.copy_(saved_inputs)
-        self._captured_generation = self.slots.generation

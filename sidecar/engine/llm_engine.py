@@ -31,7 +31,10 @@ class LLMEngine:
         self.cache = model.new_cache(rows=config.max_batch + 1, max_len=min(config.max_seq_len,
                                                                               model.config.max_position))
         self.prefix = PrefixCache(config.prefix_cache_mb * 2**20, config.prefix_block)
-        self.slots = LoraSlots(model.config, config.max_resident_adapters, model.dtype, device=model.device)
+        # On CUDA the stacks start at rank 16: the Triton kernel pads smaller ranks to 16 anyway, and
+        # growing the stacks means capturing the CUDA graphs again (a stall for every NPC).
+        self.slots = LoraSlots(model.config, config.max_resident_adapters, model.dtype,
+                               rank=16 if model.device.type == "cuda" else 8, device=model.device)
         self.adapters = AdapterCache(model.config, self.slots, config.max_rank)
         self.scheduler = Scheduler(config, self.cache, self.prefix, self.adapters)
         self.eos = set(base.tokenizer.eos_ids)

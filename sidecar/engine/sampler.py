@@ -97,9 +97,11 @@ def sample_batch(logits: torch.Tensor, samplers: list[Sampler], histories: list[
     """One token per row of logits [B, V]: one argmax for the plain greedy rows, the rest row by row."""
     by_row = [not s.params.greedy or s.params.repetition_penalty != 1.0 for s in samplers]
     tokens = logits.argmax(-1).tolist() if not all(by_row) else [0] * len(samplers)
-    for b, needs_row in enumerate(by_row):
-        if needs_row:  # on the CPU: each request's generator lives there (seeded replies match across devices)
-            tokens[b] = samplers[b](logits[b].cpu(), histories[b])
+    rows = [b for b, needs_row in enumerate(by_row) if needs_row]
+    if rows:  # on the CPU, in one copy: each request's generator lives there (seeded replies match across devices)
+        on_cpu = logits[rows].cpu()
+        for i, b in enumerate(rows):
+            tokens[b] = samplers[b](on_cpu[i], histories[b])
     return tokens
 
 

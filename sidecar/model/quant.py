@@ -83,7 +83,8 @@ class Int4Linear:
             self.packed = torch.ops.aten._convert_weight_to_int4pack(pairs, _inner_k_tiles(self.in_features))
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-        self.scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(device=device, dtype=dtype)
+        stored = torch.bfloat16 if self.cuda else dtype
+        self.scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(device=device, dtype=stored)
         self.scales_and_zeros = self.scales_and_zeros.contiguous()
 
     @staticmethod
@@ -103,8 +104,16 @@ class Int4Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        mm = torch.ops.aten._weight_int4pack_mm if self.cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
-        y = mm(x.reshape(-1, self.in_features).contiguous(), self.packed, INT4_GROUP, self.scales_and_zeros)
+        rows = x.reshape(-1, self.in_features)
+        if self.cuda:
+            if rows.shape[0] == 0:  # tinygemm cannot launch an empty grid
+                return x.new_empty(*lead, self.out_features)
+            # tinygemm takes bf16 activations only (scales_and_zeros are bf16 on CUDA too)
+            y = torch.ops.aten._weight_int4pack_mm(rows.to(torch.bfloat16).contiguous(), self.packed, INT4_GROUP,
+                                                   self.scales_and_zeros).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), self.packed, INT4_GROUP,
+                                                           self.scales_and_zeros)
         return y.reshape(*lead, self.out_features)
 
     def dequantized(self) -> torch.Tensor:

@@ -101,6 +101,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, out, seq_lens, scale * _LOG2E, max_len,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        GROUP=group, G_BLOCK=g_block, HEAD_DIM=dim, BLOCK_N=BLOCK_N, PRECISION=precision)
+        GROUP=group, G_BLOCK=g_block, HEAD_DIM=dim, BLOCK_N=BLOCK_N, PRECISION=precision,
+        num_stages=2)  # float32 K/V tiles: 3 pipeline stages at head dim 128 can outgrow a consumer GPU's shared memory
     return out
 
