@@ -10,6 +10,7 @@ Two rules the rest of the sidecar relies on:
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -225,11 +226,7 @@ class Tokenizer:
         matches the start of the template's next `<|im_end|>`, which would then pass as text).
         """
         text = self.render_chat(messages, add_generation_prompt)
-        slots = [ChatMessage(m.role, f"\ue000{i}\ue001") for i, m in enumerate(messages)]
-        try:
-            skeleton = _SLOT.split(self.render_chat(slots, add_generation_prompt))  # text, index, text, ...
-        except UserError:  # a template that refuses the placeholders
-            skeleton = []
+        skeleton = self._skeleton(tuple(m.role for m in messages), add_generation_prompt)
         # Templates that trim contents (Llama 3's) show them stripped.
         for contents in ([m.content for m in messages], [m.content.strip() for m in messages]):
             pieces = [(contents[int(part)], True) if i % 2 else (part, False) for i, part in enumerate(skeleton)]
@@ -241,6 +238,20 @@ class Tokenizer:
             pieces += [(text[cursor:start], False), (text[start:end], True)]
             cursor = end
         return [*pieces, (text[cursor:], False)]
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 (one tokenizer per process; the roles of a chat repeat)
+    def _skeleton(self, roles: tuple[str, ...], add_generation_prompt: bool) -> list[str]:
+        """The template rendered with a placeholder per content, split as [text, index, text, ...].
+
+        It depends only on the roles (a template whose output depends on the contents fails the
+        check in _chat_pieces and takes the search path), so one render serves every chat with
+        these roles.
+        """
+        slots = [ChatMessage(role, f"\ue000{i}\ue001") for i, role in enumerate(roles)]
+        try:
+            return _SLOT.split(self.render_chat(slots, add_generation_prompt))
+        except UserError:  # a template that refuses the placeholders
+            return []
 
     # --- decoding ---------------------------------------------------------------------------
 
