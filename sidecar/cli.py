@@ -86,11 +86,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.backend == "remote":
         if not args.remote_url:
             raise UserError("--backend remote: needs --remote-url (the OpenAI-compatible server, e.g. http://HOST:8000)")
+        timeout = {} if args.remote_timeout is None else {"read_timeout_s": args.remote_timeout}  # else the default
         remote = RemoteConfig(args.remote_url, model=args.remote_model,
                               api_key=args.remote_api_key or os.environ.get("NPC_REMOTE_API_KEY") or None,
-                              adapter_names=RemoteConfig.parse_adapter_names(args.remote_adapter))
-    elif args.remote_url or args.remote_model or args.remote_adapter:
-        raise UserError("--remote-url, --remote-model and --remote-adapter need --backend remote")
+                              adapter_names=RemoteConfig.parse_adapter_names(args.remote_adapter), **timeout)
+    elif args.remote_url or args.remote_model or args.remote_adapter or args.remote_timeout is not None:
+        raise UserError("--remote-url, --remote-model, --remote-adapter and --remote-timeout need --backend remote")
     asyncio.run(serve(server, model, engine, backend=args.backend, remote=remote))
     return 0
 
@@ -282,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--remote-adapter", action="append", default=[], metavar="ID=NAME",
                    help="remote backend: the remote's model name for a character's adapter (default: the character "
                         "id; repeatable)")
+    s.add_argument("--remote-timeout", type=float, metavar="SECONDS",
+                   help="remote backend: how long the remote may stay silent (no answer, or no chunk mid-reply) "
+                        "before the reply fails with UNAVAILABLE (default 60)")
     s.add_argument("--openai-listen", metavar="HOST:PORT",
                    help="also serve an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions) "
                         "on HOST:PORT, with the same --auth-token (port 0 = any)")

@@ -154,7 +154,7 @@ class RemoteConfig:
     api_key: str | None = None  # sent as `Authorization: Bearer KEY`
     adapter_names: tuple[tuple[str, str], ...] = ()  # (character id, remote model name); default: the id itself
     connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0  # longest silence while a reply streams before it fails with UNAVAILABLE
+    read_timeout_s: float = 60.0  # --remote-timeout: longest silence of the remote before a reply fails (UNAVAILABLE)
 
     def __post_init__(self) -> None:
         scheme, sep, rest = self.url.partition("://")
@@ -162,8 +162,12 @@ class RemoteConfig:
             raise UserError(f"--remote-url: expected http://HOST:PORT or https://HOST:PORT, got {self.url!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("--remote-api-key: must not be empty")
-        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
-            raise UserError("remote timeouts must be > 0 seconds")
+        # `not 0 < x < inf` also refuses NaN, which every comparison calls False.
+        if not 0 < self.read_timeout_s < float("inf"):
+            raise UserError(f"--remote-timeout: must be a positive finite number of seconds, got {self.read_timeout_s}")
+        if not 0 < self.connect_timeout_s < float("inf"):
+            raise UserError(f"remote connect timeout: must be a positive finite number of seconds, "
+                            f"got {self.connect_timeout_s}")
 
     @property
     def base_url(self) -> str:

@@ -5,15 +5,21 @@ The dialogue checks of tests/test_server.py, over B's socket."""
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
 import grpc
 import pytest
+from aiohttp import web
 
 from sidecar.backends.openai_wire import RemoteRefused, ReplyEvents, candidate_logprob, completion_body
 from sidecar.backends.remote import RemoteBase, RemoteEngine
@@ -24,6 +30,7 @@ from sidecar.dialogue.characters import load_character
 from sidecar.dialogue.prompt import fit_to_budget
 from sidecar.engine.engine import QueueFull
 from sidecar.engine.sampler import SamplingParams
+from sidecar.errors import UserError
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from tests.sidecar_process import SidecarProcess, copy_characters, write_character
 
@@ -103,6 +110,30 @@ def test_reply_events_tokens_and_text(tokenizer):
     assert eos.tokens([ids[0], tokenizer.eos_ids[0], ids[1]])[-1].token_ids == (ids[0],)
 
 
+def test_reply_events_take_the_remote_usage_after_ours_ended(tokenizer):
+    """The remote's usage chunk comes after its last token, when ours has already ended the reply at
+    max_tokens or eos: counted() puts its cached_tokens into the finished event held back for it.
+    After a stop string (ours only) or text past our end, the remote does not end there: no wait."""
+    ids = tokenizer.encode_literal("Hello there, world")
+    usage = {"usage": {"prompt_tokens": 9, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 7}}}
+    capped = ReplyEvents("c", 9, SamplingParams(), 2, tokenizer, time.perf_counter())
+    finished = capped.chunk({"choices": [{"text": "He", "token_ids": ids[:3], "finish_reason": None}]})[-1]
+    assert finished.finish_reason == "length" and finished.cached_tokens == 0 and capped.remote_ends_too
+    capped.chunk({"choices": [{"text": "", "token_ids": [], "finish_reason": "length"}]})
+    capped.chunk({"choices": [], **usage})
+    assert capped.counted(finished).cached_tokens == 7 and capped.counted(finished).completion_tokens == 2
+    stopped = ReplyEvents("s", 9, SamplingParams(stop=("there",)), 50, tokenizer, time.perf_counter())
+    assert stopped.chunk({"choices": [{"token_ids": ids}]})[-1].finish_reason == "stop"
+    assert not stopped.remote_ends_too
+    eos = ReplyEvents("e", 9, SamplingParams(), 50, tokenizer, time.perf_counter())
+    assert eos.chunk({"choices": [{"token_ids": [ids[0], tokenizer.eos_ids[0]]}]})[-1].finish_reason == "stop"
+    assert eos.remote_ends_too
+    eos.chunk({"choices": [{"token_ids": ids[1:2], "finish_reason": None}]})  # its eos is not ours
+    assert eos.outran and not eos.remote_ends_too
+    with pytest.raises(RuntimeError, match="failed mid-reply"):
+        eos.chunk({"error": {"message": "boom"}})
+
+
 def test_candidate_logprob():
     echo = {"choices": [{"logprobs": {"token_logprobs": [None, -1.0, -2.0, -0.5]}}]}
     assert candidate_logprob(echo, 2, [5, 6]) == -2.5
@@ -142,6 +173,125 @@ def test_engine_counts_only_replies_toward_the_queue_limit(tokenizer, checkpoint
     run(go())
 
 
+def test_remote_timeout_flag_is_checked():
+    for bad in (0, -1, math.inf, math.nan):
+        with pytest.raises(UserError, match="--remote-timeout: must be a positive finite number"):
+            RemoteConfig("http://127.0.0.1:9", read_timeout_s=bad)
+    npc = Path(sys.executable).with_name("npc")
+    for flags, said in ((["--backend", "remote", "--remote-url", "http://127.0.0.1:9", "--remote-timeout", "nan"],
+                         "--remote-timeout: must be a positive finite number"),
+                        (["--backend", "remote", "--remote-url", "http://127.0.0.1:9", "--remote-timeout", "soon"],
+                         "--remote-timeout: invalid float value"),
+                        (["--remote-timeout", "5"], "need --backend remote")):
+        done = subprocess.run([str(npc), "serve", "--listen", "127.0.0.1:0", *flags], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@contextmanager
+def _silent_remote() -> Iterator[str]:
+    """An OpenAI-compatible server (on its own thread) that lists one model, then, asked for a reply,
+    streams one chunk and falls silent. Yields its URL."""
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "base", "object": "model"}]})
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"index": 0, "text": "Hm", "finish_reason": null}]}\n\n')
+        await asyncio.sleep(120)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", completions)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_remote_timeout_bounds_a_silent_remote(tmp_path):
+    """`--remote-timeout 1`: a remote silent mid-reply fails it with UNAVAILABLE after about a second
+    (the default would wait a minute)."""
+    root = tmp_path / "characters"
+    write_character(root, "guard", "You are a guard.")
+    with _silent_remote() as url:
+        front = SidecarProcess(root, "--backend", "remote", "--remote-url", url, "--remote-timeout", "1")
+        try:
+            began = time.perf_counter()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                run(_events(front.address, "guard", "Hello", options=pb.GenerationOptions(**GREEDY)))
+            waited = time.perf_counter() - began
+        finally:
+            assert front.stop() == 0
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "unreachable or stopped answering" in e.value.details()
+    assert 1 <= waited < 15
+
+
+class _CannedRemote:
+    """A session whose POST answers 200 with these SSE chunks, then keeps the connection open (no EOF)."""
+
+    status = 200
+
+    def __init__(self, chunks: list):
+        self.chunks, self.read, self.closed = chunks, 0, False
+
+    async def post(self, url, json):
+        return self
+
+    @property
+    def content(self):
+        return self._lines()
+
+    async def _lines(self):
+        for chunk in self.chunks:
+            self.read += 1
+            yield b"data: " + (chunk if isinstance(chunk, bytes) else json.dumps(chunk).encode()) + b"\n"
+        await asyncio.Event().wait()
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_finished_waits_for_the_usage_only_where_the_remote_ends_too(tokenizer, checkpoint):
+    ids = tokenizer.encode_literal("Hello there, world")
+    usage = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2,
+                                      "prompt_tokens_details": {"cached_tokens": 5}}}
+
+    async def reply(chunks: list, **params):
+        remote = _CannedRemote(chunks)
+        engine = RemoteEngine(RemoteBase(Path("model.gguf"), tokenizer, checkpoint.config), EngineConfig(),
+                              RemoteConfig("http://127.0.0.1:9"), remote, "base", ("base",))
+        began = time.perf_counter()
+        events = [event async for event in engine.submit([5], None, SamplingParams(**params))]
+        return events[-1], remote, time.perf_counter() - began
+
+    # max_tokens: ours ends the reply on its last token; the remote's finish, usage and [DONE] follow.
+    finished, remote, _ = run(reply([{"choices": [{"token_ids": ids[:2]}]},
+                                     {"choices": [{"token_ids": [], "finish_reason": "length"}]}, usage, b"[DONE]"],
+                                    max_tokens=2))
+    assert (finished.finish_reason, finished.cached_tokens, remote.read, remote.closed) == ("length", 5, 4, False)
+    # A stop string is ours only: the remote would go on, so nothing more is read and the response is closed.
+    finished, remote, _ = run(reply([{"choices": [{"token_ids": ids}]}, usage], stop=("there",)))
+    assert (finished.finish_reason, finished.cached_tokens, remote.read, remote.closed) == ("stop", 0, 1, True)
+    # The remote ends first and sends no [DONE]: Finished comes within USAGE_WAIT_S, not the read timeout.
+    finished, remote, took = run(reply([{"choices": [{"token_ids": ids[:1], "finish_reason": "stop"}]}, usage]))
+    assert (finished.finish_reason, finished.cached_tokens, remote.closed) == ("stop", 5, True) and took < 5
+
+
 def test_server_info_names_the_backend(pair):
     cluster, front = pair
 
@@ -172,6 +322,7 @@ def test_same_reply_as_in_process(pair, character):
     assert started.prompt_tokens == local[0].started.prompt_tokens == finished.usage.prompt_tokens
     assert started.character_version == local[0].started.character_version
     assert finished.usage.completion_tokens == local[-1].finished.usage.completion_tokens
+    assert finished.usage.cached_prompt_tokens > 0  # A's prefix cache, read from its usage chunk
     character_emotions = list(load_character(front.characters / character).emotions)
     assert finished.emotion in character_emotions if character_emotions else finished.emotion == ""
     assert not [r for r in front.log_records("warning", "error") if "emotion" in r.get("event", "")]

@@ -96,6 +96,8 @@ def test_completions_token_ids_stream_and_whole_agree(server, tokenizer):
     assert events[-1] == "[DONE]"
     usage = events[-2]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+    # The warmed prompt's K/V came from the prefix cache: what --backend remote reports as cached_prompt_tokens.
+    assert 0 < usage["usage"]["prompt_tokens_details"]["cached_tokens"] < len(ids)
     chunks = [e["choices"][0] for e in events[:-2]]
     assert "".join(c["text"] for c in chunks) == choice["text"]
     assert [t for c in chunks for t in c["token_ids"]] == choice["token_ids"]

@@ -11,9 +11,14 @@ import grpc
 import pytest
 
 from sidecar.client import NpcClient
-from sidecar.config import RequestLimits
+from sidecar.config import EngineConfig, RequestLimits, ServerConfig
+from sidecar.dialogue.characters import load_character
+from sidecar.dialogue.sessions import SessionStore
+from sidecar.engine.engine import RequestStream
+from sidecar.engine.sequence import EngineEvent
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from sidecar.server.app import is_loopback
+from sidecar.server.service import DialogueService, ServingAdapters
 from tests.sidecar_process import SidecarProcess, copy_characters, write_character
 
 DONE = (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
@@ -86,6 +91,61 @@ def test_sigterm_under_load_keeps_every_finished_turn(tmp_path):
         assert run(exported()) == {sid: turns for sid, turns in received.items() if turns}
     finally:
         restarted.stop()
+
+
+class _ScoringNeverEnds:
+    """An engine whose replies finish at once and whose emotion scoring runs until it is cancelled."""
+
+    backend = "fake"
+    config = EngineConfig()
+
+    def __init__(self, tokenizer):
+        self.base = type("Base", (), {"tokenizer": tokenizer})()
+        self.scoring = asyncio.Event()
+
+    def queue_full(self) -> bool:
+        return False
+
+    def submit(self, prompt_ids, adapter, sampling, choices=None) -> RequestStream:
+        queue: asyncio.Queue = asyncio.Queue()
+        if choices is None:
+            for event in (EngineEvent("started", "reply", prompt_tokens=len(prompt_ids)),
+                          EngineEvent("delta", "reply", text="Halt."),
+                          EngineEvent("finished", "reply", text="Halt.", finish_reason="stop", completion_tokens=3)):
+                queue.put_nowait(event)
+            return RequestStream("reply", queue, lambda _: None)
+        self.scoring.set()
+        return RequestStream("scoring", queue, lambda rid: queue.put_nowait(
+            EngineEvent("finished", rid, finish_reason="cancelled")))
+
+
+def test_grace_cut_reaches_emotion_scoring(tmp_path, tokenizer):
+    """SIGTERM's grace period ends while a reply's text is done and its emotion is being scored: the
+    cut (cancel_all) ends the scoring too, and the reply finishes at once with its reason, its turn and
+    the first label, instead of outliving the grace period by the scoring's time."""
+    root = tmp_path / "characters"
+    write_character(root, "guard", "You are a guard.", emotions="[bored, stern]")
+    character = load_character(root / "guard")
+    engine = _ScoringNeverEnds(tokenizer)
+    sessions = SessionStore()
+    service = DialogueService(engine, type("Registry", (), {"get": lambda self, cid: character})(), sessions,
+                              ServerConfig(), ServingAdapters(lambda c: None))
+
+    async def go():
+        request = pb.TalkRequest(character_id="guard", player_line="Hello", session_id="s")
+        talk = asyncio.ensure_future(_events(service.Talk(request, context=None)))
+        await asyncio.wait_for(engine.scoring.wait(), 5)
+        assert service.cancel_all() == 1
+        return await asyncio.wait_for(talk, 2)
+
+    events = run(go())
+    finished = events[-1].finished
+    assert finished.reason == pb.FINISH_REASON_STOP and finished.full_text == "Halt." and finished.emotion == "bored"
+    assert [t.npc_line for t in sessions.history("s")] == ["Halt."] and not service.replies
+
+
+async def _events(stream) -> list:
+    return [event async for event in stream]
 
 
 def test_garbage_adapter_keeps_the_last_good_version(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -55,9 +56,10 @@ def candidate_logprob(response: dict, prompt_len: int, candidate: list[int]) -> 
 class ReplyEvents(TokenEvents):
     """A streamed reply's chunks -> our engine events (TokenEvents, with our tokenizer).
 
-    `tokens()` takes new token ids (exact: our detokenizer), `text_piece()` new text when the remote
-    sends no ids; our stop-string filter runs on the text either way. `finish()` takes the usage of
-    the remote's last chunk, for cached_tokens, and completion_tokens when it sent text without ids.
+    `chunk()` takes each chunk: new token ids (exact: our detokenizer) or, when the remote sends no
+    ids, new text; our stop-string filter runs on the text either way. The remote's usage comes in
+    its last chunk, after its last token: `counted()` puts it (cached_tokens, and completion_tokens
+    when it sent text without ids) into the finished event, which the caller holds back until then.
     """
 
     def __init__(self, request_id: str, prompt_tokens: int, params: SamplingParams, max_tokens: int,
@@ -66,6 +68,29 @@ class ReplyEvents(TokenEvents):
                          submitted, measure_queue=False)
         self.pieces = 0  # text chunks received without ids
         self.usage: dict = {}
+        self.reported: str | None = None  # the remote's finish reason, once it sent one
+        self.stop_string = False  # ours ended the reply on a stop string, which the remote never sees
+        self.outran = False  # the remote sent text after ours ended the reply: it does not end there
+
+    def chunk(self, data: dict) -> list[EngineEvent]:
+        """Events for one streamed chunk; notes the remote's finish reason and usage as they come."""
+        if "error" in data:
+            raise RuntimeError(f"the remote failed mid-reply: {str(data['error'])[:300]}")
+        events: list[EngineEvent] = []
+        for choice in data.get("choices") or ():
+            ids, text = choice.get("token_ids"), choice.get("text", "")
+            self.outran = self.outran or (self.finished and bool(ids or text) and not choice.get("finish_reason"))
+            events += self.tokens(ids) if ids is not None else self.text_piece(text)
+            self.reported = self.reported or choice.get("finish_reason")
+        if isinstance(data.get("usage"), dict):
+            self.usage = data["usage"]
+        return events
+
+    @property
+    def remote_ends_too(self) -> bool:
+        """Ours ended the reply where the remote ends it too (eos or max_tokens: same prompt, sampling and
+        max_tokens), so its usage chunk follows at once; after a stop string it would go on generating."""
+        return self.finished and not self.stop_string and not self.outran
 
     def text_piece(self, text: str) -> list[EngineEvent]:
         if self.finished or not text:
@@ -74,10 +99,13 @@ class ReplyEvents(TokenEvents):
         self.pieces += 1
         return self._push(text)
 
-    def finish(self, reason: str, stop_string: bool = False, usage: dict | None = None) -> list[EngineEvent]:
-        if usage and not self.finished:
-            self.usage = usage
+    def finish(self, reason: str, stop_string: bool = False) -> list[EngineEvent]:
+        self.stop_string = self.stop_string or (stop_string and not self.finished)
         return super().finish(reason, stop_string)
+
+    def counted(self, finished: EngineEvent) -> EngineEvent:
+        """The finished event with the counts of the remote's usage, read after our side ended the reply."""
+        return replace(finished, **self._usage())
 
     def _usage(self) -> dict[str, int]:
         cached = (self.usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0

@@ -11,6 +11,10 @@ What stays ours, so replies mean the same on either side:
   name; our own endpoint sends them too) they go through our detokenizer and stop-string filter,
   as in the engine; otherwise its text chunks do. Stop strings are matched here (exact on text)
   and never sent; when one ends the reply, the HTTP response is closed, which stops the remote.
+  When ours ends it at eos or max_tokens, where the remote ends too, the stream is read on (up
+  to USAGE_WAIT_S) to the remote's usage chunk (`stream_options.include_usage`), so Finished
+  reports its `prompt_tokens_details.cached_tokens`. Started cannot: the remote sends that count
+  only after the reply's last token (vLLM too), so Started.cached_prompt_tokens stays 0.
 
 Each character maps to a model name on the remote: its id when it has an adapter (override with
 --remote-adapter ID=NAME), else the base model (--remote-model, default: the first model that
@@ -49,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -78,6 +83,10 @@ from sidecar.errors import UserError
 __all__ = ["RemoteBase", "RemoteEngine", "read_base"]
 
 log = structlog.get_logger(__name__)
+
+# The remote's usage chunk follows its last token at once; waiting for it, after ours ended a reply,
+# delays Finished by that much at most (the bound matters only for a remote that stays silent).
+USAGE_WAIT_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -181,35 +190,31 @@ class RemoteEngine:
         reply = ReplyEvents(live.request_id, len(prompt), sampling, max_tokens, self.base.tokenizer, live.submitted)
         response: aiohttp.ClientResponse | None = None
         complete = False  # the body was read to its end: the connection can be reused
+        finished: EngineEvent | None = None  # held back until the remote's usage is read (or not coming)
         try:
             response = await self.session.post(self._url, json=completion_body(prompt, model, sampling, max_tokens))
             if response.status != 200:
                 raise await refusal(response, model)
             live.emit(reply.started())
-            reason: str | None = None
-            async for data in sse_data(response.content):
-                if "error" in data:
-                    raise RuntimeError(f"the remote failed mid-reply: {str(data['error'])[:300]}")
-                for choice in data.get("choices") or ():
-                    ids = choice.get("token_ids")
-                    events = reply.tokens(ids) if ids is not None else reply.text_piece(choice.get("text", ""))
-                    for event in events:
-                        live.emit(event)
-                    reason = reason or choice.get("finish_reason")
-                if data.get("usage") and reason:  # the remote's last chunk: read on to [DONE]
-                    for event in reply.finish(engine_reason(reason), usage=data["usage"]):
-                        live.emit(event)
-                elif reply.finished:
-                    break  # ours ended it (stop string, eos, max_tokens): closing the response stops the remote
-            else:  # [DONE], or the end of the body
+            chunks = sse_data(response.content)
+            async for data in chunks:
+                finished = _emit_all_but_finished(live, reply.chunk(data))
+                if finished is None and reply.reported is not None and reply.usage:  # the remote's last chunk
+                    finished = _emit_all_but_finished(live, reply.finish(engine_reason(reply.reported)))
+                if finished is not None:
+                    break  # ended by ours (stop string, eos, max_tokens) or by the remote
+            else:  # [DONE], or the end of the body, without a usage chunk
                 complete = True
-                if not reply.finished and reason is None:
+                if reply.reported is None:
                     raise BackendUnavailable("the remote ended the reply without a finish reason")
-                for event in reply.finish(engine_reason(reason or "stop")):
-                    live.emit(event)
-        except asyncio.CancelledError:
-            for event in reply.finish("cancelled"):
-                live.emit(event)
+                finished = _emit_all_but_finished(live, reply.finish(engine_reason(reply.reported)))
+            if not complete and reply.remote_ends_too:
+                complete = await _read_usage(chunks, reply)
+            if finished is not None:
+                live.emit(reply.counted(finished))
+        except asyncio.CancelledError:  # the client left, or the shutdown's grace period is over
+            for event in [reply.counted(finished)] if finished is not None else reply.finish("cancelled"):
+                live.emit(event)  # a reply whose text had ended keeps its reason
         except (QueueFull, BackendUnavailable) as e:
             live.fail(e)
         except RemoteRefused as e:
@@ -269,6 +274,32 @@ class RemoteEngine:
     async def shutdown(self, cancel_running: bool = True) -> None:
         await self._in_flight.shutdown(cancel_running)
         await self.session.close()
+
+
+def _emit_all_but_finished(live: Live, events: list[EngineEvent]) -> EngineEvent | None:
+    """Emits a chunk's events, except the finished one, which it returns: it waits for the remote's usage."""
+    finished = None
+    for event in events:
+        if event.kind == "finished":
+            finished = event
+        else:
+            live.emit(event)
+    return finished
+
+
+async def _read_usage(chunks: AsyncIterator[dict], reply: ReplyEvents) -> bool:
+    """Reads on, after ours ended a reply where the remote ends it too, to the remote's usage chunk (its
+    cached_tokens), for at most USAGE_WAIT_S; gives up as soon as the remote goes on generating. True when
+    the body was read to its end."""
+    try:
+        async with asyncio.timeout(USAGE_WAIT_S):
+            async for data in chunks:
+                reply.chunk(data)
+                if reply.outran:
+                    return False
+            return True
+    except (TimeoutError, RuntimeError, BackendUnavailable, aiohttp.ClientError, OSError):
+        return False  # the reply itself is complete: only the count is missing
 
 
 async def _list_models(session: aiohttp.ClientSession, remote: RemoteConfig) -> list[dict]:

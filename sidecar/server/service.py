@@ -108,7 +108,9 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
         self.device = device
         self.backend = backend_name(engine, device)
         self.accepting = True
-        self.replies: dict[str, RequestStream] = {}  # in flight, by request id
+        self.grace_over = False  # set by cancel_all(): no more engine work for replies in flight
+        # Replies in flight, by request id: the stream the reply waits on (its text, then its emotion scoring).
+        self.replies: dict[str, RequestStream] = {}
 
     # --- Talk ---------------------------------------------------------------------------------
 
@@ -160,7 +162,8 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
                 return
             completed = finished.finish_reason in ("stop", "length")
             scoring = time.perf_counter()
-            emotion = await self._emotion(character, prompt.messages, finished.text) if completed else ""
+            emotion = (await self._emotion(character, prompt.messages, finished.text, stream.request_id)
+                       if completed else "")
             emotion_ms = (time.perf_counter() - scoring) * 1000
             if completed and talk.session_id:
                 self.sessions.append_turn(talk.session_id, Turn(character.id, talk.player_line, finished.text,
@@ -187,16 +190,24 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
                 if not refused:
                     bound.info("reply cancelled by the client")
 
-    async def _emotion(self, character: Character, messages, reply: str) -> str:
-        """One of the character's emotion labels for this reply, by constrained choice under its adapter."""
+    async def _emotion(self, character: Character, messages, reply: str, reply_id: str) -> str:
+        """One of the character's emotion labels for this reply, by constrained choice under its adapter.
+
+        The scoring stream takes the reply's place in `replies`, so the shutdown's cancel_all() cuts it
+        as it cuts text: a reply whose text ended within the grace period keeps its reason and gets the
+        first label, as when scoring fails (Finished.emotion is always one of the character's labels).
+        """
         labels = character.emotions
         if not labels:
             return ""
+        if self.grace_over:
+            return labels[0]
         tok = self.engine.base.tokenizer
         ids = tok.encode_chat(emotion_messages(messages, reply, labels))
         try:
             stream = self.engine.submit(ids, self.adapters.ref(character), SamplingParams(max_tokens=1),
                                         choices=[tok.encode_literal(label) for label in labels])
+            self.replies[reply_id] = stream
             async for event in stream:
                 if event.kind == "finished" and event.choice is not None:
                     return labels[event.choice]
@@ -267,7 +278,9 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
     # --- shutdown -----------------------------------------------------------------------------
 
     def cancel_all(self) -> int:
-        """Ends every reply in flight with FINISH_REASON_CANCELLED (after the shutdown grace period)."""
+        """After the shutdown grace period: replies still generating end with FINISH_REASON_CANCELLED;
+        those whose text had ended skip (the rest of) their emotion scoring."""
+        self.grace_over = True
         for stream in list(self.replies.values()):
             stream.cancel()
         return len(self.replies)
