@@ -16,9 +16,16 @@ from sidecar.client import NpcClient
 from sidecar.dialogue.characters import load_character
 from sidecar.model.lora import LoraBatch, LoraSlots, load_peft_adapter
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
-from sidecar.training.data import DataError, read_dialogue, render
+from sidecar.training.data import IGNORE, DataError, Example, read_dialogue, render
 from sidecar.training.evaluate import evaluate_character
-from sidecar.training.train import TrainConfig, train_character
+from sidecar.training.train import (
+    WIDTH_MULTIPLE,
+    TrainConfig,
+    _accumulate_gradients,
+    _batch,
+    _micro_batches,
+    train_character,
+)
 from tests.sidecar_process import REPO, SidecarProcess
 
 TINY = TrainConfig(rank=4, alpha=8, epochs=1, batch_size=2, max_steps=2, learning_rate=5e-3, held_out=0.25)
@@ -128,6 +135,83 @@ def test_tiny_training_run_is_served_by_hot_reload(tmp_path, model_path, checkpo
         assert evaluation.held_out_lines == 1 and evaluation.perplexity_adapter > 0 and evaluation.samples
     finally:
         server.stop()
+
+
+def _examples(lengths: list[int], seed: int = 0) -> list[Example]:
+    """Random token ids; the second half of each row is "the reply" (supervised)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(0, 64, (n,), generator=g).tolist()
+        out.append(Example(i + 1, ids, [IGNORE] * (n - n // 2) + ids[n - n // 2:]))
+    return out
+
+
+def test_steps_reuse_a_few_bounded_shapes():
+    """The memory fix (train.py's docstring): every forward is at most micro_tokens padded tokens (or one
+    conversation), and widths come in multiples of WIDTH_MULTIPLE, so conversations of every length
+    from 40 to 700 tokens make a handful of tensor shapes, not one per width (each new shape grew the
+    process by ~15 MB of oneDNN / attention caches, and freed activations of odd sizes piled up)."""
+    lengths = list(range(40, 700, 7))
+    examples = _examples(lengths)
+    order = list(examples)
+    torch.manual_seed(0)
+    shapes = set()
+    for _ in range(3):
+        order = [order[i] for i in torch.randperm(len(order)).tolist()]
+        for i in range(0, len(order), 8):
+            groups = _micro_batches(order[i:i + 8], 1024)
+            assert sorted(e.line for g in groups for e in g) == sorted(e.line for e in order[i:i + 8])
+            for group in groups:
+                ids, mask, labels = _batch(group)
+                longest = max(len(e.input_ids) for e in group)
+                assert ids.shape[1] % WIDTH_MULTIPLE == 0 and longest <= ids.shape[1] < longest + WIDTH_MULTIPLE
+                assert len(group) == 1 or ids.numel() <= 1024
+                assert mask.sum().item() == sum(len(e.input_ids) for e in group)
+                assert (labels != IGNORE).sum().item() == sum(e.supervised for e in group)
+                shapes.add(tuple(ids.shape))
+    assert len(shapes) <= 30, sorted(shapes)  # 95 different lengths
+
+
+def test_micro_batches_give_the_full_batch_gradient():
+    """Gradient accumulation over micro-batches = one backward of the whole batch's mean loss (what
+    transformers computes), the loss comes back as a plain float, and the output head only sees
+    row counts in multiples of WIDTH_MULTIPLE."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # not zero: gradients reach lora_A as well
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    examples = _examples([37, 90, 64, 150, 21, 100, 75], seed=1)
+    head_rows = []
+    model.base_model.model.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[0]))
+
+    def grads(micro_tokens: int) -> tuple[float, dict[str, torch.Tensor]]:
+        loss = _accumulate_gradients(model, examples, micro_tokens)
+        out = {n: p.grad.clone() for n, p in params.items()}
+        model.zero_grad(set_to_none=True)
+        return loss, out
+
+    whole_loss, whole = grads(10_000)
+    assert len(head_rows) == 1
+    micro_loss, micro = grads(128)
+    assert len(head_rows) > 3 and all(n % WIDTH_MULTIPLE == 0 for n in head_rows)
+    assert isinstance(whole_loss, float) and isinstance(micro_loss, float)
+    assert micro_loss == pytest.approx(whole_loss, rel=1e-3)
+    for n in params:
+        assert torch.allclose(micro[n], whole[n], rtol=2e-2, atol=1e-4), n
+
+    # transformers' own loss (float32, no padding tricks) over the same batch
+    ids, mask, labels = _batch(examples)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    assert whole_loss == pytest.approx(reference, rel=2e-2)
 
 
 async def _list(address: str) -> dict[str, pb.Character]:

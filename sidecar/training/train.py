@@ -6,6 +6,17 @@ result is a standard PEFT folder (adapter_config.json + adapter_model.safetensor
 readable by the sidecar, PEFT, vLLM and TensorRT-LLM; character.yaml is pointed at it.
 Everything is checked before training starts, and the adapter is written to a temporary folder
 and renamed into place, so a bad run or a hot-reloading server never sees half a folder.
+
+Memory: a step of `batch_size` conversations runs as micro-batches of at most `micro_tokens`
+padded tokens each, gradients accumulated (the same update as one big batch, up to rounding), so
+the activations kept for the backward pass are bounded by `micro_tokens`, not by batch size x the
+longest conversation. Widths (and the rows sent through the output head) are padded to a multiple
+of WIDTH_MULTIPLE so that the same few tensor shapes come back step after step: oneDNN and the CPU
+attention kernel keep per-shape state for the life of the process (~15 MB per new shape here), and
+glibc reuses freed blocks of sizes it has seen instead of growing its heap. Measured on blacksmith
+with the defaults (54 steps): before, RSS was 5.1 GB after step 1 and grew to 7.2 GB (peak 7.5 GB),
+of which 0.7 GB was in use after step 1 and 1.1 GB at the end (per-width caches), the rest freed
+activations glibc kept; now it stays at 2.6-2.9 GB (peak 3.0 GB), at the same speed.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from sidecar.training.data import DIALOGUE_FILE, IGNORE, Example, read_dialogue,
 
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REPORT_DIR = "training"  # next to the adapter: report.json + loss.png
+WIDTH_MULTIPLE = 32  # batches are padded to a multiple of this many tokens (few distinct shapes)
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,7 @@ class TrainConfig:
     held_out: float = 0.1
     max_tokens: int = 1024  # longest rendered conversation accepted
     max_steps: int | None = None  # stop early (smoke tests)
+    micro_tokens: int = 1024  # padded tokens per forward/backward (bounds activation memory)
     adapter_dir: str = "adapter"
 
     def __post_init__(self) -> None:
@@ -56,6 +69,8 @@ class TrainConfig:
             raise UserError("--targets: name at least one module")
         if self.epochs < 1 or self.batch_size < 1:
             raise UserError("--epochs and --batch-size must be at least 1")
+        if self.micro_tokens < 1:
+            raise UserError(f"micro_tokens must be at least 1, got {self.micro_tokens}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise UserError(f"--lr must be > 0, got {self.learning_rate}")
         if "/" in self.adapter_dir or self.adapter_dir in ("", ".", ".."):
@@ -121,18 +136,16 @@ def train_character(folder: Path, model_path: Path, config: TrainConfig, progres
         for i in range(0, len(order), config.batch_size):
             if step >= total:
                 break
-            loss = _loss(model, *_batch(order[i:i + config.batch_size]))
-            loss.backward()
+            losses.append(_accumulate_gradients(model, order[i:i + config.batch_size], config.micro_tokens))
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if held_set:
-            held_losses.append((step, _mean_loss(model, held_set, config.batch_size)))
+            held_losses.append((step, _mean_loss(model, held_set, config.batch_size, config.micro_tokens)))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", held_out=f"{held_losses[-1][1]:.3f}")
     bar.close()
 
@@ -145,9 +158,26 @@ def train_character(folder: Path, model_path: Path, config: TrainConfig, progres
                        held_losses[-1][1] if held_losses else None, seconds)
 
 
+def _padded_width(n: int) -> int:
+    return -(-n // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+
+
+def _micro_batches(examples: list[Example], micro_tokens: int) -> list[list[Example]]:
+    """`examples` longest first, cut into groups of at most `micro_tokens` padded tokens (rows x padded
+    width; a longer conversation goes alone). Sorting keeps rows of similar length together (less
+    padding), and padded widths keep the shapes few."""
+    groups: list[list[Example]] = []
+    for e in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
+        if groups and (len(groups[-1]) + 1) * _padded_width(len(groups[-1][0].input_ids)) <= micro_tokens:
+            groups[-1].append(e)
+        else:
+            groups.append([e])
+    return groups
+
+
 def _batch(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask and labels (padding has no loss)."""
-    width = max(len(e.input_ids) for e in examples)
+    """Right-padded ids, attention mask and labels (padding has no loss), WIDTH_MULTIPLE wide."""
+    width = _padded_width(max(len(e.input_ids) for e in examples))
     ids = torch.zeros(len(examples), width, dtype=torch.long)
     mask = torch.zeros(len(examples), width, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -159,28 +189,45 @@ def _batch(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return ids, mask, labels
 
 
-def _loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the supervised tokens, as transformers computes it, but faster on CPU:
+def _loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over the supervised tokens, as transformers computes it, but faster on CPU:
     matmuls run in bfloat16 (autocast; LoRA weights, gradients and the optimizer stay float32), and
-    the 49152-wide output head runs only at the positions that have a label (~15% of them)."""
+    the 49152-wide output head runs only at the positions that have a label (~15% of them), padded
+    to a multiple of WIDTH_MULTIPLE rows (copies of position 0, without a label) so that its shape
+    repeats too."""
+    targets = labels[:, 1:]
+    row, pos = (targets != IGNORE).nonzero(as_tuple=True)
+    n = len(row)
+    row, pos = (torch.nn.functional.pad(t, (0, _padded_width(n) - n)) for t in (row, pos))
+    picked = targets[row, pos]
+    picked[n:] = IGNORE
     with torch.autocast("cpu", dtype=torch.bfloat16):
         hidden = model.base_model.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
-        logits = model.base_model.model.lm_head(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+        logits = model.base_model.model.lm_head(hidden[row, pos])
+    return torch.nn.functional.cross_entropy(logits.float(), picked, reduction="sum")
+
+
+def _accumulate_gradients(model, examples: list[Example], micro_tokens: int) -> float:
+    """Backward of the batch's mean loss over its supervised tokens, one micro-batch at a time (the
+    gradients add up to the full batch's); returns that mean loss as a plain float."""
+    count = sum(e.supervised for e in examples)
+    total = 0.0
+    for group in _micro_batches(examples, micro_tokens):
+        loss = _loss_sum(model, *_batch(group)) / max(count, 1)
+        loss.backward()
+        total += loss.item()
+    return total
 
 
 @torch.no_grad()
-def _mean_loss(model, examples: list[Example], batch_size: int) -> float:
+def _mean_loss(model, examples: list[Example], batch_size: int, micro_tokens: int) -> float:
     """Token-weighted mean loss over the supervised tokens of `examples`."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        n = sum(e.supervised for e in chunk)
-        total += _loss(model, *_batch(chunk)).item() * n
-        count += n
+        for group in _micro_batches(examples[i:i + batch_size], micro_tokens):
+            total += _loss_sum(model, *_batch(group)).item()
+            count += sum(e.supervised for e in group)
     model.train()
     return total / max(count, 1)
 
