@@ -2451,7 +2451,8 @@ namespace Npc.V1 {
     public const int CachedPromptTokensFieldNumber = 3;
     private int cachedPromptTokens_;
     /// <summary>
-    /// Same as Started.cached_prompt_tokens.
+    /// Same as Started.cached_prompt_tokens; with a remote backend (ServerInfo.backend "remote"), only
+    /// here: the remote reports it when its reply ends, and Started says 0.
     /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
