@@ -484,12 +484,11 @@ class LoraBatch:
         self.triton = _triton_bgmv() if use_triton else None
         self.row_slot = torch.tensor(row_slots, dtype=torch.int64, device=slots.device)
         self.segments: list[tuple[int, int, int]] | None = None
-        if self.triton is not None:
-            pass
-        elif self.kernel is None and (len(set(row_slots)) == 1 or tokens_per_row > 1):
-            self.segments = _segments([s for s in row_slots for _ in range(tokens_per_row)])
-        elif self.kernel is None:
-            self.mask = _slot_mask(slots, self.row_slot)
+        if self.triton is None and self.kernel is None:  # neither kernel: segments, or the masked all-slot op
+            if len(set(row_slots)) == 1 or tokens_per_row > 1:
+                self.segments = _segments([s for s in row_slots for _ in range(tokens_per_row)])
+            else:
+                self.mask = _slot_mask(slots, self.row_slot)
 
     @classmethod
     def for_graph(cls, slots: LoraSlots, row_slot: torch.Tensor) -> LoraBatch:
