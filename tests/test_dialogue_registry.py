@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -30,16 +30,29 @@ def put(root: Path, cid: str, text: str) -> Path:
     return path
 
 
-def eventually(check, timeout: float = 1.5) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            check()
-            return
-        except (AssertionError, UserError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+class Scans:
+    """Counts the watcher's finished scans: it calls `registry.reload`, wrapped here on the instance."""
+
+    def __init__(self, registry: CharacterRegistry):
+        self.done, self._changed, reload = 0, threading.Condition(), registry.reload
+
+        def counted() -> list[str]:
+            try:
+                return reload()
+            finally:
+                with self._changed:
+                    self.done += 1
+                    self._changed.notify_all()
+
+        registry.reload = counted
+
+    def two_more(self) -> None:
+        """Returns once two more scans have finished: the second began after this call, so it saw every change
+        made before it. Counted in scans, not seconds, so a busy machine only makes it slower; the 120 s are a
+        hang guard, not the measure."""
+        with self._changed:
+            target = self.done + 2
+            assert self._changed.wait_for(lambda: self.done >= target, timeout=120), "the watcher stopped scanning"
 
 
 @pytest.fixture
@@ -187,30 +200,31 @@ def test_validator_crash_does_not_break_the_registry(root):
     assert reg.get("smith").name == "Smith"
 
 
-def test_hot_reload_within_a_second(root):
+def test_hot_reload_on_the_next_scan(root):
     with CharacterRegistry(root) as reg:
+        scans = Scans(reg)
         reg.start_watching(interval=0.05)
 
         put(root, "bard", yaml_for("bard"))
-        eventually(lambda: reg.get("bard"))
-
+        scans.two_more()
         v1 = reg.get("bard").version
+
         put(root, "bard", yaml_for("bard", "You are a singing bard."))
-        eventually(lambda: _check(reg.get("bard").version != v1))
+        scans.two_more()
+        assert reg.get("bard").version != v1
         v2 = reg.get("bard").version
 
         put(root, "bard", "id: bard\n  name: : :\n")
-        eventually(lambda: _check(reg.status("bard").status is LoadState.FAILED))
+        scans.two_more()
+        assert reg.status("bard").status is LoadState.FAILED
         assert reg.get("bard").version == v2
 
         put(root, "bard", yaml_for("bard", "You are a fixed bard."))
-        eventually(lambda: _check(reg.status("bard").status is LoadState.READY))
+        scans.two_more()
+        assert reg.status("bard").status is LoadState.READY
         assert reg.get("bard").persona == "You are a fixed bard."
 
         shutil.rmtree(root / "bard")
-        eventually(lambda: _check(reg.status("bard") is None))
+        scans.two_more()
+        assert reg.status("bard") is None
     assert reg._thread is None
-
-
-def _check(condition: bool) -> None:
-    assert condition

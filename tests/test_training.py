@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from sidecar.training.train import (
     _micro_batches,
     train_character,
 )
+from tests.rounding import reordered_fp32
 from tests.sidecar_process import REPO, SidecarProcess
 
 TINY = TrainConfig(rank=4, alpha=8, epochs=1, batch_size=2, max_steps=2, learning_rate=5e-3, held_out=0.25)
@@ -90,7 +93,10 @@ def test_bad_data_writes_nothing(tmp_path, model_path):
     assert not (folder / "adapter").exists() and (folder / "character.yaml").read_text() == before
 
 
-def test_tiny_training_run_is_served_by_hot_reload(tmp_path, model_path, checkpoint, models, tokenizer):
+def test_tiny_training_run_is_served_by_hot_reload(tmp_path, model_path, checkpoint, models, tokenizer,
+                                                    hf_model):
+    from peft import PeftModel
+
     root = tmp_path / "characters"
     folder = _character(root, LINES)
     server = SidecarProcess(root)
@@ -131,8 +137,26 @@ def test_tiny_training_run_is_served_by_hot_reload(tmp_path, model_path, checkpo
         second = load_file(result.adapter / "adapter_model.safetensors")
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
-        evaluation = evaluate_character(folder, model_path, samples=1)
-        assert evaluation.held_out_lines == 1 and evaluation.perplexity_adapter > 0 and evaluation.samples
+        # npc eval's perplexities (fp32, so a second implementation can match them) against transformers + PEFT
+        # on the same held-out tokens: with the adapter, and with it disabled.
+        evaluation = evaluate_character(folder, model_path, weights="fp32", samples=1)
+        assert evaluation.held_out_lines == 1 and evaluation.samples
+        held = [c for c in read_dialogue(folder / "dialogue.jsonl") if c.line in report["held_out_lines"]]
+        example = render(tokenizer, load_character(folder), held[0], 4096)
+        assert evaluation.reply_tokens == example.supervised
+        peft = PeftModel.from_pretrained(copy.deepcopy(hf_model), result.adapter).eval()
+        inputs = dict(input_ids=torch.tensor([example.input_ids]), labels=torch.tensor([example.labels]))
+        with torch.no_grad():
+            adapted = peft(**inputs)  # .loss: the mean NLL of the supervised tokens
+            with peft.disable_adapter():
+                bare = peft(**inputs)
+        # fp32 on both sides: a token's NLL (logsumexp(z) - z_token) drifts by at most twice the logits' own drift
+        # between two fp32 implementations (tests/rounding.py), and so does their mean.
+        tolerance = 2 * reordered_fp32(checkpoint.config.num_layers, torch.cat([adapted.logits, bare.logits]))
+        assert abs(math.log(evaluation.perplexity_adapter) - adapted.loss.item()) <= tolerance
+        assert abs(math.log(evaluation.perplexity_base) - bare.loss.item()) <= tolerance
+        # Far apart, so an eval that dropped the adapter (or used it for both) fails one of the two.
+        assert abs(adapted.loss.item() - bare.loss.item()) > 2 * tolerance
     finally:
         server.stop()
 
