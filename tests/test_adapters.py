@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sidecar.bench.workload import write_random_adapter
 from sidecar.model.lora import AdapterError, load_peft_adapter
+from sidecar.model.random_adapter import write_random_adapter
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from aiohttp import web
 
 from sidecar.backends.openai_wire import RemoteRefused, ReplyEvents, candidate_logprob, completion_body
 from sidecar.backends.remote import RemoteBase, RemoteEngine
-from sidecar.bench.workload import write_random_adapter
 from sidecar.client import NpcClient
 from sidecar.config import EngineConfig, RemoteConfig
 from sidecar.dialogue.characters import load_character
@@ -31,6 +30,7 @@ from sidecar.dialogue.prompt import fit_to_budget
 from sidecar.engine.engine import QueueFull
 from sidecar.engine.sampler import SamplingParams
 from sidecar.errors import UserError
+from sidecar.model.random_adapter import write_random_adapter
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from tests.sidecar_process import SidecarProcess, copy_characters, write_character
 

@@ -28,7 +28,6 @@ from sidecar.backends.tensorrt_llm import (
     stream_events,
     write_peft_snapshot,
 )
-from sidecar.bench.workload import write_random_adapter
 from sidecar.config import EngineConfig
 from sidecar.engine.engine import QueueFull
 from sidecar.engine.sampler import SamplingParams
@@ -36,6 +35,7 @@ from sidecar.engine.sequence import AdapterRef
 from sidecar.engine.tokenizer import Detokenizer, bytes_to_unicode
 from sidecar.errors import UserError
 from sidecar.model.lora import load_peft_adapter
+from sidecar.model.random_adapter import write_random_adapter
 
 
 def ref(name="smith", version="v1", scale=1.0, path="/adapters/smith", loaded=None) -> AdapterRef:

@@ -1,7 +1,7 @@
 """`npc bench --scenario load` and `--scenario faults`, very briefly: a test of the harness, not of speed.
 
 Each runs the `npc bench` command (which starts its own `npc serve`) into a temporary folder; the
-figures must be there and nothing may have failed that the scenario did not cause on purpose.
+figures must be there and add up. The faults themselves are checked by tests/test_server_reliability.py.
 """
 
 from __future__ import annotations
@@ -38,23 +38,34 @@ def test_load_and_faults_scenarios_report_their_figures(tmp_path, monkeypatch):
     assert probe["burst"] == 16 + 64 + 32  # npc serve's default max_batch + max_waiting, + 32
     assert probe["resource_exhausted"] > 0 and probe["other_outcomes"] == {} and probe["refusal_max_ms"] > 0
     assert load["idle_after_stop_s"] is not None and load["server_exit_code"] == 0
-    assert {t["met"] for t in load["targets"]} <= {True, False} and len(load["timeline"]["rss_mb"]) >= 5
+    # The targets table agrees with the figures: what this smoke run must meet is met, and the
+    # machine-dependent targets say what their figure says.
+    assert len(load["targets"]) == 7
+
+    def met(prefix: str) -> bool:
+        (value,) = [t["met"] for t in load["targets"] if t["target"].startswith(prefix)]
+        return value
+
+    assert met("errors during the window") and met("overflow: calls that do not fit") and met("idle (0 active")
+    assert met("fairness") == (load["fairness_itl_p99_over_p50"] <= 5)
+    assert met("server RSS growth") == (load["rss_growth_pct"] <= 5)
+    assert met("overflow: RESOURCE_EXHAUSTED promptly") == (probe["refusal_max_ms"] < 100)
+    assert met("server exits 0 on SIGTERM") == (load["server_log_problems"] == 0)
+    assert len(load["timeline"]["rss_mb"]) >= 5
 
     _bench(tmp_path, "--scenario", "faults", "--clients", "4", "--duration", "4", "--disconnects", "20",
            "--grace", "1")
     faults = json.loads((tmp_path / "bench" / "faults.json").read_text())
     steps = {s["step"]: s for s in faults["steps"]}
-    assert sorted(steps) == ["a", "b", "c", "d"]
+    assert sorted(steps) == ["a", "b", "c", "d"] and all(s["summary"] and "passed" not in s for s in steps.values())
     a, b, c, d = (steps[k]["figures"] for k in "abcd")
-    assert a["hung_up"] + a["finished_before_hanging_up"] == 20 and a["unexpected_outcomes"] == {}
-    assert a["active_sequences_after"] == 0 and a["waiting_requests_after"] == 0
-    assert b["edits"] == 2 and b["failed"] == {} and b["unknown_versions"] == 0 and b["replies_to_edited"] > 0
-    assert c["failed"] == {} and c["replies_not_from_last_good_version"] == 0
-    broken, restored = c["phases"]["random bytes, in place"], c["phases"]["restored, atomic"]
-    assert broken["status"] == "FAILED" and broken["serving"] and broken["error"] and restored["status"] == "READY"
-    assert d["exit_code"] == 0 and d["other_outcomes"] == {} and d["failed_before_signal"] == {}
-    assert faults["session_store_supported"]
-    assert d["sessions"]["turns_missing"] == 0 and d["sessions"]["sessions_out_of_order"] == 0
+    # Every call of every step is counted once, whatever its outcome: the outcomes are the figures.
+    assert a["hung_up"] + a["finished_before_hanging_up"] + sum(a["unexpected_outcomes"].values()) == 20
+    assert b["edits"] == 2 and b["versions_written"] == 3 and b["replies"] >= b["replies_to_edited"] > 0
+    assert set(c["phases"]) == {"random bytes, in place", "truncated copy, atomic", "restored, atomic"}
+    assert c["replies"] >= c["replies_to_broken"] > 0
+    assert d["in_flight_at_signal"] == len(d["in_flight"]) and d["exit_code"] is not None
+    assert d["sessions"]["restarted"] and d["sessions"]["turns_expected"] > 0
 
     report = (tmp_path / "reliability.md").read_text()  # one section per scenario, both kept
     assert report.count("<!-- load: begin") == 1 and report.count("<!-- faults: begin") == 1

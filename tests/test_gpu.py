@@ -36,7 +36,7 @@ RANKS = {"r2": 2, "r4": 4, "r8": 8, "r16": 16, "r32": 32}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(checkpoint of a Q4_1 GGUF, its transformers twin in float32, {name: PEFT adapter folder})."""
-    from sidecar.bench.workload import write_random_adapter
+    from sidecar.model.random_adapter import write_random_adapter
 
     root = tmp_path_factory.mktemp("gpu")
     hf = tiny_gguf(root / "tiny-q4_1.gguf", "Q4_1")
@@ -173,8 +173,8 @@ def test_failed_capture_falls_back_to_eager_steps(tiny, cuda_models, monkeypatch
 
 def test_serve_on_cuda_over_grpc(tmp_path):
     from sidecar.bench.random_model import write_random_model
-    from sidecar.bench.workload import write_random_adapter
     from sidecar.client import NpcClient
+    from sidecar.model.random_adapter import write_random_adapter
     from sidecar.pb.npc.v1 import dialogue_pb2 as pb
     from tests.sidecar_process import SidecarProcess, write_character
 

@@ -9,11 +9,11 @@ import time
 import aiohttp
 import pytest
 
-from sidecar.bench.workload import write_random_adapter
 from sidecar.client import NpcClient
 from sidecar.config import RequestLimits, ServerConfig
 from sidecar.engine.tokenizer import ChatMessage
 from sidecar.errors import UserError
+from sidecar.model.random_adapter import write_random_adapter
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from sidecar.server.openai_http import ECHO_LOGPROB_TOKENS, HttpError, OpenAiEndpoint
 from sidecar.server.requests import parse_talk

@@ -13,9 +13,9 @@ import torch
 pytest.importorskip("llama_cpp")
 
 from sidecar.bench.peer_llama_cpp import LlamaCppPeer, convert_peft_to_gguf_lora, generate_llama_cpp  # noqa: E402
-from sidecar.bench.workload import write_random_adapter  # noqa: E402
 from sidecar.engine.tokenizer import ChatMessage  # noqa: E402
 from sidecar.model.checkpoint import unpermute_rows  # noqa: E402
+from sidecar.model.random_adapter import write_random_adapter  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj")
 MESSAGES = [ChatMessage("system", "You are a gruff dwarven blacksmith."), ChatMessage("user", "Can you fix my axe?")]
@@ -114,7 +114,9 @@ def test_llama_cpp_reproduces_the_peft_adapter(logits):
 def test_run_serves_each_npc_with_its_own_adapter(adapter, model_path, tokenizer, logits):
     _, gguf_path = adapter
     prompts = [tokenizer.encode_chat(MESSAGES), tokenizer.encode_raw_prompt("Once upon a time")]
-    timings, tokens = generate_llama_cpp(model_path, [gguf_path, gguf_path], prompts, max_new_tokens=6, threads=1)
+    garbage = [[7] * 6, list(range(100, 106))]
+    timings, tokens, gaps = generate_llama_cpp(model_path, [gguf_path, gguf_path], prompts, max_new_tokens=6,
+                                               threads=1, score={"garbage": garbage})
     assert len(timings) == len(tokens) == 2
     assert timings[0].submitted == timings[1].submitted  # every NPC asked at once
     for timing, ids in zip(timings, tokens, strict=True):
@@ -124,3 +126,7 @@ def test_run_serves_each_npc_with_its_own_adapter(adapter, model_path, tokenizer
     assert timings[1].token_times[0] >= timings[0].token_times[-1]  # one request after another
     # The first greedy token is the argmax of the adapted prompt logits computed separately above.
     assert tokens[0][0] == int(logits["cpp_lora"][-1].argmax())
+    # Scoring another system's tokens: each step's gap below llama.cpp's own best logit.
+    assert [len(g) for g in gaps["garbage"]] == [6, 6] and min(min(g) for g in gaps["garbage"]) > 1
+    with LlamaCppPeer(model_path, [gguf_path], n_ctx=256, threads=1) as peer:
+        assert peer.score(prompts[0], tokens[0], 0) == [0.0] * 6  # its own greedy choices

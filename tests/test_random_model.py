@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sidecar.bench.agreement import gap_summary
 from sidecar.bench.multi_npc import MultiNpcConfig, gpu_markdown, prepare, worker
 from sidecar.bench.random_model import SHAPES, _write_tokenizer, ensure_random_model, write_random_model
 from sidecar.bench.workload import persona, player_line
@@ -90,10 +91,14 @@ def test_every_token_id_decodes(shape, tmp_path):
 def test_multi_npc_worker_runs_on_the_tiny_shape(tiny, tmp_path):
     cfg = MultiNpcConfig(model=tiny, ns=(2,), tokens=4, peers=("hf-peft",), workdir=tmp_path)
     adapters = prepare(cfg, tiny)
-    for system in ("npc-sidecar", "hf-peft"):
-        r = worker(system, tiny, adapters, n=2, tokens=4)
+    ours = worker("npc-sidecar", tiny, adapters, n=2, tokens=4)
+    peer = worker("hf-peft", tiny, adapters, n=2, tokens=4, score={"npc-sidecar": ours["token_ids"]})
+    for system, r in (("npc-sidecar", ours), ("hf-peft", peer)):
         assert r["system"] == system and r["n"] == 2 and r["tokens"] == 8
         assert r["tok_s"] > 0 and r["ttft_p50_ms"] > 0 and "gpu_mem_mb" not in r
+        assert [len(ids) for ids in r["token_ids"]] == [4, 4]
+    # The peer scored the sidecar's greedy tokens under its own model, NPC by NPC (agreement.py).
+    assert [(s["steps"], s["max_gap"] is not None) for s in peer["scores"]["npc-sidecar"]] == [(4, True)] * 2
 
 
 def _fake_gpu_data() -> dict:
@@ -105,7 +110,9 @@ def _fake_gpu_data() -> dict:
                 continue
             results.append({"system": system, "n": n, "tok_s": tok_s, "ttft_p50_ms": 50.0, "ttft_p95_ms": 80.0,
                             "itl_p50_ms": 9.5, "itl_p99_ms": 12.25, "tokens": 32 * n, "rss_mb": 3000.0,
-                            "gpu_mem_mb": 4000.0 + n})
+                            "gpu_mem_mb": 4000.0 + n, "token_ids": [[7] * 32] * n})
+            if system == "hf-peft":  # it scored the sidecar's tokens: all its own choices (agreement.py)
+                results[-1]["scores"] = {"npc-sidecar": [gap_summary([0.0] * 32)] * n}
 
     return {"scenario": "multi-npc", "model": "/tmp/npc-bench-multi/models/llama-3.2-1b", "tokens": 32, "rank": 16,
             "machine": {"cpu": "Some CPU", "cores": 16, "torch_threads": 16, "torch": "2.11.0+cu130",
@@ -127,8 +134,10 @@ def test_gpu_report_from_fake_results(tmp_path):
     md = gpu_markdown(data)
     assert "NVIDIA H200" in md and "torch 2.11.0+cu130 (CUDA 13.0)" in md and "driver 580.159.04" in md
     assert "**random weights**" in md and "`llama-3.2-1b` (1.24B parameters" in md and "vocab 128256" in md
-    assert "hf-peft N=128 (timed out after 240 s)" in md
-    rows = [line for line in md.splitlines() if line.startswith("| npc-sidecar") or line.startswith("| hf-peft")]
+    assert "hf-peft N=128 (timed out after 240 s)" in md and "UNVERIFIED" not in md
+    assert "| hf-peft | 8 | 32/32 NPCs within 1" not in md and "| hf-peft | 8 | 8/8 NPCs within 1;" in md
+    rows = [line for line in md.splitlines()
+            if line.startswith(("| npc-sidecar", "| hf-peft")) and "NPCs within" not in line]  # the speed table
     assert len(rows) == 8
     assert rows[0] == "| npc-sidecar | 8 | 800 | 50 | 80 | 9.5 | 12.2 | 4008 | 3000 | - |"
     assert "| hf-peft | 8 | 160 | 50 | 80 | 9.5 | 12.2 | 4008 | 3000 | 5.00x |" in rows

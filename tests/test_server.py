@@ -12,11 +12,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from sidecar.bench.workload import write_random_adapter
 from sidecar.client import NpcClient
 from sidecar.config import EngineConfig, ServerConfig
 from sidecar.dialogue.characters import load_character
 from sidecar.dialogue.prompt import fit_to_budget
+from sidecar.model.random_adapter import write_random_adapter
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from sidecar.server.service import DialogueService
 from tests.sidecar_process import SidecarProcess, copy_characters, write_character

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from sidecar.bench.report import machine_description, markdown_table, write_report
+from sidecar.figures import pyplot
 from sidecar.model.checkpoint import load_checkpoint
 from sidecar.model.llama import LlamaModel
 
@@ -127,10 +128,7 @@ def _markdown(cfg: DecodeBenchConfig, results: dict[str, dict[int, float]], peer
 
 
 def _plot(path: Path, cfg: DecodeBenchConfig, results: dict[str, dict[int, float]], peer: float | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for fmt, rates in results.items():

@@ -41,8 +41,9 @@ from sidecar.bench.grpc_load import (
     wait_idle,
 )
 from sidecar.bench.report import machine_description, markdown_table, targets_table, update_section, write_report
-from sidecar.bench.server_process import SidecarProcess
+from sidecar.bench.server_process import BenchServer
 from sidecar.client import NpcClient
+from sidecar.figures import pyplot
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 
 RECORDED = {"clients": 64, "duration": 300.0, "warmup": 30.0}  # below these, the report says "smoke run"
@@ -78,17 +79,19 @@ def run_load_bench(cfg: LoadConfig) -> dict:
     # quiet: other processes on the same cores slow the server far more than their share.
     machine = {**machine_description(), "load_average_1min": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory(prefix="npc-bench-load-") as tmp:
-        ids = copy_characters(cfg.characters, Path(tmp))
-        server = SidecarProcess(Path(tmp))
+        root = Path(tmp) / "characters"
+        root.mkdir()
+        ids = copy_characters(cfg.characters, root)
+        server = BenchServer.start(root, Path(tmp) / "server.log")
         try:
             data = asyncio.run(_measure(cfg, server, ids))
         finally:
             exit_code = server.stop()
-    problems = server.log_records("warning", "error", "critical")
+        problems = server.log_records("warning", "error", "critical")
+        probe = data["overflow_probe"]
+        probe["server_refusals_logged_over_ms"] = _refusal_span_ms(server, probe["resource_exhausted"])
     data.update(server_exit_code=exit_code, server_log_problems=len(problems),
                 server_log_problem_samples=[p.get("event", "") for p in problems[:10]])
-    probe = data["overflow_probe"]
-    probe["server_refusals_logged_over_ms"] = _refusal_span_ms(server, probe["resource_exhausted"])
     data = {"scenario": "load", "command": cfg.command(), "smoke": cfg.smoke, "machine": machine,
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()}, **data}
     data["targets"] = _targets(data)
@@ -99,7 +102,7 @@ def run_load_bench(cfg: LoadConfig) -> dict:
     return data
 
 
-async def _measure(cfg: LoadConfig, server: SidecarProcess, ids: list[str]) -> dict:
+async def _measure(cfg: LoadConfig, server: BenchServer, ids: list[str]) -> dict:
     t0 = time.perf_counter()
     rng = random.Random(cfg.seed)
     async with NpcClient(server.address) as client, NpcClient(server.address) as probe_client:
@@ -209,7 +212,7 @@ async def _overflow_probe(client: NpcClient, ids: list[str], info: pb.ServerInfo
             **latency_summary([(r.ended_at - r.started_at) * 1000 for r in refused], "refusal", (0.5,))}
 
 
-def _refusal_span_ms(server: SidecarProcess, count: int) -> float | None:
+def _refusal_span_ms(server: BenchServer, count: int) -> float | None:
     """First to count-th RESOURCE_EXHAUSTED in the server's log: how long the server itself took to
     refuse the burst, to tell its share of the refusal latency from the client's. The burst's come
     first: its calls arrive within milliseconds, players retry only after a 100-200 ms backoff."""
@@ -288,10 +291,7 @@ def _markdown(d: dict, link: str) -> str:
 
 
 def _plot(path: Path, d: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (hist, rss, queue) = plt.subplots(1, 3, figsize=(15, 4.2))
     edges, counts = d["itl_histogram"]["edges_ms"], d["itl_histogram"]["counts"]

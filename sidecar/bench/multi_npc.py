@@ -24,15 +24,20 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from sidecar.bench.report import machine_description, markdown_table, write_report
+from sidecar.bench.agreement import SCORED, compare, gap_summary, verified
+from sidecar.bench.agreement import markdown as agreement_markdown
+from sidecar.bench.report import machine_description, markdown_table, to_json, write_report
 from sidecar.bench.timing import RequestTiming, peak_rss_mb, summarize
-from sidecar.bench.workload import persona, player_line, write_random_adapter
+from sidecar.bench.workload import ADAPTER_STD, persona, player_line
+from sidecar.figures import pyplot
+from sidecar.model.random_adapter import write_random_adapter
 
 SYSTEMS = ("npc-sidecar", "npc-sidecar-no-lora", "hf-peft", "llama.cpp")
 PEERS = ("llama.cpp", "hf-peft")
@@ -119,22 +124,22 @@ def _model_config(model: Path):
 def prepare(cfg: MultiNpcConfig, model: Path) -> Path:
     """Writes the random adapters (and their llama.cpp conversions) once for every run; returns their folder.
 
-    The folder is named after the shapes the adapters fit, so models of different shapes (or ranks)
-    benchmarked with one workdir never share adapters.
+    The folder is named after the shapes and the scale of the adapters, so models of different shapes
+    (or ranks) benchmarked with one workdir never share adapters.
     """
     import torch
 
     config = _model_config(model)
     dtype = torch.bfloat16 if cfg.on_gpu else torch.float32
     key = (f"l{config.num_layers}-h{config.hidden_size}-i{config.intermediate_size}-q{config.q_size}"
-           f"-kv{config.kv_size}-r{cfg.rank}-{str(dtype).removeprefix('torch.')}")
+           f"-kv{config.kv_size}-r{cfg.rank}-std{ADAPTER_STD:g}-{str(dtype).removeprefix('torch.')}")
     root = cfg.workdir / "adapters" / key
     missing = [(i, f) for i, f in enumerate(_adapter_dirs(root, max(cfg.ns)))
                if not (f / "adapter_model.safetensors").exists()]
     if missing:
         with ThreadPoolExecutor(8) as pool:
             list(tqdm(pool.map(lambda job: write_random_adapter(job[1], config, seed=1000 + job[0], rank=cfg.rank,
-                                                                dtype=dtype), missing),
+                                                                std=ADAPTER_STD, dtype=dtype), missing),
                       total=len(missing), desc="random adapters", unit="adapter"))
     for folder in _adapter_dirs(root, max(cfg.ns)):
         if "llama.cpp" in cfg.peers and not (folder / "adapter.gguf").exists():
@@ -162,11 +167,13 @@ async def _sidecar(model: Path, adapters: list[Path] | None, prompts: list[list[
     refs = [AdapterRef(f"npc{i}", a) for i, a in enumerate(adapters)] if adapters else [None] * n
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
 
-    async def one(ids: list[int], ref, timing: RequestTiming) -> None:
+    async def one(ids: list[int], ref, timing: RequestTiming, generated: list[int] | None = None) -> None:
         async for event in engine.submit(ids, ref, params):
             if event.kind == "delta":
                 now = time.perf_counter()
                 timing.token_times.extend([now] * len(event.token_ids))
+                if generated is not None:
+                    generated.extend(event.token_ids)
             elif event.kind == "error":
                 raise RuntimeError(event.error)
 
@@ -177,8 +184,9 @@ async def _sidecar(model: Path, adapters: list[Path] | None, prompts: list[list[
 
     start = time.perf_counter()
     timings = [RequestTiming(start) for _ in prompts]
-    await asyncio.gather(*[one(p, r, t) for p, r, t in zip(prompts, refs, timings, strict=True)])
-    result = summarize(timings)
+    generated: list[list[int]] = [[] for _ in prompts]
+    await asyncio.gather(*[one(p, r, t, g) for p, r, t, g in zip(prompts, refs, timings, generated, strict=True)])
+    result = {**summarize(timings), "token_ids": generated}
 
     # Warm persona: the same NPC again with another player line; its persona K/V is cached.
     from sidecar.engine.tokenizer import ChatMessage
@@ -196,25 +204,39 @@ async def _sidecar(model: Path, adapters: list[Path] | None, prompts: list[list[
     return {**result, **extra}
 
 
-def _hf_peft(model: Path, adapters: list[Path], prompts: list[list[int]], tokens: int, device: str = "cpu") -> dict:
+def _peer_result(run: tuple) -> dict:
+    """A peer's (timings, token ids, gaps per scored system) as a worker result."""
+    timings, token_ids, gaps = run
+    return {**summarize(timings), "token_ids": token_ids,
+            "scores": {system: [gap_summary(g) for g in per_npc] for system, per_npc in gaps.items()}}
+
+
+def _hf_peft(model: Path, adapters: list[Path], prompts: list[list[int]], tokens: int, device: str,
+             score: dict[str, list[list[int]]]) -> dict:
     """On the CPU in float32 (as transformers dequantizes a GGUF); on a GPU in bf16, as one would serve it."""
     import torch
 
     from sidecar.bench.peer_hf_peft import run_hf_peft
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return summarize(run_hf_peft(model, adapters, prompts, tokens, dtype=dtype, device=device))
+    return _peer_result(run_hf_peft(model, adapters, prompts, tokens, dtype=dtype, device=device, score=score))
 
 
-def _llama_cpp(model: Path, adapters: list[Path], prompts: list[list[int]], tokens: int) -> dict:
-    from sidecar.bench.peer_llama_cpp import run_llama_cpp
+def _llama_cpp(model: Path, adapters: list[Path], prompts: list[list[int]], tokens: int,
+               score: dict[str, list[list[int]]]) -> dict:
+    from sidecar.bench.peer_llama_cpp import generate_llama_cpp
 
-    return summarize(run_llama_cpp(model, [a / "adapter.gguf" for a in adapters], prompts, tokens))
+    return _peer_result(generate_llama_cpp(model, [a / "adapter.gguf" for a in adapters], prompts, tokens,
+                                           score=score))
 
 
 def worker(system: str, model: Path, adapters_root: Path, n: int, tokens: int, device: str = "cpu",
-           weights: str = "auto") -> dict:
-    """One (system, N) measurement in this process; on a GPU also its peak GPU memory."""
+           weights: str = "auto", score: dict[str, list[list[int]]] | None = None) -> dict:
+    """One (system, N) measurement in this process; on a GPU also its peak GPU memory.
+
+    Every system reports its greedy `token_ids` per NPC; a peer also scores, after its timed run, the
+    token ids of each system in `score` (agreement.py), so that the driver can tell whether they agree.
+    """
     prompts = _prompts(model, n)
     adapters = _adapter_dirs(adapters_root, n)
     if system == "npc-sidecar":
@@ -222,9 +244,9 @@ def worker(system: str, model: Path, adapters_root: Path, n: int, tokens: int, d
     elif system == "npc-sidecar-no-lora":
         result = asyncio.run(_sidecar(model, None, prompts, tokens, device, weights))
     elif system == "hf-peft":
-        result = _hf_peft(model, adapters, prompts, tokens, device)
+        result = _hf_peft(model, adapters, prompts, tokens, device, score or {})
     elif system == "llama.cpp":
-        result = _llama_cpp(model, adapters, prompts, tokens)
+        result = _llama_cpp(model, adapters, prompts, tokens, score or {})
     else:
         raise ValueError(system)
     result = {"system": system, "n": n, **result, "rss_mb": peak_rss_mb()}
@@ -287,11 +309,18 @@ def _tail(text: str | bytes | None, lines: int = 20) -> str:
 
 
 def _run_one(cfg: MultiNpcConfig, model: Path, adapters: Path, system: str, n: int,
-             timeout: float | None) -> tuple[dict | None, str | None]:
-    """(result, None) or (None, why it failed), from one worker subprocess."""
+             timeout: float | None, results: list[dict]) -> tuple[dict | None, str | None]:
+    """(result, None) or (None, why it failed), from one worker subprocess. A peer is handed the token ids
+    of the systems it scores (agreement.SCORED) that have already run at this N."""
     cmd = [sys.executable, "-m", "sidecar.bench.multi_npc", "--system", system, "--model", str(model),
            "--adapters", str(adapters), "--n", str(n), "--tokens", str(cfg.tokens), "--device", cfg.device,
            "--weights", cfg.resolved_weights]
+    score = {r["system"]: r["token_ids"] for r in results if r["n"] == n and r["system"] in SCORED}
+    if system in PEERS and score:
+        path = cfg.workdir / "tokens" / f"n{n}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(score))
+        cmd += ["--score", str(path)]
     try:
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
@@ -346,7 +375,7 @@ def run_multi_npc_bench(cfg: MultiNpcConfig) -> dict:
                 failed.append({"system": system, "n": n, "error": "not run: time budget spent"})
                 continue
             timeout = left if timeout is None else min(timeout, left)
-        result, error = _run_one(cfg, model, adapters, system, n, timeout)
+        result, error = _run_one(cfg, model, adapters, system, n, timeout, data["results"])
         if result is None:
             failed.append({"system": system, "n": n, "error": error})
         else:
@@ -355,6 +384,10 @@ def run_multi_npc_bench(cfg: MultiNpcConfig) -> dict:
             gpu = f"  GPU {r['gpu_mem_mb']:6.0f} MB" if "gpu_mem_mb" in r else ""
             tqdm.write(f"{system:>20} n={n:<3} {r['tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.0f} ms  "
                        f"ITL p50 {r['itl_p50_ms']:6.1f} ms  RSS {r['rss_mb']:5.0f} MB{gpu}")
+            data["agreement"] = compare(data["results"])
+            for e in data["agreement"]:
+                if e["peer"] == system and e["n"] == n:
+                    tqdm.write(f"{'':>20} tokens: {'verified' if e['verified'] else 'NOT VERIFIED: ' + e['why']}")
         if described or failed:
             data["failed"] = failed
         _write(cfg, data)  # after every run: a bench killed later still leaves what it measured
@@ -365,7 +398,7 @@ def run_multi_npc_bench(cfg: MultiNpcConfig) -> dict:
 def _write(cfg: MultiNpcConfig, data: dict) -> None:
     if cfg.json_path:
         cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
-        cfg.json_path.write_text(json.dumps(data, indent=2) + "\n")
+        cfg.json_path.write_text(to_json(data))
     write_report(cfg.out_dir, cfg.report_name, data, _markdown(data), lambda path: _plot(path, data))
 
 
@@ -373,24 +406,57 @@ def _markdown(data: dict) -> str:
     if "device" in data:
         return gpu_markdown(data)
     rows = []
-    by = {(r["system"], r["n"]): r for r in data["results"]}
+    ratio = _ratios(data)
     for r in data["results"]:
-        ours = by.get(("npc-sidecar", r["n"]))
-        ratio = f"{ours['tok_s'] / r['tok_s']:.2f}x" if ours and r["system"] != "npc-sidecar" else "-"
         rows.append([r["system"], r["n"], f"{r['tok_s']:.0f}", f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p95_ms']:.0f}",
-                     f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}", f"{r['rss_mb']:.0f}", ratio])
+                     f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}", f"{r['rss_mb']:.0f}", ratio(r)])
     header = ["system", "N", "tok/s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p99 ms", "peak RSS MB",
               "npc-sidecar / this"]
     m = data["machine"]
-    text = (f"Multi-NPC: N NPCs at once, each with its own rank-{data['rank']} LoRA (q,k,v,o,gate,up,down), "
-            f"~150-token persona + a player line, {data['tokens']} new tokens each. {m['cpu']}, {m['cores']} cores, "
-            f"torch {m['torch']}, {m['date']}.\n\n" + markdown_table(header, rows))
-    text += _warm_note(data)
+    text = (_unverified_note(data) + f"Multi-NPC: N NPCs at once, each with its own rank-{data['rank']} LoRA "
+            f"(q,k,v,o,gate,up,down), ~150-token persona + a player line, {data['tokens']} new tokens each. "
+            f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}.\n\n" + markdown_table(header, rows))
+    text += _warm_note(data) + _agreement_section(data)
     if data["skipped_peers"]:
         text += f"\n\nNot installed, skipped: {', '.join(data['skipped_peers'])}."
     if data.get("failed"):
         text += "\n\nFailed: " + "; ".join(f"{f['system']} N={f['n']} ({f['error']})" for f in data["failed"]) + "."
     return text
+
+
+def _ratios(data: dict) -> Callable[[dict], str]:
+    """The table's last column: npc-sidecar's tok/s over the row's, against a peer only where the peer's
+    scoring verified that both produced the same replies (agreement.py); a refused ratio says so."""
+    by = {(r["system"], r["n"]): r for r in data["results"]}
+    entries = compare(data["results"])
+
+    def ratio(r: dict) -> str:
+        ours = by.get(("npc-sidecar", r["n"]))
+        if not ours or r["system"] == "npc-sidecar":
+            return "-"
+        if r["system"] in PEERS and not verified(entries, r["system"], r["n"]):
+            return "**unverified**"
+        return f"{ours['tok_s'] / r['tok_s']:.2f}x"
+
+    return ratio
+
+
+def unverified(data: dict) -> list[dict]:
+    """The peer runs whose scoring did not verify the sidecar's replies (no speed ratio is reported for them)."""
+    return [e for e in compare(data["results"]) if not e["verified"]]
+
+
+def _unverified_note(data: dict) -> str:
+    bad = unverified(data)
+    if not bad:
+        return ""
+    return "".join(f"> **UNVERIFIED**: against {e['peer']} at N={e['n']}: {e['why']}. No speed ratio is reported "
+                   "against it.\n\n" for e in bad)
+
+
+def _agreement_section(data: dict) -> str:
+    section = agreement_markdown(compare(data["results"]))
+    return f"\n\n{section}" if section else ""
 
 
 def _warm_note(data: dict) -> str:
@@ -425,6 +491,8 @@ def gpu_markdown(data: dict) -> str:
     libs = data.get("libraries", {})
     m = data["machine"]
     lines = ["# Multi-NPC benchmark on a GPU" if gpu else "# Multi-NPC benchmark (random-weight model)", ""]
+    if note := _unverified_note(data):
+        lines += [note.rstrip(), ""]
     if gpu:
         driver = f", driver {gpu['driver']}" if gpu.get("driver") else ""
         memory = f", {gpu['memory_gib']} GiB" if gpu.get("memory_gib") else ""
@@ -442,17 +510,15 @@ def gpu_markdown(data: dict) -> str:
                  f"hf-peft: {hf}, base model in {dtype}, one mixed-adapter `generate` (PEFT's own defaults "
                  "otherwise). Each (system, N) runs in its own process; loading and a warm-up are not timed.")
     rows = []
-    by = {(r["system"], r["n"]): r for r in data["results"]}
+    ratio = _ratios(data)
     for r in sorted(data["results"], key=lambda r: (r["n"], SYSTEMS.index(r["system"]))):
-        ours = by.get(("npc-sidecar", r["n"]))
-        ratio = f"{ours['tok_s'] / r['tok_s']:.2f}x" if ours and r["system"] != "npc-sidecar" else "-"
         mem = f"{r['gpu_mem_mb']:.0f}" if "gpu_mem_mb" in r else "-"
         rows.append([r["system"], r["n"], f"{r['tok_s']:.0f}", f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p95_ms']:.0f}",
-                     f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}", mem, f"{r['rss_mb']:.0f}", ratio])
+                     f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}", mem, f"{r['rss_mb']:.0f}", ratio(r)])
     header = ["system", "N", "tok/s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p99 ms", "peak GPU MB",
               "peak RSS MB", "npc-sidecar / this"]
     lines += ["", markdown_table(header, rows) if rows else "No run finished."]
-    text = "\n".join(lines) + _warm_note(data)
+    text = "\n".join(lines) + _warm_note(data) + _agreement_section(data)
     if data.get("failed"):
         text += "\n\nDid not finish: " + "; ".join(f"{f['system']} N={f['n']} ({f['error']})"
                                                    for f in data["failed"]) + "."
@@ -468,10 +534,7 @@ def gpu_markdown(data: dict) -> str:
 
 
 def _plot(path: Path, data: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for system in SYSTEMS:
@@ -514,8 +577,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--weights", default="auto")
+    p.add_argument("--score", help="peers: JSON file {system: token ids per NPC} to score after the timed run")
     a = p.parse_args()
-    print(json.dumps(worker(a.system, Path(a.model), Path(a.adapters), a.n, a.tokens, a.device, a.weights)))
+    score = json.loads(Path(a.score).read_text()) if a.score else None
+    print(json.dumps(worker(a.system, Path(a.model), Path(a.adapters), a.n, a.tokens, a.device, a.weights, score)))
 
 
 if __name__ == "__main__":

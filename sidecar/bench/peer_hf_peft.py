@@ -100,19 +100,44 @@ def generate_hf_peft(model, prompts: list[list[int]], max_new_tokens: int,
     return timings, tokens
 
 
+def score_hf_peft(model, prompts: list[list[int]], sequences: list[list[int]],
+                  adapter_names: list[str] | None = None) -> list[list[float]]:
+    """Another system's tokens under this model: for row i, `sequences[i]` after `prompts[i]` with adapter i
+    (teacher forcing, one row at a time, no padding), and at each step how far below the best logit the
+    given token's is (0 where greedy decoding here would have chosen it too)."""
+    names = adapter_names if adapter_names is not None else [f"npc{i}" for i in range(len(prompts))]
+    device = next(model.parameters()).device
+    gaps = []
+    with torch.inference_mode():
+        for prompt, tokens, name in zip(prompts, sequences, names, strict=True):
+            if not tokens:
+                gaps.append([])
+                continue
+            ids = torch.tensor([prompt + tokens[:-1]], device=device)
+            # Only the positions that predict `tokens`: the last len(tokens) of the input.
+            logits = model(input_ids=ids, adapter_names=[name], logits_to_keep=len(tokens)).logits[0].float()
+            chosen = logits.gather(1, torch.tensor(tokens, device=device)[:, None])[:, 0]
+            gaps.append((logits.max(-1).values - chosen).tolist())
+    return gaps
+
+
 def run_hf_peft(model_path: Path, adapter_dirs: list[Path], prompts: list[list[int]], max_new_tokens: int,
-                dtype: torch.dtype = torch.float32, warmup: bool = True, device: str = "cpu") -> list[RequestTiming]:
+                dtype: torch.dtype = torch.float32, warmup: bool = True, device: str = "cpu",
+                score: dict[str, list[list[int]]] | None = None,
+                ) -> tuple[list[RequestTiming], list[list[int]], dict[str, list[list[float]]]]:
     """Time transformers + PEFT serving prompt i with adapter i, all in one batch; loading is not timed.
 
     `warmup` runs a 2-token generate on the same batch first: the first `generate` in a process pays
     one-time setup (kernel selection, allocations) that a long-running server would not, and it would
     land in TTFT. On a GPU every step's tokens are copied to the host by the timing streamer, so each
-    stamp is taken after that step's kernels finished.
+    stamp is taken after that step's kernels finished. Returns the timings, the generated token ids
+    and, after the timed part, score_hf_peft's gaps for each system's tokens in `score`.
     """
     if len(adapter_dirs) != len(prompts):
         raise ValueError(f"{len(adapter_dirs)} adapters for {len(prompts)} prompts")
     model = load_hf_peft(model_path, adapter_dirs, dtype, device)
     if warmup:
         generate_hf_peft(model, prompts, max_new_tokens=2)
-    timings, _ = generate_hf_peft(model, prompts, max_new_tokens)
-    return timings
+    timings, tokens = generate_hf_peft(model, prompts, max_new_tokens)
+    gaps = {system: score_hf_peft(model, prompts, seqs) for system, seqs in (score or {}).items()}
+    return timings, tokens, gaps

@@ -30,9 +30,8 @@ import torch
 from safetensors.torch import load_file
 
 from sidecar.bench.timing import RequestTiming
-from sidecar.bench.workload import module_shapes
 from sidecar.model.config import LlamaConfig
-from sidecar.model.lora import pattern_value
+from sidecar.model.lora import module_shapes, pattern_value
 
 # PEFT module name -> llama.cpp tensor name inside blk.{i}.
 _GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -194,18 +193,36 @@ class LlamaCppPeer:
     def generate(self, prompt: Sequence[int], adapter: int | None,
                  max_new_tokens: int) -> tuple[list[int], list[float]]:
         """Greedy decode exactly max_new_tokens (EOS ignored); returns the ids and each token's perf_counter time."""
+        ids, times, _ = self._decode(prompt, adapter, max_new_tokens)
+        return ids, times
+
+    def score(self, prompt: Sequence[int], tokens: Sequence[int], adapter: int | None) -> list[float]:
+        """Decodes `tokens` after `prompt` as if it had chosen them, one step at a time like `generate`
+        (so the same numerics): at each step, how far below its best logit the given token's is (0: its choice)."""
+        return self._decode(prompt, adapter, len(tokens), forced=tokens)[2]
+
+    def _decode(self, prompt: Sequence[int], adapter: int | None, steps: int,
+                forced: Sequence[int] | None = None) -> tuple[list[int], list[float], list[float]]:
+        """`steps` tokens after `prompt`: the argmax, or forced[step] when given. (ids, times, gaps); the
+        gaps (best logit minus the token's) only when forced, so that a timed run does no extra work."""
         self._reset()
         self.use_adapter(adapter)
         self.llm.eval(list(prompt))
         ids: list[int] = []
         times: list[float] = []
-        for step in range(max_new_tokens):
-            token = int(self._last_logits().argmax())
+        gaps: list[float] = []
+        for step in range(steps):
+            logits = self._last_logits()
+            if forced is None:
+                token = int(logits.argmax())
+            else:
+                token = int(forced[step])
+                gaps.append(float(logits.max() - logits[token]))
             ids.append(token)
             times.append(time.perf_counter())
-            if step + 1 < max_new_tokens:
+            if step + 1 < steps:
                 self.llm.eval([token])
-        return ids, times
+        return ids, times, gaps
 
     def close(self) -> None:
         """Detach and free the adapters before the model they belong to."""
@@ -233,8 +250,13 @@ def _context_size(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
 
 
 def generate_llama_cpp(model_path: Path, adapter_ggufs: list[Path], prompts: list[list[int]], max_new_tokens: int,
-                       threads: int | None = None) -> tuple[list[RequestTiming], list[list[int]]]:
-    """`run_llama_cpp` that also returns each request's generated token ids (for correctness checks)."""
+                       threads: int | None = None, score: dict[str, list[list[int]]] | None = None,
+                       ) -> tuple[list[RequestTiming], list[list[int]], dict[str, list[list[float]]]]:
+    """Serve NPC i's prompt with adapter i, one request after another (llama.cpp cannot batch across adapters).
+
+    Returns the timings, each request's greedy token ids and, after the timed part, for each system in
+    `score` (its token ids per NPC) the gaps that LlamaCppPeer.score gives its tokens under adapter i.
+    """
     if len(adapter_ggufs) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(adapter_ggufs)} adapters: one adapter per NPC")
     with LlamaCppPeer(model_path, adapter_ggufs, _context_size(prompts, max_new_tokens), threads) as peer:
@@ -246,10 +268,6 @@ def generate_llama_cpp(model_path: Path, adapter_ggufs: list[Path], prompts: lis
             ids, times = peer.generate(prompt, i, max_new_tokens)
             timings.append(RequestTiming(submitted=submitted, token_times=times))
             tokens.append(ids)
-    return timings, tokens
-
-
-def run_llama_cpp(model_path: Path, adapter_ggufs: list[Path], prompts: list[list[int]], max_new_tokens: int,
-                  threads: int | None = None) -> list[RequestTiming]:
-    """Serve NPC i's prompt with adapter i, one request after another (llama.cpp cannot batch across adapters)."""
-    return generate_llama_cpp(model_path, adapter_ggufs, prompts, max_new_tokens, threads)[0]
+        gaps = {system: [peer.score(prompt, ids, i) for i, (prompt, ids) in enumerate(zip(prompts, seqs, strict=True))]
+                for system, seqs in (score or {}).items()}
+    return timings, tokens, gaps

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,16 @@ def machine_description() -> dict[str, Any]:
     }
 
 
+# A list of numbers as json.dumps(indent=2) writes it: one number a line. (JSON strings cannot hold a raw
+# newline, so this never matches inside one.)
+_NUMBER_LIST = re.compile(r"\[\n\s*([-+.\deE,\s]+?)\n\s*\]")
+
+
+def to_json(data: Any) -> str:
+    """Indented JSON with every list of numbers (token ids, timelines) on one line."""
+    return _NUMBER_LIST.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", json.dumps(data, indent=2)) + "\n"
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -41,7 +52,7 @@ def write_report(out_dir: Path, name: str, data: dict[str, Any], markdown: str, 
     """Writes NAME.json, NAME.md and NAME.png (`plot(path)` draws the figure) into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]
-    paths[0].write_text(json.dumps(data, indent=2) + "\n")
+    paths[0].write_text(to_json(data))
     paths[1].write_text(markdown + "\n")
     plot(paths[2])
     return paths

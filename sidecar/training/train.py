@@ -25,6 +25,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from sidecar.dialogue.characters import CHARACTER_FILE, load_character
 from sidecar.engine.tokenizer import Tokenizer
 from sidecar.errors import UserError
+from sidecar.figures import FiguresUnavailable, pyplot
 from sidecar.model.checkpoint import load_checkpoint
 from sidecar.training.data import DIALOGUE_FILE, IGNORE, Example, read_dialogue, render, split
 
@@ -264,15 +266,16 @@ def _write_report(folder: Path, cid: str, model_path: Path, config: TrainConfig,
     }
     path = out / "report.json"
     path.write_text(json.dumps(report, indent=1))
-    _plot(out / "loss.png", cid, losses, held_losses)
+    try:
+        _plot(out / "loss.png", cid, losses, held_losses)
+    except FiguresUnavailable as e:  # the PNG is for people; the adapter and report.json are what counts
+        (out / "loss.png").unlink(missing_ok=True)  # an older run's curve would not be this run's
+        print(f"npc train: loss-curve PNG skipped: {e}", file=sys.stderr)
     return path
 
 
 def _plot(path: Path, cid: str, losses: list[float], held: list[tuple[int, float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(range(1, len(losses) + 1), losses, label="train (per step)", linewidth=1)
