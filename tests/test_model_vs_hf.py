@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sidecar.engine.generate import generate
-from sidecar.engine.sampler import SamplingParams
+from sidecar.engine.api import SamplingParams
 from sidecar.engine.tokenizer import ChatMessage
+from tests.conftest import engine_generate
 
 PROMPTS = [
     "Once upon a time",
@@ -47,12 +47,12 @@ def test_fp32_logits_match_transformers(models, reference):
 def test_greedy_continuations_token_identical_to_transformers(models, tokenizer, hf_model):
     for text in PROMPTS[:3]:
         ids = tokenizer.encode_raw_prompt(text)
-        ours = generate(models("fp32"), tokenizer, ids, SamplingParams(max_tokens=32))
+        ours = engine_generate(models("fp32"), tokenizer, ids, SamplingParams(max_tokens=32))
         with torch.no_grad():
             ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
         eos = set(tokenizer.eos_ids)
         ref = ref[: next((i for i, t in enumerate(ref) if t in eos), len(ref))]  # we do not return EOS
-        assert ours.token_ids == ref
+        assert list(ours.token_ids) == ref
 
 
 def test_chat_greedy_reply_identical_to_transformers(models, tokenizer, hf_model, hf_tokenizer):
@@ -61,12 +61,12 @@ def test_chat_greedy_reply_identical_to_transformers(models, tokenizer, hf_model
     ids = tokenizer.encode_chat(messages)
     assert ids == hf_tokenizer.apply_chat_template([m.__dict__ for m in messages], add_generation_prompt=True,
                                                    tokenize=True, return_dict=False)
-    ours = generate(models("fp32"), tokenizer, ids, SamplingParams(max_tokens=40))
+    ours = engine_generate(models("fp32"), tokenizer, ids, SamplingParams(max_tokens=40))
     with torch.no_grad():
         ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):].tolist()
     if ours.finish_reason == "stop":
         assert ref[len(ours.token_ids)] in tokenizer.eos_ids
-    assert ours.token_ids == ref[: len(ours.token_ids)]
+    assert list(ours.token_ids) == ref[: len(ours.token_ids)]
 
 
 # Quantized formats compute in bf16. Limits on the mean KL(fp32 || format) per position and on
