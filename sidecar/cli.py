@@ -31,38 +31,48 @@ def _add_model_flags(p: argparse.ArgumentParser, device: bool = True) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from sidecar.engine.base_model import load_base_model
-    from sidecar.engine.generate import Generation, generate_stream
-    from sidecar.engine.sampler import SamplingParams
+    from sidecar.config import EngineConfig
+    from sidecar.engine.api import SamplingParams
+    from sidecar.engine.offline import OfflineEngine, Request
     from sidecar.engine.tokenizer import ChatMessage
-    from sidecar.model.lora import load_peft_adapter
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    base = load_base_model(ModelConfig(resolve_model_path(args.model), args.weights, args.device),
-                           progress=not args.json)
-    adapter = load_peft_adapter(Path(args.adapter), base.model.config) if args.adapter else None
-    tok = base.tokenizer
-    if args.raw:
-        prompt_ids = tok.encode_raw_prompt(args.prompt)
-    else:
-        messages = ([ChatMessage("system", args.system)] if args.system else []) + [ChatMessage("user", args.prompt)]
-        prompt_ids = tok.encode_chat(messages)
-    result = Generation(prompt_ids)
-    for piece in generate_stream(base.model, tok, prompt_ids, params, result, adapter):
-        if not args.json:
-            print(piece, end="", flush=True)
+    model = ModelConfig(resolve_model_path(args.model), args.weights, args.device)
+    # One reply: a batch of one, its KV row as long as the prompt and the reply need.
+    with OfflineEngine(model, EngineConfig(max_batch=1, max_seq_len=1 << 20), progress=not args.json) as engine:
+        adapter = engine.load_adapter("adapter", Path(args.adapter)) if args.adapter else None
+        tok = engine.tokenizer
+        if args.raw:
+            prompt_ids = tok.encode_raw_prompt(args.prompt)
+        else:
+            system = [ChatMessage("system", args.system)] if args.system else []
+            messages = system + [ChatMessage("user", args.prompt)]
+            prompt_ids = tok.encode_chat(messages)
+        context = engine.engine.config.max_seq_len
+        if len(prompt_ids) + params.max_tokens > context:
+            raise UserError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                            f"exceeds the model's context of {context} tokens")
+        for event in engine.stream(Request(prompt_ids, adapter, params)):
+            if event.kind == "delta" and not args.json:
+                print(event.text, end="", flush=True)
+            elif event.kind == "error":
+                raise UserError(event.error or "generation failed")
+            elif event.kind == "finished":
+                finished = event
+        weights = engine.engine.model.weights
     if args.json:
         print(json.dumps({
-            "text": result.text,
-            "token_ids": result.token_ids,
-            "prompt_token_ids": result.prompt_token_ids,
-            "finish_reason": result.finish_reason,
-            "weights": base.weights,
+            "text": finished.text,
+            "token_ids": list(finished.token_ids),
+            "prompt_token_ids": prompt_ids,
+            "finish_reason": finished.finish_reason,
+            "weights": weights,
         }, ensure_ascii=False))
     else:
-        rate = len(result.token_ids) / result.decode_s if result.decode_s else 0.0
-        print(f"\n[{result.finish_reason}; {len(prompt_ids)} prompt + {len(result.token_ids)} tokens; "
-              f"{rate:.1f} tokens/s; weights {base.weights}]", file=sys.stderr)
+        decode_s = (finished.total_ms - finished.first_token_ms) / 1000
+        rate = (len(finished.token_ids) - 1) / decode_s if decode_s > 0 and len(finished.token_ids) > 1 else 0.0
+        print(f"\n[{finished.finish_reason}; {len(prompt_ids)} prompt + {len(finished.token_ids)} tokens; "
+              f"{rate:.1f} tokens/s; weights {weights}]", file=sys.stderr)
     return 0
 
 
@@ -108,7 +118,14 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from sidecar.dialogue.check import check_characters
 
-    problems, count = check_characters(Path(args.dir), resolve_model_path(args.model) if args.adapters else None)
+    load_adapter = None
+    if args.adapters:  # against the base model's shapes, as `npc serve` validates them
+        from sidecar.engine.adapters import read_adapter
+        from sidecar.model.checkpoint import load_checkpoint
+
+        shape = load_checkpoint(resolve_model_path(args.model)).config
+        load_adapter = lambda c: read_adapter(shape, 64, c.id, c.adapter_path, c.version, c.lora_scale)  # noqa: E731
+    problems, count = check_characters(Path(args.dir), load_adapter)
     for problem in problems:
         print(problem)
     print(f"{count} character(s) checked, {len(problems)} problem(s)", file=sys.stderr)

@@ -12,3 +12,13 @@ class ModelFileError(UserError):
         super().__init__(f"{path}: {problem}")
         self.path = str(path)
         self.problem = problem
+
+
+class AdapterError(UserError):
+    """A LoRA adapter folder that cannot be used with the base model; the message names the folder and
+    the problem (the server answers FAILED_PRECONDITION)."""
+
+    def __init__(self, folder: object, problem: str):
+        super().__init__(f"adapter {folder}: {problem}")
+        self.folder = str(folder)
+        self.problem = problem

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import embedded_model_path
+from sidecar.config import EngineConfig, embedded_model_path
+from sidecar.engine.api import AdapterRef, EngineEvent, SamplingParams
+from sidecar.engine.base_model import BaseModel
+from sidecar.engine.llm_engine import LLMEngine
 from sidecar.engine.tokenizer import Tokenizer
 from sidecar.model.checkpoint import Checkpoint, load_checkpoint
 from sidecar.model.llama import LlamaModel
@@ -97,3 +100,18 @@ def peft_reference(hf_model, tmp_path_factory):
         folders[name] = next((root / name).rglob("adapter_config.json")).parent
     peft_model.eval()
     return peft_model, folders
+
+
+def engine_generate(model: LlamaModel, tokenizer: Tokenizer, ids: list[int], params: SamplingParams,
+                    adapter_folder: Path | None = None) -> EngineEvent:
+    """One request through the engine's own step loop (what `npc generate` runs), on this thread; its
+    finished event."""
+    config = EngineConfig(max_batch=1, max_seq_len=len(ids) + params.max_tokens, prefix_cache_mb=0)
+    engine = LLMEngine(BaseModel(Path("model"), model, tokenizer), config)
+    adapter: AdapterRef | None = engine.load_adapter("adapter", adapter_folder, "1") if adapter_folder else None
+    events: list[EngineEvent] = []
+    engine.add(engine.make_sequence(ids, adapter, params, events.append))
+    while engine.has_work():
+        engine.step()
+    assert events[-1].kind == "finished", events[-1]
+    return events[-1]

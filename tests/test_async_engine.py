@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 
 from sidecar.config import EngineConfig
+from sidecar.engine.api import QueueFull, SamplingParams
 from sidecar.engine.base_model import BaseModel
-from sidecar.engine.engine import AsyncEngine, QueueFull
-from sidecar.engine.sampler import SamplingParams
+from sidecar.engine.engine import AsyncEngine
 from sidecar.engine.tokenizer import ChatMessage
 
 
@@ -38,16 +39,16 @@ def test_stream_order_cancel_and_queue_limit(base, tokenizer):
                 pass
             await events.aclose()  # what a gRPC handler does when its client goes away
             for _ in range(100):
-                if engine.stats()["active_sequences"] == 0:
+                if engine.stats().active_sequences == 0:
                     break
                 await asyncio.sleep(0.02)
-            assert engine.stats()["active_sequences"] == 0
+            assert engine.stats().active_sequences == 0
 
             # Two running, two waiting: the fifth request is refused at once.
             params = SamplingParams(max_tokens=200, ignore_eos=True)
             streams = [engine.submit(ids(tokenizer, f"Line {i}"), None, params) for i in range(2)]
             for _ in range(200):
-                if engine.stats()["active_sequences"] == 2:
+                if engine.stats().active_sequences == 2:
                     break
                 await asyncio.sleep(0.02)
             streams += [engine.submit(ids(tokenizer, f"Line {i}"), None, params) for i in range(2, 4)]
@@ -81,11 +82,11 @@ def test_queue_full_agrees_with_submit(base, tokenizer, monkeypatch):
             assert not engine.queue_full()
             streams = [engine.submit(ids(tokenizer, "Line 0"), None, params)]
             for _ in range(200):
-                if engine.stats()["active_sequences"] == 1:
+                if engine.stats().active_sequences == 1:
                     break
                 await asyncio.sleep(0.02)
             streams.append(engine.submit(ids(tokenizer, "Line 1"), None, params))
-            assert engine.queue_full() and engine.stats()["waiting_requests"] == 1
+            assert engine.queue_full() and engine.stats().waiting_requests == 1
             with pytest.raises(QueueFull):
                 engine.submit(ids(tokenizer, "one more"), None, params)
             scored = [e async for e in engine.submit(ids(tokenizer, "Line 2"), None, SamplingParams(max_tokens=1),
@@ -120,8 +121,55 @@ def test_a_failing_step_ends_its_batch_and_the_engine_keeps_serving(base, tokeni
             assert events[-1].kind == "error" and events[-1].internal and "simulated" in events[-1].error
             after = [e async for e in engine.submit(ids(tokenizer, "Hi again"), None, SamplingParams(max_tokens=4))]
             assert after[-1].kind == "finished" and after[-1].finish_reason in ("stop", "length") and after[-1].text
-            assert engine.stats()["active_sequences"] == 0
+            assert engine.stats().active_sequences == 0
         finally:
             await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_stats_while_adapters_load_and_evict(base, tokenizer, peft_reference):
+    """ServerInfo reads stats() on the event loop while the engine thread loads and evicts adapters (4
+    adapters, 2 slots, two players cycling through them): it must never read the engine's structures
+    mid-change. The threads switch as often as the interpreter allows; before stats() read a snapshot,
+    this met "dictionary changed size during iteration" in most runs."""
+    async def main() -> tuple[list, set, list, int, int]:
+        engine = AsyncEngine(base, EngineConfig(max_batch=4, max_resident_adapters=2))
+        refs = [engine.load_adapter(name, folder, "1") for name, folder in peft_reference[1].items()]
+        done, errors, shapes, reads = asyncio.Event(), [], set(), [0]
+
+        async def hammer() -> None:
+            while not done.is_set():
+                for _ in range(100):
+                    try:
+                        shapes.add(engine.stats().resident_adapters)
+                    except Exception as e:  # noqa: BLE001 - any failure is what this test looks for
+                        errors.append(e)
+                reads[0] += 100
+                await asyncio.sleep(0)
+
+        async def player(first: int) -> list:
+            ends = []
+            for i in range(first, first + 12):
+                events = [e async for e in engine.submit(ids(tokenizer, f"Line {i}"), refs[i % len(refs)],
+                                                         SamplingParams(max_tokens=2, ignore_eos=True))]
+                ends.append(events[-1])
+            return ends
+
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            reader = asyncio.ensure_future(hammer())
+            ended = [e for ends in await asyncio.gather(player(0), player(1)) for e in ends]
+            done.set()
+            await reader
+        finally:
+            sys.setswitchinterval(switch)
+            await engine.shutdown()
+        return ended, shapes, errors, reads[0], engine.core.adapters.evictions
+
+    ended, shapes, errors, reads, evictions = asyncio.run(main())
+    assert not errors, errors[:3]
+    assert len(ended) == 24 and all(e.kind == "finished" and e.finish_reason == "length" for e in ended)
+    assert evictions >= 4 and reads > 10_000  # the adapters came and went while stats were read
+    assert all(len(shape) <= 2 for shape in shapes) and len(shapes) >= 3  # ...and the reader saw them change

@@ -21,14 +21,13 @@ import grpc
 import pytest
 from aiohttp import web
 
-from sidecar.backends.openai_wire import RemoteRefused, ReplyEvents, candidate_logprob, completion_body
-from sidecar.backends.remote import RemoteBase, RemoteEngine
+from sidecar.backends.openai_wire import RemoteRefused, ReplyEvents, candidate_logprobs, completion_body
+from sidecar.backends.remote import RemoteEngine
 from sidecar.client import NpcClient
 from sidecar.config import EngineConfig, RemoteConfig
 from sidecar.dialogue.characters import load_character
 from sidecar.dialogue.prompt import fit_to_budget
-from sidecar.engine.engine import QueueFull
-from sidecar.engine.sampler import SamplingParams
+from sidecar.engine.api import ModelInfo, QueueFull, SamplingParams, Timings
 from sidecar.errors import UserError
 from sidecar.model.random_adapter import write_random_adapter
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
@@ -96,17 +95,17 @@ def test_completion_body():
 
 def test_reply_events_tokens_and_text(tokenizer):
     ids = tokenizer.encode_literal("Hello there, world")
-    reply = ReplyEvents("r", 7, SamplingParams(stop=("world",)), 50, tokenizer, time.perf_counter())
+    reply = ReplyEvents("r", 7, SamplingParams(stop=("world",)), 50, tokenizer, Timings())
     events = reply.tokens(ids)
     assert events[-1].kind == "finished" and events[-1].finish_reason == "stop"
     assert "".join(e.text for e in events[:-1]) == events[-1].text == "Hello there, "
     assert reply.tokens([1, 2]) == [] and reply.finish("stop") == []  # nothing after the end
-    text = ReplyEvents("t", 7, SamplingParams(stop=("wor",)), 50, tokenizer, time.perf_counter())
+    text = ReplyEvents("t", 7, SamplingParams(stop=("wor",)), 50, tokenizer, Timings())
     events = [e for piece in ("Hel", "lo wo", "rld") for e in text.text_piece(piece)]
     assert events[-1].finish_reason == "stop" and events[-1].text == "Hello " == "".join(e.text for e in events[:-1])
-    capped = ReplyEvents("c", 7, SamplingParams(), 2, tokenizer, time.perf_counter())
+    capped = ReplyEvents("c", 7, SamplingParams(), 2, tokenizer, Timings())
     assert capped.tokens(ids)[-1].finish_reason == "length" and capped.output == ids[:2]
-    eos = ReplyEvents("e", 7, SamplingParams(), 50, tokenizer, time.perf_counter())
+    eos = ReplyEvents("e", 7, SamplingParams(), 50, tokenizer, Timings())
     assert eos.tokens([ids[0], tokenizer.eos_ids[0], ids[1]])[-1].token_ids == (ids[0],)
 
 
@@ -116,16 +115,16 @@ def test_reply_events_take_the_remote_usage_after_ours_ended(tokenizer):
     After a stop string (ours only) or text past our end, the remote does not end there: no wait."""
     ids = tokenizer.encode_literal("Hello there, world")
     usage = {"usage": {"prompt_tokens": 9, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 7}}}
-    capped = ReplyEvents("c", 9, SamplingParams(), 2, tokenizer, time.perf_counter())
+    capped = ReplyEvents("c", 9, SamplingParams(), 2, tokenizer, Timings())
     finished = capped.chunk({"choices": [{"text": "He", "token_ids": ids[:3], "finish_reason": None}]})[-1]
     assert finished.finish_reason == "length" and finished.cached_tokens == 0 and capped.remote_ends_too
     capped.chunk({"choices": [{"text": "", "token_ids": [], "finish_reason": "length"}]})
     capped.chunk({"choices": [], **usage})
     assert capped.counted(finished).cached_tokens == 7 and capped.counted(finished).completion_tokens == 2
-    stopped = ReplyEvents("s", 9, SamplingParams(stop=("there",)), 50, tokenizer, time.perf_counter())
+    stopped = ReplyEvents("s", 9, SamplingParams(stop=("there",)), 50, tokenizer, Timings())
     assert stopped.chunk({"choices": [{"token_ids": ids}]})[-1].finish_reason == "stop"
     assert not stopped.remote_ends_too
-    eos = ReplyEvents("e", 9, SamplingParams(), 50, tokenizer, time.perf_counter())
+    eos = ReplyEvents("e", 9, SamplingParams(), 50, tokenizer, Timings())
     assert eos.chunk({"choices": [{"token_ids": [ids[0], tokenizer.eos_ids[0]]}]})[-1].finish_reason == "stop"
     assert eos.remote_ends_too
     eos.chunk({"choices": [{"token_ids": ids[1:2], "finish_reason": None}]})  # its eos is not ours
@@ -134,13 +133,13 @@ def test_reply_events_take_the_remote_usage_after_ours_ended(tokenizer):
         eos.chunk({"error": {"message": "boom"}})
 
 
-def test_candidate_logprob():
+def test_candidate_logprobs():
     echo = {"choices": [{"logprobs": {"token_logprobs": [None, -1.0, -2.0, -0.5]}}]}
-    assert candidate_logprob(echo, 2, [5, 6]) == -2.5
+    assert candidate_logprobs(echo, 2, [5, 6]) == [-2.0, -0.5]
     with pytest.raises(RemoteRefused):
-        candidate_logprob({"choices": [{"logprobs": {"token_logprobs": [None, None, None]}}]}, 1, [5, 6])
+        candidate_logprobs({"choices": [{"logprobs": {"token_logprobs": [None, None, None]}}]}, 1, [5, 6])
     with pytest.raises(RemoteRefused):
-        candidate_logprob({"choices": [{"text": "x"}]}, 1, [5])
+        candidate_logprobs({"choices": [{"text": "x"}]}, 1, [5])
 
 
 # --- two processes ----------------------------------------------------------------------------
@@ -154,21 +153,21 @@ def test_engine_counts_only_replies_toward_the_queue_limit(tokenizer, checkpoint
             await asyncio.Event().wait()
 
     async def go():
-        engine = RemoteEngine(RemoteBase(Path("model.gguf"), tokenizer, checkpoint.config),
+        engine = RemoteEngine(ModelInfo(Path("model.gguf"), "", "cpu", tokenizer, checkpoint.config),
                               EngineConfig(max_batch=2, max_waiting=1), RemoteConfig("http://127.0.0.1:9"),
                               SilentSession(), "base", ("base",))
         streams = [engine.submit([5], None, SamplingParams()) for _ in range(2)]
         streams.append(engine.submit([5], None, SamplingParams(), choices=[[7]]))
         assert not engine.queue_full()
         streams.append(engine.submit([5], None, SamplingParams()))
-        assert engine.queue_full() and engine.stats()["waiting_requests"] == 1
+        assert engine.queue_full() and engine.stats().waiting_requests == 1
         with pytest.raises(QueueFull, match="1 requests are already waiting"):
             engine.submit([5], None, SamplingParams())
         streams.append(engine.submit([5], None, SamplingParams(), choices=[[7]]))  # scoring: never refused
         for stream in streams:
             stream.cancel()
         await asyncio.sleep(0.01)
-        assert not engine.queue_full() and engine.stats()["active_sequences"] == 0
+        assert not engine.queue_full() and engine.stats().active_sequences == 0
 
     run(go())
 
@@ -273,7 +272,7 @@ def test_finished_waits_for_the_usage_only_where_the_remote_ends_too(tokenizer, 
 
     async def reply(chunks: list, **params):
         remote = _CannedRemote(chunks)
-        engine = RemoteEngine(RemoteBase(Path("model.gguf"), tokenizer, checkpoint.config), EngineConfig(),
+        engine = RemoteEngine(ModelInfo(Path("model.gguf"), "", "cpu", tokenizer, checkpoint.config), EngineConfig(),
                               RemoteConfig("http://127.0.0.1:9"), remote, "base", ("base",))
         began = time.perf_counter()
         events = [event async for event in engine.submit([5], None, SamplingParams(**params))]

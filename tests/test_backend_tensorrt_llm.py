@@ -17,11 +17,10 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HfTokenizer
 
 from sidecar.backends import tensorrt_llm as trt
-from sidecar.backends.events import TokenEvents as OutputEvents
 from sidecar.backends.tensorrt_llm import (
     LoraIds,
     TensorRtLlmEngine,
-    continuation_logprob,
+    continuation_logprobs,
     lora_config_kwargs,
     read_model_folder,
     sampling_kwargs,
@@ -29,13 +28,13 @@ from sidecar.backends.tensorrt_llm import (
     write_peft_snapshot,
 )
 from sidecar.config import EngineConfig
-from sidecar.engine.engine import QueueFull
-from sidecar.engine.sampler import SamplingParams
-from sidecar.engine.sequence import AdapterRef
-from sidecar.engine.tokenizer import Detokenizer, bytes_to_unicode
+from sidecar.engine.adapters import read_adapter
+from sidecar.engine.api import AdapterError, AdapterRef, EngineStats, QueueFull, SamplingParams
+from sidecar.engine.tokenizer import bytes_to_unicode
 from sidecar.errors import UserError
 from sidecar.model.lora import load_peft_adapter
 from sidecar.model.random_adapter import write_random_adapter
+from tests.test_output import builder
 
 
 def ref(name="smith", version="v1", scale=1.0, path="/adapters/smith", loaded=None) -> AdapterRef:
@@ -198,73 +197,21 @@ def test_snapshot_means_the_same_adapter_in_plain_peft_form(tmp_path, model_fold
 # --- choices ----------------------------------------------------------------------------------
 
 
-def test_continuation_logprob():
+def test_continuation_logprobs():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(5 + 3 - 1, 11, generator=gen)  # input: a prompt of 5 + the candidate's first 2 tokens
     logp = torch.log_softmax(logits, -1)
-    expected = float(logp[4, 7] + logp[5, 1] + logp[6, 9])  # row i predicts input token i + 1
-    assert continuation_logprob(logits, [7, 1, 9]) == pytest.approx(expected, abs=1e-5)
-    assert continuation_logprob(logits[None], [7, 1, 9]) == pytest.approx(expected, abs=1e-5)
+    expected = [float(logp[4, 7]), float(logp[5, 1]), float(logp[6, 9])]  # row i predicts input token i + 1
+    assert continuation_logprobs(logits, [7, 1, 9]) == pytest.approx(expected, abs=1e-5)
+    assert continuation_logprobs(logits[None], [7, 1, 9]) == pytest.approx(expected, abs=1e-5)
     # KV-cache block reuse: no rows for a reused prefix; the last rows are the same ones.
-    assert continuation_logprob(logits[4:], [7, 1, 9]) == pytest.approx(expected, abs=1e-5)
-    assert continuation_logprob(logits[:5], [3]) == pytest.approx(float(logp[4, 3]), abs=1e-6)
+    assert continuation_logprobs(logits[4:], [7, 1, 9]) == pytest.approx(expected, abs=1e-5)
+    assert continuation_logprobs(logits[:5], [3]) == pytest.approx([float(logp[4, 3])], abs=1e-6)
     with pytest.raises(ValueError, match="last 3 rows"):
-        continuation_logprob(logits[5:], [7, 1, 9])
+        continuation_logprobs(logits[5:], [7, 1, 9])
 
 
-# --- outputs -> events ------------------------------------------------------------------------
-
-# Token id -> bytes: 0 is eos; 5 + 6 spell "é" across two tokens.
-PIECES = [b"", b"Hi", b" there.\nPla", b"yer: go", b" on", b"\xc3", b"\xa9", b"!"]
-
-
-def builder(params: SamplingParams | None = None, max_tokens=10) -> OutputEvents:
-    return OutputEvents("r1", 4, params or SamplingParams(max_tokens=10), max_tokens, Detokenizer(PIECES), eos_ids=(0,))
-
-
-def test_events_from_cumulative_outputs_until_eos():
-    ev = builder()
-    assert ev.started().kind == "started"
-    out = ev.update([1], None) + ev.update([1, 5], None) + ev.update([1, 5, 6, 7], None) + ev.update([1, 5, 6, 7, 0],
-                                                                                                     None)
-    assert [(e.kind, e.text, e.token_ids) for e in out[:-1]] == [
-        ("delta", "Hi", (1,)), ("delta", "é", (5, 6)), ("delta", "!", (7,))]  # never half a character
-    fin = out[-1]
-    assert (fin.kind, fin.finish_reason, fin.text, fin.token_ids) == ("finished", "stop", "Hié!", (1, 5, 6, 7))
-    assert (fin.prompt_tokens, fin.completion_tokens) == (4, 4) and fin.total_ms >= fin.first_token_ms > 0
-    assert ev.update([1, 5, 6, 7, 0, 3], None) == [] and ev.cancel() == []  # finished is final
-
-
-def test_stop_string_inside_a_token_ends_the_reply():
-    ev = builder(SamplingParams(max_tokens=10, stop=("\nPlayer:",)))
-    out = ev.update([1, 2], None)  # " there.\nPla" may be the start of the stop: held back
-    assert [e.text for e in out] == ["Hi", " there."]
-    out = ev.update([1, 2, 3], None)  # "yer: go" completes it, mid-token
-    assert [(e.kind, e.finish_reason, e.text) for e in out] == [("finished", "stop", "Hi there.")]
-    assert out[-1].token_ids == (1, 2, 3)
-
-    dot = builder(SamplingParams(max_tokens=10, stop=(".",)))
-    out = dot.update([1, 2, 3, 4], None)  # several tokens in one step; the stop sits inside the second
-    assert [(e.kind, e.text) for e in out] == [("delta", "Hi"), ("delta", " there"), ("finished", "Hi there")]
-    assert dot.finished and out[-1].completion_tokens == 2
-
-
-def test_length_cancel_and_engine_finish_reasons():
-    ev = builder(max_tokens=2)
-    out = ev.update([1, 4, 7], None)  # TensorRT-LLM may run past our limit: we stop at 2
-    assert [e.kind for e in out] == ["delta", "delta", "finished"]
-    assert (out[-1].finish_reason, out[-1].text) == ("length", "Hi on")
-
-    held = builder(SamplingParams(max_tokens=10, stop=("\nPlayer:",)))
-    held.update([1, 2], None)
-    (fin,) = held.cancel()
-    assert (fin.finish_reason, fin.text, fin.token_ids) == ("cancelled", "Hi there.", (1, 2))  # held text dropped
-
-    for reason, ours in (("stop", "stop"), ("length", "length"), ("cancelled", "cancelled"), ("timeout", "cancelled")):
-        ev = builder(SamplingParams(max_tokens=10, stop=("Pla",)))
-        out = ev.update([1, 4, 5], reason)  # ends with an incomplete "é" and a reason from TensorRT-LLM
-        assert out[-1].finish_reason == ours
-        assert out[-1].text == ("Hi on\ufffd" if ours != "cancelled" else "Hi on")  # a stop flushes, cancel drops
+# --- outputs -> events (RequestOutput itself: tests/test_output.py) --------------------------
 
 
 def snapshots(*steps):
@@ -369,7 +316,7 @@ def engine_run(model_folder, body):
 
 
 def text_ids(engine, text):
-    return engine.base.tokenizer.encode_literal(text)
+    return engine.model.tokenizer.encode_literal(text)
 
 
 def test_engine_streams_a_reply_and_passes_token_ids(model_folder):
@@ -389,8 +336,7 @@ def test_engine_streams_a_reply_and_passes_token_ids(model_folder):
         assert "".join(e.text for e in events if e.kind == "delta") == "Well met" == events[-1].text
         assert events[-1].finish_reason == "stop" and events[-1].token_ids == tuple(reply)
         await asyncio.sleep(0)
-        assert not call.result.aborted and engine.stats() == {"active_sequences": 0, "waiting_requests": 0,
-                                                               "resident_adapters": []}
+        assert not call.result.aborted and engine.stats() == EngineStats(0, 0, ())
         # max_tokens is clamped to the room left in max_seq_len
         long = engine.submit(list(range(3, 43)), None, SamplingParams(max_tokens=20))
         await asyncio.sleep(0.01)
@@ -427,7 +373,7 @@ def test_engine_stop_string_and_cancel_abort_the_tensorrt_request(model_folder):
             pass
         await events.aclose()
         await asyncio.sleep(0.01)
-        assert llm.calls[2].result.aborted and engine.stats()["active_sequences"] == 0
+        assert llm.calls[2].result.aborted and engine.stats().active_sequences == 0
         early = engine.submit([5, 6], None, SamplingParams())
         early.cancel()
         assert [(e.kind, e.finish_reason) async for e in early] == [("finished", "cancelled")]
@@ -438,23 +384,24 @@ def test_engine_adapters_get_snapshots_and_a_new_id_per_version(model_folder, tm
     async def body(engine):
         llm = engine.llm
         llm.script = lambda inputs, params: FakeResult([([2], "stop")])
-        config = engine.base.config
+        config = engine.model.shape
         folder = write_random_adapter(tmp_path / "smith", config, seed=0, rank=4, targets=("q_proj", "v_proj"))
-        v1 = load_peft_adapter(folder, config, scale=0.5)
-        for r in (ref(path=folder, scale=0.5, loaded=v1), ref(path=folder, scale=0.5, loaded=v1),
-                  ref(path=folder, version="v2")):
+        v1 = engine.load_adapter("smith", folder, "v1", scale=0.5)
+        assert v1 == read_adapter(config, ENGINE_CONFIG.max_rank, "smith", folder, "v1", 0.5)
+        for r in (v1, v1, engine.load_adapter("smith", folder, "v2")):
             assert [e.kind async for e in engine.submit([5], r, SamplingParams())] == ["started", "finished"]
         loras = [c.lora for c in llm.calls]
         assert [(lo.name, lo.id) for lo in loras] == [("smith@v1x0.5", 1), ("smith@v1x0.5", 1), ("smith@v2", 2)]
         snap = load_peft_adapter(Path(loras[0].path), config)  # what TensorRT-LLM reads: the validated weights
         a, b = snap.weights[(1, "v_proj")]
-        assert torch.allclose(b @ a, v1.weights[(1, "v_proj")][1] @ v1.weights[(1, "v_proj")][0], atol=1e-7)
+        a1, b1 = v1.loaded.weights[(1, "v_proj")]
+        assert torch.allclose(b @ a, b1 @ a1, atol=1e-7)
         assert Path(loras[2].path) != Path(loras[0].path) and Path(loras[2].path).is_dir()
-        assert engine.stats()["resident_adapters"] == ["smith@v1x0.5", "smith@v2"]
+        assert engine.stats().resident_adapters == ("smith@v1x0.5", "smith@v2")
 
-        events = [e async for e in engine.submit([5], ref(name="ghost", path=tmp_path / "missing"), SamplingParams())]
-        assert [(e.kind, e.internal) for e in events] == [("error", False)] and "no such folder" in events[0].error
-        assert len(llm.calls) == 3  # never sent to TensorRT-LLM
+        with pytest.raises(AdapterError, match="no such folder"):  # validated before any request names it
+            engine.load_adapter("ghost", tmp_path / "missing", "v1")
+        assert len(llm.calls) == 3
         root = engine.snapshots.root
         return root
     root = engine_run(model_folder, body)
@@ -480,6 +427,7 @@ def test_engine_scores_choices_from_context_logits(model_folder):
                                        "return_context_logits": True}
         logp = torch.log_softmax(table[0], -1)
         assert fin.choice_logprobs == pytest.approx((float(logp[11] + logp[10]), float(logp[10]), float(2 * logp[10])))
+        assert fin.choice_token_logprobs[0] == pytest.approx((float(logp[11]), float(logp[10])))
 
         llm.script = lambda inputs, params: FakeResult(context_logits=table[:1])  # too few rows: an error, not a guess
         events = [e async for e in engine.submit(prompt, None, SamplingParams(), choices=[[10, 10]])]
@@ -496,7 +444,7 @@ def test_engine_refuses_bad_input_and_a_full_queue(model_folder):
         with pytest.raises(UserError, match="non-empty"):
             engine.submit([3], None, SamplingParams(), choices=[[]])
         streams = [engine.submit([5], None, SamplingParams()) for _ in range(3)]  # 2 running + 1 waiting
-        assert engine.stats()["active_sequences"] == 2 and engine.stats()["waiting_requests"] == 1
+        assert engine.stats().active_sequences == 2 and engine.stats().waiting_requests == 1
         with pytest.raises(QueueFull):
             engine.submit([5], None, SamplingParams())
         engine.llm.script = lambda inputs, params: FakeResult(context_logits=torch.zeros(len(inputs), 259))
@@ -535,7 +483,7 @@ def test_engine_counts_only_replies_toward_the_queue_limit(model_folder):
         replies = [engine.submit([5], None, SamplingParams()) for _ in range(2)]  # max_batch 2: both run
         scoring = engine.submit([5], None, SamplingParams(), choices=[[7]])
         replies.append(engine.submit([5], None, SamplingParams()))  # waits (the scoring one takes no place)
-        assert engine.queue_full() and engine.stats()["waiting_requests"] == 1
+        assert engine.queue_full() and engine.stats().waiting_requests == 1
         with pytest.raises(QueueFull, match="1 requests are already waiting"):
             engine.submit([5], None, SamplingParams())
         assert [e.kind async for e in scoring] == ["started", "finished"]

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from sidecar.config import EngineConfig
+from sidecar.engine.api import EngineEvent, SamplingParams
 from sidecar.engine.base_model import BaseModel
 from sidecar.engine.llm_engine import LLMEngine
-from sidecar.engine.sampler import SamplingParams
-from sidecar.engine.sequence import AdapterRef, EngineEvent
 from sidecar.engine.tokenizer import ChatMessage
 
 LABELS = ["gruff", "proud", "amused", "scornful", "sad"]
@@ -43,18 +42,22 @@ def test_candidate_logprobs_match_transformers(base, tokenizer, hf_model):
     assert any(len(c) > 1 for c in candidates)  # multi-token labels take the scoring forward path
     event = _choose(LLMEngine(base, EngineConfig(max_batch=2)), ids, candidates)
     with torch.no_grad():
-        for candidate, got in zip(candidates, event.choice_logprobs, strict=True):
+        for candidate, got, per_token in zip(candidates, event.choice_logprobs, event.choice_token_logprobs,
+                                             strict=True):
             full = torch.tensor([ids + candidate])
             logp = torch.log_softmax(hf_model(full).logits[0].float(), dim=-1)
-            want = sum(logp[len(ids) - 1 + i, t].item() for i, t in enumerate(candidate))
-            assert abs(got - want) < 1e-3, (candidate, got, want)
+            want = [logp[len(ids) - 1 + i, t].item() for i, t in enumerate(candidate)]
+            assert abs(got - sum(want)) < 1e-3, (candidate, got, want)
+            # Each token's own value, from one log-softmax: never above 0 (echo reports these).
+            assert len(per_token) == len(candidate) and all(v <= 0 for v in per_token), per_token
+            assert per_token == pytest.approx(want, abs=1e-3) and sum(per_token) == pytest.approx(got, abs=1e-9)
     assert event.finish_reason == "choice" and event.choice == max(range(len(LABELS)),
                                                                    key=event.choice_logprobs.__getitem__)
 
 
 def test_choice_with_adapter_and_full_batch(base, tokenizer, peft_reference):
     """Scored under the adapter, admitted even when every decode row is busy, and scored alike either way."""
-    ref = AdapterRef("alpha", peft_reference[1]["alpha"])
+    ref = LLMEngine(base, EngineConfig(max_batch=1)).load_adapter("alpha", peft_reference[1]["alpha"], "1")
     ids = _context(tokenizer)
     candidates = [tokenizer.encode_literal(label) for label in LABELS]
     alone = _choose(LLMEngine(base, EngineConfig(max_batch=1, prefix_cache_mb=0)), ids, candidates, ref)

@@ -161,20 +161,23 @@ def test_adapter_validator(root):
     make_adapter(root / "elf" / "adapter", b"good")
     seen: list[Character] = []
 
-    def validator(character: Character) -> None:
+    def validator(character: Character) -> bytes:
         seen.append(character)
-        if (character.adapter_path / "adapter_model.safetensors").read_bytes().startswith(b"bad"):
+        weights = (character.adapter_path / "adapter_model.safetensors").read_bytes()
+        if weights.startswith(b"bad"):
             raise UserError(f"adapter {character.adapter_path}: bad weights")
+        return weights  # what the registry keeps with the version (the server's: the loaded AdapterRef)
 
-    reg = CharacterRegistry(root, adapter_validator=validator)
+    reg = CharacterRegistry(root, adapter_loader=validator)
     assert [c.id for c in seen] == ["elf"]  # characters without an adapter are not validated
+    assert reg.get_serving("elf")[1] == b"good" and reg.get_serving("smith")[1] is None
     good = reg.get("elf").version
 
     make_adapter(root / "elf" / "adapter", b"bad weights")
     reg.reload()
     status = reg.status("elf")
     assert status.status is LoadState.FAILED and "bad weights" in status.error
-    assert reg.get("elf").version == good
+    assert reg.get("elf").version == good and reg.get_serving("elf")[1] == b"good"  # the last good one serves
     assert reg.reload() == [] and reg.reload() == []
     assert len(seen) <= 3  # a rejected adapter is not re-validated on every scan
 
@@ -186,6 +189,7 @@ def test_adapter_validator(root):
     put(root, "elf", yaml_for("elf", "You are an elf with a new persona.", extra="adapter: adapter\n"))
     reg.reload()
     assert len(seen) == count  # same adapter files: no second load of the adapter
+    assert "new persona" in reg.get("elf").persona and reg.get_serving("elf")[1] == b"good again"
 
 
 def test_validator_crash_does_not_break_the_registry(root):
@@ -195,7 +199,7 @@ def test_validator_crash_does_not_break_the_registry(root):
     def validator(character: Character) -> None:
         raise RuntimeError("CUDA out of memory")
 
-    reg = CharacterRegistry(root, adapter_validator=validator)
+    reg = CharacterRegistry(root, adapter_loader=validator)
     assert "RuntimeError: CUDA out of memory" in reg.status("elf").error
     assert reg.get("smith").name == "Smith"
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from sidecar.config import EngineConfig
+from sidecar.engine.adapters import read_adapter
+from sidecar.engine.api import AdapterRef, EngineEvent, QueueFull, SamplingParams
 from sidecar.engine.base_model import BaseModel
 from sidecar.engine.llm_engine import LLMEngine
-from sidecar.engine.sampler import SamplingParams
-from sidecar.engine.sequence import AdapterRef, EngineEvent
 from sidecar.engine.tokenizer import ChatMessage
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -46,13 +46,13 @@ def finished(events: list[EngineEvent]) -> EngineEvent:
     return events[-1]
 
 
-def refs(peft_reference) -> dict[str, AdapterRef]:
-    return {name: AdapterRef(name, folder) for name, folder in peft_reference[1].items()}
+def refs(peft_reference, base: BaseModel) -> dict[str, AdapterRef]:
+    return {name: read_adapter(base.model.config, 64, name, folder, "1") for name, folder in peft_reference[1].items()}
 
 
 def test_mixed_batch_rows_identical_to_running_alone(base, tokenizer, peft_reference):
     """8 sequences, 4 adapters + base rows, decoded together: each row equals its solo run."""
-    adapters = refs(peft_reference)
+    adapters = refs(peft_reference, base)
     plan = ["alpha", "beta", None, "gamma", "delta", "alpha", None, "gamma"]
     requests = [(prompt(tokenizer, line), adapters[a] if a else None) for line, a in zip(LINES, plan, strict=True)]
     together = run(LLMEngine(base, EngineConfig(max_batch=8)), requests)
@@ -65,7 +65,7 @@ def test_mixed_batch_rows_identical_to_running_alone(base, tokenizer, peft_refer
 
 
 def test_prefix_cache_hit_gives_cold_output_and_never_crosses_adapters(base, tokenizer, peft_reference, tmp_path):
-    adapters = refs(peft_reference)
+    adapters = refs(peft_reference, base)
     engine = LLMEngine(base, EngineConfig(max_batch=4))
     first = run(engine, [(prompt(tokenizer, LINES[0]), adapters["alpha"])])
     assert first[0][0].cached_tokens == 0
@@ -86,7 +86,7 @@ def test_prefix_cache_hit_gives_cold_output_and_never_crosses_adapters(base, tok
 
     weights = load_file(changed / "adapter_model.safetensors")
     save_file({k: v * 1.5 for k, v in weights.items()}, changed / "adapter_model.safetensors")
-    v2 = AdapterRef("alpha", changed, version="2")
+    v2 = read_adapter(base.model.config, 64, "alpha", changed, "2")
     assert run(engine, [(prompt(tokenizer, LINES[1]), v2)])[0][0].cached_tokens == 0
     assert run(engine, [(prompt(tokenizer, LINES[2]), adapters["alpha"])])[0][0].cached_tokens >= 32
 
@@ -106,7 +106,7 @@ def test_cancel_frees_sequence_and_row_within_one_step(base, tokenizer):
     engine.step()
     assert seqs[0] not in engine.scheduler.running and len(engine.scheduler.running) == 2
     assert finished(events[0]).finish_reason == "cancelled"
-    assert engine.stats()["active_sequences"] == 2
+    assert engine.stats().active_sequences == 2
     while engine.has_work():
         engine.step()
     # The moved row kept its K/V: both survivors equal their solo runs.
@@ -118,7 +118,7 @@ def test_cancel_frees_sequence_and_row_within_one_step(base, tokenizer):
 
 def test_more_adapters_than_slots_under_load(base, tokenizer, peft_reference):
     """4 adapters, 2 slots, 8 concurrent requests: correct outputs, nothing evicted while in use."""
-    adapters = refs(peft_reference)
+    adapters = refs(peft_reference, base)
     names = ["alpha", "beta", "gamma", "delta"] * 2
     requests = [(prompt(tokenizer, LINES[i]), adapters[n]) for i, n in enumerate(names)]
     engine = LLMEngine(base, EngineConfig(max_batch=8, max_resident_adapters=2))
@@ -163,12 +163,16 @@ def test_seeded_sampling_reproducible_alone(base, tokenizer):
     assert a.token_ids == b.token_ids != c.token_ids
 
 
-def test_bad_adapter_fails_its_request_only(base, tokenizer, tmp_path):
+def test_bad_adapter_is_refused_when_loaded_and_the_engine_keeps_serving(base, tokenizer, tmp_path):
+    """A ref is made only by load_adapter, which validates: a bad folder never reaches a request."""
+    from sidecar.engine.api import AdapterError
+
     (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
     engine = LLMEngine(base, EngineConfig(max_batch=2))
-    good, bad = run(engine, [(prompt(tokenizer, LINES[0]), None), (prompt(tokenizer, LINES[1]),
-                                                                   AdapterRef("evil", tmp_path))])
-    assert bad[-1].kind == "error" and str(tmp_path) in bad[-1].error and "pickle" in bad[-1].error
+    with pytest.raises(AdapterError) as refused:
+        engine.load_adapter("evil", tmp_path, "1")
+    assert str(tmp_path) in str(refused.value) and "pickle" in str(refused.value)
+    good = run(engine, [(prompt(tokenizer, LINES[0]), None)])[0]
     assert finished(good).completion_tokens == GREEDY.max_tokens
 
 
@@ -189,8 +193,6 @@ def test_long_prompt_is_chunked_while_others_decode(base, tokenizer):
 
 
 def test_queue_limit(base, tokenizer):
-    from sidecar.engine.scheduler import QueueFull
-
     engine = LLMEngine(base, EngineConfig(max_batch=1, max_waiting=2))
     ids = prompt(tokenizer, LINES[0])
     for _ in range(2):
@@ -202,8 +204,6 @@ def test_queue_limit(base, tokenizer):
 def test_scoring_requests_take_no_place_in_the_queue(base, tokenizer):
     """Scoring (choices) finishes a conversation already admitted: never refused, and never the
     reason a reply is (engine/admission.py, the rule of every backend)."""
-    from sidecar.engine.scheduler import QueueFull
-
     engine = LLMEngine(base, EngineConfig(max_batch=1, max_waiting=2))
     ids = prompt(tokenizer, LINES[0])
     for _ in range(3):
@@ -229,7 +229,7 @@ def test_engine_rejects_bad_requests(base):
     with pytest.raises(UserError, match="vocabulary"):
         engine.make_sequence([10**9], None, GREEDY, lambda e: None)
     seq = engine.make_sequence([5] * 60, None, SamplingParams(max_tokens=100), lambda e: None)
-    assert seq.max_tokens == 4  # clamped to the room left in the KV row
+    assert seq.out.max_tokens == 4  # clamped to the room left in the KV row
 
 
 def test_int4_engine_batch_runs(models, tokenizer, model_path):

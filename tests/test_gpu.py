@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from sidecar.config import EngineConfig
+from sidecar.engine.adapters import read_adapter
+from sidecar.engine.api import AdapterRef, SamplingParams
 from sidecar.engine.base_model import BaseModel
 from sidecar.engine.llm_engine import LLMEngine
-from sidecar.engine.sampler import SamplingParams
-from sidecar.engine.sequence import AdapterRef
 from sidecar.engine.tokenizer import Tokenizer
 from sidecar.model.checkpoint import load_checkpoint
 from sidecar.model.llama import LlamaModel
@@ -99,12 +99,16 @@ def test_int4_cuda_kernel_uses_the_stored_weights(tiny):
     torch.testing.assert_close(cuda.dequantized(), source.to_float(), rtol=1e-2, atol=1e-3)
 
 
+def ref(ckpt, name: str, folder) -> AdapterRef:
+    return read_adapter(ckpt.config, 64, name, folder, "1")
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_mixed_batch_rows_identical_to_running_alone(tiny, cuda_models, graphs):
     ckpt, _, adapters = tiny
     base = base_of(cuda_models("fp32"), ckpt)
     plan = ["r8", "r4", None, "r16", "r2", "r8", None, "r16"]
-    requests = [(ids, AdapterRef(a, adapters[a]) if a else None) for ids, a in zip(prompts(8), plan, strict=True)]
+    requests = [(ids, ref(ckpt, a, adapters[a]) if a else None) for ids, a in zip(prompts(8), plan, strict=True)]
     together = run(LLMEngine(base, EngineConfig(max_batch=8, cuda_graphs=graphs)), requests, GREEDY)
     for i, request in enumerate(requests):
         alone = run(LLMEngine(base, EngineConfig(max_batch=8, prefix_cache_mb=0, cuda_graphs=graphs)), [request],
@@ -118,12 +122,12 @@ def test_graph_replay_equals_eager_steps(tiny, cuda_models, weights):
     ckpt, _, adapters = tiny
     base = base_of(cuda_models(weights), ckpt)
     plan = ["r8", None, "r4", "r16", "r8"]
-    requests = [(ids, AdapterRef(a, adapters[a]) if a else None) for ids, a in zip(prompts(5), plan, strict=True)]
+    requests = [(ids, ref(ckpt, a, adapters[a]) if a else None) for ids, a in zip(prompts(5), plan, strict=True)]
     eager = run(LLMEngine(base, EngineConfig(max_batch=8, cuda_graphs=False)), requests, GREEDY)
     engine = LLMEngine(base, EngineConfig(max_batch=8, cuda_graphs=True))
-    assert engine.cuda_decoder is not None and engine.cuda_decoder._graphs
+    assert engine.runner.cuda_decoder is not None and engine.runner.cuda_decoder._graphs
     replayed = run(engine, requests, GREEDY)
-    assert engine.cuda_decoder.use_graphs  # still replaying: nothing fell back to eager steps
+    assert engine.runner.cuda_decoder.use_graphs  # still replaying: nothing fell back to eager steps
     for a, b in zip(eager, replayed, strict=True):
         assert finished(a).token_ids == finished(b).token_ids
 
@@ -131,17 +135,17 @@ def test_graph_replay_equals_eager_steps(tiny, cuda_models, weights):
 def _first_reply_while_a_bigger_adapter_arrives(base, adapters, graphs: bool) -> tuple[list, int]:
     """r2 decodes; once its first token is out, r32 arrives (above the stacks' starting rank of 16)."""
     engine = LLMEngine(base, EngineConfig(max_batch=4, prefix_cache_mb=0, cuda_graphs=graphs))
-    generation = engine.slots.generation
+    generation = engine.runner.slots.generation
     first, second = prompts(2)
     events: list[list] = [[], []]
-    engine.add(engine.make_sequence(first, AdapterRef("r2", adapters["r2"]), GREEDY, events[0].append))
+    engine.add(engine.make_sequence(first, engine.load_adapter("r2", adapters["r2"], "1"), GREEDY, events[0].append))
     while not any(e.kind == "delta" for e in events[0]):
         engine.step()
-    engine.add(engine.make_sequence(second, AdapterRef("r32", adapters["r32"]), GREEDY, events[1].append))
+    engine.add(engine.make_sequence(second, engine.load_adapter("r32", adapters["r32"], "1"), GREEDY, events[1].append))
     while engine.has_work():
         engine.step()
     assert finished(events[1]).token_ids
-    return finished(events[0]).token_ids, engine.slots.generation - generation
+    return finished(events[0]).token_ids, engine.runner.slots.generation - generation
 
 
 def test_rank_growth_recaptures_and_running_replies_continue(tiny, cuda_models):
@@ -158,7 +162,7 @@ def test_failed_capture_falls_back_to_eager_steps(tiny, cuda_models, monkeypatch
 
     ckpt, _, adapters = tiny
     base = base_of(cuda_models("bf16"), ckpt)
-    requests = [(ids, AdapterRef("r8", adapters["r8"])) for ids in prompts(3)]
+    requests = [(ids, ref(ckpt, "r8", adapters["r8"])) for ids in prompts(3)]
     eager = run(LLMEngine(base, EngineConfig(max_batch=4, cuda_graphs=False)), requests, GREEDY)
 
     def fail(self):
@@ -166,7 +170,7 @@ def test_failed_capture_falls_back_to_eager_steps(tiny, cuda_models, monkeypatch
 
     monkeypatch.setattr(CudaDecoder, "_capture_all", fail)
     engine = LLMEngine(base, EngineConfig(max_batch=4, cuda_graphs=True))
-    assert not engine.cuda_decoder.use_graphs
+    assert not engine.runner.cuda_decoder.use_graphs
     for a, b in zip(eager, run(engine, requests, GREEDY), strict=True):
         assert finished(a).token_ids == finished(b).token_ids
 

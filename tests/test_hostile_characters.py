@@ -36,6 +36,7 @@ from sidecar.dialogue.characters import ADAPTER_FILE_LIMITS, CharacterError, loa
 from sidecar.dialogue.check import check_characters
 from sidecar.dialogue.registry import CharacterRegistry, CharacterUnavailable, LoadState
 from sidecar.dialogue.yaml_file import MAX_FILE_BYTES
+from sidecar.engine.adapters import read_adapter
 from sidecar.model.checkpoint import load_checkpoint
 from sidecar.model.config import LlamaConfig
 from sidecar.model.lora import AdapterError, load_peft_adapter
@@ -113,10 +114,10 @@ def readable_bytes(root: Path) -> int:
 def serve(root: Path, config: LlamaConfig) -> tuple[CharacterRegistry, list[dict]]:
     """A registry whose adapter validator is the server's (sidecar/server/app.py); and what it logged."""
     def validator(c):
-        load_peft_adapter(c.adapter_path, config, MAX_RANK, c.id, c.lora_scale)
+        return read_adapter(config, MAX_RANK, c.id, c.adapter_path, c.adapter_version, c.lora_scale)
 
     with capture_logs() as logs:
-        registry = CharacterRegistry(root, adapter_validator=validator)
+        registry = CharacterRegistry(root, adapter_loader=validator)
     return registry, logs
 
 
@@ -345,7 +346,8 @@ def test_nothing_outside_the_characters_folder_is_read(root, config, tmp_path, m
     for cid, words in expected.items():
         assert_refused(registry, logs, cid, str(root / cid / "character.yaml"), words)
     registry.reload()
-    problems, count = check_characters(root, model[0], MAX_RANK)
+    problems, count = check_characters(
+        root, lambda c: read_adapter(config, MAX_RANK, c.id, c.adapter_path, c.version, c.lora_scale))
     assert count == 11 and len(problems) == 10
 
     mine = [p for p in opened if Path(p).is_relative_to(tmp_path.resolve())]

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sidecar.engine.generate import generate
-from sidecar.engine.sampler import SamplingParams
+from sidecar.engine.api import SamplingParams
 from sidecar.model.lora import LoraBatch, LoraSlots, load_peft_adapter
-from tests.conftest import PEFT_ADAPTERS
+from tests.conftest import PEFT_ADAPTERS, engine_generate
 
 PROMPT = "The innkeeper leaned over the counter and whispered that the old mill"
 
@@ -37,12 +36,12 @@ def test_logits_with_adapter_match_peft(models, checkpoint, tokenizer, peft_refe
 def test_greedy_with_adapter_identical_to_peft(models, checkpoint, tokenizer, peft_reference):
     peft_model, folders = peft_reference
     ids = tokenizer.encode_raw_prompt(PROMPT)
-    adapter = load_peft_adapter(folders["alpha"], checkpoint.config)
-    ours = generate(models("fp32"), tokenizer, ids, SamplingParams(max_tokens=24, ignore_eos=True), adapter=adapter)
+    ours = engine_generate(models("fp32"), tokenizer, ids, SamplingParams(max_tokens=24, ignore_eos=True),
+                           folders["alpha"])
     peft_model.set_adapter("alpha")
     with torch.no_grad():
         ref = peft_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):]
     eos = set(tokenizer.eos_ids)
     ref = ref.tolist()
     ref = ref[: next((i for i, t in enumerate(ref) if t in eos), len(ref))]
-    assert ours.token_ids[: len(ref)] == ref
+    assert list(ours.token_ids[: len(ref)]) == ref

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from sidecar.engine.generate import generate
-from sidecar.engine.sampler import SamplingParams
+from sidecar.engine.api import SamplingParams
 from sidecar.engine.tokenizer import ChatMessage
 from sidecar.model.llama import LlamaModel
 from sidecar.model.quant import DenseLinear
+from tests.conftest import engine_generate
 from tests.rounding import U_BF16, reordered_fp32
 
 PROMPTS = [
@@ -52,12 +52,12 @@ def test_fp32_logits_match_transformers(models, reference):
 def test_greedy_continuations_token_identical_to_transformers(models, tokenizer, hf_model):
     for text in PROMPTS[:3]:
         ids = tokenizer.encode_raw_prompt(text)
-        ours = generate(models("fp32"), tokenizer, ids, SamplingParams(max_tokens=32))
+        ours = engine_generate(models("fp32"), tokenizer, ids, SamplingParams(max_tokens=32))
         with torch.no_grad():
             ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
         eos = set(tokenizer.eos_ids)
         ref = ref[: next((i for i, t in enumerate(ref) if t in eos), len(ref))]  # we do not return EOS
-        assert ours.token_ids == ref
+        assert list(ours.token_ids) == ref
 
 
 def test_chat_greedy_reply_identical_to_transformers(models, tokenizer, hf_model, hf_tokenizer):
@@ -66,12 +66,12 @@ def test_chat_greedy_reply_identical_to_transformers(models, tokenizer, hf_model
     ids = tokenizer.encode_chat(messages)
     assert ids == hf_tokenizer.apply_chat_template([m.__dict__ for m in messages], add_generation_prompt=True,
                                                    tokenize=True, return_dict=False)
-    ours = generate(models("fp32"), tokenizer, ids, SamplingParams(max_tokens=40))
+    ours = engine_generate(models("fp32"), tokenizer, ids, SamplingParams(max_tokens=40))
     with torch.no_grad():
         ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):].tolist()
     if ours.finish_reason == "stop":
         assert ref[len(ours.token_ids)] in tokenizer.eos_ids
-    assert ours.token_ids == ref[: len(ours.token_ids)]
+    assert list(ours.token_ids) == ref[: len(ours.token_ids)]
 
 
 class _Rounding:

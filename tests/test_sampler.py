@@ -6,13 +6,9 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from sidecar.engine.sampler import (
-    Sampler,
-    SamplingParams,
-    StopStringFilter,
-    apply_repetition_penalty,
-    sampling_probs,
-)
+from sidecar.engine.api import SamplingParams
+from sidecar.engine.output import StopStringFilter
+from sidecar.engine.sampler import Sampler, apply_repetition_penalty, sampling_probs
 from sidecar.errors import UserError
 
 LOGITS = torch.randn(1, 500, generator=torch.Generator().manual_seed(0)) * 3

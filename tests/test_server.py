@@ -13,9 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sidecar.client import NpcClient
-from sidecar.config import EngineConfig, ServerConfig
+from sidecar.config import EngineConfig, RequestLimits
 from sidecar.dialogue.characters import load_character
 from sidecar.dialogue.prompt import fit_to_budget
+from sidecar.dialogue.turn import Dialogue
 from sidecar.model.random_adapter import write_random_adapter
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from sidecar.server.service import DialogueService
@@ -360,7 +361,7 @@ def test_a_full_queue_is_refused_before_any_work_without_engine_stats():
     """Talk asks the engine's cheap queue_full() (no lock-taking stats dict per request) and refuses
     with RESOURCE_EXHAUSTED before looking up the character or building the prompt."""
     class FullEngine:
-        backend = "fake"
+        name = "fake"
         config = EngineConfig()
 
         def queue_full(self) -> bool:
@@ -376,7 +377,7 @@ def test_a_full_queue_is_refused_before_any_work_without_engine_stats():
         async def abort(self, code, details):
             raise Aborted(code, details)
 
-    service = DialogueService(FullEngine(), registry=None, sessions=None, config=ServerConfig(), adapters=None)
+    service = DialogueService(Dialogue(FullEngine(), registry=None, sessions=None, limits=RequestLimits()))
 
     async def talk():
         return [event async for event in service.Talk(pb.TalkRequest(character_id="oracle", player_line="Hi"),

@@ -21,11 +21,11 @@ from sidecar.client import NpcClient
 from sidecar.config import EngineConfig, RequestLimits, ServerConfig
 from sidecar.dialogue.characters import load_character
 from sidecar.dialogue.sessions import SessionStore
-from sidecar.engine.engine import RequestStream
-from sidecar.engine.sequence import EngineEvent
+from sidecar.dialogue.turn import Dialogue
+from sidecar.engine.api import EngineEvent, RequestStream
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from sidecar.server.app import is_loopback
-from sidecar.server.service import DialogueService, ServingAdapters
+from sidecar.server.service import DialogueService
 from tests.sidecar_process import SidecarProcess, copy_characters, write_character
 
 DONE = (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
@@ -256,17 +256,17 @@ def test_character_yaml_edited_under_load(busy_server):
 class _ScoringNeverEnds:
     """An engine whose replies finish at once and whose emotion scoring runs until it is cancelled."""
 
-    backend = "fake"
+    name = "fake"
     config = EngineConfig()
 
     def __init__(self, tokenizer):
-        self.base = type("Base", (), {"tokenizer": tokenizer})()
+        self.model = type("Model", (), {"tokenizer": tokenizer})()
         self.scoring = asyncio.Event()
 
     def queue_full(self) -> bool:
         return False
 
-    def submit(self, prompt_ids, adapter, sampling, choices=None) -> RequestStream:
+    def submit(self, prompt_ids, adapter, sampling, *, choices=None, timings=None) -> RequestStream:
         queue: asyncio.Queue = asyncio.Queue()
         if choices is None:
             for event in (EngineEvent("started", "reply", prompt_tokens=len(prompt_ids)),
@@ -288,20 +288,21 @@ def test_grace_cut_reaches_emotion_scoring(tmp_path, tokenizer):
     character = load_character(root / "guard")
     engine = _ScoringNeverEnds(tokenizer)
     sessions = SessionStore()
-    service = DialogueService(engine, type("Registry", (), {"get": lambda self, cid: character})(), sessions,
-                              ServerConfig(), ServingAdapters(lambda c: None))
+    dialogue = Dialogue(engine, type("Registry", (), {"get_serving": lambda self, cid: (character, None)})(),
+                        sessions, ServerConfig().limits)
+    service = DialogueService(dialogue)
 
     async def go():
         request = pb.TalkRequest(character_id="guard", player_line="Hello", session_id="s")
         talk = asyncio.ensure_future(_events(service.Talk(request, context=None)))
         await asyncio.wait_for(engine.scoring.wait(), 5)
-        assert service.cancel_all() == 1
+        assert dialogue.cancel_all() == 1
         return await asyncio.wait_for(talk, 2)
 
     events = run(go())
     finished = events[-1].finished
     assert finished.reason == pb.FINISH_REASON_STOP and finished.full_text == "Halt." and finished.emotion == "bored"
-    assert [t.npc_line for t in sessions.history("s")] == ["Halt."] and not service.replies
+    assert [t.npc_line for t in sessions.history("s")] == ["Halt."] and not dialogue.busy
 
 
 async def _events(stream) -> list:

@@ -1,6 +1,6 @@
-"""Inference backends other than the in-process torch engine (sidecar/engine), behind the same surface:
-`submit() -> stream of EngineEvent`, `cancel()`, `queue_full()`, `stats()`, `shutdown()`, `config`, `base`.
-The requests each admits and how its queue is counted are engine/admission.py's, for every backend.
+"""Inference backends other than the in-process torch engine (sidecar/engine): each declares the
+`Engine` protocol of engine/api.py. The requests each admits and how its queue is counted are
+engine/admission.py's, for every backend; their replies are cut into events by engine/output.py.
 
 `create_engine` is the one place `npc serve` turns `--backend` into an engine. The heavy modules
 (torch engine, TensorRT-LLM, the HTTP client) are imported only for the backend chosen.
@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any
 
 from sidecar.config import BACKENDS, EngineConfig, ModelConfig, RemoteConfig
+from sidecar.engine.api import Engine
 from sidecar.errors import UserError
 
 
-class BackendUnavailable(Exception):
-    """The model server behind the sidecar cannot be reached or failed to answer (gRPC UNAVAILABLE)."""
-
-
 async def create_engine(backend: str, model_config: ModelConfig, engine_config: EngineConfig,
-                        remote: RemoteConfig | None = None) -> Any:
+                        remote: RemoteConfig | None = None) -> Engine:
     """The engine for `--backend`; raises UserError with the flag to fix when it cannot start."""
     if backend == "torch":
         from sidecar.engine.base_model import load_base_model
@@ -42,14 +38,3 @@ async def create_engine(backend: str, model_config: ModelConfig, engine_config: 
             raise UserError("--backend remote: needs --remote-url (the OpenAI-compatible server, e.g. http://HOST:8000)")
         return await RemoteEngine.connect(model_config, engine_config, remote)
     raise UserError(f"--backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-
-
-def backend_name(engine: Any, device: str) -> str:
-    """What ServerInfo.backend says: the engine's own name, else the torch engine on its device."""
-    return getattr(engine, "backend", None) or f"torch-{device}"
-
-
-def model_config_of(engine: Any) -> Any:
-    """The base model's shape that adapters are validated against (same base model on every backend)."""
-    base = engine.base
-    return base.config if hasattr(base, "config") else base.model.config

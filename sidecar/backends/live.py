@@ -1,22 +1,19 @@
 """The requests in flight on a backend that serves each one with its own asyncio task (a remote
 server, TensorRT-LLM): their event queues, the checks and queue rule, cancel and shutdown. One copy,
-so that both admit, count, stream (engine.RequestStream) and end requests alike, and as the torch
-engine does."""
+so that both admit, count, stream (api.RequestStream) and end requests alike, and as the torch
+engine does. Torch-free: the remote backend imports it."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.config import EngineConfig
 from sidecar.engine.admission import check_queue, check_request
-from sidecar.engine.engine import RequestStream
-from sidecar.engine.sampler import SamplingParams
-from sidecar.engine.sequence import EngineEvent
+from sidecar.engine.api import EngineEvent, RequestStream, SamplingParams, Timings
 
 Work = Coroutine[Any, Any, None]  # what serves one request, as its task
 
@@ -27,8 +24,8 @@ class Live:
 
     request_id: str
     scoring: bool  # a choices request: admission.check_queue neither counts nor refuses it
+    timings: Timings
     queue: asyncio.Queue[EngineEvent | Exception] = field(default_factory=asyncio.Queue)
-    submitted: float = field(default_factory=time.perf_counter)
     task: asyncio.Task[None] | None = None
     on_end: list[Callable[[], None]] = field(default_factory=list)  # run when the task is done (e.g. unpin)
     ended: bool = False
@@ -64,8 +61,8 @@ class LiveRequests:
         """Whether a reply submitted now would be refused for a full queue (the servicer's early check)."""
         return self.waiting_replies() >= self.config.max_waiting
 
-    def submit(self, prompt_ids: list[int], choices: list[list[int]] | None, sampling: SamplingParams,
-               request_id: str | None, max_len: int, vocab_size: int,
+    def submit(self, prompt_ids: Sequence[int], choices: Sequence[Sequence[int]] | None, sampling: SamplingParams,
+               request_id: str | None, timings: Timings | None, max_len: int, vocab_size: int,
                generate: Callable[[Live, list[int], int], Work],
                score: Callable[[Live, list[int], list[list[int]]], Work]) -> RequestStream:
         """A backend's submit(): the checks every backend makes (engine/admission.py), then the task:
@@ -75,16 +72,17 @@ class LiveRequests:
         prompt = list(prompt_ids)
         if choices is not None:
             candidates = [list(c) for c in choices]
-            return self._start(request_id, scoring=True, work=lambda live: score(live, prompt, candidates))
+            return self._start(request_id, timings, scoring=True, work=lambda live: score(live, prompt, candidates))
         max_tokens = min(sampling.max_tokens, room)
-        return self._start(request_id, scoring=False, work=lambda live: generate(live, prompt, max_tokens))
+        return self._start(request_id, timings, scoring=False, work=lambda live: generate(live, prompt, max_tokens))
 
-    def _start(self, request_id: str | None, scoring: bool, work: Callable[[Live], Work]) -> RequestStream:
+    def _start(self, request_id: str | None, timings: Timings | None, scoring: bool,
+               work: Callable[[Live], Work]) -> RequestStream:
         """Admits a request (raises QueueFull) and runs `work(live)` as its task on the running loop.
         A task done for any reason, even cancelled before it ran, ends the stream (finish_reason "cancelled"
         unless the work finished it)."""
         check_queue(self.waiting_replies(), self.config.max_waiting, scoring, self.stopping)
-        live = Live(request_id or next(self._ids), scoring)
+        live = Live(request_id or next(self._ids), scoring, timings or Timings())
         self._live[live.request_id] = live
         self._replies += 0 if scoring else 1
         live.task = asyncio.get_running_loop().create_task(work(live))
@@ -122,5 +120,4 @@ class LiveRequests:
         self._replies -= 0 if live.scoring else 1
         for hook in live.on_end:
             hook()
-        live.emit(EngineEvent("finished", live.request_id, finish_reason="cancelled",
-                              total_ms=(time.perf_counter() - live.submitted) * 1000))
+        live.emit(EngineEvent("finished", live.request_id, finish_reason="cancelled", **live.timings.ms()))

@@ -4,18 +4,14 @@ request body, server-sent events, refusals, echo log-probabilities, and chunks -
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import aiohttp
 
-from sidecar.backends import BackendUnavailable
-from sidecar.backends.events import TokenEvents
-from sidecar.engine.engine import QueueFull
-from sidecar.engine.sampler import SamplingParams
-from sidecar.engine.sequence import EngineEvent
+from sidecar.engine.api import BackendUnavailable, EngineEvent, QueueFull, SamplingParams, Timings
+from sidecar.engine.output import RequestOutput
 from sidecar.engine.tokenizer import Tokenizer
 
 
@@ -40,9 +36,9 @@ def completion_body(prompt_ids: list[int], model: str, params: SamplingParams, m
     return body
 
 
-def candidate_logprob(response: dict, prompt_len: int, candidate: list[int]) -> float:
-    """log p(candidate | prompt) from an echo response for prompt + candidate: the sum of the
-    candidate positions' token_logprobs."""
+def candidate_logprobs(response: dict, prompt_len: int, candidate: list[int]) -> list[float]:
+    """Each candidate token's log-probability from an echo response for prompt + candidate: the
+    candidate positions' token_logprobs (their sum is log p(candidate | prompt))."""
     try:
         values = response["choices"][0]["logprobs"]["token_logprobs"][prompt_len:prompt_len + len(candidate)]
     except (KeyError, IndexError, TypeError):
@@ -50,11 +46,11 @@ def candidate_logprob(response: dict, prompt_len: int, candidate: list[int]) -> 
     if len(values) != len(candidate) or not all(isinstance(v, int | float) for v in values):
         raise RemoteRefused("the remote returned no prompt log-probabilities for the candidate "
                             "(needs echo + logprobs with max_tokens 0)")
-    return float(sum(values))
+    return [float(v) for v in values]
 
 
-class ReplyEvents(TokenEvents):
-    """A streamed reply's chunks -> our engine events (TokenEvents, with our tokenizer).
+class ReplyEvents(RequestOutput):
+    """A streamed reply's chunks -> our engine events (a RequestOutput with our tokenizer).
 
     `chunk()` takes each chunk: new token ids (exact: our detokenizer) or, when the remote sends no
     ids, new text; our stop-string filter runs on the text either way. The remote's usage comes in
@@ -63,11 +59,11 @@ class ReplyEvents(TokenEvents):
     """
 
     def __init__(self, request_id: str, prompt_tokens: int, params: SamplingParams, max_tokens: int,
-                 tokenizer: Tokenizer, submitted: float):
+                 tokenizer: Tokenizer, timings: Timings):
         super().__init__(request_id, prompt_tokens, params, max_tokens, tokenizer.detokenizer(), tokenizer.eos_ids,
-                         submitted, measure_queue=False)
+                         timings)
         self.pieces = 0  # text chunks received without ids
-        self.usage: dict = {}
+        self.remote_usage: dict = {}  # the remote's usage chunk, once it came
         self.reported: str | None = None  # the remote's finish reason, once it sent one
         self.stop_string = False  # ours ended the reply on a stop string, which the remote never sees
         self.outran = False  # the remote sent text after ours ended the reply: it does not end there
@@ -83,7 +79,7 @@ class ReplyEvents(TokenEvents):
             events += self.tokens(ids) if ids is not None else self.text_piece(text)
             self.reported = self.reported or choice.get("finish_reason")
         if isinstance(data.get("usage"), dict):
-            self.usage = data["usage"]
+            self.remote_usage = data["usage"]
         return events
 
     @property
@@ -92,12 +88,9 @@ class ReplyEvents(TokenEvents):
         max_tokens), so its usage chunk follows at once; after a stop string it would go on generating."""
         return self.finished and not self.stop_string and not self.outran
 
-    def text_piece(self, text: str) -> list[EngineEvent]:
-        if self.finished or not text:
-            return []
-        self.first_token = self.first_token or time.perf_counter()
-        self.pieces += 1
-        return self._push(text)
+    def text_piece(self, piece: str) -> list[EngineEvent]:
+        self.pieces += 0 if self.finished or not piece else 1
+        return super().text_piece(piece)
 
     def finish(self, reason: str, stop_string: bool = False) -> list[EngineEvent]:
         self.stop_string = self.stop_string or (stop_string and not self.finished)
@@ -105,13 +98,13 @@ class ReplyEvents(TokenEvents):
 
     def counted(self, finished: EngineEvent) -> EngineEvent:
         """The finished event with the counts of the remote's usage, read after our side ended the reply."""
-        return replace(finished, **self._usage())
+        return replace(finished, **self.usage())
 
-    def _usage(self) -> dict[str, int]:
-        cached = (self.usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    def usage(self) -> dict[str, int]:
+        cached = (self.remote_usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         # Text without ids: the remote's count if it gave one, else one token a chunk (a guess).
         completion = (len(self.output) if self.output or not self.pieces
-                      else self.usage.get("completion_tokens", self.pieces))
+                      else self.remote_usage.get("completion_tokens", self.pieces))
         return {"cached_tokens": int(cached), "completion_tokens": int(completion)}
 
 

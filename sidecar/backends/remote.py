@@ -52,35 +52,40 @@ checked beyond being OpenAI-compatible.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import structlog
 
-from sidecar.backends import BackendUnavailable
-from sidecar.backends.events import engine_reason
 from sidecar.backends.live import Live, LiveRequests
 from sidecar.backends.openai_wire import (
     RemoteRefused,
     ReplyEvents,
-    candidate_logprob,
+    candidate_logprobs,
     completion_body,
     refusal,
     sse_data,
 )
 from sidecar.config import EngineConfig, ModelConfig, RemoteConfig
-from sidecar.engine.admission import QueueFull
-from sidecar.engine.engine import RequestStream
-from sidecar.engine.sampler import SamplingParams
-from sidecar.engine.sequence import AdapterRef, EngineEvent
+from sidecar.engine.api import (
+    AdapterRef,
+    BackendUnavailable,
+    Engine,
+    EngineEvent,
+    EngineStats,
+    ModelInfo,
+    QueueFull,
+    RequestStream,
+    SamplingParams,
+    Timings,
+)
+from sidecar.engine.output import RequestOutput, engine_reason
 from sidecar.engine.tokenizer import Tokenizer
 from sidecar.errors import UserError
 
-__all__ = ["RemoteBase", "RemoteEngine", "read_base"]
+__all__ = ["RemoteEngine", "read_base"]
 
 log = structlog.get_logger(__name__)
 
@@ -89,44 +94,35 @@ log = structlog.get_logger(__name__)
 USAGE_WAIT_S = 0.5
 
 
-@dataclass(frozen=True)
-class RemoteBase:
-    """What the servicer reads as `engine.base`: our tokenizer and the model's shape; no weights here."""
-
-    path: Path
-    tokenizer: Tokenizer
-    config: Any  # LlamaConfig: adapters are validated against it
-    weights: str = ""  # held by the remote, in a form it does not report
-
-
-def read_base(path: Path) -> RemoteBase:
-    """Tokenizer and model shape from --model (a GGUF file is memory-mapped, a folder's weights are not read)."""
+def read_base(path: Path, device: str = "cpu") -> ModelInfo:
+    """Tokenizer and model shape from --model (a GGUF file is memory-mapped, a folder's weights are not
+    read). The weights are the remote's, in a form it does not report."""
     path = Path(path)
     if path.is_dir():
-        from sidecar.backends.tensorrt_llm import read_model_folder
+        from sidecar.model.hf_folder import read_hf_metadata
 
-        tokenizer, config = read_model_folder(path)
-        return RemoteBase(path, tokenizer, config)
+        metadata = read_hf_metadata(path)
+        return ModelInfo(path, "", device, Tokenizer(metadata), metadata.config)
     from sidecar.model.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(path)
-    return RemoteBase(path, Tokenizer(checkpoint), checkpoint.config)
+    return ModelInfo(path, "", device, Tokenizer(checkpoint), checkpoint.config)
 
 
 # --- the engine -------------------------------------------------------------------------------
 
 
-class RemoteEngine:
-    """AsyncEngine's surface over an OpenAI-compatible server: one asyncio task per request, on the
+class RemoteEngine(Engine):
+    """The Engine protocol over an OpenAI-compatible server: one asyncio task per request, on the
     server's event loop. From `config`: max_batch and max_waiting bound the requests in flight
     (beyond them, QueueFull here, before the remote is asked), max_seq_len the prompt budget
     (lowered to the remote's max_model_len when it reports one)."""
 
-    backend = "remote"
+    name = "remote"
 
-    def __init__(self, base: RemoteBase, config: EngineConfig, remote: RemoteConfig, session: aiohttp.ClientSession,
+    def __init__(self, model: ModelInfo, config: EngineConfig, remote: RemoteConfig, session: aiohttp.ClientSession,
                  base_model: str, listed: tuple[str, ...]):
-        self.base, self.config, self.remote, self.session = base, config, remote, session
+        self.model, self.config, self.remote, self.session = model, config, remote, session
         self.base_model, self.listed = base_model, listed
         self.adapter_names = dict(remote.adapter_names)
         self._url = remote.base_url + "/v1/completions"
@@ -135,7 +131,7 @@ class RemoteEngine:
     @classmethod
     async def connect(cls, model_config: ModelConfig, config: EngineConfig, remote: RemoteConfig) -> RemoteEngine:
         """Reads our tokenizer, then asks the remote which models it serves; UserError if that fails."""
-        base = await asyncio.to_thread(read_base, model_config.path)
+        base = await asyncio.to_thread(read_base, model_config.path, model_config.device)
         headers = {"Authorization": f"Bearer {remote.api_key}"} if remote.api_key else {}
         session = aiohttp.ClientSession(
             headers=headers, connector=aiohttp.TCPConnector(limit=0),  # our own queue limit bounds connections
@@ -162,19 +158,28 @@ class RemoteEngine:
     def model_for(self, adapter: AdapterRef | None) -> str:
         return self.base_model if adapter is None else self.adapter_names.get(adapter.name, adapter.name)
 
-    def missing_models(self, character_ids: list[str]) -> list[str]:
-        """Remote model names, for these characters with adapters, that the remote did not list at start."""
-        return [name for name in (self.adapter_names.get(c, c) for c in character_ids) if name not in self.listed]
+    def missing_adapters(self, names: Sequence[str]) -> list[str]:
+        """Remote model names, for these characters' adapters, that the remote did not list at start."""
+        return [name for name in (self.adapter_names.get(c, c) for c in names) if name not in self.listed]
 
     # --- requests -----------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
-               request_id: str | None = None, choices: list[list[int]] | None = None) -> RequestStream:
+    def load_adapter(self, name: str, path: Path, version: str, scale: float = 1.0) -> AdapterRef:
+        """Validated here against --model's shape, so a broken adapter fails as on the torch backend; the
+        remote serves its own copy under the character's name (the module docstring)."""
+        from sidecar.engine.adapters import read_adapter  # torch, only when a character has an adapter
+
+        return read_adapter(self.model.shape, self.config.max_rank, name, path, version, scale)
+
+    def submit(self, prompt_ids: Sequence[int], adapter: AdapterRef | None, sampling: SamplingParams, *,
+               request_id: str | None = None, choices: Sequence[Sequence[int]] | None = None,
+               timings: Timings | None = None) -> RequestStream:
         """Queues a request; raises QueueFull or UserError as AsyncEngine.submit does (engine/admission.py).
         The stream may also raise QueueFull / BackendUnavailable: the remote's own refusals come later."""
         model = self.model_for(adapter)
         return self._in_flight.submit(
-            prompt_ids, choices, sampling, request_id, self.config.max_seq_len, self.base.config.vocab_size,
+            prompt_ids, choices, sampling, request_id, timings, self.config.max_seq_len,
+            self.model.shape.vocab_size,
             generate=lambda live, prompt, max_tokens: self._generate(live, prompt, model, sampling, max_tokens),
             score=lambda live, prompt, candidates: self._score(live, prompt, model, candidates))
 
@@ -187,7 +192,7 @@ class RemoteEngine:
 
     async def _generate(self, live: Live, prompt: list[int], model: str, sampling: SamplingParams,
                         max_tokens: int) -> None:
-        reply = ReplyEvents(live.request_id, len(prompt), sampling, max_tokens, self.base.tokenizer, live.submitted)
+        reply = ReplyEvents(live.request_id, len(prompt), sampling, max_tokens, self.model.tokenizer, live.timings)
         response: aiohttp.ClientResponse | None = None
         complete = False  # the body was read to its end: the connection can be reused
         finished: EngineEvent | None = None  # held back until the remote's usage is read (or not coming)
@@ -199,7 +204,7 @@ class RemoteEngine:
             chunks = sse_data(response.content)
             async for data in chunks:
                 finished = _emit_all_but_finished(live, reply.chunk(data))
-                if finished is None and reply.reported is not None and reply.usage:  # the remote's last chunk
+                if finished is None and reply.reported is not None and reply.remote_usage:  # the remote's last chunk
                     finished = _emit_all_but_finished(live, reply.finish(engine_reason(reply.reported)))
                 if finished is not None:
                     break  # ended by ours (stop string, eos, max_tokens) or by the remote
@@ -218,15 +223,12 @@ class RemoteEngine:
         except (QueueFull, BackendUnavailable) as e:
             live.fail(e)
         except RemoteRefused as e:
-            live.emit(EngineEvent("error", live.request_id, finish_reason="error", error=str(e),
-                                  prompt_tokens=len(prompt), **reply.timings()))
+            live.emit(reply.error(str(e)))
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             live.fail(self._unreachable(e))
         except Exception as e:
             log.warning("remote request failed", request_id=live.request_id, error=f"{type(e).__name__}: {e}")
-            live.emit(EngineEvent("error", live.request_id, finish_reason="error", internal=True,
-                                  error=f"remote backend: {type(e).__name__}: {e}", prompt_tokens=len(prompt),
-                                  **reply.timings()))
+            live.emit(reply.error(f"remote backend: {type(e).__name__}: {e}", internal=True))
         finally:
             if response is not None:
                 # Closing a response that is still streaming drops the connection: the remote
@@ -237,26 +239,27 @@ class RemoteEngine:
                     response.close()
 
     async def _score(self, live: Live, prompt: list[int], model: str, choices: list[list[int]]) -> None:
-        async def one(candidate: list[int]) -> float:
+        async def one(candidate: list[int]) -> list[float]:
             body = {"model": model, "prompt": prompt + candidate, "max_tokens": 0, "echo": True, "logprobs": 1,
                     "temperature": 0.0}
             async with self.session.post(self._url, json=body) as r:
                 if r.status != 200:
                     raise await refusal(r, model)
-                return candidate_logprob(await r.json(content_type=None), len(prompt), candidate)
+                return candidate_logprobs(await r.json(content_type=None), len(prompt), candidate)
 
+        out = RequestOutput(live.request_id, len(prompt), SamplingParams(max_tokens=1), 1,
+                            self.model.tokenizer.detokenizer(), (), live.timings)
         try:
             scores = await asyncio.gather(*(one(c) for c in choices))
-            live.emit(EngineEvent("started", live.request_id, prompt_tokens=len(prompt)))
-            live.emit(EngineEvent("finished", live.request_id, finish_reason="choice", prompt_tokens=len(prompt),
-                                  choice=max(range(len(scores)), key=scores.__getitem__), choice_logprobs=tuple(scores),
-                                  total_ms=(time.perf_counter() - live.submitted) * 1000))
+            live.emit(out.started())
+            live.emit(out.choice(scores))
         except asyncio.CancelledError:
-            live.emit(EngineEvent("finished", live.request_id, finish_reason="cancelled"))
+            for event in out.cancel():
+                live.emit(event)
         except (QueueFull, BackendUnavailable) as e:
             live.fail(e)
         except RemoteRefused as e:
-            live.emit(EngineEvent("error", live.request_id, finish_reason="error", error=str(e)))
+            live.emit(out.error(str(e)))
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
             live.fail(self._unreachable(e))
 
@@ -266,10 +269,9 @@ class RemoteEngine:
 
     # --- control ------------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> EngineStats:
         """Replies in flight beyond max_batch count as waiting; adapters and caches are the remote's."""
-        return {**self._in_flight.counts(), "resident_adapters": [], "prefix_cache_bytes": 0,
-                "prefix_cache_capacity_bytes": 0}
+        return EngineStats(**self._in_flight.counts())
 
     async def shutdown(self, cancel_running: bool = True) -> None:
         await self._in_flight.shutdown(cancel_running)

@@ -1,7 +1,6 @@
 """TensorRT-LLM backend: the base model and the characters' LoRA adapters served by NVIDIA's
 TensorRT-LLM (its `LLM` API, default PyTorch backend) instead of our torch engine, behind the
-surface the servicer uses on AsyncEngine (`submit`, `cancel`, `queue_full`, `stats`, `shutdown`,
-`config`, `base`).
+`Engine` protocol (engine/api.py).
 
 What stays ours, so replies mean the same on either backend:
 - the tokenizer (read from the model folder): prompts are built, budgeted and passed as token
@@ -18,7 +17,7 @@ What was run, and what was not
 -------------------------------
 Run here (CPU only; tensorrt_llm not installed, no GPU): tests/test_backend_tensorrt_llm.py.
 It covers LoraIds, sampling_kwargs, lora_config_kwargs, write_peft_snapshot (read back by our
-own PEFT loader), continuation_logprob, TokenEvents and stream_events on hand-made output
+own PEFT loader), continuation_logprobs, RequestOutput and stream_events on hand-made output
 objects, read_model_folder, the missing-package / no-GPU errors, and TensorRtLlmEngine's request
 flow (stream, stop string, cancel, choices, adapter error, queue limit, stats, shutdown) against
 a fake `LLM` object shaped like the documented API.
@@ -37,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -44,7 +44,6 @@ import random
 import shutil
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -52,7 +51,6 @@ from typing import Any
 import structlog
 import torch
 
-from sidecar.backends.events import TokenEvents
 from sidecar.backends.live import Live, LiveRequests
 from sidecar.backends.trt_adapters import (
     AdapterSnapshots,
@@ -61,17 +59,25 @@ from sidecar.backends.trt_adapters import (
     write_peft_snapshot,
 )
 from sidecar.config import EngineConfig
-from sidecar.engine.engine import RequestStream
-from sidecar.engine.sampler import SamplingParams
-from sidecar.engine.sequence import AdapterRef, EngineEvent
+from sidecar.engine.adapters import read_adapter
+from sidecar.engine.api import (
+    AdapterRef,
+    Engine,
+    EngineEvent,
+    EngineStats,
+    ModelInfo,
+    RequestStream,
+    SamplingParams,
+    Timings,
+)
+from sidecar.engine.output import RequestOutput
 from sidecar.engine.tokenizer import Tokenizer
 from sidecar.errors import UserError
 from sidecar.model.config import LlamaConfig
 from sidecar.model.hf_folder import read_hf_metadata
-from sidecar.model.lora import AdapterError
 
-__all__ = ["AdapterSnapshots", "LoraIds", "TensorRtLlmEngine", "TrtBase", "choice_sampling_kwargs",
-           "continuation_logprob", "load_tensorrt_llm", "lora_config_kwargs", "read_model_folder", "sampling_kwargs",
+__all__ = ["AdapterSnapshots", "LoraIds", "TensorRtLlmEngine", "choice_sampling_kwargs",
+           "continuation_logprobs", "load_tensorrt_llm", "lora_config_kwargs", "read_model_folder", "sampling_kwargs",
            "stream_events", "write_peft_snapshot"]
 
 log = structlog.get_logger(__name__)
@@ -131,17 +137,6 @@ def read_model_folder(folder: Path) -> tuple[Tokenizer, LlamaConfig]:
     return Tokenizer(metadata), metadata.config
 
 
-@dataclass(frozen=True)
-class TrtBase:
-    """What the servicer reads as `engine.base`: tokenizer, path and weights, plus the model shape
-    that adapters are validated against (AsyncEngine has it at `base.model.config`)."""
-
-    path: Path
-    tokenizer: Tokenizer
-    config: LlamaConfig
-    weights: str = "auto"  # TensorRT-LLM's dtype "auto": the folder's torch_dtype
-
-
 # --- pure parts -------------------------------------------------------------------------------
 
 
@@ -182,10 +177,10 @@ def choice_sampling_kwargs(eos_ids: Sequence[int]) -> dict[str, Any]:
             "return_context_logits": True}
 
 
-def continuation_logprob(context_logits: Any, candidate: Sequence[int]) -> float:
-    """log p(candidate | prompt) from the context logits of one request whose input was
-    prompt + candidate[:-1]: the row of input position i predicts the token at i + 1, so the last
-    len(candidate) rows predict the candidate's tokens.
+def continuation_logprobs(context_logits: Any, candidate: Sequence[int]) -> list[float]:
+    """Each candidate token's log-probability (their sum is log p(candidate | prompt)) from the context
+    logits of one request whose input was prompt + candidate[:-1]: the row of input position i
+    predicts the token at i + 1, so the last len(candidate) rows predict the candidate's tokens.
 
     Only those last rows are used: with KV-cache block reuse, TensorRT-LLM returns logits only
     for the positions it computed, not for a reused prompt prefix (NVIDIA/Model-Optimizer#1577),
@@ -199,10 +194,10 @@ def continuation_logprob(context_logits: Any, candidate: Sequence[int]) -> float
                          f"{len(candidate)} rows")
     rows = logits[logits.shape[0] - len(candidate):].float().cpu()  # only these rows leave the GPU
     logp = torch.log_softmax(rows, dim=-1)
-    return float(logp.gather(1, torch.tensor(list(candidate))[:, None]).sum())
+    return logp.gather(1, torch.tensor(list(candidate))[:, None])[:, 0].tolist()
 
 
-async def stream_events(outputs: AsyncIterable[Any], events: TokenEvents) -> AsyncIterator[EngineEvent]:
+async def stream_events(outputs: AsyncIterable[Any], events: RequestOutput) -> AsyncIterator[EngineEvent]:
     """Events from a streamed TensorRT-LLM request (`async for` over what generate_async returns;
     each item has `.outputs[0].token_ids`, every id so far, and `.finish_reason`) until the reply has finished."""
     async for output in outputs:
@@ -218,8 +213,8 @@ async def stream_events(outputs: AsyncIterable[Any], events: TokenEvents) -> Asy
 # --- the engine -------------------------------------------------------------------------------
 
 
-class TensorRtLlmEngine:
-    """AsyncEngine's surface over tensorrt_llm.LLM. Everything runs on the caller's event loop:
+class TensorRtLlmEngine(Engine):
+    """The Engine protocol over tensorrt_llm.LLM. Everything runs on the caller's event loop:
     one asyncio task per request drives TensorRT-LLM's async result (which needs that loop).
 
     From `config` (EngineConfig): max_batch, max_seq_len, max_resident_adapters (adapters on the
@@ -228,7 +223,7 @@ class TensorRtLlmEngine:
     as they are (e.g. kv_cache_config); `api` replaces the tensorrt_llm names (tests).
     """
 
-    backend = "tensorrt-llm"  # ServerInfo.backend
+    name = "tensorrt-llm"  # ServerInfo.backend
 
     def __init__(self, model_path: Path, config: EngineConfig | None = None, *, max_cpu_loras: int | None = None,
                  llm_kwargs: dict[str, Any] | None = None, api: Any = None):
@@ -236,12 +231,14 @@ class TensorRtLlmEngine:
         self._api = api or load_tensorrt_llm()
         model_path = Path(model_path)
         tokenizer, model_config = read_model_folder(model_path)
-        self.base = TrtBase(model_path, tokenizer, model_config)
+        # weights "auto": TensorRT-LLM's dtype, the folder's torch_dtype
+        self.model = ModelInfo(model_path, "auto", "cuda", tokenizer, model_config)
         self.max_len = min(self.config.max_seq_len, model_config.max_position)
+        self.config = dataclasses.replace(self.config, max_seq_len=self.max_len)
         cpu_loras = max_cpu_loras or 2 * self.config.max_resident_adapters
         lora_kwargs = lora_config_kwargs(self.config.max_rank, self.config.max_resident_adapters, cpu_loras)
         self._snapshot_root = Path(tempfile.mkdtemp(prefix="npc-trtllm-adapters-"))
-        self.snapshots = AdapterSnapshots(self._snapshot_root, model_config, self.config.max_rank)
+        self.snapshots = AdapterSnapshots(self._snapshot_root)
         self.lora_ids = LoraIds(max(cpu_loras, 16), on_forget=self.snapshots.forget)
         self._in_flight = LiveRequests(self.config, "trt")
         self._rng = random.Random()
@@ -255,15 +252,22 @@ class TensorRtLlmEngine:
 
     # --- requests -----------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
-               request_id: str | None = None, choices: list[list[int]] | None = None) -> RequestStream:
+    def load_adapter(self, name: str, path: Path, version: str, scale: float = 1.0) -> AdapterRef:
+        return read_adapter(self.model.shape, self.config.max_rank, name, path, version, scale)
+
+    def missing_adapters(self, names: Sequence[str]) -> list[str]:
+        return []  # adapters come with each request (LoRARequest)
+
+    def submit(self, prompt_ids: Sequence[int], adapter: AdapterRef | None, sampling: SamplingParams, *,
+               request_id: str | None = None, choices: Sequence[Sequence[int]] | None = None,
+               timings: Timings | None = None) -> RequestStream:
         """Queues a request; raises QueueFull or UserError as AsyncEngine.submit does (engine/admission.py).
 
         With `choices`, nothing is generated: each candidate continuation is scored from the
         context logits of prompt + candidate, and the request finishes (reason "choice").
         """
         return self._in_flight.submit(
-            prompt_ids, choices, sampling, request_id, self.max_len, self.base.config.vocab_size,
+            prompt_ids, choices, sampling, request_id, timings, self.max_len, self.model.shape.vocab_size,
             generate=lambda live, prompt, max_tokens: self._generate(live, prompt, adapter, sampling, max_tokens),
             score=lambda live, prompt, candidates: self._score(live, prompt, adapter, candidates))
 
@@ -277,11 +281,11 @@ class TensorRtLlmEngine:
 
     async def _generate(self, live: Live, prompt: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
                         max_tokens: int) -> None:
-        tok = self.base.tokenizer
-        events = TokenEvents(live.request_id, len(prompt), sampling, max_tokens, tok.detokenizer(), tok.eos_ids,
-                             live.submitted)
+        tok = self.model.tokenizer
+        events = RequestOutput(live.request_id, len(prompt), sampling, max_tokens, tok.detokenizer(), tok.eos_ids,
+                               live.timings)
         results: list[Any] = []
-        with self._ending(live, len(prompt), events, results):
+        with self._ending(live, events, results):
             lora = await self._lora_request(live, adapter)
             params = self._api.SamplingParams(**sampling_kwargs(sampling, max_tokens, tok.eos_ids, self._rng))
             results.append(self.llm.generate_async(prompt, sampling_params=params, lora_request=lora, streaming=True))
@@ -291,26 +295,24 @@ class TensorRtLlmEngine:
 
     async def _score(self, live: Live, prompt: list[int], adapter: AdapterRef | None,
                      choices: list[list[int]]) -> None:
-        events = TokenEvents(live.request_id, len(prompt), SamplingParams(max_tokens=1), 1,
-                             self.base.tokenizer.detokenizer(), (), live.submitted)
+        events = RequestOutput(live.request_id, len(prompt), SamplingParams(max_tokens=1), 1,
+                               self.model.tokenizer.detokenizer(), (), live.timings)
         results: list[Any] = []
-        with self._ending(live, len(prompt), events, results):
+        with self._ending(live, events, results):
             lora = await self._lora_request(live, adapter)
             for candidate in choices:  # one request each: prompt + candidate[:-1] holds every row needed
-                params = self._api.SamplingParams(**choice_sampling_kwargs(self.base.tokenizer.eos_ids))
+                params = self._api.SamplingParams(**choice_sampling_kwargs(self.model.tokenizer.eos_ids))
                 results.append(self.llm.generate_async(prompt + candidate[:-1], sampling_params=params,
                                                         lora_request=lora))
             live.emit(events.started())
             scores = []
             for candidate, result in zip(choices, results, strict=True):
                 await result.aresult()
-                scores.append(continuation_logprob(result.context_logits, candidate))
-            live.emit(EngineEvent("finished", live.request_id, finish_reason="choice", prompt_tokens=len(prompt),
-                                  choice=max(range(len(scores)), key=scores.__getitem__),
-                                  choice_logprobs=tuple(scores), **events.timings()))
+                scores.append(continuation_logprobs(result.context_logits, candidate))
+            live.emit(events.choice(scores))
 
     @contextlib.contextmanager
-    def _ending(self, live: Live, prompt_tokens: int, events: TokenEvents, results: list[Any]) -> Iterator[None]:
+    def _ending(self, live: Live, events: RequestOutput, results: list[Any]) -> Iterator[None]:
         """How _generate and _score end: a cancel finishes the stream as cancelled (with the text so far),
         a failure with an error event, and either way the TensorRT-LLM requests in `results` are aborted."""
         try:
@@ -319,7 +321,7 @@ class TensorRtLlmEngine:
             for event in events.cancel():
                 live.emit(event)
         except Exception as e:
-            self._fail(live, e, prompt_tokens, events)
+            self._fail(live, e, events)
         finally:
             self._abort(results)
 
@@ -333,15 +335,9 @@ class TensorRtLlmEngine:
         folder = await asyncio.to_thread(self.snapshots.folder, lora_id, ref)
         return self._api.LoRARequest(name, lora_id, str(folder))
 
-    def _fail(self, live: Live, e: Exception, prompt_tokens: int, events: TokenEvents) -> None:
-        if isinstance(e, AdapterError):  # the character's adapter folder is unusable: not an engine fault
-            live.emit(EngineEvent("error", live.request_id, finish_reason="error", error=str(e),
-                                  prompt_tokens=prompt_tokens, **events.timings()))
-            return
+    def _fail(self, live: Live, e: Exception, events: RequestOutput) -> None:
         log.exception("tensorrt-llm request failed", request_id=live.request_id)
-        live.emit(EngineEvent("error", live.request_id, finish_reason="error", internal=True,
-                              error=f"internal error in the tensorrt-llm backend ({type(e).__name__}: {e})",
-                              prompt_tokens=prompt_tokens, **events.timings()))
+        live.emit(events.error(f"internal error in the tensorrt-llm backend ({type(e).__name__}: {e})", internal=True))
 
     @staticmethod
     def _abort(results: Sequence[Any]) -> None:
@@ -355,10 +351,10 @@ class TensorRtLlmEngine:
 
     # --- control ------------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> EngineStats:
         """Requests in flight beyond max_batch count as waiting (TensorRT-LLM queues them itself);
         resident_adapters are the adapter versions with an id (on the GPU, in host memory or known)."""
-        return {**self._in_flight.counts(), "resident_adapters": self.lora_ids.resident()}
+        return EngineStats(**self._in_flight.counts(), resident_adapters=tuple(self.lora_ids.resident()))
 
     async def shutdown(self, cancel_running: bool = True) -> None:
         """Ends live requests (cancelled, or finished within 5 s), then shuts TensorRT-LLM down."""

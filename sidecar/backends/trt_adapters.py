@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from sidecar.engine.sequence import AdapterRef
+from sidecar.engine.api import AdapterRef, adapter_label
 from sidecar.errors import UserError
-from sidecar.model.config import LlamaConfig
-from sidecar.model.lora import LoraAdapter, load_peft_adapter
+from sidecar.model.lora import LoraAdapter
 
 # PEFT module name -> TensorRT-LLM's name for it (its default trtllm_modules_to_hf_modules).
 TRTLLM_MODULES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_dense",
@@ -80,7 +79,7 @@ class LoraIds:
         """(lora_name, lora_int_id, lora_path) for tensorrt_llm's LoRARequest; None for the base model."""
         if ref is None:
             return None
-        return _label(ref.key), self.id_for(ref.key), str(ref.path)
+        return ref.label, self.id_for(ref.key), str(ref.path)
 
     def pin(self, lora_id: int) -> None:
         self._pins[lora_id] = self._pins.get(lora_id, 0) + 1
@@ -107,15 +106,10 @@ class LoraIds:
                 self.on_forget(lora_id)
 
     def resident(self) -> list[str]:
-        return [_label(key) for key in self._ids]
+        return [adapter_label(key) for key in self._ids]
 
     def __len__(self) -> int:
         return len(self._ids)
-
-
-def _label(key: AdapterKey) -> str:
-    name, version, scale = key
-    return f"{name}@{version}" + ("" if scale == 1.0 else f"x{scale}")
 
 
 def write_peft_snapshot(adapter: LoraAdapter, folder: Path) -> Path:
@@ -151,25 +145,22 @@ def write_peft_snapshot(adapter: LoraAdapter, folder: Path) -> Path:
 class AdapterSnapshots:
     """The adapter folders TensorRT-LLM reads: `root/<lora id>`, written once per id.
 
-    The weights come from `AdapterRef.loaded` (the version the server validated) or, without it,
-    from reading and validating the character's folder now; never from files that may have
-    changed after their version was checked. `folder()` blocks: run it on a thread.
+    The weights come from `AdapterRef.loaded` (the version the server validated), never from files
+    that may have changed after their version was checked. `folder()` blocks: run it on a thread.
     """
 
-    def __init__(self, root: Path, model_config: LlamaConfig, max_rank: int):
-        self.root, self.model_config, self.max_rank = Path(root), model_config, max_rank
+    def __init__(self, root: Path):
+        self.root = Path(root)
         self._lock = threading.Lock()
         self._forgotten: set[int] = set()
 
     def folder(self, lora_id: int, ref: AdapterRef) -> Path:
-        """The snapshot folder for this id; raises AdapterError for an unusable adapter folder."""
+        """The snapshot folder for this id (written on first use)."""
         folder = self.root / str(lora_id)
         with self._lock:
             self._delete_forgotten()
             if not folder.is_dir():
-                adapter = ref.loaded or load_peft_adapter(ref.path, self.model_config, self.max_rank, ref.name,
-                                                          ref.scale)
-                write_peft_snapshot(adapter, folder)
+                write_peft_snapshot(ref.loaded, folder)
         return folder
 
     def forget(self, lora_id: int) -> None:

@@ -155,16 +155,14 @@ def prepare(cfg: MultiNpcConfig, model: Path) -> Path:
 async def _sidecar(model: Path, adapters: list[Path] | None, prompts: list[list[int]], tokens: int,
                    device: str = "cpu", weights: str = "auto") -> dict:
     from sidecar.config import EngineConfig, ModelConfig
+    from sidecar.engine.api import SamplingParams
     from sidecar.engine.base_model import load_base_model
     from sidecar.engine.engine import AsyncEngine
-    from sidecar.engine.sampler import SamplingParams
-    from sidecar.engine.sequence import AdapterRef
 
     n = len(prompts)
     engine = AsyncEngine(lambda: load_base_model(ModelConfig(model, weights, device)),
                          EngineConfig(max_batch=max(n, 1), max_resident_adapters=max(n, 1), max_waiting=max(64, n)))
-    base = engine.base
-    refs = [AdapterRef(f"npc{i}", a) for i, a in enumerate(adapters)] if adapters else [None] * n
+    refs = [engine.load_adapter(f"npc{i}", a, "1") for i, a in enumerate(adapters)] if adapters else [None] * n
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
 
     async def one(ids: list[int], ref, timing: RequestTiming, generated: list[int] | None = None) -> None:
@@ -180,7 +178,7 @@ async def _sidecar(model: Path, adapters: list[Path] | None, prompts: list[list[
     # Warm-up (not timed): load every adapter and run the kernels once, then forget the cached
     # prefixes so that every persona below is cold, as it is for the peers.
     await asyncio.gather(*[one(p[:8], r, RequestTiming(0.0)) for p, r in zip(prompts, refs, strict=True)])
-    engine.core.prefix.clear()
+    engine.core.kv.prefix.clear()
 
     start = time.perf_counter()
     timings = [RequestTiming(start) for _ in prompts]
@@ -193,8 +191,8 @@ async def _sidecar(model: Path, adapters: list[Path] | None, prompts: list[list[
 
     extra = {}
     if n == 1:
-        engine.core.prefix.clear()
-        tok = base.tokenizer
+        engine.core.kv.prefix.clear()
+        tok = engine.model.tokenizer
         for label, line in (("cold", "Who are you?"), ("warm", "And what do you do here?")):
             ids = tok.encode_chat([ChatMessage("system", persona(0)), ChatMessage("user", line)])
             t = RequestTiming(time.perf_counter())

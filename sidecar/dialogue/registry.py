@@ -13,6 +13,12 @@ and hashes a character whose stats changed. A character whose file failed to par
 every scan (a few KB), because the files it is waiting for (an adapter folder still being copied)
 are not known until it parses; its error is logged once, not on every scan.
 
+Adapters: with an `adapter_loader`, a character's adapter is read and validated before its
+version is published (on the scanning thread), and the loader's result (the engine's AdapterRef:
+the weights in memory) is kept with that version: `get_serving()` returns both, so the last good
+version keeps serving from memory even if its files are overwritten or deleted later. Editing only
+the persona keeps the loaded adapter. This is the one place validated adapters are kept.
+
 Scans run on the caller's thread (`reload()`) or on one background thread (`start_watching()`);
 `get()` and `list()` may be called from any thread. `on_change(character_id, status_or_None)`
 runs on the scanning thread after a character was loaded, failed, recovered or removed.
@@ -26,6 +32,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -67,25 +74,25 @@ class CharacterStatus:
         return bool(self.version)
 
 
-AdapterValidator = Callable[[Character], None]
+AdapterLoader = Callable[[Character], Any]  # raises UserError (AdapterError) or returns what get_serving() gives
 OnChange = Callable[[str, CharacterStatus | None], None]
 
 
 @dataclass
 class _Entry:
     good: Character | None = None
+    adapter: Any = None  # the adapter loader's result for good's adapter (None: no adapter or no loader)
     error: str = ""
     stamp: tuple | None = None  # stats behind the last attempt; None: retry on the next scan
     watch: tuple[Path, ...] = ()  # adapter files of the last parsed version
 
 
 class CharacterRegistry:
-    def __init__(self, root: Path, on_change: OnChange | None = None,
-                 adapter_validator: AdapterValidator | None = None):
+    def __init__(self, root: Path, on_change: OnChange | None = None, adapter_loader: AdapterLoader | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(f"characters folder {self.root} not found")
-        self._on_change, self._validate = on_change, adapter_validator
+        self._on_change, self._load_adapter = on_change, adapter_loader
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()  # guards _entries against readers on other threads
         self._scan_lock = threading.Lock()  # one scan at a time
@@ -97,6 +104,11 @@ class CharacterRegistry:
 
     def get(self, character_id: str) -> Character:
         """The version to use for a new reply. Raises UnknownCharacter or CharacterUnavailable."""
+        return self.get_serving(character_id)[0]
+
+    def get_serving(self, character_id: str) -> tuple[Character, Any]:
+        """The version to use for a new reply and its loaded adapter (None without one), taken together.
+        Raises UnknownCharacter or CharacterUnavailable."""
         with self._lock:
             entry = self._entries.get(character_id)
             if entry is None:
@@ -104,7 +116,7 @@ class CharacterRegistry:
                 raise UnknownCharacter(f"unknown character {character_id!r} (known: {known})")
             if entry.good is None:
                 raise CharacterUnavailable(f"character {character_id!r} failed to load: {entry.error}")
-            return entry.good
+            return entry.good, entry.adapter
 
     def list(self) -> list[CharacterStatus]:
         with self._lock:
@@ -148,13 +160,14 @@ class CharacterRegistry:
         if entry.stamp is not None and entry.stamp == stamp:
             return False
         before = _status(cid, entry)
-        good, error, parsed = entry.good, "", None
+        good, adapter, error, parsed = entry.good, entry.adapter, "", None
         try:
             parsed = load_character(folder)
-            if (self._validate is not None and parsed.has_adapter and (
-                    good is None or (parsed.adapter_version, parsed.lora_scale) != (good.adapter_version,
-                                                                                     good.lora_scale))):
-                self._validate(parsed)
+            if self._load_adapter is None or not parsed.has_adapter:
+                adapter = None
+            elif good is None or (parsed.adapter_version, parsed.lora_scale) != (good.adapter_version,
+                                                                                 good.lora_scale):
+                adapter = self._load_adapter(parsed)  # a persona-only edit keeps the loaded one
             good = parsed
         except UserError as e:
             error = str(e)
@@ -165,7 +178,7 @@ class CharacterRegistry:
         watch = adapter_files(parsed) if parsed else entry.watch
         # A parse failure is retried every scan (stamp None); so is a new set of adapter files, once,
         # because they were not part of `stamp` and may have changed while we read them.
-        new = _Entry(good, error, stamp if parsed and watch == entry.watch else None, watch)
+        new = _Entry(good, adapter, error, stamp if parsed and watch == entry.watch else None, watch)
         with self._lock:
             self._entries[cid] = new
         if _status(cid, new) == before:

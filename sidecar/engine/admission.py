@@ -5,11 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sidecar.engine.api import QueueFull
 from sidecar.errors import UserError
-
-
-class QueueFull(Exception):
-    """No room for another reply to wait, or the engine is stopping: the caller answers RESOURCE_EXHAUSTED."""
 
 
 def check_request(prompt: Sequence[int], choices: Sequence[Sequence[int]] | None, max_len: int,

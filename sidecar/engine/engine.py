@@ -1,4 +1,4 @@
-"""AsyncEngine: the engine as asyncio code sees it. submit() -> async stream of events; cancel().
+"""AsyncEngine: the torch engine behind the `Engine` protocol (engine/api.py) that asyncio code uses.
 
 The model runs on one background thread (torch releases the GIL inside kernels), so the event
 loop that serves gRPC never blocks on a forward pass. Events cross back with
@@ -15,61 +15,41 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import structlog
 
 from sidecar.config import EngineConfig
-from sidecar.engine.admission import QueueFull, check_queue
+from sidecar.engine.admission import check_queue
+from sidecar.engine.api import (
+    AdapterRef,
+    Engine,
+    EngineEvent,
+    EngineStats,
+    ModelInfo,
+    RequestStream,
+    SamplingParams,
+    Timings,
+)
 from sidecar.engine.base_model import BaseModel
 from sidecar.engine.llm_engine import LLMEngine
-from sidecar.engine.sampler import SamplingParams
-from sidecar.engine.sequence import AdapterRef, EngineEvent, Sequence
-
-__all__ = ["AsyncEngine", "QueueFull", "RequestStream"]
+from sidecar.engine.sequence import Sequence as Seq
 
 log = structlog.get_logger(__name__)
 
 
-class RequestStream:
-    """Async iterator over one request's events, on every backend; ends after its "finished" or "error"
-    event, or raises an exception queued in their place (a remote's refusal that came after submit():
-    QueueFull, BackendUnavailable). Closing it early (break, or the consumer being cancelled) cancels
-    the request."""
-
-    def __init__(self, request_id: str, queue: asyncio.Queue[EngineEvent | Exception],
-                 cancel: Callable[[str], object]):
-        self.request_id, self._queue, self._cancel = request_id, queue, cancel
-        self._done = False
-
-    def __aiter__(self) -> AsyncIterator[EngineEvent]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[EngineEvent]:
-        try:
-            while not self._done:
-                item = await self._queue.get()
-                if isinstance(item, Exception):
-                    self._done = True
-                    raise item
-                self._done = item.kind in ("finished", "error")
-                yield item
-        finally:
-            if not self._done:
-                self.cancel()
-
-    def cancel(self) -> None:
-        self._cancel(self.request_id)
-
-
-class AsyncEngine:
+class AsyncEngine(Engine):
     def __init__(self, base: BaseModel | Callable[[], BaseModel], config: EngineConfig | None = None):
         """`base` is a loaded model or a function that loads one (then it runs on the engine thread)."""
         self.config = config or EngineConfig()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._inbox: list[Sequence] = []
-        self._live: dict[str, Sequence] = {}
+        self._inbox: list[Seq] = []
+        self._live: dict[str, Seq] = {}
+        # Events of the step in progress, delivered when it ends (engine thread only).
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, EngineEvent]] = []
         self._stopping = False
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
@@ -83,6 +63,11 @@ class AsyncEngine:
         try:
             self.base = base if isinstance(base, BaseModel) else base()
             self.core = LLMEngine(self.base, self.config, progress=sys.stderr.isatty())
+            model = self.base.model
+            self.name = f"torch-{model.device}"
+            self.config = replace(self.config, max_seq_len=self.core.kv.cache.max_len)  # what a KV row holds
+            self.model = ModelInfo(self.base.path, model.weights, str(model.device), self.base.tokenizer,
+                                   model.config)
         except BaseException as e:  # handed to the constructor's caller
             self._load_error = e
             self._ready.set()
@@ -90,8 +75,12 @@ class AsyncEngine:
         self._ready.set()
         self._loop()
 
-    def submit(self, prompt_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
-               request_id: str | None = None, choices: list[list[int]] | None = None) -> RequestStream:
+    def load_adapter(self, name: str, path: Path, version: str, scale: float = 1.0) -> AdapterRef:
+        return self.core.load_adapter(name, path, version, scale)
+
+    def submit(self, prompt_ids: Sequence[int], adapter: AdapterRef | None, sampling: SamplingParams, *,
+               request_id: str | None = None, choices: Sequence[Sequence[int]] | None = None,
+               timings: Timings | None = None) -> RequestStream:
         """Queues a request. Raises QueueFull when max_waiting replies are queued (admission.check_queue),
         UserError for bad input.
 
@@ -100,18 +89,15 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent | Exception] = asyncio.Queue()
 
-        def emit(event: EngineEvent) -> None:
+        def emit(event: EngineEvent) -> None:  # on the engine thread, during a step
             if event.kind in ("finished", "error"):
                 with self._lock:
                     self._live.pop(event.request_id, None)
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:
-                pass  # the event loop is gone (shutdown): nobody is listening any more
+            self._outbox.append((loop, queue, event))
 
-        seq = self.core.make_sequence(prompt_ids, adapter, sampling, emit, request_id, choices)
+        seq = self.core.make_sequence(prompt_ids, adapter, sampling, emit, request_id, choices, timings)
         with self._lock:
-            check_queue(self._waiting_replies(), self.config.max_waiting, scoring=choices is not None,
+            check_queue(self._waiting_replies(), self.config.max_waiting, scoring=seq.scoring,
                         stopping=self._stopping)
             self._inbox.append(seq)
             self._live[seq.request_id] = seq
@@ -136,13 +122,17 @@ class AsyncEngine:
 
     def _waiting_replies(self) -> int:
         """Replies queued here or in the scheduler (held lock: the loop moves them across under it)."""
-        return sum(1 for seq in self._inbox if seq.choices is None) + self.core.scheduler.waiting_replies
+        return sum(1 for seq in self._inbox if not seq.scoring) + self.core.scheduler.waiting_replies
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> EngineStats:
+        """The engine thread's last snapshot (never its live structures, which that thread is changing),
+        with the replies waiting now: what max_waiting bounds."""
         with self._lock:
-            stats = self.core.stats()
-            stats["waiting_requests"] = self._waiting_replies()  # what max_waiting bounds (ServerInfo)
-        return stats
+            waiting = self._waiting_replies()
+        return replace(self.core.stats(), waiting_requests=waiting)
+
+    def missing_adapters(self, names: Sequence[str]) -> list[str]:
+        return []  # adapters come with each request
 
     def _loop(self) -> None:
         while True:
@@ -160,10 +150,21 @@ class AsyncEngine:
             except Exception as e:  # a bug must not silence every NPC: end this batch, keep serving
                 ended = self.core.fail_active(f"internal error in the engine ({type(e).__name__}: {e})")
                 log.exception("engine step failed; the replies in it ended with an error", ended=ended)
-            if self.core.scheduler.waiting and not self.core.scheduler.running and not self.core.scheduler.prefilling:
-                # Only waiting on adapter loads: do not spin.
+            self._deliver()
+            if self.core.scheduler.waiting and not self.core.scheduler.active():
+                # Nothing ran, so nothing freed a slot or a row either: do not spin.
                 with self._lock:
                     self._wake.wait(timeout=0.005)
+
+    def _deliver(self) -> None:
+        """Hands the step's events to their event loops, after the step (and its stats snapshot) is done:
+        whoever reads a reply's end then sees stats that include it."""
+        events, self._outbox = self._outbox, []
+        for loop, queue, event in events:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:
+                pass  # that event loop is gone (shutdown): nobody is listening any more
 
     async def shutdown(self, cancel_running: bool = True) -> None:
         """Stops the step thread; with cancel_running, live requests end as cancelled first."""
@@ -180,4 +181,3 @@ class AsyncEngine:
             self._stopping = True
             self._wake.notify()
         await asyncio.to_thread(self._thread.join, 5)
-        self.core.shutdown()

@@ -1,9 +1,11 @@
-"""KV rows for the running batch, and the prefix cache that lets a persona's KV be computed once.
+"""Where every sequence's K/V lives (`KvRows`), and the prefix cache that lets a persona's K/V be
+computed once (`PrefixCache`). The only module that moves K/V between rows.
 
 Rows: running sequences occupy rows 0..n-1 of the model's KVCache, in the order of the running
 list, so a decode step reads the cache as a view. One extra row at the end is the staging row
-where a new prompt is prefilled; when its prefill completes it is copied into row n. When a
-sequence leaves, the last running row moves into its place.
+where a new prompt is prefilled (and a scoring request's candidates are scored); when a reply's
+prefill completes it is copied into row n. When a sequence leaves, the last running row moves
+into its place.
 
 Prefix cache: after a prompt is prefilled, the K/V of its longest block-aligned prefix is saved,
 keyed by (adapter identity, tokens). A later prompt with the same adapter whose tokens start the
@@ -15,10 +17,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from sidecar.model.llama import KVCache
+
+if TYPE_CHECKING:
+    from sidecar.engine.sequence import Sequence
 
 
 @dataclass
@@ -94,3 +100,35 @@ class PrefixCache:
         self._index.clear()
         self._entries.clear()
         self.used = 0
+
+
+class KvRows:
+    """The running sequences in KV-row order, the staging row, and the prefix cache behind both."""
+
+    def __init__(self, cache: KVCache, max_batch: int, prefix: PrefixCache):
+        self.cache, self.max_batch, self.prefix = cache, max_batch, prefix
+        self.running: list[Sequence] = []  # running[i] holds row i
+        self.staging_row = max_batch
+
+    @property
+    def full(self) -> bool:
+        return len(self.running) >= self.max_batch
+
+    def stage(self, seq: Sequence) -> int:
+        """Puts the longest cached prefix of seq's prompt into the staging row; returns its length."""
+        return self.prefix.lookup(seq.adapter_key, seq.prompt, self.cache, self.staging_row)
+
+    def promote(self, seq: Sequence) -> None:
+        """The whole prompt is in the staging row: keep its prefix, give the sequence the next running row."""
+        self.prefix.insert(seq.adapter_key, seq.prompt, self.cache, self.staging_row)
+        self.cache.copy_row(self.staging_row, len(self.running), seq.num_computed)
+        self.running.append(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Frees a running sequence's row: the last running row moves into it (one copy of all layers)."""
+        i, last = self.running.index(seq), len(self.running) - 1
+        if i != last:
+            moved = self.running[last]
+            self.cache.copy_row(last, i, moved.num_computed)
+            self.running[i] = moved
+        self.running.pop()

@@ -1,45 +1,14 @@
 """Choosing next tokens from logits: greedy, or temperature / top-k / top-p, with repetition
-penalty, stop strings and a per-request seed."""
+penalty and a per-request seed. (Stop strings act on text: engine/output.py.)"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from sidecar.errors import UserError
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = all tokens
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the reply
-    stop: tuple[str, ...] = ()  # the reply ends before the first occurrence of any of these
-    seed: int | None = None  # same seed, same request, run alone -> same reply
-    ignore_eos: bool = False  # benchmarks: always generate max_tokens
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise UserError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise UserError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise UserError(f"top_k must be >= 0, got {self.top_k}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
-        if any(not s for s in self.stop):
-            raise UserError("stop strings must not be empty")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from sidecar.engine.api import SamplingParams
 
 
 class Sampler:
@@ -103,35 +72,3 @@ def sample_batch(logits: torch.Tensor, samplers: list[Sampler], histories: list[
         for i, b in enumerate(rows):
             tokens[b] = samplers[b](on_cpu[i], histories[b])
     return tokens
-
-
-class StopStringFilter:
-    """Streams text but holds back what could be the start of a stop string; finds the first stop."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = tuple(stops)
-        self.text = ""  # everything decoded so far
-        self.emitted = 0  # how much of `text` has been released
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        """Adds decoded text; returns (text safe to emit now, whether a stop string was hit)."""
-        self.text += piece
-        if not self.stops:
-            out, self.emitted = self.text[self.emitted:], len(self.text)
-            return out, False
-        # Search only where a new match can be: from the first unreleased character on.
-        hits = [i for i in (self.text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stops) if i >= 0]
-        if hits:
-            end = min(hits)
-            out = self.text[self.emitted:end] if end > self.emitted else ""
-            self.text, self.emitted = self.text[:end], end
-            return out, True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        safe = len(self.text) - hold
-        out = self.text[self.emitted:safe] if safe > self.emitted else ""
-        self.emitted = max(self.emitted, safe)
-        return out, False
-
-    def flush(self) -> str:
-        out, self.emitted = self.text[self.emitted:], len(self.text)
-        return out

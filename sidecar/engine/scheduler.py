@@ -1,4 +1,5 @@
-"""Continuous batching: who waits, who prefills, who decodes, and where each one's K/V lives.
+"""Continuous batching: who waits, who prefills, who decodes. Decides only: the engine runs the plan
+and tells the clients (llm_engine.py); K/V rows belong to kv_cache.KvRows.
 
 Every step decodes every running sequence (so no NPC falls more than one step behind) and feeds
 at most one chunk of one new prompt through the model, so a long persona never freezes the
@@ -7,19 +8,14 @@ others. A new sequence prefills in the staging row and joins the running rows wh
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sidecar.config import EngineConfig
 from sidecar.engine.adapters import AdapterCache
-from sidecar.engine.admission import QueueFull, check_queue
-from sidecar.engine.kv_cache import PrefixCache
-from sidecar.engine.sequence import EngineEvent, Sequence, Status
-from sidecar.model.llama import KVCache
-from sidecar.model.lora import AdapterError
-
-__all__ = ["QueueFull", "Scheduler", "StepPlan"]  # QueueFull: engine/admission.py, named here too
+from sidecar.engine.admission import check_queue
+from sidecar.engine.kv_cache import KvRows
+from sidecar.engine.sequence import Sequence, Status
 
 
 @dataclass(frozen=True)
@@ -27,24 +23,32 @@ class StepPlan:
     decode: list[Sequence]  # running sequences, in KV-row order (row i = decode[i])
     prefill: Sequence | None  # the sequence whose prompt chunk runs this step
     prefill_range: tuple[int, int] = (0, 0)  # prompt positions [lo, hi) of that chunk
+    admitted: Sequence | None = None  # got its place this step (it is `prefill`)
+    cancelled: list[Sequence] = field(default_factory=list)  # removed this step
+
+    @property
+    def completes_prefill(self) -> bool:
+        return self.prefill is not None and self.prefill_range[1] == len(self.prefill.prompt)
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, cache: KVCache, prefix: PrefixCache, adapters: AdapterCache | None):
-        self.config, self.cache, self.prefix, self.adapters = config, cache, prefix, adapters
+    def __init__(self, config: EngineConfig, kv: KvRows, adapters: AdapterCache):
+        self.config, self.kv, self.adapters = config, kv, adapters
         self.waiting: deque[Sequence] = deque()
         # Replies (not scoring requests) in `waiting`: what max_waiting bounds. A plain int, so that
         # AsyncEngine reads it from the event loop's thread without iterating a deque this thread changes.
         self.waiting_replies = 0
-        self.running: list[Sequence] = []
         self.prefilling: Sequence | None = None
-        self.staging_row = config.max_batch
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.kv.running
 
     def add(self, seq: Sequence) -> None:
         """Queues a sequence; raises QueueFull (admission.check_queue). Scoring a finished reply (its
         emotion) completes a conversation already served: it goes first."""
-        check_queue(self.waiting_replies, self.config.max_waiting, scoring=seq.choices is not None)
-        if seq.choices is not None:
+        check_queue(self.waiting_replies, self.config.max_waiting, scoring=seq.scoring)
+        if seq.scoring:
             self.waiting.appendleft(seq)
             return
         self.waiting.append(seq)
@@ -54,85 +58,64 @@ class Scheduler:
         return bool(self.waiting or self.running or self.prefilling)
 
     def schedule(self) -> StepPlan:
-        self._drop_cancelled()
-        if self.prefilling is None:
-            self._admit(batch_full=len(self.running) >= self.config.max_batch)
-        plan = StepPlan(list(self.running), None)
+        cancelled = self._drop_cancelled()
+        admitted = self._admit() if self.prefilling is None else None
         seq = self.prefilling
-        if seq is not None:
-            remaining = len(seq.prompt) - seq.num_computed
-            # Alone, a prompt goes through in one piece; with others decoding it is chunked.
-            chunk = self.config.prefill_chunk if self.running else remaining
-            plan = StepPlan(plan.decode, seq, (seq.num_computed, seq.num_computed + min(chunk, remaining)))
-        return plan
+        if seq is None:
+            return StepPlan(list(self.running), None, cancelled=cancelled)
+        remaining = len(seq.prompt) - seq.num_computed
+        # Alone, a prompt goes through in one piece; with others decoding it is chunked.
+        chunk = min(self.config.prefill_chunk if self.running else remaining, remaining)
+        return StepPlan(list(self.running), seq, (seq.num_computed, seq.num_computed + chunk), admitted, cancelled)
 
-    def _admit(self, batch_full: bool) -> None:
-        """Starts prefilling the first waiting sequence whose adapter is ready (others keep their place).
-        A full batch admits only choice requests: they never join the running rows."""
+    def _admit(self) -> Sequence | None:
+        """Starts prefilling the first waiting sequence whose adapter has a slot (others keep their
+        place). A full batch admits only scoring requests: they never join the running rows."""
         for seq in list(self.waiting):
-            if batch_full and seq.choices is None:
+            if self.kv.full and not seq.scoring:
                 continue
-            if seq.adapter is not None and self.adapters is not None:
-                try:
-                    acquired = self.adapters.acquire(seq.adapter)
-                except AdapterError as e:
-                    self.adapters.forget_failed(seq.adapter)
-                    self._unqueue(seq)
-                    self._fail(seq, str(e))
-                    continue
+            if seq.adapter is not None:
+                acquired = self.adapters.acquire(seq.adapter)
                 if acquired is None:
-                    continue  # loading in the background, or every slot pinned
+                    continue  # every slot is pinned by a running sequence; retry next step
                 seq.slot, seq.adapter_key = acquired[0], f"{seq.adapter.name}:{acquired[1]}"
             self._unqueue(seq)
             seq.status = Status.PREFILLING
-            seq.started = time.perf_counter()
-            seq.cached_tokens = self.prefix.lookup(seq.adapter_key, seq.prompt, self.cache, self.staging_row)
+            seq.cached_tokens = self.kv.stage(seq)
             seq.num_computed = seq.cached_tokens
             self.prefilling = seq
-            seq.emit(EngineEvent("started", seq.request_id, prompt_tokens=len(seq.prompt),
-                                 cached_tokens=seq.cached_tokens, queue_ms=(seq.started - seq.submitted) * 1000))
-            return
+            return seq
+        return None
 
     def prefill_done(self, seq: Sequence) -> None:
-        """The whole prompt is in the staging row: save its prefix, move it to the running rows."""
-        self.prefix.insert(seq.adapter_key, seq.prompt, self.cache, self.staging_row)
-        row = len(self.running)
-        self.cache.copy_row(self.staging_row, row, seq.num_computed)
-        self.running.append(seq)
+        """A reply's whole prompt is in the staging row: it joins the running rows."""
+        self.kv.promote(seq)
         self.prefilling = None
         seq.status = Status.RUNNING
 
     def finish(self, seq: Sequence) -> None:
-        """Removes a sequence wherever it is, frees its row (compacting the running rows) and its pin."""
-        if seq in self.running:
-            i, last = self.running.index(seq), len(self.running) - 1
-            if i != last:
-                moved = self.running[last]
-                self.cache.copy_row(last, i, moved.num_computed)
-                self.running[i] = moved
-            self.running.pop()
+        """Removes a sequence wherever it is and frees its row and its adapter pin."""
+        if seq.status == Status.RUNNING:
+            self.kv.release(seq)
         elif seq is self.prefilling:
             self.prefilling = None
-        elif seq in self.waiting:
+        elif seq.status == Status.WAITING:
             self._unqueue(seq)
-        if seq.adapter is not None and self.adapters is not None and seq.status != Status.WAITING:
+        if seq.adapter is not None and seq.status in (Status.PREFILLING, Status.RUNNING):
             self.adapters.release(seq.adapter)
         seq.status = Status.FINISHED
 
+    def active(self) -> list[Sequence]:
+        """The sequences of the current batch: running and prefilling."""
+        return [*self.running, *([self.prefilling] if self.prefilling else [])]
+
     def _unqueue(self, seq: Sequence) -> None:
         self.waiting.remove(seq)
-        if seq.choices is None:
+        if not seq.scoring:
             self.waiting_replies -= 1
 
-    def _drop_cancelled(self) -> None:
-        for seq in [s for s in (*self.waiting, *self.running, self.prefilling) if s is not None and s.cancelled]:
+    def _drop_cancelled(self) -> list[Sequence]:
+        cancelled = [s for s in (*self.waiting, *self.active()) if s.cancelled]
+        for seq in cancelled:
             self.finish(seq)
-            seq.emit(EngineEvent("finished", seq.request_id, text=seq.text, token_ids=tuple(seq.output),
-                                 finish_reason="cancelled", prompt_tokens=len(seq.prompt),
-                                 cached_tokens=seq.cached_tokens, completion_tokens=len(seq.output),
-                                 **seq.timing_fields()))
-
-    def _fail(self, seq: Sequence, message: str) -> None:
-        seq.status = Status.FINISHED
-        seq.emit(EngineEvent("error", seq.request_id, finish_reason="error", error=message,
-                             prompt_tokens=len(seq.prompt), **seq.timing_fields()))
+        return cancelled

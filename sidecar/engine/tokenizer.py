@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -22,7 +23,10 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HfTokenizer
 
 from sidecar.errors import ModelFileError, UserError
-from sidecar.model.checkpoint import Checkpoint, GgufVocab, HfTokenizerFiles
+from sidecar.model.vocab import GgufVocab, HfTokenizerFiles
+
+if TYPE_CHECKING:
+    from sidecar.model.checkpoint import Checkpoint
 
 _CONTROL, _USER_DEFINED = 3, 4  # GGUF token types
 

@@ -16,6 +16,7 @@ from gguf.quants import dequantize
 
 from sidecar.errors import ModelFileError
 from sidecar.model.config import LlamaConfig
+from sidecar.model.vocab import GgufVocab, HfTokenizerFiles
 
 # Float encodings and the GGML block quantizations the loader accepts.
 FLOAT_KINDS = ("F32", "F16", "BF16")
@@ -61,31 +62,6 @@ class SourceTensor:
         """The raw GGML blocks, uint8 [rows, bytes_per_row] (quantized kinds only)."""
         assert self.kind in QUANT_KINDS, self.kind
         return np.asarray(self.data).reshape(self.shape[0], -1).view(np.uint8)
-
-
-@dataclass(frozen=True)
-class GgufVocab:
-    """A tokenizer described by GGUF metadata (`tokenizer.ggml.*`)."""
-
-    model: str  # "gpt2" (byte-level BPE) or "llama" (sentencepiece)
-    pre: str  # pre-tokenizer name, e.g. "smollm", "llama-bpe", "default"
-    tokens: list[str]
-    token_types: list[int]
-    merges: list[str]
-    scores: list[float]
-    bos_id: int | None
-    eos_id: int | None
-    add_bos: bool
-
-
-@dataclass(frozen=True)
-class HfTokenizerFiles:
-    """A tokenizer from a Hugging Face folder (tokenizer.json)."""
-
-    tokenizer_json: Path
-    bos_token: str | None
-    eos_tokens: tuple[str, ...]
-    add_bos: bool
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class LlamaConfig:
 
     def inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies [head_dim/2], float32, after any scaling."""
+        import torch  # here, so that reading a model's shape (the remote backend) needs no torch
+
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
         inv_freq = 1.0 / (self.rope_theta**exponents)
         s = self.rope_scaling

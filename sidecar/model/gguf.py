@@ -17,12 +17,12 @@ from sidecar.errors import ModelFileError
 from sidecar.model.checkpoint import (
     SUPPORTED_KINDS,
     Checkpoint,
-    GgufVocab,
     SourceTensor,
     unpermute_rows,
     validate,
 )
 from sidecar.model.config import LlamaConfig, RopeScaling
+from sidecar.model.vocab import GgufVocab
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 

@@ -14,8 +14,9 @@ from typing import Any
 from safetensors import safe_open
 
 from sidecar.errors import ModelFileError
-from sidecar.model.checkpoint import Checkpoint, HfTokenizerFiles, SourceTensor, validate
+from sidecar.model.checkpoint import Checkpoint, SourceTensor, validate
 from sidecar.model.config import LlamaConfig, RopeScaling
+from sidecar.model.vocab import HfTokenizerFiles
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 _LAYER_NAMES = {

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import deserialize
 
-from sidecar.errors import UserError
+from sidecar.errors import AdapterError
 from sidecar.model.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_CONFIG_BYTES, adapter_digest
 from sidecar.model.config import LlamaConfig
 from sidecar.model.cuda import triton_available
@@ -54,15 +54,6 @@ _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.floa
 # rank_pattern / alpha_pattern keys are module names or dotted paths. PEFT reads them as regular
 # expressions; an adapter file is not trusted to supply one (`(.*)*X` takes minutes per module).
 _PLAIN_PATTERN_KEY = re.compile(r"[\w.-]{1,200}")
-
-
-class AdapterError(UserError):
-    """A LoRA adapter folder that cannot be used; the message names the folder and the problem."""
-
-    def __init__(self, folder: object, problem: str):
-        super().__init__(f"adapter {folder}: {problem}")
-        self.folder = str(folder)
-        self.problem = problem
 
 
 class WeightsError(AdapterError):

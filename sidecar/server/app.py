@@ -18,17 +18,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from sidecar.backends import create_engine, model_config_of
+from sidecar.backends import create_engine
 from sidecar.config import EngineConfig, ModelConfig, RemoteConfig, ServerConfig, parse_listen
 from sidecar.dialogue.registry import CharacterRegistry
 from sidecar.dialogue.session_file import SessionFile
 from sidecar.dialogue.sessions import SessionStore
+from sidecar.dialogue.turn import Dialogue
 from sidecar.errors import UserError
-from sidecar.model.lora import load_peft_adapter
 from sidecar.pb.npc.v1 import dialogue_pb2
 from sidecar.server.interceptors import BearerTokenAuth
 from sidecar.server.openai_http import OpenAiEndpoint
-from sidecar.server.service import DialogueService, ServingAdapters
+from sidecar.server.service import DialogueService
 from sidecar.server.wire import dialogue_handler
 
 log = structlog.get_logger("sidecar.server")
@@ -61,20 +61,18 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
         session_file.open(sessions)
     log.info("loading model", path=str(model_config.path), weights=model_config.weights, backend=backend)
     engine = await create_engine(backend, model_config, engine_config, remote)
-    config = model_config_of(engine)  # a remote backend still validates adapters against the same base model
     if server_config.limits.max_tokens >= engine.config.max_seq_len:
         await engine.shutdown()
         raise UserError(f"--limit max_tokens: must be below the context length ({engine.config.max_seq_len} tokens), "
                         f"got {server_config.limits.max_tokens}")
 
-    # A broken adapter keeps the last good version serving, from memory.
-    adapters = ServingAdapters(lambda c: load_peft_adapter(c.adapter_path, config, engine_config.max_rank, c.id,
-                                                            c.lora_scale))
-    registry = CharacterRegistry(server_config.characters, on_change=adapters.forget,
-                                 adapter_validator=adapters.validate)
-    device = str(engine.base.model.device) if backend == "torch" else model_config.device
-    service = DialogueService(engine, registry, sessions, server_config, adapters, device=device)
-    http = OpenAiEndpoint(engine, registry, adapters, server_config, accepting=lambda: service.accepting)
+    # Each character's adapter is validated against the base model before its version serves, and kept
+    # in memory with it: a broken adapter keeps the last good version serving.
+    registry = CharacterRegistry(server_config.characters, adapter_loader=lambda c: engine.load_adapter(
+        c.id, c.adapter_path, c.adapter_version or c.version, c.lora_scale))
+    dialogue = Dialogue(engine, registry, sessions, server_config.limits)
+    service = DialogueService(dialogue)
+    http = OpenAiEndpoint(dialogue, server_config)
 
     interceptors = [BearerTokenAuth(server_config.auth_token)] if server_config.auth_token else []
     server = grpc.aio.server(interceptors=interceptors, options=[
@@ -104,17 +102,16 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
     registry.start_watching(server_config.reload_interval_s)
     address = f"{parse_listen('--listen', server_config.listen)[0]}:{port}"
     characters = registry.list()
-    log.info("serving", address=address, model=engine.base.path.name, weights=engine.base.weights,
-             backend=service.backend, openai_http=http_address,
+    log.info("serving", address=address, model=engine.model.path.name, weights=engine.model.weights,
+             backend=engine.name, openai_http=http_address,
              characters=[c.id for c in characters], failed=[c.id for c in characters if c.error],
              auth=bool(server_config.auth_token), startup_s=round(time.perf_counter() - started, 1))
     for flag, listen in (("--listen", server_config.listen), ("--openai-listen", server_config.openai_listen)):
         if listen and not is_loopback(listen, flag) and not server_config.auth_token:
             log.warning("listening beyond this PC without --auth-token: anyone who can reach the port can make "
                         "NPCs talk; set --auth-token (or $NPC_AUTH_TOKEN) or listen on 127.0.0.1", address=listen)
-    if hasattr(engine, "missing_models") and (missing := engine.missing_models(
-            [c.id for c in characters if c.has_adapter])):
-        log.warning("the remote lists no model for these characters' adapters; their replies fail with "
+    if missing := engine.missing_adapters([c.id for c in characters if c.has_adapter]):
+        log.warning("the backend lists no model for these characters' adapters; their replies fail with "
                     "FAILED_PRECONDITION until it serves them", models=missing)
     if http_address:
         print(f"openai http on {http_address}", flush=True)
@@ -130,17 +127,17 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
     await stop.wait()
 
     # Drain: refuse new replies, let those in flight finish, then cancel the rest.
-    log.info("shutting down", in_flight=len(service.replies), grace_s=server_config.shutdown_grace_s)
-    service.accepting = False
+    log.info("shutting down", in_flight=len(dialogue.in_flight), grace_s=server_config.shutdown_grace_s)
+    dialogue.accepting = False
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     deadline = time.perf_counter() + server_config.shutdown_grace_s
-    while (service.replies or http.replies) and time.perf_counter() < deadline:  # gRPC and HTTP alike
+    while dialogue.busy and time.perf_counter() < deadline:  # gRPC and HTTP replies alike
         await asyncio.sleep(0.02)
-    if cancelled := service.cancel_all():
+    if cancelled := dialogue.cancel_all():
         log.info("grace period over: replies cancelled", cancelled=cancelled)
     for _ in range(200):  # their Finished(CANCELLED) events go out within a step or two
-        if not service.replies:
+        if not dialogue.busy:
             break
         await asyncio.sleep(0.01)
     await server.stop(grace=1.0)

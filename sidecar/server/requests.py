@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from sidecar.config import RequestLimits
-from sidecar.dialogue.characters import ID_PATTERN, Generation
+from sidecar.dialogue.characters import ID_PATTERN
 from sidecar.dialogue.sessions import check_session_id as check_stored_session_id
-from sidecar.engine.sampler import SamplingParams
+from sidecar.dialogue.turn import TalkInput
 from sidecar.errors import UserError
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 
@@ -29,22 +28,6 @@ class InvalidArgument(UserError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
-
-
-@dataclass(frozen=True)
-class TalkInput:
-    character_id: str
-    session_id: str  # "" = a one-off line
-    player_line: str
-    world: dict[str, str]
-    player_name: str
-    max_tokens: int  # 0 = the character's default
-    temperature: float | None
-    top_p: float | None
-    top_k: int | None
-    repetition_penalty: float | None
-    seed: int | None
-    stop: tuple[str, ...]
 
 
 def check_character_id(value: str, field: str = "character_id", required: bool = True) -> None:
@@ -117,28 +100,6 @@ def check_stops(field: str, stops: Sequence[object], limits: RequestLimits) -> t
         _max_len(f"{field}[{i}]", stop, limits.max_stop_chars, param=field)
         checked.append(stop)
     return tuple(checked)
-
-
-def reply_token_cap(limits: RequestLimits, generation: Generation | None) -> int:
-    """The longest reply a request may get: the server's max_tokens, lowered by the character's
-    max_tokens_limit. Asking for more is clamped, not refused: a game usually sends one max_tokens
-    for every NPC."""
-    character_limit = generation.max_tokens_limit if generation is not None else None
-    return min(limits.max_tokens, character_limit or limits.max_tokens)
-
-
-def sampling_params(talk: TalkInput, defaults: Generation, limits: RequestLimits) -> SamplingParams:
-    """The request's options over the character's `generation` section (its max_tokens_limit caps the reply)."""
-    cap = reply_token_cap(limits, defaults)
-    return SamplingParams(
-        max_tokens=min(talk.max_tokens or defaults.max_tokens, cap),
-        temperature=defaults.temperature if talk.temperature is None else talk.temperature,
-        top_p=defaults.top_p if talk.top_p is None else talk.top_p,
-        top_k=talk.top_k or 0,
-        repetition_penalty=1.0 if talk.repetition_penalty is None else talk.repetition_penalty,
-        stop=talk.stop,
-        seed=talk.seed,
-    )
 
 
 def _sampling_option(options: pb.GenerationOptions, name: str) -> float | None:

@@ -1,46 +1,31 @@
-"""The NpcDialogue servicer: protobuf <-> dialogue and engine calls, and every status code.
+"""The NpcDialogue servicer: protobuf <-> dialogue calls, and every status code. Nothing else: a turn
+is dialogue/turn.py's, the model the engine's.
 
 Everything here runs on the server's one asyncio loop; the model runs on the engine's thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 import grpc
 import structlog
 
-from sidecar.backends import BackendUnavailable, backend_name
-from sidecar.config import ServerConfig
-from sidecar.dialogue.characters import Character
-from sidecar.dialogue.prompt import emotion_messages, fit_to_budget
-from sidecar.dialogue.registry import (
-    CharacterRegistry,
-    CharacterStatus,
-    CharacterUnavailable,
-    LoadState,
-    UnknownCharacter,
-)
-from sidecar.dialogue.sessions import SessionExists, SessionStore, Turn, UnknownSession
-from sidecar.engine.engine import AsyncEngine, QueueFull, RequestStream
-from sidecar.engine.sampler import SamplingParams
-from sidecar.engine.sequence import AdapterRef, EngineEvent
+from sidecar.dialogue.registry import CharacterStatus, CharacterUnavailable, LoadState, UnknownCharacter
+from sidecar.dialogue.sessions import SessionExists, UnknownSession
+from sidecar.dialogue.turn import Dialogue, ReplyFailed, ShuttingDown, TurnDelta, TurnEvent, TurnStarted
+from sidecar.engine.api import AdapterError, BackendUnavailable, QueueFull
 from sidecar.errors import UserError
-from sidecar.model.lora import AdapterError, LoraAdapter
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from sidecar.pb.npc.v1 import dialogue_pb2_grpc as pb_grpc
-from sidecar.server.requests import check_character_id, check_session_id, parse_talk, sampling_params
+from sidecar.server.requests import check_character_id, check_session_id, parse_talk
 
 log = structlog.get_logger("sidecar.server")
 
 VERSION = "0.1.0"
-
-
-class ShuttingDown(Exception):
-    """The server is draining: no new replies (UNAVAILABLE)."""
-
 
 # Most specific first: UserError is the catch-all for bad input.
 STATUS_FOR = (
@@ -54,174 +39,38 @@ STATUS_FOR = (
     (BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
     (UserError, grpc.StatusCode.INVALID_ARGUMENT),
 )
+REFUSALS = tuple(kind for kind, _ in STATUS_FOR)
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
                   "cancelled": pb.FINISH_REASON_CANCELLED}
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, ReplyFailed):  # the adapter failed to load, or (internal) an engine bug
+        return grpc.StatusCode.INTERNAL if exc.internal else grpc.StatusCode.FAILED_PRECONDITION
     return next(code for kind, code in STATUS_FOR if isinstance(exc, kind))
 
 
-class ServingAdapters:
-    """Each character's last good adapter, held in memory once validated.
-
-    The engine gets these weights rather than the folder's path, so an adapter file overwritten
-    (or half-copied) after its version was checked can never change what that version says.
-    """
-
-    KEEP = 2  # versions per character: the one serving, and a newer one validated but not yet published
-
-    def __init__(self, load: Callable[[Character], LoraAdapter]):
-        self._load = load
-        # character id -> {(adapter version, scale): adapter}, oldest first
-        self._by_character: dict[str, dict[tuple[str | None, float], LoraAdapter]] = {}
-
-    def validate(self, character: Character) -> None:
-        """The registry's adapter validator: raises AdapterError, or keeps the adapter for serving.
-        It runs before the registry publishes the new version, so the serving one is kept too."""
-        adapter = self._load(character)
-        versions = self._by_character.setdefault(character.id, {})
-        versions[(character.adapter_version, character.lora_scale)] = adapter
-        while len(versions) > self.KEEP:
-            del versions[next(iter(versions))]
-
-    def forget(self, character_id: str, status: CharacterStatus | None) -> None:
-        if status is None:  # the character's folder is gone
-            self._by_character.pop(character_id, None)
-
-    def ref(self, character: Character) -> AdapterRef | None:
-        """The engine's handle on a character's adapter: editing only the persona keeps the adapter loaded."""
-        if character.adapter_path is None:
-            return None
-        adapter = self._by_character.get(character.id, {}).get((character.adapter_version, character.lora_scale))
-        return AdapterRef(character.id, character.adapter_path, character.adapter_version or character.version,
-                          character.lora_scale, loaded=adapter)
-
-
 class DialogueService(pb_grpc.NpcDialogueServicer):
-    def __init__(self, engine: AsyncEngine, registry: CharacterRegistry, sessions: SessionStore,
-                 config: ServerConfig, adapters: ServingAdapters, device: str = "cpu"):
-        """`engine`: AsyncEngine or a backend with its surface (sidecar/backends)."""
-        self.engine, self.registry, self.sessions, self.config = engine, registry, sessions, config
-        self.adapters = adapters
-        self.limits = config.limits
-        self.device = device
-        self.backend = backend_name(engine, device)
-        self.accepting = True
-        self.grace_over = False  # set by cancel_all(): no more engine work for replies in flight
-        # Replies in flight, by request id: the stream the reply waits on (its text, then its emotion scoring).
-        self.replies: dict[str, RequestStream] = {}
-
-    # --- Talk ---------------------------------------------------------------------------------
+    def __init__(self, dialogue: Dialogue):
+        self.dialogue = dialogue
+        self.engine, self.sessions, self.limits = dialogue.engine, dialogue.sessions, dialogue.limits
 
     async def Talk(self, request: pb.TalkRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TalkEvent]:
         received = time.perf_counter()  # Timings are measured from here, as the proto says
         try:
-            if not self.accepting:
-                raise ShuttingDown("the sidecar is shutting down")
             talk = parse_talk(request, self.limits)
-            if self.engine.queue_full():  # cheap, before building the prompt; submit() still decides
-                raise QueueFull("the queue is full; retry after a short backoff")
-            character = self.registry.get(talk.character_id)  # this version serves the whole reply
-            sampling = sampling_params(talk, character.generation, self.limits)
-            history = self.sessions.history(talk.session_id) if talk.session_id else ()
-            prompt = fit_to_budget(self.engine.base.tokenizer, character, history, talk.player_line, talk.world,
-                                   talk.player_name,
-                                   max_prompt_tokens=self.engine.config.max_seq_len - sampling.max_tokens)
-            stream = self.engine.submit(prompt.token_ids, self.adapters.ref(character), sampling)
-        except (UserError, QueueFull, ShuttingDown) as exc:
+            # aclosing: a client that cancels or disconnects closes the turn at once, which cancels its reply.
+            async with contextlib.aclosing(self.dialogue.talk(talk, received)) as turn:
+                async for event in turn:
+                    yield talk_event(event)
+        except (*REFUSALS, ReplyFailed) as exc:
             await self._refuse(context, "Talk", exc, character=request.character_id[:64])  # bounded log line
-            return
-
-        bound = log.bind(request_id=stream.request_id, character=character.id, version=character.version,
-                         session=talk.session_id or None)
-        self.replies[stream.request_id] = stream
-        finished: EngineEvent | None = None
-        queue_ms = first_token_ms = 0.0
-        refused: list[Exception] = []
-        try:
-            async for event in _until_refused(stream, refused):
-                if event.kind == "started":
-                    queue_ms = (time.perf_counter() - received) * 1000
-                    yield pb.TalkEvent(started=pb.Started(
-                        request_id=stream.request_id, character_version=character.version,
-                        prompt_tokens=event.prompt_tokens, cached_prompt_tokens=event.cached_tokens,
-                        history_turns=prompt.history_turns))
-                elif event.kind == "delta":
-                    first_token_ms = first_token_ms or (time.perf_counter() - received) * 1000
-                    yield pb.TalkEvent(delta=pb.TextDelta(text=event.text))
-                elif event.kind == "error":  # the adapter failed to load, or (internal) an engine bug
-                    bound.warning("reply failed", error=event.error, internal=event.internal)
-                    code = grpc.StatusCode.INTERNAL if event.internal else grpc.StatusCode.FAILED_PRECONDITION
-                    await context.abort(code, f"character {character.id!r}: {event.error}")
-                else:
-                    finished = event
-            if refused:  # a remote backend was busy (429) or failed: RESOURCE_EXHAUSTED / UNAVAILABLE
-                await self._refuse(context, "Talk", refused[0], character=character.id)
-            if finished is None:
-                return
-            completed = finished.finish_reason in ("stop", "length")
-            scoring = time.perf_counter()
-            emotion = (await self._emotion(character, prompt.messages, finished.text, stream.request_id)
-                       if completed else "")
-            emotion_ms = (time.perf_counter() - scoring) * 1000
-            if completed and talk.session_id:
-                self.sessions.append_turn(talk.session_id, Turn(character.id, talk.player_line, finished.text,
-                                                                talk.player_name, character.version))
-            total_ms = (time.perf_counter() - received) * 1000
-            bound.info("reply", reason=finished.finish_reason, prompt_tokens=finished.prompt_tokens,
-                       cached_tokens=finished.cached_tokens, completion_tokens=finished.completion_tokens,
-                       first_token_ms=round(first_token_ms, 1), total_ms=round(total_ms, 1),
-                       emotion_ms=round(emotion_ms, 1) if emotion else None,
-                       emotion=emotion or None)
-            yield pb.TalkEvent(finished=pb.Finished(
-                reason=FINISH_REASONS.get(finished.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-                full_text=finished.text,
-                usage=pb.Usage(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens,
-                               cached_prompt_tokens=finished.cached_tokens),
-                timings=pb.Timings(queue_ms=queue_ms, first_token_ms=first_token_ms, total_ms=total_ms),
-                emotion=emotion))
-        finally:
-            # A client that cancels or disconnects lands here (the handler is cancelled): leaving the
-            # stream's iterator cancels the sequence, which the engine drops within one step.
-            self.replies.pop(stream.request_id, None)
-            if finished is None:
-                stream.cancel()
-                if not refused:
-                    bound.info("reply cancelled by the client")
-
-    async def _emotion(self, character: Character, messages, reply: str, reply_id: str) -> str:
-        """One of the character's emotion labels for this reply, by constrained choice under its adapter.
-
-        The scoring stream takes the reply's place in `replies`, so the shutdown's cancel_all() cuts it
-        as it cuts text: a reply whose text ended within the grace period keeps its reason and gets the
-        first label, as when scoring fails (Finished.emotion is always one of the character's labels).
-        """
-        labels = character.emotions
-        if not labels:
-            return ""
-        if self.grace_over:
-            return labels[0]
-        tok = self.engine.base.tokenizer
-        ids = tok.encode_chat(emotion_messages(messages, reply, labels))
-        try:
-            stream = self.engine.submit(ids, self.adapters.ref(character), SamplingParams(max_tokens=1),
-                                        choices=[tok.encode_literal(label) for label in labels])
-            self.replies[reply_id] = stream
-            async for event in stream:
-                if event.kind == "finished" and event.choice is not None:
-                    return labels[event.choice]
-                if event.kind in ("finished", "error"):
-                    break
-        except (UserError, QueueFull, BackendUnavailable) as exc:  # e.g. a reply so long the question no longer fits
-            log.warning("emotion not scored; using the first label", character=character.id, error=str(exc))
-        return labels[0]
 
     # --- characters, sessions, server ---------------------------------------------------------
 
     async def ListCharacters(self, request: pb.ListCharactersRequest,
                              context: grpc.aio.ServicerContext) -> pb.ListCharactersResponse:
-        return pb.ListCharactersResponse(characters=[character_pb(s) for s in self.registry.list()])
+        return pb.ListCharactersResponse(characters=[character_pb(s) for s in self.dialogue.registry.list()])
 
     async def ResetSession(self, request: pb.ResetSessionRequest,
                            context: grpc.aio.ServicerContext) -> pb.ResetSessionResponse:
@@ -263,27 +112,17 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest,
                             context: grpc.aio.ServicerContext) -> pb.ServerInfo:
-        stats, cfg = self.engine.stats(), self.engine.config
+        engine = self.engine
+        stats, cfg, model = engine.stats(), engine.config, engine.model
         return pb.ServerInfo(
-            model=self.engine.base.path.name, weights=self.engine.base.weights, backend=self.backend,
-            max_batch=cfg.max_batch, active_sequences=int(stats["active_sequences"]),
-            waiting_requests=int(stats["waiting_requests"]), resident_adapters=len(stats["resident_adapters"]),
-            version=VERSION, max_resident_adapters=cfg.max_resident_adapters, max_waiting=cfg.max_waiting,
+            model=model.path.name, weights=model.weights, backend=engine.name, device=model.device,
+            max_batch=cfg.max_batch, active_sequences=stats.active_sequences, waiting_requests=stats.waiting_requests,
+            resident_adapters=len(stats.resident_adapters), version=VERSION,
+            max_resident_adapters=cfg.max_resident_adapters, max_waiting=cfg.max_waiting,
             context_tokens=cfg.max_seq_len, max_tokens_limit=self.limits.max_tokens, sessions=len(self.sessions),
-            max_sessions=self.sessions.max_sessions, device=self.device,
-            max_session_turns=self.sessions.max_turns, limits=pb.RequestLimits(**asdict(self.limits)),
-            prefix_cache_bytes=int(stats.get("prefix_cache_bytes", 0)),
-            prefix_cache_capacity_bytes=int(stats.get("prefix_cache_capacity_bytes", 0)))
-
-    # --- shutdown -----------------------------------------------------------------------------
-
-    def cancel_all(self) -> int:
-        """After the shutdown grace period: replies still generating end with FINISH_REASON_CANCELLED;
-        those whose text had ended skip (the rest of) their emotion scoring."""
-        self.grace_over = True
-        for stream in list(self.replies.values()):
-            stream.cancel()
-        return len(self.replies)
+            max_sessions=self.sessions.max_sessions, max_session_turns=self.sessions.max_turns,
+            limits=pb.RequestLimits(**asdict(self.limits)), prefix_cache_bytes=stats.prefix_cache_bytes,
+            prefix_cache_capacity_bytes=stats.prefix_cache_capacity_bytes)
 
     async def _refuse(self, context: grpc.aio.ServicerContext, rpc: str, exc: BaseException, **fields) -> None:
         code = status_for(exc)
@@ -291,14 +130,19 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
         await context.abort(code, str(exc))
 
 
-async def _until_refused(stream: AsyncIterator[EngineEvent], refused: list[Exception]) -> AsyncIterator[EngineEvent]:
-    """The stream's events; a backend's QueueFull or BackendUnavailable raised while streaming ends
-    them and is put in `refused` (the in-process engine raises neither once submitted)."""
-    try:
-        async for event in stream:
-            yield event
-    except (QueueFull, BackendUnavailable) as exc:
-        refused.append(exc)
+def talk_event(event: TurnEvent) -> pb.TalkEvent:
+    if isinstance(event, TurnStarted):
+        return pb.TalkEvent(started=pb.Started(
+            request_id=event.request_id, character_version=event.character_version, prompt_tokens=event.prompt_tokens,
+            cached_prompt_tokens=event.cached_prompt_tokens, history_turns=event.history_turns))
+    if isinstance(event, TurnDelta):
+        return pb.TalkEvent(delta=pb.TextDelta(text=event.text))
+    return pb.TalkEvent(finished=pb.Finished(
+        reason=FINISH_REASONS.get(event.reason, pb.FINISH_REASON_UNSPECIFIED), full_text=event.text,
+        usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                       cached_prompt_tokens=event.cached_prompt_tokens),
+        timings=pb.Timings(queue_ms=event.queue_ms, first_token_ms=event.first_token_ms, total_ms=event.total_ms),
+        emotion=event.emotion))
 
 
 def character_pb(s: CharacterStatus) -> pb.Character:

@@ -13,17 +13,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from sidecar.config import ModelConfig
 from sidecar.dialogue.characters import load_character
 from sidecar.dialogue.prompt import build_messages
 from sidecar.dialogue.sessions import Turn
-from sidecar.engine.base_model import load_base_model
-from sidecar.engine.generate import Generation, generate_stream
-from sidecar.engine.sampler import SamplingParams
+from sidecar.engine.api import AdapterRef, SamplingParams
+from sidecar.engine.offline import OfflineEngine, Request
 from sidecar.errors import UserError
-from sidecar.model.lora import LoraBatch, LoraSlots, load_peft_adapter
 from sidecar.training.data import DIALOGUE_FILE, IGNORE, Example, read_dialogue, render, split
 from sidecar.training.train import REPORT_DIR, TrainConfig
 
@@ -71,41 +67,41 @@ def evaluate_character(folder: Path, model_path: Path, weights: str = "auto", sa
     if not held:
         raise UserError(f"{folder}: no held-out conversations to evaluate (train with --held-out > 0)")
 
-    base = load_base_model(ModelConfig(model_path, weights))
-    model, tok = base.model, base.tokenizer
-    adapter = load_peft_adapter(character.adapter_path, model.config, name=character.id, scale=character.lora_scale)
-    slots = LoraSlots(model.config, num_slots=1, dtype=model.dtype, rank=adapter.rank)
-    slots.load(0, adapter)
-    examples = [render(tok, character, c, model.config.max_position) for c in held]
-    nll_a, nll_b, count = 0.0, 0.0, 0
-    for e in examples:
-        nll_a += _nll(model, e, LoraBatch(slots, [0], len(e.input_ids)))
-        nll_b += _nll(model, e, None)
-        count += e.supervised
+    with OfflineEngine(ModelConfig(model_path, weights)) as engine:
+        adapter = engine.load_adapter(character.id, character.adapter_path, scale=character.lora_scale)
+        tok = engine.tokenizer
+        examples = [render(tok, character, c, engine.engine.model.shape.max_position) for c in held]
+        nll_a, nll_b = (_nll(engine, examples, lora) for lora in (adapter, None))
+        count = sum(e.supervised for e in examples)
 
-    side_by_side = []
-    params = SamplingParams(max_tokens=60, temperature=0.7, top_p=0.9, seed=seed)
-    for conv in held[:samples]:
-        history = [Turn(character.id, p, n) for p, n in conv.exchanges[:-1]]
-        player, reference = conv.exchanges[-1]
-        ids = tok.encode_chat(build_messages(character, history, player, conv.world, conv.player_name))
-        replies = []
-        for lora in (adapter, None):
-            result = Generation(ids)
-            for _ in generate_stream(model, tok, ids, params, result, lora):
-                pass
-            replies.append(result.text.strip())
-        side_by_side.append(Sample(player, reference, *replies))
+        side_by_side = []
+        params = SamplingParams(max_tokens=60, temperature=0.7, top_p=0.9, seed=seed)
+        for conv in held[:samples]:
+            history = [Turn(character.id, p, n) for p, n in conv.exchanges[:-1]]
+            player, reference = conv.exchanges[-1]
+            ids = tok.encode_chat(build_messages(character, history, player, conv.world, conv.player_name))
+            replies = engine.run([Request(ids, adapter, params), Request(ids, None, params)])
+            side_by_side.append(Sample(player, reference, *(r.text.strip() for r in replies)))
     return EvalResult(character.id, len(held), count, math.exp(nll_a / count), math.exp(nll_b / count),
                       tuple(side_by_side))
 
 
-def _nll(model, example: Example, lora: LoraBatch | None) -> float:
-    """Summed negative log-likelihood of the supervised tokens (teacher forcing, one forward)."""
-    ids = torch.tensor([example.input_ids])
-    cache = model.new_cache(1, len(example.input_ids))
-    logits = model.forward(ids, start=[0], rows=[0], cache=cache, all_logits=True, lora=lora)[0]
-    targets = torch.tensor(example.labels[1:])
-    keep = targets != IGNORE
-    logp = torch.log_softmax(logits[:-1][keep].float(), dim=-1)
-    return -logp.gather(1, targets[keep][:, None]).sum().item()
+def _nll(engine: OfflineEngine, examples: list[Example], adapter: AdapterRef | None) -> float:
+    """Summed negative log-likelihood of the supervised tokens: each run of supervised tokens is scored
+    by the engine as the continuation of everything before it (teacher forcing)."""
+    requests = []
+    for e in examples:
+        i = 1
+        while i < len(e.labels):
+            if e.labels[i] == IGNORE:
+                i += 1
+                continue
+            end = next((j for j in range(i, len(e.labels)) if e.labels[j] == IGNORE), len(e.labels))
+            requests.append(Request(e.input_ids[:i], adapter, SamplingParams(max_tokens=1),
+                                    choices=[e.input_ids[i:end]]))
+            i = end
+    events = engine.run(requests)
+    failed = next((e for e in events if e.kind != "finished"), None)
+    if failed is not None:
+        raise UserError(f"scoring failed: {failed.error}")
+    return -sum(e.choice_logprobs[0] for e in events)

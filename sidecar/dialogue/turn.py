@@ -1,0 +1,269 @@
+"""One turn of dialogue: the player's line in, the character's reply (and its emotion) out.
+
+`Dialogue.talk()` is the whole turn, for gRPC Talk (server/service.py) and for
+/v1/chat/completions with a character (server/openai_http.py): the character version that serves
+the whole reply, the history the prompt can hold, the engine request under the character's
+adapter, the emotion label after the text, and the session write. `Dialogue.submit()` is the one
+way any edge sends a request to the engine: it is what the shutdown's grace period waits for and
+then cancels. Nothing here knows protobuf or HTTP; errors are exceptions the edges map to codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from sidecar.config import RequestLimits
+from sidecar.dialogue.characters import Character, Generation
+from sidecar.dialogue.prompt import Prompt, emotion_messages, fit_to_budget
+from sidecar.dialogue.registry import CharacterRegistry
+from sidecar.dialogue.sessions import SessionStore, Turn
+from sidecar.engine.api import (
+    AdapterRef,
+    BackendUnavailable,
+    Engine,
+    EngineEvent,
+    QueueFull,
+    RequestStream,
+    SamplingParams,
+    Timings,
+)
+from sidecar.errors import UserError
+
+log = structlog.get_logger("sidecar.dialogue")
+
+
+class ShuttingDown(Exception):
+    """The server is draining: no new replies (gRPC UNAVAILABLE, HTTP 503)."""
+
+
+class ReplyFailed(Exception):
+    """The engine ended a reply with an error: the adapter could not be used, or (internal) an engine bug."""
+
+    def __init__(self, message: str, internal: bool):
+        super().__init__(message)
+        self.internal = internal
+
+
+@dataclass(frozen=True)
+class TalkInput:
+    """A player's line, checked by the edge that received it (server/requests.py for gRPC)."""
+
+    character_id: str
+    session_id: str  # "" = a one-off line
+    player_line: str
+    world: dict[str, str]
+    player_name: str
+    max_tokens: int = 0  # 0 = the character's default
+    temperature: float | None = None  # None: the character's default
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    history: tuple[Turn, ...] = ()  # turns the caller brings (HTTP messages); the session's come first
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    request_id: str
+    character_version: str
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    history_turns: int
+
+
+@dataclass(frozen=True)
+class TurnDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class TurnFinished:
+    reason: str  # "stop" | "length" | "cancelled"
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    queue_ms: float
+    first_token_ms: float
+    total_ms: float  # until this event: the emotion and the session write included
+    emotion: str
+
+
+TurnEvent = TurnStarted | TurnDelta | TurnFinished
+
+
+class Request:
+    """One engine request in flight: its events, and its place in Dialogue.in_flight until they end or
+    close() (which also cancels it, if it still runs)."""
+
+    def __init__(self, in_flight: dict[str, RequestStream], key: str, stream: RequestStream):
+        self.request_id, self._in_flight, self._key, self._stream = stream.request_id, in_flight, key, stream
+        in_flight[key] = stream
+
+    async def events(self) -> AsyncIterator[EngineEvent]:
+        try:
+            async for event in self._stream:
+                yield event
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._in_flight.get(self._key) is self._stream:
+            del self._in_flight[self._key]
+        self._stream.cancel()  # nothing when it has ended; else the engine drops it within a step
+
+
+def reply_token_cap(limits: RequestLimits, generation: Generation | None) -> int:
+    """The longest reply a request may get: the server's max_tokens, lowered by the character's
+    max_tokens_limit. Asking for more is clamped, not refused: a game usually sends one max_tokens
+    for every NPC."""
+    character_limit = generation.max_tokens_limit if generation is not None else None
+    return min(limits.max_tokens, character_limit or limits.max_tokens)
+
+
+def sampling_params(talk: TalkInput, defaults: Generation, limits: RequestLimits) -> SamplingParams:
+    """The request's options over the character's `generation` section (its max_tokens_limit caps the reply)."""
+    return SamplingParams(
+        max_tokens=min(talk.max_tokens or defaults.max_tokens, reply_token_cap(limits, defaults)),
+        temperature=defaults.temperature if talk.temperature is None else talk.temperature,
+        top_p=defaults.top_p if talk.top_p is None else talk.top_p,
+        top_k=talk.top_k or 0,
+        repetition_penalty=1.0 if talk.repetition_penalty is None else talk.repetition_penalty,
+        stop=talk.stop,
+        seed=talk.seed,
+    )
+
+
+class Dialogue:
+    """Turns on one engine, for every edge. Runs on the server's event loop."""
+
+    def __init__(self, engine: Engine, registry: CharacterRegistry, sessions: SessionStore, limits: RequestLimits):
+        self.engine, self.registry, self.sessions, self.limits = engine, registry, sessions, limits
+        self.accepting = True  # cleared when the server drains: new requests get ShuttingDown
+        self.grace_over = False  # set by cancel_all(): no more engine work for replies in flight
+        # What each reply in flight waits on (its text, then its emotion scoring), by request id.
+        self.in_flight: dict[str, RequestStream] = {}
+        self._open_turns = 0  # talk() calls between their submit and their end
+
+    @property
+    def busy(self) -> bool:
+        """Whether a reply is in flight on any edge (what the shutdown's grace period waits for)."""
+        return bool(self.in_flight) or self._open_turns > 0
+
+    # --- any request ----------------------------------------------------------------------------
+
+    def serving(self, character_id: str) -> tuple[Character, AdapterRef | None]:
+        """A character's serving version and its adapter; raises UnknownCharacter / CharacterUnavailable."""
+        return self.registry.get_serving(character_id)
+
+    def submit(self, prompt_ids: Sequence[int], adapter: AdapterRef | None, sampling: SamplingParams, *,
+               choices: Sequence[Sequence[int]] | None = None, timings: Timings | None = None,
+               reply_id: str | None = None) -> Request:
+        """Sends one engine request, tracked for the shutdown under `reply_id` (the reply it belongs to) or
+        its own id. Raises ShuttingDown, QueueFull or UserError at once."""
+        if not self.accepting and reply_id is None:
+            raise ShuttingDown("the sidecar is shutting down")
+        stream = self.engine.submit(prompt_ids, adapter, sampling, choices=choices, timings=timings)
+        return Request(self.in_flight, reply_id or stream.request_id, stream)
+
+    def cancel_all(self) -> int:
+        """After the shutdown's grace period: replies still generating end with reason "cancelled";
+        those whose text had ended skip (the rest of) their emotion scoring."""
+        self.grace_over = True
+        for stream in list(self.in_flight.values()):
+            stream.cancel()
+        return len(self.in_flight)
+
+    # --- a turn ---------------------------------------------------------------------------------
+
+    async def talk(self, talk: TalkInput, arrival: float | None = None) -> AsyncIterator[TurnEvent]:
+        """The turn's events: TurnStarted, TurnDelta*, TurnFinished. Timings count from `arrival` (when
+        the edge received the request). Raises ShuttingDown, QueueFull, BackendUnavailable, UserError
+        (unknown character, a prompt that cannot fit, ...) or ReplyFailed."""
+        timings = Timings(arrival)
+        if not self.accepting:
+            raise ShuttingDown("the sidecar is shutting down")
+        if self.engine.queue_full():  # cheap, before building the prompt; submit() still decides
+            raise QueueFull("the queue is full; retry after a short backoff")
+        character, adapter = self.serving(talk.character_id)  # this version serves the whole reply
+        sampling = sampling_params(talk, character.generation, self.limits)
+        history = (*(self.sessions.history(talk.session_id) if talk.session_id else ()), *talk.history)
+        prompt = fit_to_budget(self.engine.model.tokenizer, character, history, talk.player_line, talk.world,
+                               talk.player_name, max_prompt_tokens=self.engine.config.max_seq_len - sampling.max_tokens)
+        reply_log = log.bind(character=character.id, version=character.version, session=talk.session_id or None)
+        finished: EngineEvent | None = None
+        request = self.submit(prompt.token_ids, adapter, sampling, timings=timings)
+        self._open_turns += 1
+        try:
+            async for event in request.events():
+                if event.kind == "started":
+                    reply_log = reply_log.bind(request_id=event.request_id)
+                    yield TurnStarted(event.request_id, character.version, event.prompt_tokens, event.cached_tokens,
+                                      prompt.history_turns)
+                elif event.kind == "delta":
+                    yield TurnDelta(event.text)
+                elif event.kind == "error":
+                    reply_log.warning("reply failed", error=event.error, internal=event.internal)
+                    raise ReplyFailed(f"character {character.id!r}: {event.error}", event.internal)
+                else:
+                    finished = event
+            yield await self._finish(talk, character, adapter, prompt, finished, timings, reply_log)
+        except (GeneratorExit, asyncio.CancelledError):  # the edge closed the turn: its client went away
+            if finished is None:
+                reply_log.info("reply cancelled by the client")
+            raise
+        finally:
+            request.close()
+            self._open_turns -= 1
+
+    async def _finish(self, talk: TalkInput, character: Character, adapter: AdapterRef | None, prompt: Prompt,
+                      finished: EngineEvent | None, timings: Timings, reply_log: Any) -> TurnFinished:
+        """After the text: the emotion, the session write and the log line."""
+        assert finished is not None  # every engine stream ends with "finished" or "error"
+        completed = finished.finish_reason in ("stop", "length")
+        scoring = time.perf_counter()
+        emotion = await self._emotion(character, adapter, prompt, finished) if completed else ""
+        emotion_ms = (time.perf_counter() - scoring) * 1000
+        if completed and talk.session_id:
+            self.sessions.append_turn(talk.session_id, Turn(character.id, talk.player_line, finished.text,
+                                                            talk.player_name, character.version))
+        ms = timings.ms()
+        reply_log.info("reply", reason=finished.finish_reason, prompt_tokens=finished.prompt_tokens,
+                       cached_tokens=finished.cached_tokens, completion_tokens=finished.completion_tokens,
+                       first_token_ms=round(ms["first_token_ms"], 1), total_ms=round(ms["total_ms"], 1),
+                       emotion_ms=round(emotion_ms, 1) if emotion else None, emotion=emotion or None)
+        return TurnFinished(finished.finish_reason or "stop", finished.text, finished.token_ids, finished.prompt_tokens,
+                           finished.completion_tokens, finished.cached_tokens, emotion=emotion, **ms)
+
+    async def _emotion(self, character: Character, adapter: AdapterRef | None, prompt: Prompt,
+                       reply: EngineEvent) -> str:
+        """One of the character's emotion labels for this reply, by constrained choice under its adapter.
+
+        The scoring request takes the reply's place in `in_flight`, so the shutdown's cancel_all() cuts it
+        as it cuts text: a reply whose text ended within the grace period keeps its reason and gets the
+        first label, as when scoring fails (the emotion is always one of the character's labels).
+        """
+        labels = character.emotions
+        if not labels:
+            return ""
+        if self.grace_over:
+            return labels[0]
+        tok = self.engine.model.tokenizer
+        ids = tok.encode_chat(emotion_messages(prompt.messages, reply.text, labels))
+        try:
+            request = self.submit(ids, adapter, SamplingParams(max_tokens=1), reply_id=reply.request_id,
+                                  choices=[tok.encode_literal(label) for label in labels])
+            async for event in request.events():
+                if event.kind == "finished" and event.choice is not None:
+                    return labels[event.choice]
+        except (UserError, QueueFull, BackendUnavailable) as exc:  # e.g. a reply so long the question no longer fits
+            log.warning("emotion not scored; using the first label", character=character.id, error=str(exc))
+        return labels[0]

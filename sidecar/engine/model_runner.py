@@ -1,0 +1,99 @@
+"""Every forward pass of the torch engine, and the sampling after it: decode steps (eager, or CUDA
+graphs through CudaDecoder), prefill chunks, and the scoring of candidate continuations.
+
+`run(plan)` takes what the scheduler decided and returns token ids (or scores); it never changes
+a sequence or a row assignment. Rows: running sequence i decodes in KV row i, prompts go
+through the staging row (kv_cache.KvRows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from sidecar.config import EngineConfig
+from sidecar.engine.sampler import sample_batch
+from sidecar.engine.scheduler import StepPlan
+from sidecar.engine.sequence import Sequence
+from sidecar.model.cuda import triton_available
+from sidecar.model.llama import KVCache, LlamaModel
+from sidecar.model.lora import LoraBatch, LoraSlots
+
+
+@dataclass(frozen=True)
+class StepResult:
+    decode_tokens: list[int]  # one per plan.decode row
+    first_token: int | None = None  # a reply whose prompt completed this step: its first token
+    token_logprobs: list[list[float]] | None = None  # a scoring request that completed: each candidate's
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, cache: KVCache, slots: LoraSlots, staging_row: int, config: EngineConfig,
+                 progress: bool = False):
+        self.model, self.cache, self.slots, self.staging_row = model, cache, slots, staging_row
+        # On a GPU with Triton, decode steps run through CudaDecoder (captured graphs unless turned off).
+        self.cuda_decoder = None
+        if model.device.type == "cuda" and triton_available():
+            from sidecar.engine.cuda_decode import CudaDecoder
+
+            self.cuda_decoder = CudaDecoder(model, cache, slots, config.max_batch, config.cuda_graphs,
+                                            progress=progress)
+            if config.cuda_graphs:
+                self.cuda_decoder.capture()
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> StepResult:
+        decode_tokens = self._sample(plan.decode, self._decode(plan.decode)) if plan.decode else []
+        seq = plan.prefill
+        if seq is None:
+            return StepResult(decode_tokens)
+        lo, hi = plan.prefill_range
+        logits = self._forward(seq, seq.prompt[lo:hi], lo)
+        if not plan.completes_prefill:
+            return StepResult(decode_tokens)
+        if seq.choices is not None:
+            return StepResult(decode_tokens, token_logprobs=self._score(seq, logits[0]))
+        return StepResult(decode_tokens, first_token=self._sample([seq], logits)[0])
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        slots = [s.slot for s in seqs]
+        if self.cuda_decoder is not None:
+            return self.cuda_decoder.run([s.last_token for s in seqs], [s.num_computed for s in seqs], slots)
+        tokens = torch.tensor([[s.last_token] for s in seqs])
+        lora = LoraBatch(self.slots, slots, 1) if any(s >= 0 for s in slots) else None
+        return self.model.forward(tokens, start=[s.num_computed for s in seqs], rows=list(range(len(seqs))),
+                                  cache=self.cache, lora=lora)
+
+    def _forward(self, seq: Sequence, tokens: Seq[int], start: int, all_logits: bool = False) -> torch.Tensor:
+        """tokens at positions start.. of the staging row, under seq's adapter; logits [1, V] (or [1, T, V])."""
+        lora = LoraBatch(self.slots, [seq.slot], len(tokens)) if seq.slot >= 0 else None
+        return self.model.forward(torch.tensor([list(tokens)]), start=[start], rows=[self.staging_row],
+                                  cache=self.cache, lora=lora, all_logits=all_logits)
+
+    def _score(self, seq: Sequence, next_logits: torch.Tensor) -> list[list[float]]:
+        """log p(token | context, earlier candidate tokens) for every token of every candidate, each from
+        one log-softmax (so each is <= 0, and a candidate's score is their sum).
+
+        The prompt's K/V fill the staging row below len(prompt), and `next_logits` [V] follow its last
+        token. Candidates are scored one after another from that position on; each overwrites the last
+        one's K/V, and the causal mask hides anything beyond the positions a call writes.
+        """
+        start = len(seq.prompt)
+        first = torch.log_softmax(next_logits.float(), dim=-1)
+        scores = []
+        for candidate in seq.choices or ():
+            values = [first[candidate[0]].item()]
+            if len(candidate) > 1:
+                logits = self._forward(seq, candidate[:-1], start, all_logits=True)[0]
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                values += logp.gather(1, torch.tensor(candidate[1:], device=logp.device)[:, None])[:, 0].tolist()
+            scores.append(values)
+        return scores
+
+    @staticmethod
+    def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        penalized = any(s.params.repetition_penalty != 1.0 for s in seqs)
+        return sample_batch(logits, [s.sampler for s in seqs], [s.history() for s in seqs] if penalized
+                            else [[]] * len(seqs))
