@@ -11,7 +11,6 @@ then cancels. Nothing here knows protobuf or HTTP; errors are exceptions the edg
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -229,13 +228,12 @@ class Dialogue:
         """After the text: the emotion, the session write and the log line."""
         assert finished is not None  # every engine stream ends with "finished" or "error"
         completed = finished.finish_reason in ("stop", "length")
-        scoring = time.perf_counter()
         emotion = await self._emotion(character, adapter, prompt, finished) if completed else ""
-        emotion_ms = (time.perf_counter() - scoring) * 1000
         if completed and talk.session_id:
             self.sessions.append_turn(talk.session_id, Turn(character.id, talk.player_line, finished.text,
                                                             talk.player_name, character.version))
         ms = timings.ms()
+        emotion_ms = ms["total_ms"] - finished.total_ms  # the reply's event was timed when its text ended
         reply_log.info("reply", reason=finished.finish_reason, prompt_tokens=finished.prompt_tokens,
                        cached_tokens=finished.cached_tokens, completion_tokens=finished.completion_tokens,
                        first_token_ms=round(ms["first_token_ms"], 1), total_ms=round(ms["total_ms"], 1),

@@ -237,7 +237,10 @@ class OpenAiEndpoint:
         reply = self._submit(ids, model.adapter, sampling)
         bound = log.bind(request_id=reply.request_id, model=model.name, api="chat" if chat else "completions")
         shape = oj.Shape(reply.request_id, model.name, chat, body.get("return_token_ids") is True)
-        return await self._respond(request, body, shape, _engine_parts(reply), bound)
+        try:
+            return await self._respond(request, body, shape, _engine_parts(reply), bound)
+        finally:
+            reply.close()  # also when the response failed before reading any event
 
     def _submit(self, ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
                 choices: list[list[int]] | None = None) -> Request:
@@ -257,7 +260,10 @@ class OpenAiEndpoint:
             raise HttpError(400, str(e), param="messages") from None
         bound = log.bind(request_id=started.request_id, model=model.name, api="chat")
         shape = oj.Shape(started.request_id, model.name, True, with_ids=False)
-        return await self._respond(request, body, shape, _turn_parts(turn), bound)
+        try:
+            return await self._respond(request, body, shape, _turn_parts(turn), bound)
+        finally:
+            await turn.aclose()  # also when the response failed before reading on: cancels the reply
 
     def _talk_input(self, body: dict, model: _Model, chat: list[ChatMessage], player_name: Any) -> TalkInput:
         if chat[-1].role != "user" or not chat[-1].content.strip():
@@ -373,31 +379,25 @@ class OpenAiEndpoint:
 
 async def _engine_parts(reply: Request) -> AsyncIterator[_Part]:
     """An engine request's events as reply parts; an error event raises ReplyFailed."""
-    try:
-        async for event in reply.events():
-            if event.kind == "delta":
-                yield _Part(event.text, event.token_ids)
-            elif event.kind == "error":
-                raise ReplyFailed(event.error or "the request failed", event.internal)
-            elif event.kind == "finished":
-                yield _Part(event.text, event.token_ids, True, event.finish_reason,
-                            oj.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens))
-    finally:
-        reply.close()
+    async for event in reply.events():
+        if event.kind == "delta":
+            yield _Part(event.text, event.token_ids)
+        elif event.kind == "error":
+            raise ReplyFailed(event.error or "the request failed", event.internal)
+        elif event.kind == "finished":
+            yield _Part(event.text, event.token_ids, True, event.finish_reason,
+                        oj.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens))
 
 
 async def _turn_parts(turn: AsyncIterator[Any]) -> AsyncIterator[_Part]:
     """A turn's events (after TurnStarted) as reply parts."""
-    try:
-        async for event in turn:
-            if isinstance(event, TurnDelta):
-                yield _Part(event.text)
-            elif isinstance(event, TurnFinished):
-                yield _Part(event.text, event.token_ids, True, event.reason,
-                            oj.usage(event.prompt_tokens, event.completion_tokens, event.cached_prompt_tokens),
-                            {"emotion": event.emotion} if event.emotion else {})
-    finally:
-        await turn.aclose()
+    async for event in turn:
+        if isinstance(event, TurnDelta):
+            yield _Part(event.text)
+        elif isinstance(event, TurnFinished):
+            yield _Part(event.text, event.token_ids, True, event.reason,
+                        oj.usage(event.prompt_tokens, event.completion_tokens, event.cached_prompt_tokens),
+                        {"emotion": event.emotion} if event.emotion else {})
 
 
 def _failure(e: ReplyFailed) -> HttpError:
