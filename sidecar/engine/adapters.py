@@ -36,6 +36,7 @@ class AdapterCache:
         self.slots = slots
         self._resident: dict[tuple[str, str, float], _Resident] = {}
         self._clock = 0
+        self._labels: tuple[str, ...] = ()  # resident adapters' labels, rebuilt only when they change
         self.loads = 0
         self.evictions = 0
 
@@ -50,6 +51,7 @@ class AdapterCache:
             self.slots.load(slot, ref.loaded)
             self.loads += 1
             resident = self._resident[ref.key] = _Resident(slot, ref)
+            self._labels = tuple(r.ref.label for r in self._resident.values())
         resident.pins += 1
         resident.last_used = self._clock
         return resident.slot, resident.ref.loaded.fingerprint
@@ -74,7 +76,8 @@ class AdapterCache:
         return victim.slot
 
     def resident(self) -> tuple[str, ...]:
-        return tuple(r.ref.label for r in self._resident.values())
+        """Labels of the resident adapters (read for the stats snapshot after every step: kept, not built)."""
+        return self._labels
 
     def pinned(self, ref: AdapterRef) -> bool:
         r = self._resident.get(ref.key)

@@ -2,7 +2,7 @@
 single-threaded; AsyncEngine (engine.py) drives it from a background thread.
 
 The scheduler decides, the runner computes, and only postprocess() turns the step's token ids
-into events (through each sequence's ReplyOutput) and tells the scheduler who is done.
+into events (through each sequence's RequestOutput) and tells the scheduler who is done.
 """
 
 from __future__ import annotations
@@ -60,11 +60,10 @@ class LLMEngine:
         if adapter is not None and adapter.loaded is None:
             raise UserError(f"adapter {adapter.name!r}: not loaded (make refs with Engine.load_adapter)")
         request_id = request_id or f"req-{next(_ids)}"
-        timings = timings or Timings()
         tok = self.base.tokenizer
         out = RequestOutput(request_id, len(prompt), params, min(params.max_tokens, room), tok.detokenizer(),
-                            tok.eos_ids, timings)
-        return Seq(request_id, list(prompt), adapter, params, emit, timings, out,
+                            tok.eos_ids, timings or Timings())
+        return Seq(request_id, list(prompt), adapter, params, emit, out,
                    choices=tuple(tuple(c) for c in choices) if choices else None)
 
     def add(self, seq: Seq) -> None:

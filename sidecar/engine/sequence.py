@@ -6,7 +6,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sidecar.engine.api import AdapterRef, EngineEvent, SamplingParams, Timings
+from sidecar.engine.api import AdapterRef, EngineEvent, SamplingParams
 from sidecar.engine.output import RequestOutput
 from sidecar.engine.sampler import Sampler
 
@@ -25,7 +25,6 @@ class Sequence:
     adapter: AdapterRef | None
     params: SamplingParams
     emit: Callable[[EngineEvent], None]
-    timings: Timings
     out: RequestOutput  # the request's events (tokens -> text, stops, timings)
     choices: tuple[tuple[int, ...], ...] | None = None  # score these continuations instead of generating
     status: Status = Status.WAITING
