@@ -1,8 +1,12 @@
 """`npc chat`: talk to any character over gRPC, for playtesting. The reply streams as it is generated.
 
+A reply shows as the game gets it: the emotion first (`[gruff] `), then the line, then each action
+the NPC takes (`  -> sell_item(item="iron sword")`).
+
 Commands: /characters, /switch ID, /reset, /world key=value (key= removes it; /world alone shows
-them), /seed N (/seed off), /stats, /export FILE, /help, /quit. Line editing and history come from
-prompt_toolkit when the terminal is interactive; piped input works too.
+them), /entity list=a,b,c (the game's entity lists: what the NPC's actions may name), /allow
+NAME,... (/allow all; /allow none), /seed N (/seed off), /stats, /export FILE, /help, /quit. Line
+editing and history come from prompt_toolkit when the terminal is interactive; piped input works too.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from sidecar.client import NpcClient
+from sidecar.client import NpcClient, format_action
 from sidecar.errors import UserError
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 
@@ -25,6 +29,8 @@ HELP = """commands:
   /switch ID         talk to another character
   /reset             forget this conversation with the current character
   /world key=value   a world fact for the next lines (key= removes it; /world shows them)
+  /entity list=a,b   an entity list of the game, e.g. /entity stock=iron sword,helm (list= removes it)
+  /allow a,b         only these actions (/allow all: every action; /allow none: no action)
   /seed N            reproducible replies (/seed off: random again)
   /stats             timings and token counts of the last reply
   /export FILE       save this session as JSON (ImportSession takes it back)
@@ -36,6 +42,8 @@ class Chat:
         self.client, self.character, self.out = client, character, out
         self.session_id = f"chat-{os.getpid()}-{int(time.time())}"
         self.world: dict[str, str] = {}
+        self.entities: dict[str, list[str]] = {}
+        self.allowed: list[str] | None = None  # None: every action of the character
         self.seed: int | None = None
         self.last: pb.Finished | None = None
         self.last_started: pb.Started | None = None
@@ -81,18 +89,22 @@ class Chat:
         self.last = None
         options = pb.GenerationOptions(seed=self.seed) if self.seed is not None else None
         self.say(f"{self.names.get(self.character, self.character)}: ", end="")
-        call = self.client.talk(self.character, line, session_id=self.session_id, world=self.world, options=options)
+        call = self.client.talk(self.character, line, session_id=self.session_id, world=self.world, options=options,
+                                entities=self.entities, allowed_actions=self.allowed)
         try:
             async for event in call:
                 kind = event.WhichOneof("event")
                 if kind == "started":
                     self.last_started = event.started
+                elif kind == "emotion":
+                    self.say(f"[{event.emotion.label}] ", end="")
                 elif kind == "delta":
                     self.say(event.delta.text, end="")
+                elif kind == "action":
+                    self.say(f"\n  -> {format_action(event.action)}", end="")
                 elif kind == "finished":
                     self.last = event.finished
-            emotion = self.last.emotion if self.last is not None else ""
-            self.say(f"  ({emotion})" if emotion else "")
+            self.say()
         except asyncio.CancelledError:
             call.cancel()
             self.say(" [cancelled]")
@@ -125,6 +137,12 @@ class Chat:
             self.say(f"-- {self.character} forgot {n} turn(s)")
         elif cmd == "/world":
             self._world(arg)
+        elif cmd == "/entity":
+            self._entity(arg)
+        elif cmd == "/allow":
+            self.allowed = None if arg == "all" else [] if arg == "none" else [a.strip() for a in arg.split(",")
+                                                                              if a.strip()]
+            self.say(f"-- actions allowed: {'all' if self.allowed is None else ', '.join(self.allowed) or 'none'}")
         elif cmd == "/seed":
             self._seed(arg)
         elif cmd == "/stats":
@@ -147,6 +165,19 @@ class Chat:
         else:
             self.world.pop(key.strip(), None)
 
+    def _entity(self, arg: str) -> None:
+        if not arg:
+            self.say("\n".join(f"  {k} = {', '.join(v)}" for k, v in sorted(self.entities.items()))
+                     or "-- no entity lists")
+            return
+        name, sep, values = arg.partition("=")
+        if not sep or not name.strip():
+            self.say("!! usage: /entity list=a,b,c (list= removes it)")
+        elif values.strip():
+            self.entities[name.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+        else:
+            self.entities.pop(name.strip(), None)
+
     def _seed(self, arg: str) -> None:
         if arg == "off":
             self.seed = None
@@ -168,7 +199,8 @@ class Chat:
         self.say(f"-- first token {t.first_token_ms:.0f} ms (queue {t.queue_ms:.0f} ms), total {t.total_ms:.0f} ms, "
                  f"{rate:.1f} tokens/s; prompt {u.prompt_tokens} tokens ({u.cached_prompt_tokens} cached), "
                  f"reply {u.completion_tokens} tokens, {pb.FinishReason.Name(f.reason)}"
-                 + (f", emotion {f.emotion}" if f.emotion else ""))
+                 + (f", emotion {f.emotion}" if f.emotion else "")
+                 + (f", actions {', '.join(format_action(a) for a in f.actions)}" if f.actions else ""))
 
     async def _export(self, arg: str) -> None:
         if not arg:

@@ -175,6 +175,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     require_matplotlib()  # every scenario ends in a PNG: say so now, not after minutes of measuring
     if args.scenario == "multi-npc":
         return _bench_multi_npc(args)
+    if args.scenario == "constrained":
+        return _bench_constrained(args)
     if args.scenario in ("load", "faults"):
         return _bench_reliability(args)
     from sidecar.bench.decode import DecodeBenchConfig, run_decode_bench
@@ -222,6 +224,25 @@ def _bench_multi_npc(args: argparse.Namespace) -> int:
         sys.stderr.write(f"npc bench: UNVERIFIED against {e['peer']} at N={e['n']}: {e['why']}; no speed ratio "
                          "reported\n")
     return 1 if unverified(data) else 0
+
+
+def _bench_constrained(args: argparse.Namespace) -> int:
+    """N NPC turns free and under the turn grammar, alternating on one engine (issue 15)."""
+    from sidecar.bench.constrained import ConstrainedConfig, run_constrained_bench
+
+    ns = _int_list("--n", args.n or "8")
+    if len(ns) != 1:
+        raise UserError("--n: the constrained scenario takes one NPC count")
+    if args.rounds < 1:
+        raise UserError("--rounds: must be at least 1")
+    device = ModelConfig(Path(args.model or "."), args.weights or "auto", args.device).resolved_device()
+    cfg = ConstrainedConfig(model=resolve_model_path(args.model), n=ns[0], text_tokens=args.tokens,
+                            rounds=args.rounds, out_dir=Path(args.out),
+                            json_path=Path(args.json) if args.json else None, workdir=Path(args.workdir),
+                            device=device, weights=args.weights or "auto", run_timeout=args.run_timeout,
+                            warm=args.warm_prefix)
+    run_constrained_bench(cfg, command="npc bench " + " ".join(sys.argv[2:]))
+    return 0
 
 
 def _bench_reliability(args: argparse.Namespace) -> int:
@@ -361,13 +382,18 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(run=_cmd_stubs)
 
     b = sub.add_parser("bench", help="benchmarks (reports, not tests)")
-    b.add_argument("--scenario", choices=["decode", "multi-npc", "load", "faults"], default="decode")
+    b.add_argument("--scenario", choices=["decode", "multi-npc", "constrained", "load", "faults"], default="decode")
     b.add_argument("--model")
     b.add_argument("--peers", help="comma-separated peers to compare against: llama.cpp,hf-peft (multi-npc) "
                                    "or llama.cpp (decode); 'none' for none; default: every installed one")
     b.add_argument("--out", default="docs/bench", help="folder for the JSON, Markdown and PNG report")
-    b.add_argument("--n", help="multi-npc: NPC counts (default 1,4,8,16,32)")
-    b.add_argument("--tokens", type=int, default=64, help="multi-npc: new tokens per NPC")
+    b.add_argument("--n", help="multi-npc: NPC counts (default 1,4,8,16,32); constrained: one NPC count (default 8)")
+    b.add_argument("--tokens", type=int, default=64,
+                   help="multi-npc: new tokens per NPC; constrained: each turn's text budget")
+    b.add_argument("--rounds", type=int, default=5,
+                   help="constrained: timed rounds of one free and one constrained run (the median is reported)")
+    b.add_argument("--warm-prefix", action="store_true",
+                   help="constrained: keep every persona in the prefix cache instead of emptying it before each run")
     b.add_argument("--json", help="multi-npc: also write the results to this JSON file")
     b.add_argument("--device", default="cpu",
                    help="multi-npc: cpu (default), cuda or cuda:N; on a GPU the report is gpu.{json,md,png}")

@@ -1,16 +1,25 @@
 """The async Python client of the sidecar (what `npc chat`, tools and tests use).
 
     async with NpcClient("127.0.0.1:50051") as npc:
-        async for event in npc.talk("blacksmith", "Got any swords?", session_id="player1"):
-            if event.HasField("delta"):
+        async for event in npc.talk("blacksmith", "Got any swords?", session_id="player1",
+                                    entities={"stock": ["iron sword", "hammer"]}):
+            kind = event.WhichOneof("event")
+            if kind == "emotion":      # once, before the text, when the character declares emotions
+                print(f"[{event.emotion.label}] ", end="")
+            elif kind == "delta":
                 print(event.delta.text, end="", flush=True)
+            elif kind == "action":     # after the text: what the NPC does, e.g. sell_item(item=..., price=40)
+                print("\n-> " + format_action(event.action), end="")
 
-Errors are grpc.aio.AioRpcError with the status code and message the server chose.
+The events come in the order dialogue.proto gives: started, [emotion], delta..., [action...], finished;
+Finished.emotion and Finished.actions repeat the emotion and action events. Errors are
+grpc.aio.AioRpcError with the status code and message the server chose.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import json
+from collections.abc import AsyncIterator, Iterable, Mapping
 
 import grpc
 
@@ -18,6 +27,42 @@ from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from sidecar.pb.npc.v1 import dialogue_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def talk_request(character_id: str, player_line: str, session_id: str = "", world: Mapping[str, str] | None = None,
+                 player_name: str = "", options: pb.GenerationOptions | None = None,
+                 entities: Mapping[str, Iterable[str]] | None = None,
+                 allowed_actions: Iterable[str] | None = None) -> pb.TalkRequest:
+    """The TalkRequest of `NpcClient.talk`. `entities`: list name -> values, e.g. {"stock": ["iron sword"]}
+    (TalkRequest.entities). `allowed_actions`: None allows every action of the character, a list only those
+    (an empty one: none)."""
+    request = pb.TalkRequest(character_id=character_id, session_id=session_id, player_line=player_line,
+                             world=dict(world or {}), player_name=player_name, options=options)
+    for name, values in (entities or {}).items():
+        request.entities[name].values.extend(values)  # creates the list, also an empty one
+    if allowed_actions is not None:
+        request.allowed_actions.SetInParent()  # set, even with no names: no action allowed
+        request.allowed_actions.names.extend(allowed_actions)
+    return request
+
+
+def action_arguments(action: pb.Action) -> dict[str, str | int | bool]:
+    """An action's arguments as a dict, in their declared order, each value typed (enum and string
+    arguments are str, integers int, booleans bool); None for a value kind this client does not know."""
+    return {a.name: getattr(a, a.WhichOneof("value")) if a.WhichOneof("value") else None for a in action.arguments}
+
+
+def format_action(action: pb.Action) -> str:
+    """One line for logs and debug text: `sell_item(item="iron sword", price=40)`."""
+    shown = []
+    for name, value in action_arguments(action).items():
+        if isinstance(value, bool):
+            shown.append(f"{name}={'true' if value else 'false'}")
+        elif isinstance(value, str):
+            shown.append(f"{name}={json.dumps(value, ensure_ascii=False)}")
+        else:
+            shown.append(f"{name}={'?' if value is None else value}")
+    return f"{action.name}({', '.join(shown)})"
 
 
 class NpcClient:
@@ -48,14 +93,19 @@ class NpcClient:
 
     def talk(self, character_id: str, player_line: str, session_id: str = "", world: Mapping[str, str] | None = None,
              player_name: str = "", options: pb.GenerationOptions | None = None,
-             timeout: float | None = None) -> grpc.aio.UnaryStreamCall:
-        """One streamed reply: iterate it (`async for event in call`); `call.cancel()` stops it."""
-        request = pb.TalkRequest(character_id=character_id, session_id=session_id, player_line=player_line,
-                                 world=dict(world or {}), player_name=player_name, options=options)
+             timeout: float | None = None, entities: Mapping[str, Iterable[str]] | None = None,
+             allowed_actions: Iterable[str] | None = None) -> grpc.aio.UnaryStreamCall:
+        """One streamed reply: iterate it (`async for event in call`); `call.cancel()` stops it. The events:
+        started, emotion (when the character declares emotions), delta..., action... (after the text),
+        finished. `entities` and `allowed_actions`: see `talk_request`."""
+        request = talk_request(character_id, player_line, session_id=session_id, world=world,
+                               player_name=player_name, options=options, entities=entities,
+                               allowed_actions=allowed_actions)
         return self._stub.Talk(request, timeout=timeout or self.timeout, metadata=self._metadata)
 
     async def say(self, character_id: str, player_line: str, **kwargs) -> tuple[pb.Started, str, pb.Finished]:
-        """A whole reply at once: (started, concatenated text, finished)."""
+        """A whole reply at once: (started, concatenated text, finished); the emotion and the actions are
+        finished.emotion and finished.actions. Takes talk()'s keyword arguments."""
         started, text, finished = None, [], None
         async for event in self.talk(character_id, player_line, **kwargs):
             kind = event.WhichOneof("event")

@@ -113,6 +113,9 @@ class RequestLimits:
     max_stop_strings: int = 8
     max_stop_chars: int = 64
     max_tokens: int = 512  # largest GenerationOptions.max_tokens
+    max_entity_lists: int = 16  # lists in TalkRequest.entities
+    max_entity_values: int = 64  # values in one list
+    max_entity_chars: int = 64  # characters in one value
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,11 +32,17 @@ def test_chat_streams_a_reply_in_a_terminal(server, tmp_path):
         child.expect(r"you \(blacksmith\)> ")
         child.sendline("/seed 7")
         child.expect("seed 7")
+        child.sendline("/entity stock=iron sword,helm")
         child.sendline("What does a sword cost?")
         child.expect("Brynja Emberforge: ")
         child.expect(r"you \(blacksmith\)> ")
         reply = child.before.strip()
-        assert len(reply) > 3
+        # The emotion comes before the line; an action, if the NPC takes one, after it and from the game's list.
+        first, *actions = [line.strip() for line in reply.splitlines() if line.strip()]
+        label = re.match(r"\[(\w+)\] \S", first)
+        assert label and label[1] in ("gruff", "proud", "annoyed", "amused", "sad"), reply
+        for action in actions:
+            assert re.fullmatch(r'-> sell_item\(item="(iron sword|helm)"\)', action), reply
         child.sendline("/stats")
         child.expect(r"first token \d+ ms")
         child.sendline("/switch oracle")

@@ -387,12 +387,36 @@ def _simple(type_text: str) -> str:
     return re.split(r"::|\.", type_text.strip())[-1]
 
 
+@functools.cache
+def _extension_methods() -> dict[str, frozenset[str]]:
+    """Generated type -> names of the extension methods the hand-written files declare for it
+    (`static T AddEntities(this TalkRequest request, ...)`), which calls may use as members."""
+    found: dict[str, set[str]] = {}
+
+    def walk(node) -> None:
+        if node.type == "method_declaration":
+            parameters = _children(node.child_by_field_name("parameters"), "parameter")
+            if parameters and "this" in [_text(m) for m in _children(parameters[0], "modifier")]:
+                extended = _text(parameters[0].child_by_field_name("type")).removeprefix(f"{NAMESPACE}.")
+                found.setdefault(extended, set()).add(_text(node.child_by_field_name("name")))
+        for child in node.children:
+            walk(child)
+
+    for path in HAND_WRITTEN:
+        walk(parse(preprocess(path.read_text(encoding="utf-8"))))
+    return {name: frozenset(methods) for name, methods in found.items()}
+
+
 def _generated_uses(path: Path) -> list[str]:
     """Checks every use of a generated type in a hand-written file that can be resolved without a
     compiler: `new T { A = ... }`, `T.Member`, and member chains from variables and parameters
-    declared with a generated type (`TalkEvent e` ... `e.Delta.Text`). Returns the unknown ones."""
+    declared with a generated type (`TalkEvent e` ... `e.Delta.Text`). Returns the unknown ones.
+    Extension methods the hand-written files declare count as members of the type they extend."""
     messages, services = _generated()
     types = {name: _members(node) for name, node in messages.items()}
+    for extended, methods in _extension_methods().items():
+        if extended in types:
+            types[extended] = {**types[extended], **dict.fromkeys(methods, "")}
     root = parse(preprocess(path.read_text(encoding="utf-8")))
     variables: dict[tuple[int, str], set[str]] = {}  # (scope node id, name) -> generated types
     problems: list[str] = []
@@ -405,6 +429,8 @@ def _generated_uses(path: Path) -> list[str]:
 
     def type_of(type_node) -> str | None:
         name = _text(type_node) if type_node is not None else ""
+        # A generated type named in full (Npc.V1.Action, as a file using System must name it).
+        name = name.removeprefix("global::").removeprefix(f"{NAMESPACE}.")
         return name if name in types else None
 
     def note(scope, name_node, type_name: str | None) -> None:
@@ -481,7 +507,9 @@ def test_usage_checker_finds_unknown_members(tmp_path: Path):
     bad = tmp_path / "Bad.cs"
     bad.write_text(
         'class B { void F(TalkEvent e) { var r = new TalkRequest { CharacterID = "x" }; var t = e.Delta.Txt;'
-        " var c = TalkEvent.EventOneofCase.Deltas; var ok = e.Finished.Emotion; _stub.Tlk(r); } }",
+        " var c = TalkEvent.EventOneofCase.Deltas; var ok = e.Finished.Emotion; _stub.Tlk(r); } }\n"
+        'class C { void G(Npc.V1.Action a, TalkRequest r) { var n = a.Nme; r.AddEntities("s");'
+        ' r.AddEntitys("s"); var j = a.ArgumentsJson; } }',
         encoding="utf-8",
     )
     assert sorted(_generated_uses(bad)) == [
@@ -489,6 +517,8 @@ def test_usage_checker_finds_unknown_members(tmp_path: Path):
         "Bad.cs:1: TalkEvent.EventOneofCase has no member Deltas",
         "Bad.cs:1: TalkRequest has no member CharacterID",
         "Bad.cs:1: TextDelta has no member Txt",
+        "Bad.cs:2: Action has no member Nme",
+        "Bad.cs:2: TalkRequest has no member AddEntitys",
     ]
 
 
@@ -525,3 +555,33 @@ def test_wrapper_api():
     assert [p.split(",")[0] for _, p in public["ImportSessionBytesAsync"]] == ["(byte[] saved"]
     constructors = [p for _, p in public["NpcDialogueClient"]]
     assert "(ChannelBase channel, string? authToken = null)" in constructors
+
+
+def test_request_and_action_helpers():
+    """The helpers for issue 15's fields: entities and allowed actions on a TalkRequest, an action's
+    arguments and a one-line form of it; and the speakers surface the emotion and action events."""
+    classes = _classes(parse(preprocess((CSHARP / "NpcDialogueClient.cs").read_text(encoding="utf-8"))))
+
+    def public_methods(name: str) -> dict[str, list[str]]:
+        methods: dict[str, list[str]] = {}
+        for node in _children(classes[name].child_by_field_name("body"), "method_declaration"):
+            if {"public", "static"} <= {_text(m) for m in _children(node, "modifier")}:
+                params = " ".join(_text(node.child_by_field_name("parameters")).split())
+                methods.setdefault(_text(node.child_by_field_name("name")), []).append(
+                    f"{_text(node.child_by_field_name('returns'))} {params}")
+        return methods
+
+    assert public_methods("NpcTalkRequests") == {
+        "AddEntities": ["TalkRequest (this TalkRequest request, string list, params string[] values)",
+                        "TalkRequest (this TalkRequest request, string list, IEnumerable<string> values)"],
+        "AllowActions": ["TalkRequest (this TalkRequest request, params string[] names)"],
+    }
+    assert public_methods("NpcActions") == {
+        "Arguments": ["IReadOnlyDictionary<string, object?> (Npc.V1.Action action)"],
+        "Format": ["string (Npc.V1.Action action)"],
+    }
+    for speaker in ("Unity/NpcSpeaker.cs", "Godot/NpcSpeaker.cs"):
+        text = (CSHARP / speaker).read_text(encoding="utf-8")
+        for case in ("Emotion", "Delta", "Action", "Finished"):
+            assert f"case TalkEvent.EventOneofCase.{case}:" in text, (speaker, case)
+        assert "request.AddEntities(" in text and "request.AllowActions(" in text, speaker

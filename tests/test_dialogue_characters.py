@@ -82,11 +82,34 @@ def test_sample_characters_load(folder, checkpoint):
 
     c = load_character(REPO / "characters" / folder)
     assert c.id == folder and c.persona and c.greeting and 3 <= len(c.knowledge) <= 5 and c.emotions
+    assert 2 <= len(c.actions) <= 4  # things a game can execute, fitting the character
     assert c.generation.max_tokens <= 128 and c.has_adapter
     adapter = load_peft_adapter(c.adapter_path, checkpoint.config)  # fits the embedded model
     assert adapter.rank == 8 and len(adapter.target_modules) == 7
     size = sum(f.stat().st_size for f in c.adapter_path.iterdir())
     assert size <= 5_000_000  # sample adapters stay small enough to commit
+
+
+def test_actions_are_read_with_their_typed_arguments(tmp_path):
+    home = write(tmp_path, VALID + """\
+actions:
+  - name: sell_item
+    description: Sell an arrow bundle.
+    arguments:
+      item: {type: enum, from: stock}
+      count: {type: integer, min: 1, max: 20}
+      note: {type: string, max_chars: 12}
+      gift: {type: boolean}
+      fletching: {type: enum, values: [goose, owl]}
+    effects: {gold: "+price"}
+""")
+    [spec] = load_character(home).actions
+    assert spec.name == "sell_item" and spec.effects == (("gold", "+price"),)
+    assert [(a.name, a.type) for a in spec.arguments] == [("item", "enum"), ("count", "integer"), ("note", "string"),
+                                                         ("gift", "boolean"), ("fletching", "enum")]
+    item, count, note, _, fletching = spec.arguments
+    assert (item.values_from, count.min, count.max, note.max_chars, fletching.values) == (
+        "stock", 1, 20, 12, ("goose", "owl"))
 
 
 def test_any_change_gives_a_new_version(tmp_path):
@@ -95,6 +118,9 @@ def test_any_change_gives_a_new_version(tmp_path):
     assert load_character(home).version == v1  # deterministic
     write(tmp_path, VALID.replace("elf archer", "elf ranger"))
     assert load_character(home).version != v1
+
+
+_BASE = "id: elf\nname: Elara\npersona: x\n"
 
 
 @pytest.mark.parametrize("text, field, words", [
@@ -128,6 +154,36 @@ def test_any_change_gives_a_new_version(tmp_path):
     ("id: elf\nname: Elara\npersona: x\ngeneration: {top_p: 0.5, top_p: 0.6}\n", "generation.top_p", "twice"),
     ("id: elf\nname: &n Elara\npersona: *n\n", "persona", "aliases"),
     ("id: elf\nname: Elara\npersona: !!python/object:os.system x\n", None, "invalid YAML"),
+    # emotions the model writes in brackets, and actions
+    (f"{_BASE}emotions: ['[x]']\n", "emotions[0]", "without brackets"),
+    (f"{_BASE}emotions: [calm, calm]\n", "emotions", "twice"),
+    (f"{_BASE}actions: sell\n", "actions", "must be a list"),
+    (f"{_BASE}actions:\n  - description: Sell.\n", "actions[0].name", "missing"),
+    (f"{_BASE}actions:\n  - {{name: Sell Item, description: x}}\n", "actions[0].name", "[a-z][a-z0-9_]"),
+    (f"{_BASE}actions:\n  - {{name: sell}}\n", "actions[0].description", "missing"),
+    (f"{_BASE}actions:\n  - {{name: sell, description: x}}\n  - {{name: sell, description: y}}\n",
+     "actions[1].name", "declared twice"),
+    (f"{_BASE}actions:\n  - {{name: sell, description: x, cost: 3}}\n", "actions[0].cost", "unknown field"),
+    (f"{_BASE}actions:\n  - {{name: sell, description: x, arguments: [item]}}\n", "actions[0].arguments",
+     "must be a mapping"),
+    (f"{_BASE}actions:\n  - {{name: sell, description: x, arguments: {{item: {{type: thing}}}}}}\n",
+     "actions[0].arguments.item.type", "enum, integer, string, boolean"),
+    (f"{_BASE}actions:\n  - {{name: sell, description: x, arguments: {{item: {{type: enum}}}}}}\n",
+     "actions[0].arguments.item", "needs `values`"),
+    (f"{_BASE}actions:\n  - {{name: sell, description: x, arguments: {{item: {{type: enum, values: []}}}}}}\n",
+     "actions[0].arguments.item", "needs `values`"),
+    (f"{_BASE}actions:\n  - {{name: sell, description: x, arguments: {{item: {{type: enum, values: [a], "
+     f"from: stock}}}}}}\n", "actions[0].arguments.item.from", "not both"),
+    (f"{_BASE}actions:\n  - {{name: sell, description: x, arguments: {{item: {{type: enum, values: [a, a]}}}}}}\n",
+     "actions[0].arguments.item.values", "twice"),
+    (f"{_BASE}actions:\n  - {{name: sell, description: x, arguments: {{n: {{type: integer, min: 1}}}}}}\n",
+     "actions[0].arguments.n.max", "missing"),
+    (f"{_BASE}actions:\n  - {{name: sell, description: x, arguments: {{n: {{type: integer, min: 5, max: 1}}}}}}\n",
+     "actions[0].arguments.n.max", "below min"),
+    (f"{_BASE}actions:\n  - {{name: sell, description: x, arguments: {{s: {{type: string, max_chars: 500}}}}}}\n",
+     "actions[0].arguments.s.max_chars", "between 1 and 64"),
+    (f"{_BASE}actions:\n  - {{name: sell, description: x, arguments: {{Bad: {{type: boolean}}}}}}\n",
+     "actions[0].arguments.Bad", "argument names"),
 ])
 def test_bad_file_names_file_and_field(tmp_path, text, field, words):
     err = error_of(write(tmp_path, text))

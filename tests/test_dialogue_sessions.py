@@ -6,12 +6,42 @@ import json
 
 import pytest
 
+from sidecar.dialogue.actions import Action
 from sidecar.dialogue.sessions import SessionError, SessionExists, SessionStore, Turn, UnknownSession
 from sidecar.errors import UserError
 
 
 def turn(i: int, character: str = "smith") -> Turn:
     return Turn(character, f"line {i}", f"reply {i}", "Ayla", "v1")
+
+
+def test_emotion_and_actions_survive_export_and_import():
+    store = SessionStore()
+    sold = Action("sell_item", (("item", "iron sword"), ("price", 40), ("credit", False)))
+    store.append_turn("s", Turn("smith", "I'll take it.", "Forty gold.", emotion="gruff", actions=(sold,)))
+    store.append_turn("s", turn(1))
+    data = json.loads(json.dumps(store.export("s")))  # what a save file holds
+    assert data["turns"][0]["actions"] == [{"name": "sell_item",
+                                            "arguments": {"item": "iron sword", "price": 40, "credit": False}}]
+    other = SessionStore()
+    other.import_(data)
+    assert other.history("s") == store.history("s")
+    assert other.history("s")[0].actions == (sold,) and other.history("s")[0].emotion == "gruff"
+
+
+@pytest.mark.parametrize("actions, words", [
+    ("sell", "actions: must be a list"),
+    ([{"name": "sell", "arguments": {"x": [1]}}], "actions[0].arguments"),
+    ([{"arguments": {}}], "actions[0]"),
+    ([{"name": "sell", "price": 3}], "actions[0]"),
+    ([{"name": "a"}] * 17, "at most 16"),
+])
+def test_bad_imported_actions_name_the_field(actions, words):
+    data = {"format": 1, "session_id": "s", "turns": [{"character_id": "smith", "player_line": "a",
+                                                        "npc_line": "b", "actions": actions}]}
+    with pytest.raises(SessionError, match="session.turns\\[0\\].actions") as info:
+        SessionStore().import_(data)
+    assert words in str(info.value)
 
 
 def test_history_in_order():

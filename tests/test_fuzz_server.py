@@ -29,6 +29,8 @@ from hypothesis import strategies as st
 from sidecar.config import RequestLimits
 from sidecar.dialogue.characters import load_character
 from sidecar.dialogue.prompt import build_messages
+from sidecar.dialogue.reply_format import reply_format
+from sidecar.engine.api import SamplingParams
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from tests.sidecar_process import SidecarProcess, copy_characters
 
@@ -42,7 +44,7 @@ GOOD_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusC
               grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION}
 # Where an INVALID_ARGUMENT message may start: the path of a request field.
 FIELD_PREFIXES = ("request:", "character_id:", "session_id:", "player_line:", "player_name:", "world",
-                  "options.", "state")
+                  "options.", "state", "entities", "allowed_actions")
 METHODS = ("Talk", "ListCharacters", "ResetSession", "ExportSession", "ImportSession", "GetServerInfo")
 REQUEST_TYPES = {"Talk": pb.TalkRequest, "ListCharacters": pb.ListCharactersRequest,
                  "ResetSession": pb.ResetSessionRequest, "ExportSession": pb.ExportSessionRequest,
@@ -183,15 +185,25 @@ def chatml_ids(tokenizer, messages) -> list[int]:
     return [*ids, start, *tokenizer.encode_literal("assistant\n")]
 
 
+def reply_tokens(f: Fuzzed, req: pb.TalkRequest) -> int:
+    """The engine's max_tokens for the reply: the text's budget, plus the emotion's and actions' room."""
+    character = f.characters[req.character_id]
+    text = SamplingParams(max_tokens=min(req.options.max_tokens or character.generation.max_tokens, LIMITS.max_tokens))
+    fmt = reply_format(character.emotions, character.actions, {}, None)
+    return fmt.sampling(text, LIMITS.max_tokens).max_tokens
+
+
 def expected_prompt(f: Fuzzed, req: pb.TalkRequest, history=()) -> tuple[int, int] | None:
     """(prompt tokens, history turns) of a reply after `history`, or None when even the bare prompt
     cannot fit: the newest turns of this character that fit, then no style examples (prompt.fit_to_budget)."""
     character = f.characters[req.character_id]
-    budget = f.context_tokens - min(req.options.max_tokens or character.generation.max_tokens, LIMITS.max_tokens)
+    fmt = reply_format(character.emotions, character.actions, {}, None)  # a structured reply: its room too
+    budget = f.context_tokens - reply_tokens(f, req)
     own = [t for t in history if t.character_id == character.id][-character.memory.max_turns:]
 
     def tokens(turns, examples: bool = True) -> int:
-        messages = build_messages(character, turns, req.player_line, dict(req.world), req.player_name, examples)
+        messages = build_messages(character, turns, req.player_line, dict(req.world), req.player_name, examples,
+                                  fmt)
         return len(chatml_ids(f.tokenizer, messages))
 
     for n in range(len(own), -1, -1):
@@ -204,6 +216,8 @@ def expected_prompt(f: Fuzzed, req: pb.TalkRequest, history=()) -> tuple[int, in
 def check_talk(f: Fuzzed, req: pb.TalkRequest, outcome: Outcome, history=None) -> None:
     """`history`: the session's turns when known (none without a session_id), to predict the prompt exactly."""
     check_contract(f, outcome)
+    if req.entities or req.HasField("allowed_actions"):
+        return  # (random wire bytes only: the game's lists and allowed actions have tests of their own)
     problems = talk_problems(req)
     if problems:
         assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, f"{problems} accepted: {outcome.code.name}"
@@ -223,12 +237,18 @@ def check_talk(f: Fuzzed, req: pb.TalkRequest, outcome: Outcome, history=None) -
     assert outcome.code == grpc.StatusCode.OK, f"{outcome.code.name}: {outcome.details}"
     events = [pb.TalkEvent.FromString(r) for r in outcome.replies]
     kinds = [e.WhichOneof("event") for e in events]
-    assert kinds[0] == "started" and kinds[-1] == "finished" and set(kinds[1:-1]) <= {"delta"}, kinds
+    # started, the emotion (the fuzzed characters declare emotions), the text, the actions, finished
+    assert kinds[:2] == ["started", "emotion"] and kinds[-1] == "finished", kinds
+    body = kinds[2:-1]
+    assert body == sorted(body, key=("delta", "action").index), kinds
     started, finished = events[0].started, events[-1].finished
-    assert "".join(e.delta.text for e in events[1:-1]) == finished.full_text
-    assert all(e.delta.text for e in events[1:-1]), "empty delta"
+    deltas = [e.delta.text for e in events if e.HasField("delta")]
+    assert "".join(deltas) == finished.full_text
+    assert all(deltas), "empty delta"
+    assert events[1].emotion.label == finished.emotion
+    assert [e.action for e in events if e.HasField("action")] == list(finished.actions)
     assert finished.reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH), finished.reason
-    assert 0 <= finished.usage.completion_tokens <= req.options.max_tokens  # (every fuzzed reply sets it)
+    assert 0 <= finished.usage.completion_tokens <= reply_tokens(f, req)
     assert finished.usage.prompt_tokens == started.prompt_tokens
     assert not any(s in finished.full_text for s in req.options.stop), "a stop string was streamed"
     assert finished.emotion in f.characters[req.character_id].emotions

@@ -11,13 +11,16 @@ import pytest
 
 from sidecar.client import NpcClient
 from sidecar.config import RequestLimits, ServerConfig
+from sidecar.dialogue.actions import Action
+from sidecar.dialogue.characters import load_character
+from sidecar.dialogue.turn import TurnAction, TurnDelta, TurnEmotion, TurnFinished, TurnStarted
 from sidecar.engine.tokenizer import ChatMessage
 from sidecar.errors import UserError
 from sidecar.model.random_adapter import write_random_adapter
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from sidecar.server.openai_http import ECHO_LOGPROB_TOKENS, HttpError, OpenAiEndpoint
 from sidecar.server.requests import parse_talk
-from tests.sidecar_process import SidecarProcess, copy_characters, write_character
+from tests.sidecar_process import REPO, SidecarProcess, copy_characters, write_character
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -309,3 +312,434 @@ def test_chat_with_a_character_is_that_characters_turn(server):
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in streamed[:-1]) != ""
     assert bad == 400 and "messages" in refused["error"]["message"]  # the player's line must come last
     assert turns == 2  # the imported turn and Talk's own; HTTP wrote nothing
+
+
+# --- function calling, response formats, a character's actions (issue 15) -------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "minLength": 1, "maxLength": 20},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {
+    "name": "add_numbers", "description": "Add two whole numbers.",
+    "parameters": {"type": "object", "properties": {
+        "a": {"type": "integer", "minimum": 0, "maximum": 100},
+        "b": {"type": "integer", "minimum": 0, "maximum": 100}},
+        "required": ["a", "b"], "additionalProperties": False}}}
+TOOLS = [WEATHER, ADD]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+ASK = [{"role": "user", "content": "What is the weather like in Oslo today?"}]
+# Room for a whole call: the default max_tokens (16) cuts most of them.
+CALLING = {"model": "base", "messages": ASK, "tools": TOOLS, "max_tokens": 60, "temperature": 0}
+STOCK = {"stock": ["iron sword", "war axe", "shield"], "player_items": ["rusty dagger"]}
+
+
+def matches(value, schema: dict) -> bool:
+    """A small JSON-schema check: the keywords these tests' schemas use."""
+    if "anyOf" in schema:
+        return any(matches(value, s) for s in schema["anyOf"])
+    if "const" in schema and value != schema["const"]:
+        return False
+    if "enum" in schema and value not in schema["enum"]:
+        return False
+    kind = schema.get("type")
+    types = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+    if kind == "integer":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return False
+    elif kind == "number":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+    elif kind in types and not isinstance(value, types[kind]):
+        return False
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < schema.get("minimum", value) or value > schema.get("maximum", value):
+            return False
+    if isinstance(value, str) and not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
+        return False
+    if isinstance(value, list) and "items" in schema:
+        return all(matches(v, schema["items"]) for v in value)
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        if any(k not in value for k in schema.get("required", ())):
+            return False
+        if schema.get("additionalProperties") is False and set(value) - set(properties):
+            return False
+        return all(matches(v, properties[k]) for k, v in value.items() if k in properties)
+    return True
+
+
+def check_call(call: dict, allowed: dict) -> dict:
+    """One entry of message.tool_calls: its shape, a tool of the request, arguments valid for that tool."""
+    assert set(call) == {"id", "type", "function"} and call["type"] == "function", call
+    assert call["id"].startswith("call_") and set(call["function"]) == {"name", "arguments"}
+    assert call["function"]["name"] in allowed, call
+    arguments = json.loads(call["function"]["arguments"])
+    assert matches(arguments, allowed[call["function"]["name"]]), call
+    return arguments
+
+
+def without_ids(calls: list[dict]) -> list[dict]:
+    """Calls as two requests can agree on them (each request numbers its own ids; a stream adds index)."""
+    return [{k: v for k, v in call.items() if k not in ("id", "index")} for call in calls]
+
+
+def test_schema_checker_sanity():
+    """The checker above refuses what it should (so a passing test means something)."""
+    assert matches({"city": "Oslo", "unit": "celsius"}, SCHEMAS["get_weather"])
+    assert not matches({"city": "Oslo", "unit": "kelvin"}, SCHEMAS["get_weather"])
+    assert not matches({"city": "Oslo"}, SCHEMAS["get_weather"])
+    assert not matches({"a": 1, "b": 101}, SCHEMAS["add_numbers"])
+    assert not matches({"a": 1, "b": 2, "c": 3}, SCHEMAS["add_numbers"])
+    assert not matches({"a": True, "b": 2}, SCHEMAS["add_numbers"])
+
+
+def test_tool_grammars_allow_exactly_the_calls(tokenizer):
+    """The grammars tool_plan builds, run through llguidance offline: "required" is one call of a listed
+    tool with valid arguments; a named choice, that tool only; "auto", text that does not open a call, or
+    a call."""
+    import llguidance
+
+    from sidecar.server import openai_tools as ot
+
+    lltok = llguidance.LLTokenizer(tokenizer.hf_json(), eos_token=list(tokenizer.eos_ids))
+
+    def accepts(body: dict, text: str) -> bool:
+        matcher = llguidance.LLMatcher(lltok, ot.tool_plan({"tools": TOOLS, **body}).grammar, log_level=0)
+        return matcher.consume_tokens(tokenizer.encode_literal(text)) and matcher.is_accepting()
+
+    weather = ot.render_call("get_weather", {"city": "Oslo", "unit": "celsius"})
+    add = ot.render_call("add_numbers", {"a": 2, "b": 3})
+    assert weather == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}' \
+                      "\n</tool_call>"
+    assert ot.parse_call(weather) == ("get_weather", {"city": "Oslo", "unit": "celsius"})
+    assert accepts({"tool_choice": "required"}, weather) and accepts({"tool_choice": "required"}, add)
+    assert not accepts({"tool_choice": "required"}, "It is sunny.")
+    assert not accepts({"tool_choice": "required"}, ot.render_call("get_weather", {"city": "Oslo", "unit": "K"}))
+    assert not accepts({"tool_choice": "required"}, ot.render_call("add_numbers", {"a": 2, "b": 300}))
+    named = {"tool_choice": {"type": "function", "function": {"name": "add_numbers"}}}
+    assert accepts(named, add) and not accepts(named, weather)
+    assert accepts({}, "It is sunny.\nTake a coat.") and accepts({}, weather) and accepts({}, "<b>hi</b>")
+    assert not accepts({}, "<tool_call>\nIt is sunny.")
+    assert ot.tool_plan({"tools": TOOLS, "tool_choice": "none"}) is None and ot.tool_plan({}) is None
+    # "auto" with a response format: the answer that is not a call is JSON of that schema.
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    shaped = {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}
+    assert accepts(shaped, '{"answer": "sunny"}') and accepts(shaped, weather) and not accepts(shaped, "sunny")
+
+
+def test_auto_replies_split_into_text_or_one_call():
+    """Under "auto", a reply that opens with <tool_call> is held back and sent as one call at the end;
+    text streams as soon as it cannot be that opening; a call cut short comes back as text."""
+    from sidecar.server.openai_http import _Part, _tool_parts
+
+    async def run(pieces: list[str], reason: str = "stop") -> list:
+        async def parts():
+            for i, piece in enumerate(pieces):
+                yield _Part(piece, (i,))
+            yield _Part("".join(pieces), tuple(range(len(pieces))), True, reason)
+        return [p async for p in _tool_parts(parts(), "req-1", auto=True)]
+
+    call = ["<tool", "_call>\n", '{"name": "add_numbers", ', '"arguments": {"a": 1, "b": 2}}', "\n</tool_call>"]
+    streamed, end = asyncio.run(run(call))
+    expected = ({"index": 0, "id": "call_req-1_0", "type": "function",
+                 "function": {"name": "add_numbers", "arguments": '{"a": 1, "b": 2}'}},)
+    assert (streamed.text, streamed.token_ids, streamed.tool_calls) == ("", (0, 1, 2, 3, 4), expected)
+    assert end.end and (end.text, end.reason, end.tool_calls) == ("", "tool_calls", expected)
+    text = asyncio.run(run(["<", "b>", "bold", "</b>"]))
+    assert [(p.text, p.token_ids) for p in text[:-1]] == [("<b>", (0, 1)), ("bold", (2,)), ("</b>", (3,))]
+    assert text[-1].end and text[-1].text == "<b>bold</b>" and not text[-1].tool_calls
+    cut = asyncio.run(run(call[:3], reason="length"))
+    assert [p.text for p in cut] == ["".join(call[:3])] * 2 and cut[-1].reason == "length" and not cut[-1].tool_calls
+
+
+def test_base_tool_choice_required_and_named_make_one_valid_call(server):
+    status, body = post(server, "/v1/chat/completions", {**CALLING, "tool_choice": "required"})
+    assert status == 200, body
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, choice
+    [call] = choice["message"]["tool_calls"]
+    check_call(call, SCHEMAS)
+    assert call["id"] == f"call_{body['id'].removeprefix('chatcmpl-')}_0"
+
+    named = {"type": "function", "function": {"name": "add_numbers"}}
+    status, body = post(server, "/v1/chat/completions", {**CALLING, "tool_choice": named, "messages": [
+        {"role": "user", "content": "What is 2 plus 3?"}]})
+    assert status == 200, body
+    [call] = body["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "add_numbers" and body["choices"][0]["finish_reason"] == "tool_calls"
+    check_call(call, {"add_numbers": SCHEMAS["add_numbers"]})
+
+
+def test_base_tool_choice_auto_and_none(server):
+    plain = {k: v for k, v in CALLING.items() if k != "tools"}
+    _, without = post(server, "/v1/chat/completions", plain)
+    for body in (CALLING, {**CALLING, "tool_choice": "auto", "temperature": 1.0, "seed": 3}):
+        status, reply = post(server, "/v1/chat/completions", body)
+        assert status == 200, reply
+        choice = reply["choices"][0]
+        if "tool_calls" in choice["message"]:  # the model called...
+            assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+            [call] = choice["message"]["tool_calls"]
+            check_call(call, SCHEMAS)
+        else:  # ...or answered
+            assert isinstance(choice["message"]["content"], str) and choice["finish_reason"] in ("stop", "length")
+            assert not choice["message"]["content"].startswith("<tool_call>")
+        # The tools are shown to the model in the system message.
+        assert reply["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"]
+    status, none = post(server, "/v1/chat/completions", {**CALLING, "tool_choice": "none"})
+    assert status == 200 and "tool_calls" not in none["choices"][0]["message"], none
+    assert none["choices"][0]["finish_reason"] in ("stop", "length")
+    # "none": no tools in the prompt either, so the same reply as without them.
+    assert none["usage"]["prompt_tokens"] == without["usage"]["prompt_tokens"]
+    assert none["choices"][0]["message"] == without["choices"][0]["message"]
+
+
+def test_a_tool_call_round_trip(server):
+    """The assistant's call and the tool's result go back as OpenAI clients send them."""
+    status, first = post(server, "/v1/chat/completions", {**CALLING, "tool_choice": "required"})
+    assert status == 200, first
+    message = first["choices"][0]["message"]
+    call = message["tool_calls"][0]
+    history = [*ASK, message, {"role": "tool", "tool_call_id": call["id"], "content": '{"sky": "clear", "c": 12}'}]
+    status, second = post(server, "/v1/chat/completions", {**CALLING, "messages": history})
+    assert status == 200, second
+    answer = second["choices"][0]["message"]
+    assert isinstance(answer["content"], str) or check_call(answer["tool_calls"][0], SCHEMAS)
+    assert second["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"]  # the call and its result
+
+
+def test_response_format_json_schema(server):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+              "required": ["name", "age"], "additionalProperties": False}
+    body = {"model": "base", "max_tokens": 60, "temperature": 0,
+            "messages": [{"role": "user", "content": "Describe a person as JSON."}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}}
+    status, reply = post(server, "/v1/chat/completions", body)
+    assert status == 200, reply
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"]
+    assert matches(json.loads(choice["message"]["content"]), schema), choice
+    # With tools ("auto"): a call, or an answer in that format.
+    status, reply = post(server, "/v1/chat/completions", {**body, "tools": TOOLS})
+    assert status == 200, reply
+    message = reply["choices"][0]["message"]
+    if "tool_calls" in message:
+        check_call(message["tool_calls"][0], SCHEMAS)
+    else:
+        assert matches(json.loads(message["content"]), schema), message
+
+
+def test_streamed_tool_calls(server):
+    """A call streams as OpenAI streams one: a delta with tool_calls (index, id, type, function), then the
+    last chunk's finish_reason "tool_calls"; the same call as the whole reply's (greedy)."""
+    body = {**CALLING, "tool_choice": "required"}
+    _, whole = post(server, "/v1/chat/completions", body)
+    events = asyncio.run(_stream(server, "/v1/chat/completions", body))
+    assert events[-1] == "[DONE]"
+    chunks = [e["choices"][0] for e in events[:-1]]
+    assert chunks[0]["delta"]["role"] == "assistant"
+    deltas = [c["delta"]["tool_calls"] for c in chunks if "tool_calls" in c["delta"]]
+    assert len(deltas) == 1 and deltas[0][0]["index"] == 0
+    assert deltas[0][0]["id"] == f"call_{events[0]['id'].removeprefix('chatcmpl-')}_0"
+    assert without_ids(deltas[0]) == without_ids(whole["choices"][0]["message"]["tool_calls"])
+    assert not "".join(c["delta"].get("content") or "" for c in chunks)
+    assert [c["finish_reason"] for c in chunks][-1] == "tool_calls"
+    assert all(c["finish_reason"] is None for c in chunks[:-1])
+    # "auto": the same shape when it calls; otherwise content that adds up to the whole reply's.
+    auto = {**CALLING, "tool_choice": "auto"}
+    _, whole = post(server, "/v1/chat/completions", auto)
+    chunks = [e["choices"][0] for e in asyncio.run(_stream(server, "/v1/chat/completions", auto))[:-1]]
+    message = whole["choices"][0]["message"]
+    streamed_calls = [call for c in chunks for call in c["delta"].get("tool_calls", ())]
+    assert without_ids(streamed_calls) == without_ids(message.get("tool_calls", []))
+    assert "".join(c["delta"].get("content") or "" for c in chunks) == (message["content"] or "")
+    assert chunks[-1]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+
+def _character_calls(choice: dict, allowed: set[str]) -> list[dict]:
+    """A character reply's tool_calls, checked against the blacksmith's actions and STOCK."""
+    calls = choice["message"].get("tool_calls", [])
+    assert (choice["finish_reason"] == "tool_calls") == bool(calls), choice
+    schemas = {"sell_item": {"type": "object", "properties": {"item": {"enum": STOCK["stock"]}},
+                             "required": ["item"], "additionalProperties": False},
+               "repair_item": {"type": "object", "properties": {"item": {"enum": STOCK["player_items"]}},
+                               "required": ["item"], "additionalProperties": False},
+               "buy_item": {"type": "object", "properties": {
+                   "item": {"enum": STOCK["player_items"]}, "price": {"type": "integer", "minimum": 1, "maximum": 100}},
+                   "required": ["item", "price"], "additionalProperties": False}}
+    for call in calls:
+        check_call(call, {name: schemas[name] for name in allowed})
+    return calls
+
+
+def test_a_characters_actions_are_tool_calls(server):
+    """model=<character> on the real model: `tools` picks which of its actions it may take, `entities` gives
+    the game's lists; any actions come back as tool_calls (allowed ones, arguments from the entities), the
+    emotion stays an extra field. (Whether it acts is the model's choice: the checked-in adapters were
+    trained before actions, so they seldom do; test_character_tool_calls_shape scripts a turn that does.)"""
+    line = [{"role": "user", "content": "I'll take the iron sword. Here are forty gold."}]
+    sell = {"model": "blacksmith", "messages": line, "entities": STOCK, "max_tokens": 40, "temperature": 1.0,
+            "tools": [{"type": "function", "function": {"name": "sell_item"}}]}
+    labels = {"gruff", "proud", "annoyed", "amused", "sad"}
+    for seed in range(3):
+        status, reply = post(server, "/v1/chat/completions", {**sell, "seed": seed})
+        assert status == 200, reply
+        choice = reply["choices"][0]
+        assert choice["message"]["content"] and choice["emotion"] in labels
+        calls = _character_calls(choice, {"sell_item"})
+        assert [c["id"] for c in calls] == [f"call_{reply['id'].removeprefix('chatcmpl-')}_{i}"
+                                            for i in range(len(calls))]
+    # Streamed: the text, then one delta per action (index counting up), then the last chunk; the same
+    # reply as the whole one (same seed, run alone).
+    events = asyncio.run(_stream(server, "/v1/chat/completions", {**sell, "seed": 0}))
+    _, whole = post(server, "/v1/chat/completions", {**sell, "seed": 0})
+    assert events[-1] == "[DONE]"
+    chunks = [e["choices"][0] for e in events[:-1]]
+    streamed = [call for c in chunks for call in c["delta"].get("tool_calls", ())]
+    assert [c["index"] for c in streamed] == list(range(len(streamed)))
+    assert without_ids(streamed) == without_ids(whole["choices"][0]["message"].get("tool_calls", []))
+    assert "".join(c["delta"].get("content") or "" for c in chunks) == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["emotion"] in labels and chunks[-1]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    # tool_choice "none": the character takes no action.
+    status, reply = post(server, "/v1/chat/completions", {**sell, "tool_choice": "none", "seed": 0})
+    assert status == 200 and "tool_calls" not in reply["choices"][0]["message"], reply
+    assert reply["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+class ScriptedDialogue:
+    """Stands in for Dialogue behind OpenAiEndpoint: serves one character, records each TalkInput, and
+    answers every turn with the same events (a reply that takes two actions)."""
+
+    ACTIONS = (Action("sell_item", (("item", "iron sword"),)),
+               Action("buy_item", (("item", "rusty dagger"), ("price", 3))))
+
+    def __init__(self, character):
+        self.character, self.accepting, self.talks = character, True, []
+
+    def serving(self, character_id: str):
+        return self.character, None
+
+    async def talk(self, talk, arrival=None):
+        self.talks.append(talk)
+        yield TurnStarted("req-7", "v1", prompt_tokens=10, cached_prompt_tokens=0, history_turns=0)
+        yield TurnEmotion("gruff")
+        for piece in ("Forty gold, ", "lad."):
+            yield TurnDelta(piece)
+        for action in self.ACTIONS:
+            yield TurnAction(action)
+        yield TurnFinished("stop", "Forty gold, lad.", (1, 2, 3), 10, 3, 0, 1.0, 2.0, 3.0, "gruff", self.ACTIONS)
+
+
+def test_character_tool_calls_shape():
+    """A character turn's actions as OpenAI tool_calls, whole and streamed, and the TalkInput the request
+    makes: entities, allowed actions from `tools` / `tool_choice`, the history's calls and emotions."""
+    dialogue = ScriptedDialogue(load_character(REPO / "characters" / "blacksmith"))
+    endpoint = OpenAiEndpoint(dialogue, ServerConfig())
+    sell_and_buy = [{"type": "function", "function": {"name": "sell_item"}},
+                    {"type": "function", "function": {"name": "buy_item", "parameters": {"ignored": True}}}]
+    history = [{"role": "user", "content": "The sword."},
+               {"role": "assistant", "content": "Forty.", "emotion": "gruff", "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "sell_item",
+                                                                     "arguments": '{"item": "iron sword"}'}}]},
+               {"role": "user", "content": "And buy my dagger?", "name": "Ari"}]
+    body = {"model": "blacksmith", "messages": history, "entities": STOCK, "tools": sell_and_buy}
+
+    async def go():
+        address = await endpoint.start("127.0.0.1:0")
+        try:
+            async with aiohttp.ClientSession() as session:
+                async def call(extra: dict, stream: bool = False):
+                    async with session.post(f"http://{address}/v1/chat/completions",
+                                            json={**body, **extra, "stream": stream}) as r:
+                        if not stream:
+                            return await r.json()
+                        return [json.loads(line[6:]) if line[6:].strip() != b"[DONE]" else "[DONE]"
+                                async for line in r.content if line.startswith(b"data: ")]
+                return (await call({}), await call({}, stream=True), await call({"tool_choice": "none"}),
+                        await call({"tools": None}))
+        finally:
+            await endpoint.stop()
+
+    whole, events, _, _ = asyncio.run(go())
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["emotion"] == "gruff"
+    assert choice["message"] == {"role": "assistant", "content": "Forty gold, lad.", "tool_calls": [
+        {"id": "call_req-7_0", "type": "function", "function": {"name": "sell_item",
+                                                                "arguments": '{"item": "iron sword"}'}},
+        {"id": "call_req-7_1", "type": "function", "function": {"name": "buy_item",
+                                                                "arguments": '{"item": "rusty dagger", "price": 3}'}}]}
+    assert events[-1] == "[DONE]"
+    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    assert deltas[0] == {"role": "assistant", "content": "Forty gold, "} and deltas[1] == {"content": "lad."}
+    assert [d["tool_calls"] for d in deltas[2:4]] == [
+        [{"index": i, **call}] for i, call in enumerate(choice["message"]["tool_calls"])]
+    last = events[-2]["choices"][0]
+    assert last["delta"] == {} and last["finish_reason"] == "tool_calls" and last["emotion"] == "gruff"
+
+    talk, _, none, every = dialogue.talks
+    assert talk.entities == {name: tuple(values) for name, values in STOCK.items()}
+    assert (talk.allowed_actions, none.allowed_actions, every.allowed_actions) == (("sell_item", "buy_item"), (), None)
+    assert talk.player_name == "Ari" and talk.player_line == "And buy my dagger?"
+    [earlier] = talk.history
+    assert (earlier.player_line, earlier.npc_line, earlier.emotion) == ("The sword.", "Forty.", "gruff")
+    assert earlier.actions == (Action("sell_item", (("item", "iron sword"),)),)
+
+
+def test_a_characters_history_keeps_its_actions(server):
+    """An earlier reply's tool_calls and emotion go back into the prompt as the model wrote them."""
+    earlier = {"role": "assistant", "content": "Forty gold, lad.", "emotion": "gruff", "tool_calls": [
+        {"id": "call_x_0", "type": "function", "function": {"name": "sell_item",
+                                                            "arguments": '{"item": "iron sword"}'}}]}
+    base = {"model": "blacksmith", "entities": STOCK, "max_tokens": 8, "temperature": 0}
+    turn = [{"role": "user", "content": "The sword, please."}, earlier, {"role": "user", "content": "Thanks!"}]
+    status, with_call = post(server, "/v1/chat/completions", {**base, "messages": turn})
+    assert status == 200, with_call
+    plain = [*turn[:1], {"role": "assistant", "content": "Forty gold, lad."}, turn[2]]
+    _, without = post(server, "/v1/chat/completions", {**base, "messages": plain})
+    assert with_call["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"]
+
+
+CHAT_BAD = [
+    # (body over {"model": "base", "messages": ASK}, param)
+    ({"tools": "get_weather"}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools[0]"),
+    ({"tools": [WEATHER, {"type": "function", "function": {"name": "no spaces"}}]}, "tools[1].function.name"),
+    ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "when": {"type": "string", "format": "someday"}}}}}]}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools[0].function.parameters"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "structured_outputs": {"grammar": 'start: "x"'}}, "structured_outputs"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     "response_format"),
+    ({"entities": {"stock": ["x"]}}, "entities"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}, "messages[0]"),
+    # A character's turn
+    ({"model": "blacksmith", "tools": [{"type": "function", "function": {"name": "sell_item"}},
+                                       {"type": "function", "function": {"name": "fly"}}]},
+     "tools[1].function.name"),
+    ({"model": "blacksmith", "tool_choice": "required"}, "tool_choice"),
+    ({"model": "blacksmith", "entities": {"stock": "iron sword"}}, "entities"),
+    ({"model": "blacksmith", "entities": {"Stock": ["iron sword"]}}, "entities"),
+    ({"model": "blacksmith", "entities": {"stock": ["iron sword", "iron sword"]}}, "entities"),
+    ({"model": "blacksmith", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"model": "blacksmith", "messages": [{"role": "tool", "content": "x"}, *ASK]}, "messages[0]"),
+    ({"model": "blacksmith", "messages": [{"role": "assistant", "content": "Hm.", "tool_calls": [
+        {"type": "function", "function": {"name": "fly", "arguments": "{}"}}]}, *ASK]}, "messages[0]"),
+]
+
+
+@pytest.mark.parametrize("body,param", CHAT_BAD, ids=[p for _, p in CHAT_BAD])
+def test_tools_and_formats_bad_input_is_400_naming_the_param(server, body, param):
+    status, reply = post(server, "/v1/chat/completions", {"model": "base", "messages": ASK, "max_tokens": 4, **body})
+    assert status == 400, reply
+    assert reply["error"]["param"] == param, reply
+    assert reply["error"]["message"].startswith(param), reply

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from concurrent import futures
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from sidecar import proto_gen
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
@@ -124,6 +125,162 @@ def test_talk_events_round_trip():
     assert "".join(e.delta.text for e in back[1:3]) == back[3].finished.full_text
 
 
+# Issue 15 (emotion before the line, actions after it): field -> (number, type, label) as the spec gives them.
+_T = descriptor_pb2.FieldDescriptorProto
+ISSUE_15_FIELDS = {
+    "TalkRequest.entities": (7, _T.TYPE_MESSAGE, "repeated"),  # a map
+    "TalkRequest.allowed_actions": (8, _T.TYPE_MESSAGE, "optional"),
+    "EntityList.values": (1, _T.TYPE_STRING, "repeated"),
+    "AllowedActions.names": (1, _T.TYPE_STRING, "repeated"),
+    "TalkEvent.emotion": (4, _T.TYPE_MESSAGE, "optional"),
+    "TalkEvent.action": (5, _T.TYPE_MESSAGE, "optional"),
+    "Emotion.label": (1, _T.TYPE_STRING, "optional"),
+    "Action.name": (1, _T.TYPE_STRING, "optional"),
+    "Action.arguments": (2, _T.TYPE_MESSAGE, "repeated"),
+    "Action.arguments_json": (3, _T.TYPE_STRING, "optional"),
+    "ActionArgument.name": (1, _T.TYPE_STRING, "optional"),
+    "ActionArgument.string_value": (2, _T.TYPE_STRING, "optional"),
+    "ActionArgument.int_value": (3, _T.TYPE_INT64, "optional"),
+    "ActionArgument.bool_value": (4, _T.TYPE_BOOL, "optional"),
+    "Finished.emotion": (5, _T.TYPE_STRING, "optional"),
+    "Finished.actions": (6, _T.TYPE_MESSAGE, "repeated"),
+    "Turn.emotion": (6, _T.TYPE_STRING, "optional"),
+    "Turn.actions": (7, _T.TYPE_MESSAGE, "repeated"),
+    "Character.actions": (10, _T.TYPE_MESSAGE, "repeated"),
+    "ActionSpec.name": (1, _T.TYPE_STRING, "optional"),
+    "ActionSpec.description": (2, _T.TYPE_STRING, "optional"),
+    "ActionSpec.arguments": (3, _T.TYPE_MESSAGE, "repeated"),
+    "ActionSpec.effects": (4, _T.TYPE_MESSAGE, "repeated"),  # a map
+    "ArgumentSpec.name": (1, _T.TYPE_STRING, "optional"),
+    "ArgumentSpec.type": (2, _T.TYPE_STRING, "optional"),
+    "ArgumentSpec.values": (3, _T.TYPE_STRING, "repeated"),
+    "ArgumentSpec.values_from": (4, _T.TYPE_STRING, "optional"),
+    "ArgumentSpec.min_value": (5, _T.TYPE_INT64, "optional"),
+    "ArgumentSpec.max_value": (6, _T.TYPE_INT64, "optional"),
+    "ArgumentSpec.max_chars": (7, _T.TYPE_INT32, "optional"),
+    "RequestLimits.max_entity_lists": (9, _T.TYPE_INT32, "optional"),
+    "RequestLimits.max_entity_values": (10, _T.TYPE_INT32, "optional"),
+    "RequestLimits.max_entity_chars": (11, _T.TYPE_INT32, "optional"),
+}
+
+
+def test_issue_15_fields_have_the_agreed_numbers_and_types():
+    found = {}
+    for name in ISSUE_15_FIELDS:
+        message, field = name.split(".")
+        f = pb.DESCRIPTOR.message_types_by_name[message].fields_by_name[field]
+        found[name] = (f.number, f.type, "repeated" if f.is_repeated else "optional")
+    assert found == ISSUE_15_FIELDS
+    assert pb.TalkRequest.DESCRIPTOR.fields_by_name["entities"].message_type.GetOptions().map_entry
+    assert pb.TalkRequest.DESCRIPTOR.fields_by_name["entities"].message_type.fields_by_name["value"].message_type \
+        == pb.EntityList.DESCRIPTOR
+    assert pb.ActionSpec.DESCRIPTOR.fields_by_name["effects"].message_type.GetOptions().map_entry
+    oneof = pb.TalkEvent.DESCRIPTOR.oneofs_by_name["event"]
+    assert [f.name for f in oneof.fields] == ["started", "delta", "finished", "emotion", "action"]
+    assert [f.name for f in pb.ActionArgument.DESCRIPTOR.oneofs_by_name["value"].fields] == [
+        "string_value", "int_value", "bool_value"]
+
+
+def test_the_talk_rpc_documents_every_event_in_order(tmp_path: Path):
+    out = tmp_path / "dialogue.pb"
+    proto_gen.run_protoc(PROTO_ROOT, [DIALOGUE], ["--include_source_info", f"--descriptor_set_out={out}"])
+    (proto,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    talk = [i for i, m in enumerate(proto.service[0].method) if m.name == "Talk"][0]
+    (comment,) = [loc.leading_comments for loc in proto.source_code_info.location if list(loc.path) == [6, 0, 2, talk]]
+    # One line per event, in stream order: "  started ...", "  emotion ...", "  delta ...", ...
+    order = [line.split()[0] for line in comment.splitlines() if line.startswith("   ") and line.split()
+             and line.split()[0] in pb.TalkEvent.DESCRIPTOR.fields_by_name]
+    assert order == ["started", "emotion", "delta", "action", "finished"]
+
+
+def test_talk_request_entities_and_allowed_actions():
+    request = pb.TalkRequest(character_id="blacksmith", player_line="The sword, please.")
+    request.entities["stock"].values.extend(["iron sword", "steel axe"])
+    request.entities["empty"].SetInParent()
+    back = pb.TalkRequest.FromString(request.SerializeToString())
+    assert {k: list(v.values) for k, v in back.entities.items()} == {"stock": ["iron sword", "steel axe"], "empty": []}
+    # allowed_actions: unset (every action) differs from set with no names (no action).
+    assert not back.HasField("allowed_actions")
+    back.allowed_actions.SetInParent()
+    again = pb.TalkRequest.FromString(back.SerializeToString())
+    assert again.HasField("allowed_actions") and list(again.allowed_actions.names) == []
+    again.allowed_actions.names.append("sell_item")
+    assert list(pb.TalkRequest.FromString(again.SerializeToString()).allowed_actions.names) == ["sell_item"]
+
+
+def _sell(item: str = "iron sword", price: int = 40) -> pb.Action:
+    return pb.Action(
+        name="sell_item",
+        arguments=[pb.ActionArgument(name="item", string_value=item), pb.ActionArgument(name="price", int_value=price)],
+        arguments_json=f'{{"item": "{item}", "price": {price}}}',
+    )
+
+
+def test_emotion_and_action_events_round_trip():
+    events = [
+        pb.TalkEvent(started=pb.Started(request_id="r1")),
+        pb.TalkEvent(emotion=pb.Emotion(label="gruff")),
+        pb.TalkEvent(delta=pb.TextDelta(text="Forty gold, lad.")),
+        pb.TalkEvent(action=_sell()),
+        pb.TalkEvent(action=pb.Action(name="open_gate", arguments_json="{}")),
+        pb.TalkEvent(finished=pb.Finished(reason=pb.FINISH_REASON_STOP, full_text="Forty gold, lad.", emotion="gruff",
+                                          actions=[_sell(), pb.Action(name="open_gate", arguments_json="{}")])),
+    ]
+    back = [pb.TalkEvent.FromString(e.SerializeToString()) for e in events]
+    assert back == events
+    assert [e.WhichOneof("event") for e in back] == ["started", "emotion", "delta", "action", "action", "finished"]
+    sell = back[3].action
+    assert [(a.name, a.WhichOneof("value")) for a in sell.arguments] == [("item", "string_value"),
+                                                                        ("price", "int_value")]
+    assert json.loads(sell.arguments_json) == {"item": "iron sword", "price": 40}
+    assert list(back[-1].finished.actions) == [back[3].action, back[4].action]
+    assert back[-1].finished.emotion == back[1].emotion.label
+    flag = pb.ActionArgument(name="urgent", bool_value=False)  # false is set, not absent, in a oneof
+    assert pb.ActionArgument.FromString(flag.SerializeToString()).WhichOneof("value") == "bool_value"
+
+
+def test_a_client_built_before_issue_15_reads_a_new_reply():
+    """The proto as it was before emotion/action events (those fields taken out) parses what a new server
+    sends: an emotion or action event is an event of no kind it knows (to be ignored), and Finished keeps
+    what it had."""
+    old = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(old)
+    dropped = {"TalkEvent": {"emotion", "action"}, "Finished": {"actions"}}
+    for message in old.message_type:
+        keep = [f for f in message.field if f.name not in dropped.get(message.name, ())]
+        del message.field[:]
+        message.field.extend(keep)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(old)
+    old_event = message_factory.GetMessageClass(pool.FindMessageTypeByName("npc.v1.TalkEvent"))
+    for new in (pb.TalkEvent(emotion=pb.Emotion(label="gruff")), pb.TalkEvent(action=_sell())):
+        assert old_event.FromString(new.SerializeToString()).WhichOneof("event") is None
+    finished = pb.TalkEvent(finished=pb.Finished(full_text="Hi", emotion="gruff", actions=[_sell()]))
+    parsed = old_event.FromString(finished.SerializeToString())
+    assert parsed.WhichOneof("event") == "finished" and parsed.finished.full_text == "Hi"
+    assert parsed.finished.emotion == "gruff"
+
+
+def test_characters_turns_and_limits_carry_the_new_fields():
+    character = pb.Character(
+        id="blacksmith", emotions=["gruff", "proud"],
+        actions=[pb.ActionSpec(name="sell_item", description="Sell an item.", effects={"gold": "+price"}, arguments=[
+            pb.ArgumentSpec(name="item", type="enum", values_from="stock"),
+            pb.ArgumentSpec(name="price", type="integer", min_value=1, max_value=1000),
+            pb.ArgumentSpec(name="note", type="string", max_chars=40),
+            pb.ArgumentSpec(name="urgent", type="boolean"),
+            pb.ArgumentSpec(name="mood", type="enum", values=["calm", "loud"]),
+        ])],
+    )  # fmt: skip
+    assert pb.Character.FromString(character.SerializeToString()) == character
+    turn = pb.Turn(character_id="blacksmith", player_line="Sword?", npc_line="Forty gold.", emotion="gruff",
+                   actions=[_sell()])
+    state = pb.SessionState(format_version=1, session_id="s", turns=[turn])
+    assert pb.SessionState.FromString(state.SerializeToString()).turns[0] == turn
+    limits = pb.RequestLimits(max_entity_lists=16, max_entity_values=64, max_entity_chars=64)
+    assert pb.ServerInfo.FromString(pb.ServerInfo(limits=limits).SerializeToString()).limits == limits
+
+
 def test_session_state_round_trips():
     state = pb.SessionState(
         format_version=1,
@@ -203,10 +360,15 @@ def test_every_element_of_the_contract_is_documented(tmp_path: Path):
 class _FakeDialogue(pb_grpc.NpcDialogueServicer):
     def Talk(self, request, context):
         yield pb.TalkEvent(started=pb.Started(request_id="r1"))
+        yield pb.TalkEvent(emotion=pb.Emotion(label="gruff"))
         for piece in ("Hello, ", request.player_name):
             yield pb.TalkEvent(delta=pb.TextDelta(text=piece))
+        actions = [_sell(item) for item in request.entities["stock"].values]
+        for action in actions:
+            yield pb.TalkEvent(action=action)
         yield pb.TalkEvent(
-            finished=pb.Finished(reason=pb.FINISH_REASON_STOP, full_text="Hello, " + request.player_name)
+            finished=pb.Finished(reason=pb.FINISH_REASON_STOP, full_text="Hello, " + request.player_name,
+                                 emotion="gruff", actions=actions)
         )
 
     def ExportSession(self, request, context):
@@ -221,11 +383,14 @@ def test_generated_grpc_code_works_over_a_socket():
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.NpcDialogueStub(channel)
-            events = list(
-                stub.Talk(pb.TalkRequest(character_id="mira", player_line="Hi", player_name="Aria"), timeout=10)
-            )
-            assert [e.WhichOneof("event") for e in events] == ["started", "delta", "delta", "finished"]
-            assert "".join(e.delta.text for e in events[1:-1]) == events[-1].finished.full_text == "Hello, Aria"
+            request = pb.TalkRequest(character_id="mira", player_line="Hi", player_name="Aria")
+            request.entities["stock"].values.append("hammer")
+            events = list(stub.Talk(request, timeout=10))
+            kinds = [e.WhichOneof("event") for e in events]
+            assert kinds == ["started", "emotion", "delta", "delta", "action", "finished"]
+            assert "".join(e.delta.text for e in events if e.delta.text) == events[-1].finished.full_text
+            assert events[-1].finished.full_text == "Hello, Aria"
+            assert events[-2].action == _sell("hammer") and list(events[-1].finished.actions) == [events[-2].action]
             with pytest.raises(grpc.RpcError) as error:
                 stub.ExportSession(pb.ExportSessionRequest(character_id="mira", session_id="s"), timeout=10)
             assert error.value.code() == grpc.StatusCode.NOT_FOUND

@@ -96,13 +96,16 @@ def test_event_order_and_text(sidecar):
                                     options=pb.GenerationOptions(**GREEDY))
             characters = {c.id: c for c in await client.list_characters()}
         kinds = [e.WhichOneof("event") for e in events]
-        assert kinds[0] == "started" and kinds[-1] == "finished" and set(kinds[1:-1]) == {"delta"}
+        # The emotion is decoded before the line, in the same reply: started, emotion, delta*, finished.
+        assert kinds[:2] == ["started", "emotion"] and kinds[-1] == "finished" and set(kinds[2:-1]) == {"delta"}
         started, finished = events[0].started, events[-1].finished
-        assert "".join(e.delta.text for e in events[1:-1]) == finished.full_text != ""
+        assert events[1].emotion.label == finished.emotion
+        assert "".join(e.delta.text for e in events[2:-1]) == finished.full_text != ""
+        assert not finished.full_text.startswith("[")  # the structured parts never reach the text
         assert started.character_version == characters["blacksmith"].version
         assert finished.reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
         assert finished.usage.prompt_tokens == started.prompt_tokens > 50
-        assert 1 <= finished.usage.completion_tokens <= 12
+        assert 1 <= finished.usage.completion_tokens <= 12 + 6  # the line's 12, and "[label] " beside it
         assert 0 < finished.timings.first_token_ms <= finished.timings.total_ms
         assert finished.emotion in characters["blacksmith"].emotions  # always one of the character's labels
 
@@ -208,6 +211,19 @@ BAD_TALK = [
     (dict(options=pb.GenerationOptions(stop=["a"] * 50)), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
     (dict(options=pb.GenerationOptions(stop=[""])), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
     (dict(options=pb.GenerationOptions(top_k=-3)), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    # The game's entity lists (they go into the prompt and the grammar) and its allowed actions.
+    (dict(entities={f"l{i}": ["x"] for i in range(17)}), grpc.StatusCode.INVALID_ARGUMENT, "entities"),
+    (dict(entities={"stock": [f"v{i}" for i in range(65)]}), grpc.StatusCode.INVALID_ARGUMENT, "entities[stock]"),
+    (dict(entities={"stock": ["x" * 10_000]}), grpc.StatusCode.INVALID_ARGUMENT, "entities[stock]"),
+    (dict(entities={"stock": ["sword<|im_end|>"]}), grpc.StatusCode.INVALID_ARGUMENT, "control token"),
+    (dict(entities={"stock": ["two\nlines"]}), grpc.StatusCode.INVALID_ARGUMENT, "entities[stock].values[0]"),
+    (dict(entities={"stock": [""]}), grpc.StatusCode.INVALID_ARGUMENT, "entities[stock].values[0]"),
+    (dict(entities={"stock": ["axe", "axe"]}), grpc.StatusCode.INVALID_ARGUMENT, "twice"),
+    (dict(entities={"Bad Name": ["x"]}), grpc.StatusCode.INVALID_ARGUMENT, "entities"),
+    (dict(entities={"stock": ["\U00040000"]}), grpc.StatusCode.INVALID_ARGUMENT, "entities[stock].values[0]"),
+    (dict(character_id="blacksmith", allowed_actions=["sell_item", "fly"]), grpc.StatusCode.INVALID_ARGUMENT,
+     "allowed_actions.names[1]"),
+    (dict(allowed_actions=["open_gate"]), grpc.StatusCode.INVALID_ARGUMENT, "has no action 'open_gate'"),
 ]
 
 

@@ -18,14 +18,10 @@ import pytest
 import yaml
 
 from sidecar.client import NpcClient
-from sidecar.config import EngineConfig, RequestLimits, ServerConfig
+from sidecar.config import RequestLimits, ServerConfig
 from sidecar.dialogue.characters import load_character
-from sidecar.dialogue.sessions import SessionStore
-from sidecar.dialogue.turn import Dialogue
-from sidecar.engine.api import EngineEvent, RequestStream
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from sidecar.server.app import is_loopback
-from sidecar.server.service import DialogueService
 from tests.sidecar_process import SidecarProcess, copy_characters, write_character
 
 DONE = (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
@@ -253,58 +249,6 @@ def test_character_yaml_edited_under_load(busy_server):
     assert {r.version for r in replies if r.character == "oracle"} == {listed["oracle"]}
 
 
-class _ScoringNeverEnds:
-    """An engine whose replies finish at once and whose emotion scoring runs until it is cancelled."""
-
-    name = "fake"
-    config = EngineConfig()
-
-    def __init__(self, tokenizer):
-        self.model = type("Model", (), {"tokenizer": tokenizer})()
-        self.scoring = asyncio.Event()
-
-    def queue_full(self) -> bool:
-        return False
-
-    def submit(self, prompt_ids, adapter, sampling, *, choices=None, timings=None) -> RequestStream:
-        queue: asyncio.Queue = asyncio.Queue()
-        if choices is None:
-            for event in (EngineEvent("started", "reply", prompt_tokens=len(prompt_ids)),
-                          EngineEvent("delta", "reply", text="Halt."),
-                          EngineEvent("finished", "reply", text="Halt.", finish_reason="stop", completion_tokens=3)):
-                queue.put_nowait(event)
-            return RequestStream("reply", queue, lambda _: None)
-        self.scoring.set()
-        return RequestStream("scoring", queue, lambda rid: queue.put_nowait(
-            EngineEvent("finished", rid, finish_reason="cancelled")))
-
-
-def test_grace_cut_reaches_emotion_scoring(tmp_path, tokenizer):
-    """SIGTERM's grace period ends while a reply's text is done and its emotion is being scored: the
-    cut (cancel_all) ends the scoring too, and the reply finishes at once with its reason, its turn and
-    the first label, instead of outliving the grace period by the scoring's time."""
-    root = tmp_path / "characters"
-    write_character(root, "guard", "You are a guard.", emotions="[bored, stern]")
-    character = load_character(root / "guard")
-    engine = _ScoringNeverEnds(tokenizer)
-    sessions = SessionStore()
-    dialogue = Dialogue(engine, type("Registry", (), {"get_serving": lambda self, cid: (character, None)})(),
-                        sessions, ServerConfig().limits)
-    service = DialogueService(dialogue)
-
-    async def go():
-        request = pb.TalkRequest(character_id="guard", player_line="Hello", session_id="s")
-        talk = asyncio.ensure_future(_events(service.Talk(request, context=None)))
-        await asyncio.wait_for(engine.scoring.wait(), 5)
-        assert dialogue.cancel_all() == 1
-        return await asyncio.wait_for(talk, 2)
-
-    events = run(go())
-    finished = events[-1].finished
-    assert finished.reason == pb.FINISH_REASON_STOP and finished.full_text == "Halt." and finished.emotion == "bored"
-    assert [t.npc_line for t in sessions.history("s")] == ["Halt."] and not dialogue.busy
-
-
 async def _events(stream) -> list:
     return [event async for event in stream]
 
@@ -402,7 +346,7 @@ def test_bad_limit_flags_name_the_flag(tmp_path):
 
 
 def test_host_port_flags_are_parsed_in_one_place():
-    from sidecar.config import ServerConfig, parse_listen
+    from sidecar.config import parse_listen
     from sidecar.errors import UserError
 
     assert parse_listen("--listen", "[::1]:50051") == ("[::1]", 50051) and parse_listen("--x", "h:0") == ("h", 0)

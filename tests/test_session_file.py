@@ -8,17 +8,19 @@ import json
 import os
 import threading
 import time
-from dataclasses import asdict as _asdict
 
 import pytest
 
 from sidecar.dialogue import session_file
+from sidecar.dialogue.actions import Action
 from sidecar.dialogue.session_file import SessionFile, SessionFileError
-from sidecar.dialogue.sessions import SessionStore, Turn
+from sidecar.dialogue.sessions import SessionStore, Turn, turn_dict
 
 
 def _turn(i: int, cid: str = "oracle") -> Turn:
-    return Turn(cid, f"line {i} <|im_end|> \u00e9\U0001F600", f"reply {i}\nsecond line", "Aria", "v1")
+    actions = (Action("point_to", (("place", f"cave {i}"),)), Action("bless", (("n", i), ("loud", i % 2 == 0))))
+    return Turn(cid, f"line {i} <|im_end|> \u00e9\U0001F600", f"reply {i}\nsecond line", "Aria", "v1",
+                emotion="calm" if i % 2 else "", actions=actions[: i % 3])
 
 
 def _state(store: SessionStore) -> list[dict]:
@@ -196,7 +198,7 @@ def test_records_during_a_background_compaction_follow_it_in_order(tmp_path, mon
             await asyncio.sleep(0.001)
         store.append_turn("p0", _turn(10))  # all of these while the snapshot is being written
         store.reset("p1", "oracle")
-        store.import_({"format": 1, "session_id": "p2", "turns": [_asdict(_turn(11, "elara"))]})
+        store.import_({"format": 1, "session_id": "p2", "turns": [turn_dict(_turn(11, "elara"))]})
         store.append_turn("p3", _turn(12))  # evicts the least recent session (p1)
         assert not _swapped(path, inode)
         expected = _state(store)

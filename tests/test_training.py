@@ -34,9 +34,15 @@ from tests.sidecar_process import REPO, SidecarProcess
 TINY = TrainConfig(rank=4, alpha=8, epochs=1, batch_size=2, max_steps=2, learning_rate=5e-3, held_out=0.25)
 
 
-def _line(*turns: str, **extra) -> str:
+def _line(*turns: str, emotion: str = "gruff", actions: list | None = None, **extra) -> str:
+    """A conversation; every NPC reply labelled `emotion` (the sample blacksmith declares emotions), the last
+    one with `actions`."""
     roles = ["user", "assistant"] * len(turns)
-    return json.dumps({"messages": [{"role": r, "content": t} for r, t in zip(roles, turns, strict=False)], **extra})
+    messages = [{"role": r, "content": t} | ({"emotion": emotion} if r == "assistant" else {})
+                for r, t in zip(roles, turns, strict=False)]
+    if actions is not None:
+        messages[-1]["actions"] = actions
+    return json.dumps({"messages": messages, **extra})
 
 
 def _character(root: Path, lines: list[str]) -> Path:
@@ -54,6 +60,8 @@ LINES = [_line("How much for a sword?", "Forty gold, lad. Good steel."),
          _line("Can you fix my axe?", "Five gold. Leave it on the bench."),
          _line("Nice beard.", "Ninety years of work, that. Don't touch it.", player_name="Aria"),
          _line("What is the internet?", "Never heard of it. Is it iron or stone?", world={"time": "night"})]
+SOLD = _line("I'll take the axe.", "Good choice, lad.", emotion="proud",
+             actions=[{"name": "sell_item", "arguments": {"item": "war axe"}}], entities={"stock": ["war axe", "helm"]})
 
 
 @pytest.mark.parametrize("content,problem", [
@@ -73,16 +81,39 @@ def test_bad_dialogue_files(tmp_path, content, problem):
 
 
 def test_rendering_supervises_only_the_replies(tmp_path, tokenizer):
-    folder = _character(tmp_path, LINES)
+    folder = _character(tmp_path, [*LINES, SOLD])
     character = load_character(folder)
     conv = read_dialogue(folder / "dialogue.jsonl")[1]  # two exchanges
     example = render(tokenizer, character, conv, 4096)
     learned = [t for t in example.labels if t != -100]
     im_end = tokenizer.eos_ids[0]
-    assert tokenizer.decode(learned) == "Hmph. Mind the anvil." + tokenizer.decode([im_end]) + \
-        "Off with you, then." + tokenizer.decode([im_end])
-    with pytest.raises(DataError, match="line 2: .* tokens; the limit is 50"):
-        render(tokenizer, character, conv, 50)
+    # The reply as the model writes it: its emotion first (dialogue/reply_format.py), then the text.
+    assert tokenizer.decode(learned) == "[gruff] Hmph. Mind the anvil." + tokenizer.decode([im_end]) + \
+        "[gruff] Off with you, then." + tokenizer.decode([im_end])
+    with pytest.raises(DataError, match="line 2: .* tokens; the limit is 200"):
+        render(tokenizer, character, conv, 200)
+    sold = render(tokenizer, character, read_dialogue(folder / "dialogue.jsonl")[5], 4096)
+    assert tokenizer.decode([t for t in sold.labels if t != -100]) == \
+        '[proud] Good choice, lad.\n@sell_item {"item": "war axe"}' + tokenizer.decode([im_end])
+    assert "At hand:\n- stock: war axe, helm" in tokenizer.decode(sold.input_ids)  # the game's list, in the prompt
+
+
+@pytest.mark.parametrize("line, problem", [
+    (_line("Hi", "Hmph.", emotion=""), "messages[1].emotion: must be one of the character's emotions"),
+    (_line("Hi", "Hmph.", emotion="joyful"), "got 'joyful'"),
+    (_line("Sword?", "Here.", actions=[{"name": "sell_item", "arguments": {"item": "dragon blade"}}],
+           entities={"stock": ["helm"]}), "messages[1].actions[0]: sell_item.item: 'dragon blade' is not one of"),
+    (_line("Sword?", "Here.", actions=[{"name": "sell_item", "arguments": {"item": "helm"}}]),
+     "no action of the character can be taken"),  # no stock listed: sell_item is not available
+    (_line("Fly!", "Whoosh.", actions=[{"name": "fly"}], entities={"stock": ["helm"]}), "has no action 'fly'"),
+    (_line("Sword?", "Here.", actions=[{"name": "sell_item", "arguments": {"item": "helm"}}],
+           entities={"stock": ["helm"]}, allowed_actions=[]), "no action of the character can be taken"),
+])
+def test_bad_labels_name_the_line_and_field(tmp_path, tokenizer, line, problem):
+    folder = _character(tmp_path, [line])
+    with pytest.raises(DataError, match="line 1: ") as e:
+        render(tokenizer, load_character(folder), read_dialogue(folder / "dialogue.jsonl")[0], 4096)
+    assert problem in str(e.value)
 
 
 def test_bad_data_writes_nothing(tmp_path, model_path):

@@ -1,6 +1,10 @@
 // A friendly C# client for the npc-sidecar (proto/npc/v1/dialogue.proto), for Unity, Godot .NET
 // and any .NET program. It wraps the generated NpcDialogue.NpcDialogueClient (Generated/) with:
-//   * TalkAsync: the streamed reply as IAsyncEnumerable<TalkEvent>, cancelled by a CancellationToken;
+//   * TalkAsync: the streamed reply as IAsyncEnumerable<TalkEvent>, cancelled by a CancellationToken:
+//     Started, Emotion (when the character declares emotions), Delta..., Action... (what the NPC
+//     does, after the text), Finished;
+//   * TalkRequest helpers for the game's lists and the allowed actions (AddEntities, AllowActions),
+//     and NpcActions to read an action's arguments (Arguments, Format);
 //   * ListCharactersAsync, GetServerInfoAsync, ResetSessionAsync;
 //   * ExportSession / ImportSession helpers, also to and from byte[] for save files;
 //   * the bearer token (`authorization: Bearer T`) on every call when one is given;
@@ -30,6 +34,10 @@
 // Threading: every method is asynchronous and never blocks the calling thread. Awaiting them (or
 // `await foreach` over TalkAsync) from Unity's or Godot's main thread resumes on the main thread,
 // through the engine's SynchronizationContext, so the code after an await may touch the scene.
+//
+// Naming: the generated message Npc.V1.Action (an action the NPC takes) shares its name with
+// System.Action. In a file with both `using System;` and `using Npc.V1;`, write `Npc.V1.Action`
+// (or add `using NpcAction = Npc.V1.Action;`); the generic System.Action<T> is not affected.
 
 #nullable enable
 
@@ -96,10 +104,18 @@ namespace Npc.Client
         // Talk
 
         /// <summary>
-        /// One NPC reply, streamed: one <c>Started</c>, zero or more <c>Delta</c>s (append their
-        /// text), then one <c>Finished</c> (full text, emotion, usage). Deadline: <see cref="TalkTimeout"/>.
+        /// One NPC reply, streamed: one <c>Started</c>; one <c>Emotion</c> (its <c>Label</c>, one of
+        /// <c>Character.Emotions</c>) before the text when the character declares emotions; zero or
+        /// more <c>Delta</c>s (append their text); zero to 3 <c>Action</c>s after the text (what the
+        /// NPC does: name and typed arguments, see <see cref="NpcActions"/>); then one <c>Finished</c>
+        /// (full text, emotion, actions again, usage). Deadline: <see cref="TalkTimeout"/>.
         /// </summary>
         /// <remarks>
+        /// The game's lists that an action's arguments take values from and the actions allowed go
+        /// in the request: <see cref="NpcTalkRequests.AddEntities(TalkRequest, string, string[])"/>,
+        /// <see cref="NpcTalkRequests.AllowActions(TalkRequest, string[])"/>. A game that must not
+        /// act on a reply that then fails carries out <c>Finished.Actions</c> rather than each
+        /// <c>Action</c> event.
         /// Read the stream to its end: leaving an <c>await foreach</c> early (break, return, an
         /// exception) disposes the call, which cancels it, and a cancelled reply is not added to
         /// the session. When <paramref name="cancellationToken"/> fires (e.g. the NPC's object is
@@ -292,6 +308,154 @@ namespace Npc.Client
                 headers = new Metadata { { "authorization", "Bearer " + _authToken } };
             }
             return new CallOptions(headers: headers, deadline: deadline, cancellationToken: cancellationToken);
+        }
+    }
+
+    /// <summary>Helpers to fill a <see cref="TalkRequest"/>'s entities and allowed actions.</summary>
+    public static class NpcTalkRequests
+    {
+        /// <summary>Adds <paramref name="values"/> to the request's entities list
+        /// <paramref name="list"/> (creating it, also with no values), e.g.
+        /// <c>request.AddEntities("stock", "iron sword", "steel axe")</c>: the values that an action
+        /// argument declared <c>from: stock</c> may take in this reply. The sidecar checks the
+        /// limits (at most 16 lists named [a-z][a-z0-9_]{0,31}, 64 values each of 1-64 characters)
+        /// and answers InvalidArgument beyond them. Returns the request.</summary>
+        public static TalkRequest AddEntities(this TalkRequest request, string list, params string[] values)
+        {
+            return AddEntities(request, list, (IEnumerable<string>)values);
+        }
+
+        /// <summary>As <see cref="AddEntities(TalkRequest, string, string[])"/>, from any sequence.</summary>
+        public static TalkRequest AddEntities(this TalkRequest request, string list, IEnumerable<string> values)
+        {
+            if (request == null)
+            {
+                throw new ArgumentNullException(nameof(request));
+            }
+            if (!request.Entities.TryGetValue(list, out EntityList entities))
+            {
+                entities = new EntityList();
+                request.Entities[list] = entities;
+            }
+            if (values != null)
+            {
+                entities.Values.Add(values);
+            }
+            return request;
+        }
+
+        /// <summary>Allows only these actions in this reply; with no names, none at all. Without a
+        /// call every action of the character is allowed (<c>request.AllowedActions = null</c> goes
+        /// back to that). A name that is not an action of the character makes the call fail with
+        /// InvalidArgument. Returns the request.</summary>
+        public static TalkRequest AllowActions(this TalkRequest request, params string[] names)
+        {
+            if (request == null)
+            {
+                throw new ArgumentNullException(nameof(request));
+            }
+            var allowed = new AllowedActions();
+            if (names != null)
+            {
+                allowed.Names.Add(names);
+            }
+            request.AllowedActions = allowed;
+            return request;
+        }
+    }
+
+    /// <summary>Reading an action (<c>TalkEvent.Action</c>, <c>Finished.Actions</c>).</summary>
+    public static class NpcActions
+    {
+        /// <summary>The action's arguments by name, in their declared order, each value typed:
+        /// <c>string</c> for "string" and "enum" arguments, <c>long</c> for "integer", <c>bool</c>
+        /// for "boolean" (null for a kind of value this client does not know). For JSON, use
+        /// <c>action.ArgumentsJson</c>.</summary>
+        public static IReadOnlyDictionary<string, object?> Arguments(Npc.V1.Action action)
+        {
+            if (action == null)
+            {
+                throw new ArgumentNullException(nameof(action));
+            }
+            var arguments = new Dictionary<string, object?>();
+            foreach (ActionArgument argument in action.Arguments)
+            {
+                arguments[argument.Name] = Value(argument);
+            }
+            return arguments;
+        }
+
+        /// <summary>One line for logs and debug text: <c>sell_item(item="iron sword", price=40)</c>.</summary>
+        public static string Format(Npc.V1.Action action)
+        {
+            if (action == null)
+            {
+                throw new ArgumentNullException(nameof(action));
+            }
+            var parts = new List<string>();
+            foreach (ActionArgument argument in action.Arguments)
+            {
+                string shown;
+                switch (argument.ValueCase)
+                {
+                    case ActionArgument.ValueOneofCase.StringValue:
+                        shown = Quote(argument.StringValue);
+                        break;
+                    case ActionArgument.ValueOneofCase.IntValue:
+                        shown = argument.IntValue.ToString(System.Globalization.CultureInfo.InvariantCulture);
+                        break;
+                    case ActionArgument.ValueOneofCase.BoolValue:
+                        shown = argument.BoolValue ? "true" : "false";
+                        break;
+                    default:
+                        shown = "?";
+                        break;
+                }
+                parts.Add(argument.Name + "=" + shown);
+            }
+            return action.Name + "(" + string.Join(", ", parts) + ")";
+        }
+
+        // A string as JSON writes it: \" \\ \b \f \n \r \t escaped, other control characters as \u00XX.
+        private static string Quote(string text)
+        {
+            var quoted = new System.Text.StringBuilder(text.Length + 2);
+            quoted.Append('"');
+            foreach (char c in text)
+            {
+                switch (c)
+                {
+                    case '"': quoted.Append("\\\""); break;
+                    case '\\': quoted.Append("\\\\"); break;
+                    case '\b': quoted.Append("\\b"); break;
+                    case '\f': quoted.Append("\\f"); break;
+                    case '\n': quoted.Append("\\n"); break;
+                    case '\r': quoted.Append("\\r"); break;
+                    case '\t': quoted.Append("\\t"); break;
+                    default:
+                        if (c < ' ')
+                        {
+                            quoted.Append("\\u").Append(((int)c).ToString("x4", System.Globalization.CultureInfo.InvariantCulture));
+                        }
+                        else
+                        {
+                            quoted.Append(c);
+                        }
+                        break;
+                }
+            }
+            return quoted.Append('"').ToString();
+        }
+
+        private static object? Value(ActionArgument argument)
+        {
+            switch (argument.ValueCase)
+            {
+                case ActionArgument.ValueOneofCase.StringValue: return argument.StringValue;
+                case ActionArgument.ValueOneofCase.IntValue: return argument.IntValue;
+                case ActionArgument.ValueOneofCase.BoolValue: return argument.BoolValue;
+                default: return null;
+            }
         }
     }
 }

@@ -14,6 +14,7 @@ from typing import Any
 from sidecar.config import EngineConfig
 from sidecar.engine.admission import check_queue, check_request
 from sidecar.engine.api import EngineEvent, RequestStream, SamplingParams, Timings
+from sidecar.errors import UserError
 
 Work = Coroutine[Any, Any, None]  # what serves one request, as its task
 
@@ -64,10 +65,12 @@ class LiveRequests:
     def submit(self, prompt_ids: Sequence[int], choices: Sequence[Sequence[int]] | None, sampling: SamplingParams,
                request_id: str | None, timings: Timings | None, max_len: int, vocab_size: int,
                generate: Callable[[Live, list[int], int], Work],
-               score: Callable[[Live, list[int], list[list[int]]], Work]) -> RequestStream:
+               score: Callable[[Live, list[int], list[list[int]]], Work], constrained: bool = False) -> RequestStream:
         """A backend's submit(): the checks every backend makes (engine/admission.py), then the task:
         `generate(live, prompt, max_tokens)` with max_tokens clamped to the room left in max_len, or
         `score(live, prompt, candidates)` for a choices request."""
+        if sampling.grammar is not None and not constrained:
+            raise UserError("this backend does not constrain decoding to a grammar (the torch backend does)")
         room = check_request(prompt_ids, choices, max_len, vocab_size)
         prompt = list(prompt_ids)
         if choices is not None:

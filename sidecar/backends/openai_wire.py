@@ -33,6 +33,8 @@ def completion_body(prompt_ids: list[int], model: str, params: SamplingParams, m
         body["repetition_penalty"] = params.repetition_penalty
     if params.ignore_eos:
         body["ignore_eos"] = True
+    if params.grammar is not None:  # vLLM's field (Lark through its guidance backend); npc serve reads it too
+        body["structured_outputs"] = {"grammar": params.grammar}
     return body
 
 

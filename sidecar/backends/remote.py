@@ -119,6 +119,7 @@ class RemoteEngine(Engine):
     (lowered to the remote's max_model_len when it reports one)."""
 
     name = "remote"
+    constrained_decoding = True  # the grammar goes to the remote (openai_wire.completion_body)
 
     def __init__(self, model: ModelInfo, config: EngineConfig, remote: RemoteConfig, session: aiohttp.ClientSession,
                  base_model: str, listed: tuple[str, ...]):
@@ -181,7 +182,7 @@ class RemoteEngine(Engine):
             prompt_ids, choices, sampling, request_id, timings, self.config.max_seq_len,
             self.model.shape.vocab_size,
             generate=lambda live, prompt, max_tokens: self._generate(live, prompt, model, sampling, max_tokens),
-            score=lambda live, prompt, candidates: self._score(live, prompt, model, candidates))
+            score=lambda live, prompt, candidates: self._score(live, prompt, model, candidates), constrained=True)
 
     def cancel(self, request_id: str) -> bool:
         return self._in_flight.cancel(request_id)

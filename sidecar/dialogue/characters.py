@@ -15,6 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sidecar.dialogue.actions import (
+    ARGUMENT_TYPES,
+    MAX_ACTIONS,
+    MAX_ARGUMENTS,
+    MAX_DESCRIPTION,
+    MAX_ENUM_VALUES,
+    MAX_VALUE_CHARS,
+    NAME_PATTERN,
+    ActionSpec,
+    Argument,
+    plain_text_problem,
+)
 from sidecar.dialogue.yaml_file import MAX_FILE_BYTES, YamlFileError, read_yaml
 from sidecar.model.adapter_files import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, MAX_CONFIG_BYTES, adapter_digest
 
@@ -65,7 +77,8 @@ class Character:
     folder: Path  # resolved character folder
     greeting: str = ""
     knowledge: tuple[str, ...] = ()
-    emotions: tuple[str, ...] = ()
+    emotions: tuple[str, ...] = ()  # the model writes one of these before each line
+    actions: tuple[ActionSpec, ...] = ()  # what the character may do (dialogue/actions.py)
     style_examples: tuple[StyleExample, ...] = ()
     generation: Generation = field(default_factory=Generation)
     memory: Memory = field(default_factory=Memory)
@@ -113,6 +126,13 @@ def load_character(folder: Path) -> Character:
     greeting = f.text("greeting", required=False)
     knowledge = f.text_list("knowledge")
     emotions = f.text_list("emotions", max_len=64)
+    for i, label in enumerate(emotions):
+        if any(c in label for c in "[]") or plain_text_problem(label):
+            f.fail(f"emotions[{i}]", f"must be a word or short phrase without brackets, line breaks or control "
+                                     f"characters, got {_show(label)}")
+    if len(set(emotions)) != len(emotions):
+        f.fail("emotions", "holds a label twice")
+    actions = _actions(f)
     style = tuple(StyleExample(**ex) for ex in f.mapping_list("style_examples", ("player", "npc")))
     gen, mem = f.section("generation"), f.section("memory")
     generation = Generation(
@@ -138,10 +158,76 @@ def load_character(folder: Path) -> Character:
     version = hashlib.sha256(raw + b"\0" + (adapter_hash or b"")).hexdigest()[:12]
     return Character(
         id=char_id, name=name, persona=persona, version=version, folder=home, greeting=greeting,
-        knowledge=knowledge, emotions=emotions, style_examples=style, generation=generation, memory=memory,
+        knowledge=knowledge, emotions=emotions, actions=actions, style_examples=style, generation=generation,
+        memory=memory,
         adapter=adapter, adapter_path=adapter_path, lora_scale=lora_scale,
         adapter_version=adapter_hash.hex()[:12] if adapter_hash else None,
     )
+
+
+def _actions(f: _Fields) -> tuple[ActionSpec, ...]:
+    """character.yaml `actions` (format in characters/README.md)."""
+    raw = f._list("actions")
+    if len(raw) > MAX_ACTIONS:
+        f.fail("actions", f"has {len(raw)} actions; the limit is {MAX_ACTIONS}")
+    specs: list[ActionSpec] = []
+    for i, value in enumerate(raw):
+        a = _Fields(f.path, value, f"actions[{i}].")
+        name = a.text("name", max_len=32)
+        if not NAME_PATTERN.fullmatch(name):
+            a.fail("name", f"must match [a-z][a-z0-9_]{{0,31}}, got {_show(name)}")
+        if any(s.name == name for s in specs):
+            a.fail("name", f"{name!r} is declared twice")
+        description = a.text("description", max_len=MAX_DESCRIPTION)
+        args_section = a.section("arguments")
+        if len(args_section.data) > MAX_ARGUMENTS:
+            a.fail("arguments", f"has {len(args_section.data)} arguments; the limit is {MAX_ARGUMENTS}")
+        arguments = tuple(_argument(args_section, key) for key in list(args_section.data))
+        effects_section = a.section("effects")
+        effects = tuple((str(k), effects_section.text(str(k), max_len=200)) for k in list(effects_section.data))
+        a.done()
+        specs.append(ActionSpec(name, description, arguments, effects))
+    return tuple(specs)
+
+
+def _argument(section: _Fields, key: object) -> Argument:
+    if not isinstance(key, str) or not NAME_PATTERN.fullmatch(key):
+        section.fail(str(key), "argument names must match [a-z][a-z0-9_]{0,31}")
+    g = section.section(key)
+    kind = g.text("type", max_len=20)
+    if kind not in ARGUMENT_TYPES:
+        g.fail("type", f"must be one of {', '.join(ARGUMENT_TYPES)}, got {_show(kind)}")
+    if kind == "enum":
+        values = g.text_list("values", max_len=MAX_VALUE_CHARS)
+        source = g.text("from", required=False, max_len=32)
+        if values and source:
+            g.fail("from", "an enum takes `values` or `from`, not both")
+        if not values and not source:
+            g.fail(None, "an enum needs `values` (a non-empty list) or `from` (the name of a request entity list)")
+        if source and not NAME_PATTERN.fullmatch(source):
+            g.fail("from", f"must be an entity list name [a-z][a-z0-9_]{{0,31}}, got {_show(source)}")
+        if len(values) > MAX_ENUM_VALUES:
+            g.fail("values", f"has {len(values)} values; the limit is {MAX_ENUM_VALUES}")
+        for i, v in enumerate(values):
+            if plain_text_problem(v):
+                g.fail(f"values[{i}]", f"{plain_text_problem(v)}: {_show(v)}")
+        if len(set(values)) != len(values):
+            g.fail("values", "holds a value twice")
+        g.done()
+        return Argument(key, kind, values=values, values_from=source)
+    if kind == "integer":
+        for bound in ("min", "max"):
+            if bound not in g.data:
+                g.fail(bound, "missing; an integer argument needs min and max")
+        low = g.integer("min", -(2**53), 2**53, 0)
+        high = g.integer("max", -(2**53), 2**53, 0)
+        if low > high:
+            g.fail("max", f"{high} is below min ({low})")
+        g.done()
+        return Argument(key, kind, min=low, max=high)
+    max_chars = g.integer("max_chars", 1, 64, 32) if kind == "string" else 32
+    g.done()
+    return Argument(key, kind, max_chars=max_chars)
 
 
 def character_folders(root: Path) -> dict[str, Path]:

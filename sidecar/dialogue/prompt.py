@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sidecar.dialogue.characters import Character
+from sidecar.dialogue.reply_format import ReplyFormat, render_reply
 from sidecar.dialogue.sessions import Turn
 from sidecar.engine.tokenizer import ChatMessage, Tokenizer
 from sidecar.errors import UserError
@@ -47,7 +48,23 @@ def system_prefix(character: Character) -> str:
     if character.knowledge:
         parts.append("What you know:\n" + "\n".join(f"- {fact}" for fact in character.knowledge))
     parts.append(STYLE_GUIDANCE.format(name=character.name))
+    if character.emotions:
+        parts.append(EMOTION_GUIDANCE + ", ".join(f"[{label}]" for label in character.emotions) + ".")
+    if character.actions:
+        parts.append(ACTION_GUIDANCE + "\n".join(
+            f"@{a.name} " + "{" + ", ".join(f'"{arg.name}": {arg.describe()}' for arg in a.arguments) + "}"
+            + f" - {a.description}" for a in character.actions))
     return "\n\n".join(p.strip() for p in parts)
+
+
+EMOTION_GUIDANCE = "Begin each reply with how you feel, in brackets, one of: "
+ACTION_GUIDANCE = "When you do something, add one line per action after your words, only as written here:\n"
+
+
+def npc_message(character: Character, turn: Turn) -> str:
+    """An earlier reply as the model wrote it: with its emotion and actions when the character has them."""
+    return render_reply(turn.npc_line, turn.emotion if character.emotions else "",
+                        turn.actions if character.actions else ())
 
 
 def recent_turns(character: Character, history: Sequence[Turn]) -> list[Turn]:
@@ -62,8 +79,9 @@ def recent_turns(character: Character, history: Sequence[Turn]) -> list[Turn]:
 
 def build_messages(character: Character, history: Sequence[Turn], player_line: str,
                    world: Mapping[str, str] | None = None, player_name: str = "",
-                   style_examples: bool = True) -> list[ChatMessage]:
-    """All of `history` that belongs to this character (trim it first: recent_turns / fit_to_budget)."""
+                   style_examples: bool = True, fmt: ReplyFormat | None = None) -> list[ChatMessage]:
+    """All of `history` that belongs to this character (trim it first: recent_turns / fit_to_budget).
+    `fmt`: this turn's entities and allowed actions (None: none listed, every action allowed)."""
     system = system_prefix(character)
     situation = []
     if player_name.strip():
@@ -71,6 +89,13 @@ def build_messages(character: Character, history: Sequence[Turn], player_line: s
     if world:
         situation.append("Right now:\n" + "\n".join(f"- {_one_line(k)}: {_one_line(v)}"
                                                     for k, v in sorted(world.items())))
+    if fmt is not None and fmt.entities:
+        situation.append("At hand:\n" + "\n".join(f"- {name}: {', '.join(values)}"
+                                                    for name, values in sorted(fmt.entities.items())))
+    if fmt is not None and character.actions:
+        unavailable = [a.name for a in character.actions if a not in fmt.actions]
+        if unavailable:
+            situation.append("You cannot do now: " + ", ".join(unavailable) + ".")
     if situation:
         system += "\n\n" + "\n".join(situation)
     messages = [ChatMessage("system", system)]
@@ -79,14 +104,14 @@ def build_messages(character: Character, history: Sequence[Turn], player_line: s
             messages += [ChatMessage("user", ex.player), ChatMessage("assistant", ex.npc)]
     for turn in history:
         if turn.character_id == character.id:
-            messages += [ChatMessage("user", turn.player_line), ChatMessage("assistant", turn.npc_line)]
+            messages += [ChatMessage("user", turn.player_line), ChatMessage("assistant", npc_message(character, turn))]
     messages.append(ChatMessage("user", player_line))
     return messages
 
 
 def fit_to_budget(tokenizer: Tokenizer, character: Character, history: Sequence[Turn], player_line: str,
                   world: Mapping[str, str] | None = None, player_name: str = "", *,
-                  max_prompt_tokens: int) -> Prompt:
+                  max_prompt_tokens: int, fmt: ReplyFormat | None = None) -> Prompt:
     """The longest recent history that fits `max_prompt_tokens`: oldest turns leave first, then the
     style examples; persona, knowledge, world facts and the player's line always stay.
 
@@ -97,7 +122,7 @@ def fit_to_budget(tokenizer: Tokenizer, character: Character, history: Sequence[
 
     def attempt(n: int, examples: bool = True) -> Prompt:
         kept = turns[len(turns) - n:] if n else []
-        messages = build_messages(character, kept, player_line, world, player_name, examples)
+        messages = build_messages(character, kept, player_line, world, player_name, examples, fmt)
         return Prompt(tuple(messages), tokenizer.encode_chat(messages), n, len(turns) - n, examples)
 
     best = attempt(len(turns))
@@ -132,12 +157,3 @@ def _too_long(tokenizer: Tokenizer, character: Character, player_line: str, need
 def _one_line(text: str) -> str:
     """Names and world facts sit inside the system message: a newline there could pose as a new section."""
     return " ".join(str(text).split())
-
-
-EMOTION_QUESTION = "In one word, which feeling best matches your last reply: {labels}?"
-
-
-def emotion_messages(messages: Sequence[ChatMessage], reply: str, emotions: Sequence[str]) -> list[ChatMessage]:
-    """The conversation with the reply, then the question whose answer is scored over `emotions`."""
-    question = EMOTION_QUESTION.format(labels=", ".join(emotions))
-    return [*messages, ChatMessage("assistant", reply), ChatMessage("user", question)]

@@ -36,6 +36,7 @@ from typing import Any
 
 import structlog
 
+from sidecar.dialogue.actions import ActionSpec
 from sidecar.dialogue.characters import CHARACTER_FILE, Character, adapter_files, character_folders, load_character
 from sidecar.errors import UserError
 
@@ -67,6 +68,7 @@ class CharacterStatus:
     has_adapter: bool = False
     greeting: str = ""
     emotions: tuple[str, ...] = ()
+    actions: tuple[ActionSpec, ...] = ()
 
     @property
     def serving(self) -> bool:
@@ -234,7 +236,7 @@ def _status(cid: str, entry: _Entry) -> CharacterStatus:
     if good is None:
         return CharacterStatus(cid, "", "", state, entry.error)
     return CharacterStatus(cid, good.name, good.version, state, entry.error, good.has_adapter, good.greeting,
-                           good.emotions)
+                           good.emotions, good.actions)
 
 
 def _stamp(folder: Path, watch: tuple[Path, ...]) -> tuple:

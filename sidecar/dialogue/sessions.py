@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from sidecar.dialogue.actions import Action, action_from_dict
 from sidecar.dialogue.characters import ID_PATTERN
 from sidecar.errors import UserError
 
@@ -54,6 +55,8 @@ class Turn:
     npc_line: str
     player_name: str = ""
     character_version: str = ""  # the version that spoke npc_line; "" = unknown
+    emotion: str = ""  # the label the NPC wrote before npc_line ("" = none)
+    actions: tuple[Action, ...] = ()  # what the NPC did after it
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ class SessionStore:
         del session.turns[: -self.max_turns]
         session.updated_unix_ms = int(time.time() * 1000) if updated_unix_ms is None else updated_unix_ms
         self._record({"op": "turn", "session_id": session_id, "updated_unix_ms": session.updated_unix_ms,
-                      "turn": asdict(turn)})
+                      "turn": turn_dict(turn)})
         self._evict()
 
     def reset(self, session_id: str, character_id: str | None = None, *, missing_ok: bool = False) -> int:
@@ -211,7 +214,12 @@ def put_record(entry: SessionSnapshot) -> dict[str, Any]:
 
 def _export(session_id: str, updated_unix_ms: int, turns: Iterable[Turn]) -> dict[str, Any]:
     return {"format": EXPORT_FORMAT, "session_id": session_id, "updated_unix_ms": updated_unix_ms,
-            "turns": [asdict(t) for t in turns]}
+            "turns": [turn_dict(t) for t in turns]}
+
+
+def turn_dict(turn: Turn) -> dict[str, Any]:
+    """A turn as the export dict holds it (actions as {"name", "arguments"} objects)."""
+    return {**asdict(turn), "actions": [a.to_dict() for a in turn.actions]}
 
 
 def check_session_id(session_id: Any, field_name: str = "session_id") -> None:
@@ -223,8 +231,9 @@ def check_session_id(session_id: Any, field_name: str = "session_id") -> None:
 
 # Turn field -> longest allowed value. character_id is checked against the id pattern as well.
 _TURN_FIELDS = {"character_id": 64, "player_line": MAX_LINE, "npc_line": MAX_LINE, "player_name": MAX_PLAYER_NAME,
-                "character_version": 64}
-_OPTIONAL = {"player_name", "character_version"}  # missing or null: ""
+                "character_version": 64, "emotion": 64}
+_OPTIONAL = {"player_name", "character_version", "emotion"}  # missing or null: ""
+MAX_TURN_ACTIONS = 16
 
 
 def parse_export(data: Any, max_turns: int, where: str = "session", *,
@@ -253,7 +262,7 @@ def parse_export(data: Any, max_turns: int, where: str = "session", *,
 def _parse_turn(raw: Any, where: str) -> Turn:
     if not isinstance(raw, dict):
         raise SessionError(f"{where}: must be an object, got {type(raw).__name__}")
-    _no_unknown(raw, set(_TURN_FIELDS), where)
+    _no_unknown(raw, {*_TURN_FIELDS, "actions"}, where)
     values = {}
     for name, limit in _TURN_FIELDS.items():
         value = raw.get(name)
@@ -266,7 +275,14 @@ def _parse_turn(raw: Any, where: str) -> Turn:
         values[name] = value
     if not ID_PATTERN.fullmatch(values["character_id"]):
         raise SessionError(f"{where}.character_id: must match [a-z0-9_-]{{1,64}}, got {_show(values['character_id'])}")
-    return Turn(**values)
+    raw_actions = raw.get("actions") or []
+    if not isinstance(raw_actions, list) or len(raw_actions) > MAX_TURN_ACTIONS:
+        raise SessionError(f"{where}.actions: must be a list of at most {MAX_TURN_ACTIONS} actions")
+    try:
+        actions = tuple(action_from_dict(a, f"{where}.actions[{i}]") for i, a in enumerate(raw_actions))
+    except UserError as e:
+        raise SessionError(str(e)) from None
+    return Turn(**values, actions=actions)
 
 
 def _no_unknown(data: dict, known: set[str], where: str) -> None:

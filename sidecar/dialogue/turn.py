@@ -1,9 +1,10 @@
-"""One turn of dialogue: the player's line in, the character's reply (and its emotion) out.
+"""One turn of dialogue: the player's line in, the character's reply out: its emotion, text and actions.
 
 `Dialogue.talk()` is the whole turn, for gRPC Talk (server/service.py) and for
 /v1/chat/completions with a character (server/openai_http.py): the character version that serves
-the whole reply, the history the prompt can hold, the engine request under the character's
-adapter, the emotion label after the text, and the session write. `Dialogue.submit()` is the one
+the whole reply, the history the prompt can hold, the one engine request under the character's
+adapter and the turn's grammar (dialogue/reply_format.py: emotion first, then the text, then the
+actions, all decoded in the reply's own row), and the session write. `Dialogue.submit()` is the one
 way any edge sends a request to the engine: it is what the shutdown's grace period waits for and
 then cancels. Nothing here knows protobuf or HTTP; errors are exceptions the edges map to codes.
 """
@@ -11,20 +12,22 @@ then cancels. Nothing here knows protobuf or HTTP; errors are exceptions the edg
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
 
 from sidecar.config import RequestLimits
+from sidecar.dialogue.actions import Action, check_allowed, check_entities
 from sidecar.dialogue.characters import Character, Generation
-from sidecar.dialogue.prompt import Prompt, emotion_messages, fit_to_budget
+from sidecar.dialogue.prompt import fit_to_budget
 from sidecar.dialogue.registry import CharacterRegistry
+from sidecar.dialogue.reply_format import Emotion, Rejected, ReplyFormat, ReplyParser, Text, reply_format
 from sidecar.dialogue.sessions import SessionStore, Turn
 from sidecar.engine.api import (
     AdapterRef,
-    BackendUnavailable,
     Engine,
     EngineEvent,
     QueueFull,
@@ -32,7 +35,6 @@ from sidecar.engine.api import (
     SamplingParams,
     Timings,
 )
-from sidecar.errors import UserError
 
 log = structlog.get_logger("sidecar.dialogue")
 
@@ -66,6 +68,8 @@ class TalkInput:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     history: tuple[Turn, ...] = ()  # turns the caller brings (HTTP messages); the session's come first
+    entities: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the game's lists, e.g. "stock"
+    allowed_actions: tuple[str, ...] | None = None  # None: every action of the character
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,22 @@ class TurnStarted:
 
 
 @dataclass(frozen=True)
+class TurnEmotion:
+    """How the NPC feels about the line it is about to say: before the first TurnDelta."""
+
+    label: str
+
+
+@dataclass(frozen=True)
 class TurnDelta:
     text: str
+
+
+@dataclass(frozen=True)
+class TurnAction:
+    """Something the NPC does, valid against its schema and the request's entities: after the text."""
+
+    action: Action
 
 
 @dataclass(frozen=True)
@@ -92,11 +110,12 @@ class TurnFinished:
     cached_prompt_tokens: int
     queue_ms: float
     first_token_ms: float
-    total_ms: float  # until this event: the emotion and the session write included
+    total_ms: float  # until this event: the session write included
     emotion: str
+    actions: tuple[Action, ...] = ()
 
 
-TurnEvent = TurnStarted | TurnDelta | TurnFinished
+TurnEvent = TurnStarted | TurnEmotion | TurnDelta | TurnAction | TurnFinished
 
 
 class Request:
@@ -148,7 +167,7 @@ class Dialogue:
         self.engine, self.registry, self.sessions, self.limits = engine, registry, sessions, limits
         self.accepting = True  # cleared when the server drains: new requests get ShuttingDown
         self.grace_over = False  # set by cancel_all(): no more engine work for replies in flight
-        # What each reply in flight waits on (its text, then its emotion scoring), by request id.
+        # The engine request of each reply in flight, by request id.
         self.in_flight: dict[str, RequestStream] = {}
         self._open_turns = 0  # talk() calls between their submit and their end
 
@@ -174,8 +193,7 @@ class Dialogue:
         return Request(self.in_flight, reply_id or stream.request_id, stream)
 
     def cancel_all(self) -> int:
-        """After the shutdown's grace period: replies still generating end with reason "cancelled";
-        those whose text had ended skip (the rest of) their emotion scoring."""
+        """After the shutdown's grace period: replies still generating end with reason "cancelled"."""
         self.grace_over = True
         for stream in list(self.in_flight.values()):
             stream.cancel()
@@ -184,21 +202,31 @@ class Dialogue:
     # --- a turn ---------------------------------------------------------------------------------
 
     async def talk(self, talk: TalkInput, arrival: float | None = None) -> AsyncIterator[TurnEvent]:
-        """The turn's events: TurnStarted, TurnDelta*, TurnFinished. Timings count from `arrival` (when
-        the edge received the request). Raises ShuttingDown, QueueFull, BackendUnavailable, UserError
-        (unknown character, a prompt that cannot fit, ...) or ReplyFailed."""
+        """The turn's events: TurnStarted, TurnEmotion (a character with emotions), TurnDelta*, TurnAction*,
+        TurnFinished. Timings count from `arrival` (when the edge received the request). Raises ShuttingDown,
+        QueueFull, BackendUnavailable, UserError (unknown character, a prompt that cannot fit, bad entities or
+        allowed actions, ...) or ReplyFailed."""
         timings = Timings(arrival)
         if not self.accepting:
             raise ShuttingDown("the sidecar is shutting down")
         if self.engine.queue_full():  # cheap, before building the prompt; submit() still decides
             raise QueueFull("the queue is full; retry after a short backoff")
         character, adapter = self.serving(talk.character_id)  # this version serves the whole reply
-        sampling = sampling_params(talk, character.generation, self.limits)
+        text = sampling_params(talk, character.generation, self.limits)
+        fmt = replace(self.reply_format(character, talk), text_max_tokens=text.max_tokens)
+        # max_tokens is the text's; the emotion and the actions get room of their own (within the limit a
+        # remote backend's HTTP edge holds requests to)
+        sampling = fmt.sampling(text, self.limits.max_tokens)
+        if not self.engine.constrained_decoding:  # (TensorRT-LLM) the format is only asked for, then parsed
+            sampling = replace(sampling, grammar=None)
         history = (*(self.sessions.history(talk.session_id) if talk.session_id else ()), *talk.history)
         prompt = fit_to_budget(self.engine.model.tokenizer, character, history, talk.player_line, talk.world,
-                               talk.player_name, max_prompt_tokens=self.engine.config.max_seq_len - sampling.max_tokens)
+                               talk.player_name, max_prompt_tokens=self.engine.config.max_seq_len - sampling.max_tokens,
+                               fmt=fmt)
         reply_log = log.bind(character=character.id, version=character.version, session=talk.session_id or None)
         finished: EngineEvent | None = None
+        parser = fmt.parser()
+        text_tokens, text_budget = 0, fmt.text_max_tokens or 0
         request = self.submit(prompt.token_ids, adapter, sampling, timings=timings)
         self._open_turns += 1
         try:
@@ -208,13 +236,26 @@ class Dialogue:
                     yield TurnStarted(event.request_id, character.version, event.prompt_tokens, event.cached_tokens,
                                       prompt.history_turns)
                 elif event.kind == "delta":
-                    yield TurnDelta(event.text)
+                    parts = self._turn_events(parser.push(event.text), reply_log)
+                    if any(isinstance(p, TurnDelta) for p in parts):
+                        if not text_tokens and fmt.structured:
+                            # The engine's first delta was the emotion; the game's first token is the line's.
+                            timings.first_text = time.perf_counter()
+                        text_tokens += len(event.token_ids)
+                    for part in parts:
+                        yield part
                 elif event.kind == "error":
                     reply_log.warning("reply failed", error=event.error, internal=event.internal)
                     raise ReplyFailed(f"character {character.id!r}: {event.error}", event.internal)
                 else:
                     finished = event
-            yield await self._finish(talk, character, adapter, prompt, finished, timings, reply_log)
+                    if fmt.structured and finished.finish_reason == "stop" and text_tokens >= text_budget:
+                        # The grammar ended the text at its budget: the line was cut, as max_tokens cuts it.
+                        finished = replace(finished, finish_reason="length")
+                    if finished.finish_reason in ("stop", "length"):
+                        for part in self._turn_events(parser.finish(finished.finish_reason), reply_log):
+                            yield part
+            yield self._finish(talk, character, parser, finished, timings, reply_log)
         except (GeneratorExit, asyncio.CancelledError):  # the edge closed the turn: its client went away
             if finished is None:
                 reply_log.info("reply cancelled by the client")
@@ -223,45 +264,45 @@ class Dialogue:
             request.close()
             self._open_turns -= 1
 
-    async def _finish(self, talk: TalkInput, character: Character, adapter: AdapterRef | None, prompt: Prompt,
-                      finished: EngineEvent | None, timings: Timings, reply_log: Any) -> TurnFinished:
-        """After the text: the emotion, the session write and the log line."""
+    def reply_format(self, character: Character, talk: TalkInput) -> ReplyFormat:
+        """What this turn's reply may hold; raises UserError for entities or allowed actions out of bounds."""
+        limits, tok = self.limits, self.engine.model.tokenizer
+        entities = check_entities(talk.entities, max_lists=limits.max_entity_lists,
+                                  max_values=limits.max_entity_values, max_chars=limits.max_entity_chars,
+                                  special_tokens=tok.special_tokens,
+                                  spellable=lambda value: tok.decode(tok.encode_literal(value)) == value)
+        allowed = None
+        if talk.allowed_actions is not None:
+            allowed = check_allowed(character.actions, talk.allowed_actions, character.id)
+        return reply_format(character.emotions, character.actions, entities, allowed)
+
+    @staticmethod
+    def _turn_events(parts: list, reply_log: Any) -> list[TurnEvent]:
+        events: list[TurnEvent] = []
+        for part in parts:
+            if isinstance(part, Emotion):
+                events.append(TurnEmotion(part.label))
+            elif isinstance(part, Text):
+                events.append(TurnDelta(part.text))
+            elif isinstance(part, Rejected):  # a reply cut inside an action line: the game gets nothing of it
+                reply_log.info("action line dropped", line=part.line[:200], problem=part.problem)
+            else:
+                events.append(TurnAction(part))
+        return events
+
+    def _finish(self, talk: TalkInput, character: Character, parser: ReplyParser, finished: EngineEvent | None,
+                timings: Timings, reply_log: Any) -> TurnFinished:
+        """After the reply: the session write and the log line."""
         assert finished is not None  # every engine stream ends with "finished" or "error"
         completed = finished.finish_reason in ("stop", "length")
-        emotion = await self._emotion(character, adapter, prompt, finished) if completed else ""
+        emotion, actions = parser.emotion, tuple(parser.actions)  # what the game was sent, also when cut short
         if completed and talk.session_id:
-            self.sessions.append_turn(talk.session_id, Turn(character.id, talk.player_line, finished.text,
-                                                            talk.player_name, character.version))
+            self.sessions.append_turn(talk.session_id, Turn(character.id, talk.player_line, parser.text,
+                                                            talk.player_name, character.version, emotion, actions))
         ms = timings.ms()
-        emotion_ms = ms["total_ms"] - finished.total_ms  # the reply's event was timed when its text ended
         reply_log.info("reply", reason=finished.finish_reason, prompt_tokens=finished.prompt_tokens,
                        cached_tokens=finished.cached_tokens, completion_tokens=finished.completion_tokens,
                        first_token_ms=round(ms["first_token_ms"], 1), total_ms=round(ms["total_ms"], 1),
-                       emotion_ms=round(emotion_ms, 1) if emotion else None, emotion=emotion or None)
-        return TurnFinished(finished.finish_reason or "stop", finished.text, finished.token_ids, finished.prompt_tokens,
-                           finished.completion_tokens, finished.cached_tokens, emotion=emotion, **ms)
-
-    async def _emotion(self, character: Character, adapter: AdapterRef | None, prompt: Prompt,
-                       reply: EngineEvent) -> str:
-        """One of the character's emotion labels for this reply, by constrained choice under its adapter.
-
-        The scoring request takes the reply's place in `in_flight`, so the shutdown's cancel_all() cuts it
-        as it cuts text: a reply whose text ended within the grace period keeps its reason and gets the
-        first label, as when scoring fails (the emotion is always one of the character's labels).
-        """
-        labels = character.emotions
-        if not labels:
-            return ""
-        if self.grace_over:
-            return labels[0]
-        tok = self.engine.model.tokenizer
-        ids = tok.encode_chat(emotion_messages(prompt.messages, reply.text, labels))
-        try:
-            request = self.submit(ids, adapter, SamplingParams(max_tokens=1), reply_id=reply.request_id,
-                                  choices=[tok.encode_literal(label) for label in labels])
-            async for event in request.events():
-                if event.kind == "finished" and event.choice is not None:
-                    return labels[event.choice]
-        except (UserError, QueueFull, BackendUnavailable) as exc:  # e.g. a reply so long the question no longer fits
-            log.warning("emotion not scored; using the first label", character=character.id, error=str(exc))
-        return labels[0]
+                       emotion=emotion or None, actions=[a.name for a in actions] or None)
+        return TurnFinished(finished.finish_reason or "stop", parser.text, finished.token_ids, finished.prompt_tokens,
+                            finished.completion_tokens, finished.cached_tokens, emotion=emotion, actions=actions, **ms)

@@ -29,12 +29,16 @@ if TYPE_CHECKING:
     from sidecar.model.config import LlamaConfig
     from sidecar.model.lora import LoraAdapter
 
-__all__ = ["AdapterError", "AdapterRef", "BackendUnavailable", "Engine", "EngineEvent", "EngineStats", "ModelInfo",
-           "QueueFull", "RequestStream", "SamplingParams", "Timings"]
+__all__ = ["AdapterError", "AdapterRef", "BackendUnavailable", "Engine", "EngineEvent", "EngineStats", "GrammarError",
+           "ModelInfo", "QueueFull", "RequestStream", "SamplingParams", "Timings"]
 
 
 class QueueFull(Exception):
     """No room for another reply to wait, or the engine is stopping: the caller answers RESOURCE_EXHAUSTED."""
+
+
+class GrammarError(UserError):
+    """A SamplingParams.grammar the backend cannot compile; the message starts with `grammar:`."""
 
 
 class BackendUnavailable(Exception):
@@ -51,6 +55,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # the reply ends before the first occurrence of any of these
     seed: int | None = None  # same seed, same request, run alone -> same reply
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    # Constrained decoding: the reply must match this Lark grammar (llguidance's dialect, `%json{...}`
+    # embeds a JSON schema); engines whose `constrained_decoding` is False refuse it.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -65,6 +72,8 @@ class SamplingParams:
             raise UserError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if any(not s for s in self.stop):
             raise UserError("stop strings must not be empty")
+        if self.grammar is not None and self.ignore_eos:
+            raise UserError("a grammar decides where the reply ends: it cannot be combined with ignore_eos")
 
     @property
     def greedy(self) -> bool:
@@ -208,6 +217,7 @@ class Engine(Protocol):
     """What runs the model, as the dialogue and server layers use it. Every backend declares it."""
 
     name: str  # what ServerInfo.backend says: "torch-cpu", "torch-cuda", "remote", "tensorrt-llm"
+    constrained_decoding: bool  # whether SamplingParams.grammar is honoured (else submit refuses it)
     config: EngineConfig  # limits; max_seq_len is what a prompt + reply may take on this backend
     model: ModelInfo
 

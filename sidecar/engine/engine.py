@@ -65,6 +65,7 @@ class AsyncEngine(Engine):
             self.core = LLMEngine(self.base, self.config, progress=sys.stderr.isatty())
             model = self.base.model
             self.name = f"torch-{model.device}"
+            self.constrained_decoding = True
             self.config = replace(self.config, max_seq_len=self.core.kv.cache.max_len)  # what a KV row holds
             self.model = ModelInfo(self.base.path, model.weights, str(model.device), self.base.tokenizer,
                                    model.config)

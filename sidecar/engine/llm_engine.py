@@ -15,6 +15,7 @@ from sidecar.engine.adapters import AdapterCache, read_adapter
 from sidecar.engine.admission import check_request
 from sidecar.engine.api import AdapterRef, EngineEvent, EngineStats, SamplingParams, Timings
 from sidecar.engine.base_model import BaseModel
+from sidecar.engine.grammar import Grammars
 from sidecar.engine.kv_cache import KvRows, PrefixCache
 from sidecar.engine.model_runner import ModelRunner, StepResult
 from sidecar.engine.output import RequestOutput
@@ -38,7 +39,8 @@ class LLMEngine:
                           rank=16 if model.device.type == "cuda" else 8, device=model.device)
         self.adapters = AdapterCache(slots)
         self.scheduler = Scheduler(config, self.kv, self.adapters)
-        self.runner = ModelRunner(model, cache, slots, self.kv.staging_row, config, progress)
+        self.grammars = Grammars(base.tokenizer, model.config.vocab_size)
+        self.runner = ModelRunner(model, cache, slots, self.kv.staging_row, config, self.grammars, progress)
         self.steps = 0
         self.snapshot = EngineStats()  # replaced after each step: what stats() reads from other threads
 
@@ -56,15 +58,24 @@ class LLMEngine:
         With `choices`, nothing is generated: the prompt is prefilled, each candidate continuation is
         scored, and the request finishes (reason "choice") with the most likely one's index.
         """
-        room = check_request(prompt, choices, self.kv.cache.max_len, self.base.model.config.vocab_size)
+        matcher, forced = None, []
+        if params.grammar is not None:
+            if choices is not None:
+                raise UserError("a scoring request (choices) takes no grammar")
+            matcher = self.grammars.matcher(params.grammar)
+            # The grammar's fixed opening is prefilled with the prompt rather than decoded a step at a time.
+            forced = matcher.compute_ff_tokens()
+            if forced and not matcher.consume_tokens(forced):
+                raise UserError(f"grammar: {matcher.get_error()}")
+        room = check_request([*prompt, *forced], choices, self.kv.cache.max_len, self.base.model.config.vocab_size)
         if adapter is not None and adapter.loaded is None:
             raise UserError(f"adapter {adapter.name!r}: not loaded (make refs with Engine.load_adapter)")
         request_id = request_id or f"req-{next(_ids)}"
         tok = self.base.tokenizer
-        out = RequestOutput(request_id, len(prompt), params, min(params.max_tokens, room), tok.detokenizer(),
-                            tok.eos_ids, timings or Timings())
-        return Seq(request_id, list(prompt), adapter, params, emit, out,
-                   choices=tuple(tuple(c) for c in choices) if choices else None)
+        out = RequestOutput(request_id, len(prompt), params, min(params.max_tokens, room + len(forced)),
+                            tok.detokenizer(), tok.eos_ids, timings or Timings(), forced=forced)
+        return Seq(request_id, [*prompt, *forced], adapter, params, emit, out,
+                   choices=tuple(tuple(c) for c in choices) if choices else None, matcher=matcher)
 
     def add(self, seq: Seq) -> None:
         self.scheduler.add(seq)  # raises QueueFull
@@ -107,6 +118,11 @@ class LLMEngine:
 
     def _accept(self, seq: Seq, token: int) -> None:
         """Streams a sampled token's events; a finished reply leaves the batch."""
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            # The mask allowed only tokens the grammar accepts: reaching this is a bug, not bad input.
+            self.scheduler.finish(seq)
+            seq.emit(seq.out.error(f"grammar refused token {token}: {seq.matcher.get_error()}", internal=True))
+            return
         events = seq.out.tokens([token])
         if seq.out.finished:
             self.scheduler.finish(seq)

@@ -9,11 +9,13 @@ through the staging row (kv_cache.KvRows).
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
 from sidecar.config import EngineConfig
+from sidecar.engine.grammar import Grammars
 from sidecar.engine.sampler import sample_batch
 from sidecar.engine.scheduler import StepPlan
 from sidecar.engine.sequence import Sequence
@@ -29,10 +31,19 @@ class StepResult:
     token_logprobs: list[list[float]] | None = None  # a scoring request that completed: each candidate's
 
 
+@dataclass(frozen=True)
+class _Masks:
+    """One step's grammar masks: row of `bits` for each constrained sequence (by id), filled on the grammar thread."""
+
+    index: dict[int, int]
+    bits: Future[torch.Tensor]
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, cache: KVCache, slots: LoraSlots, staging_row: int, config: EngineConfig,
-                 progress: bool = False):
+                 grammars: Grammars, progress: bool = False):
         self.model, self.cache, self.slots, self.staging_row = model, cache, slots, staging_row
+        self.grammars = grammars
         # On a GPU with Triton, decode steps run through CudaDecoder (captured graphs unless turned off).
         self.cuda_decoder = None
         if model.device.type == "cuda" and triton_available():
@@ -45,8 +56,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepResult:
-        decode_tokens = self._sample(plan.decode, self._decode(plan.decode)) if plan.decode else []
         seq = plan.prefill
+        sampled = [*plan.decode, *([seq] if plan.completes_prefill and not seq.scoring else [])]
+        # The constrained rows' masks are computed on the grammar thread while the forwards run.
+        masks = self._start_masks(sampled)
+        decode_tokens = self._sample(plan.decode, self._decode(plan.decode), masks) if plan.decode else []
         if seq is None:
             return StepResult(decode_tokens)
         lo, hi = plan.prefill_range
@@ -55,7 +69,7 @@ class ModelRunner:
             return StepResult(decode_tokens)
         if seq.choices is not None:
             return StepResult(decode_tokens, token_logprobs=self._score(seq, logits[0]))
-        return StepResult(decode_tokens, first_token=self._sample([seq], logits)[0])
+        return StepResult(decode_tokens, first_token=self._sample([seq], logits, masks)[0])
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         slots = [s.slot for s in seqs]
@@ -92,8 +106,19 @@ class ModelRunner:
             scores.append(values)
         return scores
 
-    @staticmethod
-    def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+    def _start_masks(self, seqs: list[Sequence]) -> _Masks | None:
+        constrained = [s for s in seqs if s.matcher is not None]
+        if not constrained:
+            return None
+        return _Masks({id(s): i for i, s in enumerate(constrained)},
+                      self.grammars.start_masks([s.matcher for s in constrained]))
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, masks: _Masks | None) -> list[int]:
+        rows = [b for b, s in enumerate(seqs) if masks is not None and id(s) in masks.index]
+        if rows:  # the constrained rows' disallowed tokens go to -inf; free rows are left as they are
+            bitmask = masks.bits.result()
+            logits = logits.float().clone()
+            logits[rows] = self.grammars.apply(logits[rows], bitmask[[masks.index[id(seqs[b])] for b in rows]])
         penalized = any(s.params.repetition_penalty != 1.0 for s in seqs)
         return sample_batch(logits, [s.sampler for s in seqs], [s.history() for s in seqs] if penalized
                             else [[]] * len(seqs))

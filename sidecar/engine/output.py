@@ -62,7 +62,7 @@ class RequestOutput:
     """
 
     def __init__(self, request_id: str, prompt_tokens: int, params: SamplingParams, max_tokens: int,
-                 detokenizer: Detokenizer, eos_ids: Sequence[int], timings: Timings):
+                 detokenizer: Detokenizer, eos_ids: Sequence[int], timings: Timings, forced: Sequence[int] = ()):
         self.request_id, self.prompt_tokens, self.max_tokens = request_id, prompt_tokens, max_tokens
         self.detokenizer = detokenizer
         self.stops = StopStringFilter(params.stop)
@@ -73,6 +73,9 @@ class RequestOutput:
         self.cached_tokens = 0  # prompt tokens whose K/V were reused (set by started())
         self.finished = False
         self._pending: list[int] = []  # ids whose text is not streamed yet
+        # A grammar's fixed opening, prefilled with the prompt: the reply's first ids (completion tokens,
+        # not prompt_tokens), streamed with the first sampled one.
+        self._forced = list(forced)
 
     def started(self, cached_tokens: int = 0) -> EngineEvent:
         """The request got its place in the batch."""
@@ -84,6 +87,8 @@ class RequestOutput:
     def tokens(self, ids: Sequence[int]) -> list[EngineEvent]:
         """Events for newly generated ids."""
         events: list[EngineEvent] = []
+        if self._forced:
+            ids, self._forced = [*self._forced, *ids], []
         for token in ids:
             if self.finished:
                 break

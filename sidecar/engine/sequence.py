@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sidecar.engine.api import AdapterRef, EngineEvent, SamplingParams
 from sidecar.engine.output import RequestOutput
@@ -33,6 +34,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     cached_tokens: int = 0  # ...of which came from the prefix cache
     cancelled: bool = False
+    matcher: Any = None  # llguidance.LLMatcher of a constrained reply (engine/grammar.py); None = free
     sampler: Sampler = field(init=False)
 
     def __post_init__(self) -> None:

@@ -257,6 +257,10 @@ class Tokenizer:
         except UserError:  # a template that refuses the placeholders
             return []
 
+    def hf_json(self) -> str:
+        """The tokenizer as a Hugging Face tokenizer.json (what grammar libraries build their vocabulary from)."""
+        return self._tok.to_str()
+
     # --- decoding ---------------------------------------------------------------------------
 
     def decode(self, ids: Sequence[int]) -> str:

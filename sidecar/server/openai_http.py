@@ -12,18 +12,56 @@ calls, JSON / server-sent events out (shapes: server/openai_json.py). Served:
   whole prompt. `stream` as SSE `data: {...}` chunks ending with `data: [DONE]`;
   `return_token_ids` (vLLM's name) adds each chunk's token ids; `echo` with `max_tokens: 0` and
   `logprobs` scores the prompt (see ECHO_LOGPROB_TOKENS);
-- POST /v1/chat/completions: with `model` "base", `messages` go through the model's chat template,
-  contents literal. With a character, it is that character's turn, as gRPC Talk makes it
+- POST /v1/chat/completions with `model` "base": `messages` go through the model's chat template,
+  contents literal (role developer reads as system);
+- POST /v1/chat/completions with a character: that character's turn, as gRPC Talk makes it
   (dialogue/turn.py): its persona, knowledge and adapter; the last message is the player's line
-  (role user, its `name` the player's name), earlier user / assistant messages are the history,
-  system messages are the situation (a world fact); sampling fields left out take the character's
-  defaults, and the reply carries the character's `emotion` label (an extra field of the choice,
-  in the last chunk when streamed). No server session is read or written: the messages are the
-  conversation.
+  (role user, its `name` the player's name), earlier user / assistant messages are the history
+  (an assistant message's `emotion` and `tool_calls` are what that reply felt and did), system
+  messages are the situation (a world fact); sampling fields left out take the character's
+  defaults. No server session is read or written: the messages are the conversation.
+
+Structured replies, all decoded under a grammar (constrained decoding: engine/grammar.py; a backend
+without it answers 400):
+
+- `response_format` {"type": "json_object"} / {"type": "json_schema", "json_schema": {"schema": ...}}
+  or vLLM's `structured_outputs` {"json": SCHEMA} / {"grammar": LARK} (llguidance's dialect): the
+  reply's text is that JSON / follows that grammar (completions and "base" chats);
+- function calling with "base": `tools` ([{"type": "function", "function": {"name", "description",
+  "parameters"}}], each parameters schema checked when the request comes) and `tool_choice`:
+  "none" (the tools are not shown; plain reply), "auto" (the default with tools: text, or a call),
+  "required" (the reply is one call of any listed tool) or {"type": "function", "function":
+  {"name": ...}} (one call of that tool). The tools are listed in the system message (appended to
+  the caller's first one) with how to call: the model writes a call as
+  `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` (ot.TOOL_CALL_OPEN; the Hermes /
+  Qwen convention), the grammar allowing only the listed tools' names, each with arguments valid for
+  its parameters schema; under "auto" free text may not begin with `<tool_call>`, and with a
+  response_format the text alternative is that JSON. A call comes back as `message.tool_calls`
+  ([{"id": "call_<request>_0", "type": "function", "function": {"name", "arguments": JSON text}}]),
+  content null, finish_reason "tool_calls"; at most one call per reply (`parallel_tool_calls` is
+  not honoured); a call cut by max_tokens comes back as its raw text, finish_reason "length".
+  Streamed, text flows as it comes and a call is sent whole, in one delta.tool_calls chunk, when it
+  is complete. The conversation continues as OpenAI clients send it: the assistant message with its
+  tool_calls, then role "tool" messages (given to the model as user messages in
+  <tool_response>...</tool_response>);
+- a character's actions (character.yaml `actions`, dialogue/actions.py) are its tool calls: the
+  turn's grammar lets it write up to three after its line, valid against its schema and the
+  request's `entities` (an extra body field, {"stock": ["iron sword", ...]}, the game's lists the
+  enum arguments take values from; checked by the turn, 400 naming the field). `tools` lists which
+  of the character's actions it may take this turn, by function name only (their parameters are
+  ignored: the character's schema sets the arguments; a name it does not have is 400 naming
+  `tools[i].function.name`); without `tools`, every action; `tool_choice` "none" (no action) or
+  "auto" (the default; "required" and a named tool are 400: the character decides whether it
+  acts); response_format is 400 (the reply has its own format). The reply is the text as `content`
+  with the actions as `tool_calls` (finish_reason "tool_calls" when there are any), and the
+  character's `emotion` label as an extra field of the choice; streamed, the text's chunks, then
+  one delta.tool_calls chunk per action (index counting from 0), then the last chunk with the
+  emotion and finish_reason.
 
 Sampling: max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, ignore_eos,
 checked by server/requests.py as gRPC's options are. Errors are OpenAI-shaped JSON,
-`{"error": {"message", "type", "param", "code"}}`: 400 bad input, 401 without the server's
+`{"error": {"message", "type", "param", "code"}}`: 400 bad input (`param` names the field, e.g.
+"tools[1].function.parameters", and the message starts with it), 401 without the server's
 --auth-token as `Authorization: Bearer`, 404 unknown model or path, 429 queue full, 503 draining.
 A client that disconnects cancels its request in the engine (aiohttp cancels the handler).
 """
@@ -32,15 +70,17 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
 from aiohttp import web
 
 from sidecar.config import ServerConfig, parse_listen
+from sidecar.dialogue.actions import Action, action_from_dict
 from sidecar.dialogue.characters import Character, Generation
 from sidecar.dialogue.registry import CharacterUnavailable, UnknownCharacter
 from sidecar.dialogue.sessions import Turn
@@ -50,14 +90,16 @@ from sidecar.dialogue.turn import (
     Request,
     ShuttingDown,
     TalkInput,
+    TurnAction,
     TurnDelta,
     TurnFinished,
     reply_token_cap,
 )
-from sidecar.engine.api import AdapterRef, BackendUnavailable, EngineEvent, QueueFull, SamplingParams
+from sidecar.engine.api import AdapterRef, BackendUnavailable, EngineEvent, GrammarError, QueueFull, SamplingParams
 from sidecar.engine.tokenizer import ChatMessage
 from sidecar.errors import UserError
 from sidecar.server import openai_json as oj
+from sidecar.server import openai_tools as ot
 from sidecar.server.openai_json import HttpError
 from sidecar.server.requests import InvalidArgument, check_stops
 
@@ -96,6 +138,9 @@ class _Part:
     reason: str | None = None
     usage: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # fields of our own in the choice (a character's emotion)
+    # Calls (ot.tool_call): streamed as they come in parts that are not the end; the end holds them all
+    # (a whole reply's message.tool_calls).
+    tool_calls: tuple[dict, ...] = ()
 
 
 class OpenAiEndpoint:
@@ -175,14 +220,17 @@ class OpenAiEndpoint:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise HttpError(400, "messages: required, a non-empty list", param="messages")
-        chat = [ChatMessage(*oj.message(m, i)) for i, m in enumerate(messages)]
+        chat = [oj.message(m, i) for i, m in enumerate(messages)]
         if model.character is not None:
-            return await self._turn(request, body, model, chat, messages[-1].get("name"))
+            return await self._turn(request, body, model, chat)
+        if body.get("entities") is not None:
+            raise HttpError(400, "entities: only for a character's turn (model = a character id)", param="entities")
+        plan = ot.tool_plan(body)
         try:
-            ids = self.dialogue.engine.model.tokenizer.encode_chat(chat)
+            ids = self.dialogue.engine.model.tokenizer.encode_chat(_base_chat(chat, plan))
         except UserError as e:
             raise HttpError(400, str(e), param="messages") from None
-        return await self._generate(request, body, model, ids, chat=True)
+        return await self._generate(request, body, model, ids, chat=True, plan=plan)
 
     # --- parts --------------------------------------------------------------------------------
 
@@ -213,9 +261,11 @@ class OpenAiEndpoint:
         raise HttpError(400, "prompt: a non-empty string or a non-empty list of token ids (one prompt per request)",
                         param="prompt")
 
-    def _sampling(self, body: dict, chat: bool, generation: Generation | None = None) -> SamplingParams:
+    def _sampling(self, body: dict, chat: bool, generation: Generation | None = None,
+                  plan: ot.ToolPlan | None = None) -> SamplingParams:
         """The body's sampling parameters, checked as gRPC's options are (server/requests.py) under their
-        OpenAI names, with OpenAI's defaults; max_tokens is clamped to the character's max_tokens_limit."""
+        OpenAI names, with OpenAI's defaults; max_tokens is clamped to the character's max_tokens_limit.
+        The grammar: the tools' (`plan`), else response_format's / structured_outputs'."""
         oj.check_common(body)
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
@@ -228,60 +278,86 @@ class OpenAiEndpoint:
                 top_k=max(oj.whole(body, "top_k", 0, -1, 1_000_000, " (no limit)"), 0),
                 repetition_penalty=oj.number(body, "repetition_penalty", 1.0),
                 stop=check_stops("stop", oj.stop_list(body), self.limits),
-                seed=oj.whole(body, "seed", None, 0, 2**63 - 1), ignore_eos=ignore_eos)
+                seed=oj.whole(body, "seed", None, 0, 2**63 - 1), ignore_eos=ignore_eos,
+                grammar=plan.grammar if plan is not None else oj.grammar(body))
 
     async def _generate(self, request: web.Request, body: dict, model: _Model, ids: list[int],
-                        chat: bool) -> web.StreamResponse:
-        """A completion of the caller's prompt, under the model's adapter."""
-        sampling = self._sampling(body, chat, model.generation)
-        reply = self._submit(ids, model.adapter, sampling)
+                        chat: bool, plan: ot.ToolPlan | None = None) -> web.StreamResponse:
+        """A completion of the caller's prompt, under the model's adapter; with `plan`, tool calls are
+        parsed out of the reply."""
+        sampling = self._sampling(body, chat, model.generation, plan)
+        grammar_from = ("tools" if plan is not None else
+                        "structured_outputs" if body.get("structured_outputs") is not None else "response_format")
+        if sampling.grammar is not None and not self.dialogue.engine.constrained_decoding:
+            raise HttpError(400, f"{grammar_from}: this backend ({self.dialogue.engine.name}) cannot constrain "
+                                 "decoding to a grammar (the torch and remote backends can)", param=grammar_from)
+        reply = self._submit(ids, model.adapter, sampling, grammar_from=grammar_from)
         bound = log.bind(request_id=reply.request_id, model=model.name, api="chat" if chat else "completions")
         shape = oj.Shape(reply.request_id, model.name, chat, body.get("return_token_ids") is True)
+        parts = _engine_parts(reply)
+        if plan is not None:
+            parts = _tool_parts(parts, reply.request_id, plan.auto)
         try:
-            return await self._respond(request, body, shape, _engine_parts(reply), bound)
+            return await self._respond(request, body, shape, parts, bound)
         finally:
             reply.close()  # also when the response failed before reading any event
 
     def _submit(self, ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams,
-                choices: list[list[int]] | None = None) -> Request:
+                choices: list[list[int]] | None = None, grammar_from: str = "response_format") -> Request:
         try:
             return self.dialogue.submit(ids, adapter, sampling, choices=choices)
+        except GrammarError as e:  # the grammar the body's `grammar_from` field asked for did not compile
+            raise HttpError(400, str(e), param=grammar_from) from None
         except UserError as e:
             raise HttpError(400, str(e), param="prompt") from None
 
-    async def _turn(self, request: web.Request, body: dict, model: _Model, chat: list[ChatMessage],
-                    player_name: Any) -> web.StreamResponse:
+    async def _turn(self, request: web.Request, body: dict, model: _Model,
+                    chat: list[oj.Message]) -> web.StreamResponse:
         """A character's turn (dialogue/turn.py) from the messages."""
-        talk = self._talk_input(body, model, chat, player_name)
+        talk = self._talk_input(body, model, chat)
         turn = self.dialogue.talk(talk, time.perf_counter())
         try:
             started = await anext(turn)  # refusals (queue full, prompt too long) come before the response
-        except UserError as e:
-            raise HttpError(400, str(e), param="messages") from None
+        except UserError as e:  # the turn checks the entities (names, values, limits) and fits the prompt
+            message = str(e)
+            raise HttpError(400, message, param="entities" if message.startswith("entities") else "messages") from None
         bound = log.bind(request_id=started.request_id, model=model.name, api="chat")
         shape = oj.Shape(started.request_id, model.name, True, with_ids=False)
         try:
-            return await self._respond(request, body, shape, _turn_parts(turn), bound)
+            return await self._respond(request, body, shape, _turn_parts(turn, started.request_id), bound)
         finally:
             await turn.aclose()  # also when the response failed before reading on: cancels the reply
 
-    def _talk_input(self, body: dict, model: _Model, chat: list[ChatMessage], player_name: Any) -> TalkInput:
+    def _talk_input(self, body: dict, model: _Model, chat: list[oj.Message]) -> TalkInput:
+        character = model.character
+        assert character is not None
         if chat[-1].role != "user" or not chat[-1].content.strip():
             raise HttpError(400, "messages: with a character, the last message is the player's line (role user, "
                                  "not empty)", param="messages")
         if body.get("ignore_eos"):
             raise HttpError(400, "ignore_eos: not for a character's turn", param="ignore_eos")
         oj.check_common(body)
+        if oj.content_format(body)[0] != "text":
+            field_name = "structured_outputs" if body.get("structured_outputs") is not None else "response_format"
+            raise HttpError(400, f"{field_name}: a character's reply has its own format (emotion, text, actions); "
+                                 'only model "base" takes one', param=field_name)
+        allowed = _allowed_actions(body, character)
+        entities = oj.entities(body)
         history, line, situation = [], "", []
-        for m in chat[:-1]:
+        for i, m in enumerate(chat[:-1]):
             if m.role == "system":
                 situation.append(" ".join(m.content.split()))
             elif m.role == "user":
                 line = f"{line}\n{m.content}" if line else m.content
-            else:
-                history.append(Turn(model.name, line, m.content))
+            elif m.role == "assistant":
+                emotion = m.emotion if m.emotion in character.emotions else ""  # a label since dropped: none
+                history.append(Turn(model.name, line, m.content, emotion=emotion,
+                                    actions=_history_actions(character, m, i)))
                 line = ""
-        name = player_name if isinstance(player_name, str) else ""
+            else:
+                raise HttpError(400, f"messages[{i}]: role tool is only for model \"base\"; a character's actions "
+                                     "come back as its assistant message's tool_calls", param=f"messages[{i}]")
+        name = chat[-1].name or ""
         world = {WORLD_KEY: " ".join(situation)} if situation else {}
         for field_name, value, limit in (("messages[-1].content", chat[-1].content, self.limits.max_line_chars),
                                          ("messages[-1].name", name, self.limits.max_name_chars),
@@ -297,7 +373,8 @@ class OpenAiEndpoint:
                              top_k=top_k if top_k and top_k > 0 else None,
                              repetition_penalty=oj.number(body, "repetition_penalty", None),
                              seed=oj.whole(body, "seed", None, 0, 2**63 - 1),
-                             stop=check_stops("stop", oj.stop_list(body), self.limits), history=tuple(history))
+                             stop=check_stops("stop", oj.stop_list(body), self.limits), history=tuple(history),
+                             entities=entities, allowed_actions=allowed)
 
     async def _respond(self, request: web.Request, body: dict, shape: oj.Shape, parts: AsyncIterator[_Part],
                        bound: Any) -> web.StreamResponse:
@@ -315,14 +392,15 @@ class OpenAiEndpoint:
                     if end is None:
                         raise HttpError(500, "the reply was cancelled", "server_error")
                     outcome = "done"
-                    return web.json_response(shape.whole(end.text, end.reason, end.token_ids, end.usage, **end.extra))
+                    return web.json_response(shape.whole(end.text, end.reason, end.token_ids, end.usage,
+                                                         end.tool_calls, **end.extra))
                 response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                        "Cache-Control": "no-cache"})
                 await response.prepare(request)
                 try:
                     async for part in parts:
                         if not part.end:
-                            await oj.send(response, shape.chunk(part.text, None, part.token_ids))
+                            await oj.send(response, shape.chunk(part.text, None, part.token_ids, part.tool_calls))
                             continue
                         end = part
                         await oj.send(response, shape.chunk("", oj.FINISH.get(part.reason or "stop", "stop"), (),
@@ -389,15 +467,118 @@ async def _engine_parts(reply: Request) -> AsyncIterator[_Part]:
                         oj.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens))
 
 
-async def _turn_parts(turn: AsyncIterator[Any]) -> AsyncIterator[_Part]:
-    """A turn's events (after TurnStarted) as reply parts."""
+async def _turn_parts(turn: AsyncIterator[Any], request_id: str) -> AsyncIterator[_Part]:
+    """A turn's events (after TurnStarted) as reply parts: its actions are tool calls, after the text."""
+    taken = 0
     async for event in turn:
         if isinstance(event, TurnDelta):
             yield _Part(event.text)
+        elif isinstance(event, TurnAction):
+            yield _Part(tool_calls=(ot.tool_call(request_id, taken, event.action.name, event.action.arguments_json),))
+            taken += 1
         elif isinstance(event, TurnFinished):
-            yield _Part(event.text, event.token_ids, True, event.reason,
+            calls = tuple(ot.tool_call(request_id, i, a.name, a.arguments_json) for i, a in enumerate(event.actions))
+            yield _Part(event.text, event.token_ids, True, "tool_calls" if calls else event.reason,
                         oj.usage(event.prompt_tokens, event.completion_tokens, event.cached_prompt_tokens),
-                        {"emotion": event.emotion} if event.emotion else {})
+                        {"emotion": event.emotion} if event.emotion else {}, calls)
+
+
+async def _tool_parts(parts: AsyncIterator[_Part], request_id: str, auto: bool) -> AsyncIterator[_Part]:
+    """A base-model reply under a ToolPlan's grammar: a reply that opens with ot.TOOL_CALL_OPEN is a call,
+    held back and sent as one tool call at the end; other text ("auto") streams as content once it can no
+    longer be the opening. A call cut short (max_tokens) comes back as content, finish_reason "length"."""
+    held, held_ids = "", []
+    deciding, calling = auto, not auto
+    async with contextlib.aclosing(parts):
+        async for part in parts:
+            if part.end:
+                call = ot.parse_call(part.text) if calling or deciding else None
+                if call is None:
+                    if held:
+                        yield _Part(held, tuple(held_ids))
+                    yield part
+                    return
+                calls = (ot.tool_call(request_id, 0, call[0], json.dumps(call[1], ensure_ascii=False)),)
+                yield _Part(token_ids=tuple(held_ids), tool_calls=calls)
+                yield replace(part, text="", reason="tool_calls", tool_calls=calls)
+                return
+            if calling or deciding:
+                held, held_ids = held + part.text, [*held_ids, *part.token_ids]
+                if deciding and held.startswith(ot.TOOL_CALL_OPEN):
+                    deciding, calling = False, True
+                elif deciding and not ot.TOOL_CALL_OPEN.startswith(held):  # text: from here on, as it comes
+                    deciding = False
+                    yield _Part(held, tuple(held_ids))
+                    held, held_ids = "", []
+                continue
+            yield part
+
+
+def _base_chat(messages: list[oj.Message], plan: ot.ToolPlan | None) -> list[ChatMessage]:
+    """A base-model chat as the template gets it: earlier calls as the model writes them, tool results as
+    user messages in <tool_response> (consecutive ones in one message: templates that need user and
+    assistant to alternate accept it), and the tools in the system message (its end; a new one first)."""
+    out: list[ChatMessage] = []
+    previous_tool = False
+    for m in messages:
+        if m.role == "tool":
+            response = f"<tool_response>\n{m.content}\n</tool_response>"
+            if previous_tool:
+                out[-1] = ChatMessage("user", f"{out[-1].content}\n{response}")
+            else:
+                out.append(ChatMessage("user", response))
+        elif m.role == "assistant" and m.calls:
+            out.append(ChatMessage("assistant", "\n".join([*([m.content] if m.content else []),
+                                                            *(ot.render_call(n, a) for n, a in m.calls)])))
+        else:
+            out.append(ChatMessage(m.role, m.content))
+        previous_tool = m.role == "tool"
+    if plan is not None:
+        if out[0].role == "system":
+            out[0] = ChatMessage("system", f"{out[0].content}\n\n{plan.prompt()}")
+        else:
+            out.insert(0, ChatMessage("system", plan.prompt()))
+    return out
+
+
+def _allowed_actions(body: dict, character: Character) -> tuple[str, ...] | None:
+    """A character turn's allowed actions from `tools` (by function name; the character's own schema sets
+    the arguments) and `tool_choice`: None = every action of the character."""
+    listed = ot.tools(body, check_schemas=False)
+    choice = ot.tool_choice(body, listed) if body.get("tool_choice") is not None else "auto"
+    if choice == "none":
+        return ()
+    if choice != "auto":
+        raise HttpError(400, 'tool_choice: "none" or "auto" with a character: it decides whether it acts',
+                        param="tool_choice")
+    if listed is None:
+        return None
+    known = {a.name for a in character.actions}
+    for i, tool in enumerate(listed):
+        if tool.name not in known:
+            have = ", ".join(sorted(known)) or "none"
+            raise HttpError(400, f"tools[{i}].function.name: character {character.id!r} has no action "
+                                 f"{tool.name!r} (its actions: {have})", param=f"tools[{i}].function.name")
+    return tuple(t.name for t in listed)
+
+
+def _history_actions(character: Character, message: oj.Message, i: int) -> tuple[Action, ...]:
+    """An earlier assistant message's tool_calls as the character's actions (its prompt shows them)."""
+    actions = []
+    for j, (name, arguments) in enumerate(message.calls):
+        spec = next((a for a in character.actions if a.name == name), None)
+        where = f"messages[{i}].tool_calls[{j}]"
+        if spec is None:
+            raise HttpError(400, f"{where}.function.name: character {character.id!r} has no action {name[:40]!r}",
+                            param=f"messages[{i}]")
+        try:
+            action = action_from_dict({"name": name, "arguments": arguments}, f"{where}.function")
+        except UserError as e:
+            raise HttpError(400, str(e), param=f"messages[{i}]") from None
+        order = [a.name for a in spec.arguments]
+        actions.append(Action(name, tuple(sorted(action.arguments, key=lambda kv: order.index(kv[0])
+                                                 if kv[0] in order else len(order)))))
+    return tuple(actions)
 
 
 def _failure(e: ReplyFailed) -> HttpError:

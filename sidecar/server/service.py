@@ -14,9 +14,19 @@ from dataclasses import asdict
 import grpc
 import structlog
 
+from sidecar.dialogue.actions import Action, ActionSpec, action_from_dict
 from sidecar.dialogue.registry import CharacterStatus, CharacterUnavailable, LoadState, UnknownCharacter
 from sidecar.dialogue.sessions import SessionExists, UnknownSession
-from sidecar.dialogue.turn import Dialogue, ReplyFailed, ShuttingDown, TurnDelta, TurnEvent, TurnStarted
+from sidecar.dialogue.turn import (
+    Dialogue,
+    ReplyFailed,
+    ShuttingDown,
+    TurnAction,
+    TurnDelta,
+    TurnEmotion,
+    TurnEvent,
+    TurnStarted,
+)
 from sidecar.engine.api import AdapterError, BackendUnavailable, QueueFull
 from sidecar.errors import UserError
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
@@ -92,7 +102,7 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
             await self._refuse(context, "ExportSession", exc)
         return pb.SessionState(format_version=data["format"], session_id=data["session_id"],
                                updated_unix_ms=data["updated_unix_ms"],
-                               turns=[pb.Turn(**turn) for turn in data["turns"]])
+                               turns=[turn_pb(turn) for turn in data["turns"]])
 
     async def ImportSession(self, request: pb.ImportSessionRequest,
                             context: grpc.aio.ServicerContext) -> pb.ImportSessionResponse:
@@ -102,7 +112,8 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
             s = request.state
             data = {"format": s.format_version, "session_id": s.session_id, "updated_unix_ms": s.updated_unix_ms,
                     "turns": [{"character_id": t.character_id, "player_line": t.player_line, "npc_line": t.npc_line,
-                               "player_name": t.player_name, "character_version": t.character_version}
+                               "player_name": t.player_name, "character_version": t.character_version,
+                               "emotion": t.emotion, "actions": [action_dict(a) for a in t.actions]}
                               for t in s.turns]}
             result = self.sessions.import_(data, overwrite=request.overwrite, where="state",
                                            format_field="format_version")
@@ -137,16 +148,49 @@ def talk_event(event: TurnEvent) -> pb.TalkEvent:
             cached_prompt_tokens=event.cached_prompt_tokens, history_turns=event.history_turns))
     if isinstance(event, TurnDelta):
         return pb.TalkEvent(delta=pb.TextDelta(text=event.text))
+    if isinstance(event, TurnEmotion):
+        return pb.TalkEvent(emotion=pb.Emotion(label=event.label))
+    if isinstance(event, TurnAction):
+        return pb.TalkEvent(action=action_pb(event.action))
     return pb.TalkEvent(finished=pb.Finished(
         reason=FINISH_REASONS.get(event.reason, pb.FINISH_REASON_UNSPECIFIED), full_text=event.text,
         usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
                        cached_prompt_tokens=event.cached_prompt_tokens),
         timings=pb.Timings(queue_ms=event.queue_ms, first_token_ms=event.first_token_ms, total_ms=event.total_ms),
-        emotion=event.emotion))
+        emotion=event.emotion, actions=[action_pb(a) for a in event.actions]))
+
+
+def action_pb(action: Action) -> pb.Action:
+    arguments = []
+    for name, value in action.arguments:
+        if isinstance(value, bool):
+            arguments.append(pb.ActionArgument(name=name, bool_value=value))
+        elif isinstance(value, int):
+            arguments.append(pb.ActionArgument(name=name, int_value=value))
+        else:
+            arguments.append(pb.ActionArgument(name=name, string_value=value))
+    return pb.Action(name=action.name, arguments=arguments, arguments_json=action.arguments_json)
+
+
+def action_dict(action: pb.Action) -> dict:
+    """An imported turn's action in the session export's shape (dialogue/sessions.py checks it)."""
+    return {"name": action.name, "arguments": {a.name: getattr(a, a.WhichOneof("value") or "string_value")
+                                               for a in action.arguments}}
+
+
+def turn_pb(turn: dict) -> pb.Turn:
+    actions = [action_pb(action_from_dict(a, "turn.actions")) for a in turn["actions"]]
+    return pb.Turn(**{k: v for k, v in turn.items() if k != "actions"}, actions=actions)
+
+
+def action_spec_pb(spec: ActionSpec) -> pb.ActionSpec:
+    return pb.ActionSpec(name=spec.name, description=spec.description, effects=dict(spec.effects), arguments=[
+        pb.ArgumentSpec(name=a.name, type=a.type, values=list(a.values), values_from=a.values_from, min_value=a.min,
+                        max_value=a.max, max_chars=a.max_chars if a.type == "string" else 0) for a in spec.arguments])
 
 
 def character_pb(s: CharacterStatus) -> pb.Character:
     return pb.Character(id=s.id, name=s.name, version=s.version,
                         status=pb.CHARACTER_STATUS_READY if s.status == LoadState.READY else pb.CHARACTER_STATUS_FAILED,
                         error=s.error, has_adapter=s.has_adapter, greeting=s.greeting, emotions=list(s.emotions),
-                        serving=s.serving)
+                        serving=s.serving, actions=[action_spec_pb(a) for a in s.actions])

@@ -2,25 +2,33 @@
 
 Each line of `characters/<id>/dialogue.jsonl` is one short conversation:
 
-    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...],
-     "world": {"time": "night"}, "player_name": "Aria"}          # world and player_name optional
+    {"messages": [{"role": "user", "content": "..."},
+                  {"role": "assistant", "content": "...", "emotion": "gruff",
+                   "actions": [{"name": "sell_item", "arguments": {"item": "iron sword"}}]}, ...],
+     "world": {"time": "night"}, "player_name": "Aria",         # optional
+     "entities": {"stock": ["iron sword", "hammer"]}, "allowed_actions": ["sell_item"]}  # optional
 
 Roles alternate, starting with the player ("user") and ending with the NPC ("assistant"). The
 text the model trains on is built by dialogue/prompt.build_messages, as at serving time: the
 character's system prompt, style examples, the earlier exchanges of the line as history, and the
-last player line; then the NPC's reply and its end-of-turn token. Every NPC reply in the line is
-supervised (its tokens get labels); everything else is context (label -100).
+last player line; then the NPC's reply as the model writes it (dialogue/reply_format.py: its
+emotion in brackets, the text, its action lines) and its end-of-turn token. Every NPC reply in the
+line is supervised (its tokens get labels); everything else is context (label -100). A character
+that declares emotions needs one on every NPC reply; actions must be valid against the character's
+schema and the line's entities, as at serving time.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from sidecar.dialogue.actions import Action, action_from_dict, check_action
 from sidecar.dialogue.characters import Character
 from sidecar.dialogue.prompt import build_messages
+from sidecar.dialogue.reply_format import ReplyFormat, render_reply, reply_format
 from sidecar.dialogue.sessions import Turn
 from sidecar.engine.tokenizer import ChatMessage, Tokenizer
 from sidecar.errors import UserError
@@ -34,11 +42,31 @@ class DataError(UserError):
 
 
 @dataclass(frozen=True)
+class Reply:
+    """One NPC reply of the data: its text, and the emotion and actions it is labelled with."""
+
+    text: str
+    emotion: str = ""
+    actions: tuple[Action, ...] = ()
+
+
+@dataclass(frozen=True)
 class Conversation:
     line: int  # 1-based line number in dialogue.jsonl
-    exchanges: tuple[tuple[str, str], ...]  # (player line, NPC reply)
+    exchanges: tuple[tuple[str, str], ...]  # (player line, NPC reply text)
     world: dict[str, str]
     player_name: str
+    replies: tuple[Reply, ...] = ()  # one per exchange: the reply with its labels
+    entities: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    allowed_actions: tuple[str, ...] | None = None
+
+    def reply_format(self, character: Character) -> ReplyFormat:
+        return reply_format(character.emotions, character.actions, self.entities, self.allowed_actions)
+
+    def history(self, character: Character, exchanges: int) -> list[Turn]:
+        """The first `exchanges` exchanges as the session turns the prompt shows."""
+        return [Turn(character.id, player, reply.text, emotion=reply.emotion, actions=reply.actions)
+                for (player, _), reply in zip(self.exchanges[:exchanges], self.replies, strict=False)]
 
 
 @dataclass(frozen=True)
@@ -73,23 +101,28 @@ def _parse_line(path: Path, number: int, raw: str) -> Conversation:
         raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
         raise DataError(f'{where}: expected an object with a "messages" list')
-    unknown = set(obj) - {"messages", "world", "player_name"}
+    known = {"messages", "world", "player_name", "entities", "allowed_actions"}
+    unknown = set(obj) - known
     if unknown:
-        raise DataError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: messages, world, player_name")
+        raise DataError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(known))}")
     messages = obj["messages"]
     if not messages:
         raise DataError(f"{where}: messages is empty")
-    turns = []
+    turns, replies = [], []
     for i, m in enumerate(messages):
         expected = "user" if i % 2 == 0 else "assistant"
-        if not isinstance(m, dict) or set(m) != {"role", "content"}:
-            raise DataError(f'{where}: messages[{i}] must be {{"role": ..., "content": ...}}')
+        keys = {"role", "content"} | ({"emotion", "actions"} if expected == "assistant" else set())
+        if not isinstance(m, dict) or not {"role", "content"} <= set(m) <= keys:
+            extra = ' (an NPC reply may add "emotion" and "actions")' if expected == "assistant" else ""
+            raise DataError(f'{where}: messages[{i}] must be {{"role": ..., "content": ...}}{extra}')
         if m["role"] != expected:
             raise DataError(f"{where}: messages[{i}].role is {m['role']!r}, expected {expected!r} "
                             "(the player and the NPC alternate, the player first)")
         if not isinstance(m["content"], str) or not m["content"].strip():
             raise DataError(f"{where}: messages[{i}].content must be non-empty text")
         turns.append(m["content"])
+        if expected == "assistant":
+            replies.append(_reply(where, i, m))
     if len(turns) % 2:
         raise DataError(f"{where}: the conversation ends with the player: it has no NPC reply to learn from")
     world = obj.get("world", {})
@@ -98,16 +131,61 @@ def _parse_line(path: Path, number: int, raw: str) -> Conversation:
     name = obj.get("player_name", "")
     if not isinstance(name, str):
         raise DataError(f"{where}: player_name must be text")
-    return Conversation(number, tuple(zip(turns[::2], turns[1::2], strict=True)), world, name)
+    entities = obj.get("entities", {})
+    if not isinstance(entities, dict) or not all(isinstance(k, str) and isinstance(v, list)
+                                                 and all(isinstance(x, str) for x in v) for k, v in entities.items()):
+        raise DataError(f"{where}: entities must map list names to lists of text")
+    allowed = obj.get("allowed_actions")
+    if allowed is not None and (not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed)):
+        raise DataError(f"{where}: allowed_actions must be a list of action names")
+    return Conversation(number, tuple(zip(turns[::2], turns[1::2], strict=True)), world, name, tuple(replies),
+                        {k: tuple(v) for k, v in entities.items()}, tuple(allowed) if allowed is not None else None)
+
+
+def _reply(where: str, i: int, m: dict) -> Reply:
+    emotion = m.get("emotion", "")
+    if not isinstance(emotion, str):
+        raise DataError(f"{where}: messages[{i}].emotion must be text")
+    raw_actions = m.get("actions") or []
+    if not isinstance(raw_actions, list):
+        raise DataError(f"{where}: messages[{i}].actions must be a list")
+    try:
+        actions = tuple(action_from_dict(a, f"messages[{i}].actions[{j}]") for j, a in enumerate(raw_actions))
+    except UserError as e:
+        raise DataError(f"{where}: {e}") from None
+    return Reply(m["content"], emotion, actions)
+
+
+def check_labels(character: Character, conv: Conversation) -> None:
+    """The line's labels against the character, as serving would decode them; raises DataError."""
+    where = f"line {conv.line}"
+    fmt = conv.reply_format(character)
+    for k, reply in enumerate(conv.replies):
+        field_name = f"{where}: messages[{2 * k + 1}]"
+        if character.emotions and reply.emotion not in character.emotions:
+            got = f"got {reply.emotion!r}" if reply.emotion else "it has none"
+            raise DataError(f"{field_name}.emotion: must be one of the character's emotions "
+                            f"{list(character.emotions)} ({got})")
+        if not character.emotions and reply.emotion:
+            raise DataError(f"{field_name}.emotion: the character declares no emotions")
+        for j, action in enumerate(reply.actions):
+            problem = check_action(fmt.actions, action, fmt.entities) if fmt.actions else (
+                f"no action of the character can be taken in this line (action {action.name!r})")
+            if problem:
+                raise DataError(f"{field_name}.actions[{j}]: {problem}")
 
 
 def render(tokenizer: Tokenizer, character: Character, conv: Conversation, max_tokens: int) -> Example:
     """Token ids and labels of one conversation; every NPC reply (with its end-of-turn token) is supervised."""
-    history: list[Turn] = []
+    check_labels(character, conv)
+    fmt = conv.reply_format(character)
     ids: list[int] = []
     labels: list[int] = []
-    for player, npc in conv.exchanges:
-        messages = build_messages(character, history, player, conv.world, conv.player_name)
+    for k, (player, _) in enumerate(conv.exchanges):
+        messages = build_messages(character, conv.history(character, k), player, conv.world, conv.player_name,
+                                  fmt=fmt)
+        labelled = conv.replies[k]
+        npc = render_reply(labelled.text, labelled.emotion, labelled.actions)
         context = tokenizer.encode_chat(messages, add_generation_prompt=True)
         full = tokenizer.encode_chat([*messages, ChatMessage("assistant", npc)], add_generation_prompt=False)
         if full[: len(context)] != context or (ids and context[: len(ids)] != ids):
@@ -119,7 +197,6 @@ def render(tokenizer: Tokenizer, character: Character, conv: Conversation, max_t
         eot = next((i for i, t in enumerate(reply) if t in tokenizer.eos_ids), len(reply) - 1)
         labels += [IGNORE] * (len(context) - len(ids)) + reply[: eot + 1] + [IGNORE] * (len(reply) - eot - 1)
         ids = full
-        history.append(Turn(character.id, player, npc))
     if len(ids) > max_tokens:
         raise DataError(f"line {conv.line}: the rendered conversation is {len(ids)} tokens; the limit is "
                         f"{max_tokens} (shorten it or split it into several lines)")

@@ -1,20 +1,29 @@
 // npc_talk: one player line to one NPC of a running sidecar, the reply printed as it streams.
 //
 //   npc_talk --address 127.0.0.1:50051 --character blacksmith [--session S] [--max-tokens N]
-//            [--temperature T] [--seed N] [--player-name NAME] [--deadline-ms MS] [--token T] "line"
-//   npc_talk --address 127.0.0.1:50051 --list
+//            [--temperature T] [--seed N] [--player-name NAME] [--deadline-ms MS] [--token T]
+//            [--entity LIST=VALUE]... [--allow-action NAME]... [--no-actions] "line"
+//   npc_talk --address 127.0.0.1:50051 --list     (id, name, status, adapter, actions, error)
 //   npc_talk --address 127.0.0.1:50051 --info
 //
-// The reply goes to stdout, each piece flushed as it arrives, then a newline; a summary line
-// (finish reason, emotion, timings, tokens) goes to stderr. Exit status: 0 on success; 1 when the
-// call fails, with "error: <STATUS_CODE>: <message>" on stderr; 2 on a usage error; 130 when
-// interrupted (Ctrl-C cancels the call).
+// The reply goes to stdout: its emotion in brackets first (when the character declares emotions),
+// then the text, each piece flushed as it arrives, then a newline, then one line per action:
+//
+//   [gruff] Forty gold, lad, and it's yours.
+//   -> sell_item(item="iron sword", price=40)
+//
+// A summary line (finish reason, emotion, actions, timings, tokens) goes to stderr. --entity adds
+// one value to a list of TalkRequest.entities (repeat it: --entity stock="iron sword" --entity
+// stock=hammer); --allow-action allows only the actions named (repeat it); --no-actions allows none.
+// Exit status: 0 on success; 1 when the call fails, with "error: <STATUS_CODE>: <message>" on
+// stderr; 2 on a usage error; 130 when interrupted (Ctrl-C cancels the call).
 #include <atomic>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -29,7 +38,8 @@ extern "C" void OnSignal(int) { g_interrupted.store(true); }
 
 const char* kUsage =
     "usage: npc_talk [--address HOST:PORT] --character ID [--session S] [--max-tokens N]\n"
-    "                [--temperature T] [--seed N] [--player-name NAME] [--deadline-ms MS] [--token T] LINE\n"
+    "                [--temperature T] [--seed N] [--player-name NAME] [--deadline-ms MS] [--token T]\n"
+    "                [--entity LIST=VALUE]... [--allow-action NAME]... [--no-actions] LINE\n"
     "       npc_talk [--address HOST:PORT] [--token T] --list | --info\n";
 
 int Usage(const std::string& problem) {
@@ -90,6 +100,9 @@ int main(int argc, char** argv) {
   long long seed = 0;
   bool list = false;
   bool info = false;
+  std::map<std::string, std::vector<std::string>> entities;
+  bool restrict_actions = false;
+  std::vector<std::string> allowed_actions;
   std::vector<std::string> words;
   bool only_words = false;
 
@@ -115,6 +128,10 @@ int main(int argc, char** argv) {
       info = true;
       continue;
     }
+    if (arg == "--no-actions") {
+      restrict_actions = true;
+      continue;
+    }
     if (i + 1 >= argc) return Usage(arg + " needs a value");
     const std::string value = argv[++i];
     if (arg == "--address") {
@@ -137,6 +154,13 @@ int main(int argc, char** argv) {
     } else if (arg == "--seed") {
       if (!ParseLong(value, &seed)) return Usage("--seed: not an integer: " + value);
       has_seed = true;
+    } else if (arg == "--entity") {
+      const auto equals = value.find('=');
+      if (equals == std::string::npos || equals == 0) return Usage("--entity: not LIST=VALUE: " + value);
+      entities[value.substr(0, equals)].push_back(value.substr(equals + 1));
+    } else if (arg == "--allow-action") {
+      restrict_actions = true;
+      allowed_actions.push_back(value);
     } else {
       return Usage("unknown option " + arg);
     }
@@ -149,8 +173,11 @@ int main(int argc, char** argv) {
     auto characters = client.ListCharacters(deadline);
     if (!characters.ok()) return Fail(characters.error);
     for (const auto& c : characters.value) {
-      std::printf("%s\t%s\t%s%s%s\n", c.id().c_str(), c.name().c_str(), CharacterStatusName(c.status()),
-                  c.has_adapter() ? "\tadapter" : "", c.error().empty() ? "" : ("\t" + c.error()).c_str());
+      std::string actions;  // "\tactions=sell_item,open_gate" when it declares any
+      for (const auto& action : c.actions()) actions += (actions.empty() ? "\tactions=" : ",") + action.name();
+      std::printf("%s\t%s\t%s%s%s%s\n", c.id().c_str(), c.name().c_str(), CharacterStatusName(c.status()),
+                  c.has_adapter() ? "\tadapter" : "", actions.c_str(),
+                  c.error().empty() ? "" : ("\t" + c.error()).c_str());
     }
     return 0;
   }
@@ -181,20 +208,36 @@ int main(int argc, char** argv) {
   options->set_max_tokens(static_cast<int>(max_tokens));
   if (has_temperature) options->set_temperature(static_cast<float>(temperature));
   if (has_seed) options->set_seed(static_cast<unsigned long long>(seed));
+  for (const auto& entry : entities) npc::AddEntities(request, entry.first, entry.second);
+  if (restrict_actions) npc::SetAllowedActions(request, allowed_actions);
 
   // The callbacks run on the client's worker thread; main only waits. (A game would hand each
   // piece to its game thread instead of printing it.)
   std::mutex mu;
-  bool printed = false;
+  bool printed = false;       // something of the line is on stdout
+  bool line_ended = false;    // and its newline too
   bool ok = false;
   npc::Error error;
   npc::v1::Finished finished;
   npc::TalkCallbacks callbacks;
+  callbacks.on_emotion = [&](const std::string& label) {
+    std::lock_guard<std::mutex> lock(mu);
+    std::printf("[%s] ", label.c_str());
+    std::fflush(stdout);
+    printed = true;
+  };
   callbacks.on_delta = [&](const std::string& text) {
     std::lock_guard<std::mutex> lock(mu);
     std::fwrite(text.data(), 1, text.size(), stdout);
     std::fflush(stdout);
     printed = true;
+  };
+  callbacks.on_action = [&](const npc::v1::Action& action) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!line_ended) std::fputc('\n', stdout);  // actions come after the whole line
+    printed = line_ended = true;
+    std::printf("-> %s\n", npc::FormatAction(action).c_str());
+    std::fflush(stdout);
   };
   callbacks.on_finished = [&](const npc::v1::Finished& done) {
     std::lock_guard<std::mutex> lock(mu);
@@ -218,7 +261,7 @@ int main(int argc, char** argv) {
   }
 
   std::lock_guard<std::mutex> lock(mu);
-  if (printed || ok) {
+  if ((printed || ok) && !line_ended) {
     std::fputc('\n', stdout);
     std::fflush(stdout);
   }
@@ -230,10 +273,10 @@ int main(int argc, char** argv) {
   const auto& usage = finished.usage();
   const auto& timings = finished.timings();
   std::fprintf(stderr,
-               "finish: %s, emotion: %s, first token: %.0f ms, total: %.0f ms, tokens: %d prompt (%d cached) + %d "
-               "reply\n",
+               "finish: %s, emotion: %s, actions: %d, first token: %.0f ms, total: %.0f ms, tokens: %d prompt "
+               "(%d cached) + %d reply\n",
                FinishReasonName(finished.reason()), finished.emotion().empty() ? "-" : finished.emotion().c_str(),
-               timings.first_token_ms(), timings.total_ms(), usage.prompt_tokens(), usage.cached_prompt_tokens(),
-               usage.completion_tokens());
+               finished.actions_size(), timings.first_token_ms(), timings.total_ms(), usage.prompt_tokens(),
+               usage.cached_prompt_tokens(), usage.completion_tokens());
   return 0;
 }

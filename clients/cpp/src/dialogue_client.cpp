@@ -36,6 +36,75 @@ const char* StatusCodeName(grpc::StatusCode code) {
   return "UNKNOWN_CODE";
 }
 
+void AddEntities(v1::TalkRequest& request, const std::string& name, const std::vector<std::string>& values) {
+  v1::EntityList& list = (*request.mutable_entities())[name];
+  for (const auto& value : values) list.add_values(value);
+}
+
+void SetAllowedActions(v1::TalkRequest& request, const std::vector<std::string>& names) {
+  v1::AllowedActions* allowed = request.mutable_allowed_actions();  // set, even when names is empty
+  allowed->clear_names();
+  for (const auto& name : names) allowed->add_names(name);
+}
+
+const v1::ActionArgument* FindArgument(const v1::Action& action, const std::string& name) {
+  for (const auto& argument : action.arguments()) {
+    if (argument.name() == name) return &argument;
+  }
+  return nullptr;
+}
+
+namespace {
+
+// A quoted string as JSON writes it: \" \\ \b \f \n \r \t, other control characters as \u00XX, the rest
+// (UTF-8 included) as it is.
+void AppendQuoted(std::string& out, const std::string& text) {
+  static const char kHex[] = "0123456789abcdef";
+  out += '"';
+  for (const char c : text) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default: {
+        const auto byte = static_cast<unsigned char>(c);
+        if (byte < 0x20) {
+          out += "\\u00";
+          out += kHex[byte >> 4];
+          out += kHex[byte & 0xf];
+        } else {
+          out += c;
+        }
+      }
+    }
+  }
+  out += '"';
+}
+
+}  // namespace
+
+std::string FormatAction(const v1::Action& action) {
+  std::string out = action.name() + "(";
+  bool first = true;
+  for (const auto& argument : action.arguments()) {
+    if (!first) out += ", ";
+    first = false;
+    out += argument.name() + "=";
+    switch (argument.value_case()) {
+      case v1::ActionArgument::kStringValue: AppendQuoted(out, argument.string_value()); break;
+      case v1::ActionArgument::kIntValue: out += std::to_string(argument.int_value()); break;
+      case v1::ActionArgument::kBoolValue: out += argument.bool_value() ? "true" : "false"; break;
+      default: out += "?"; break;  // a value type a newer server added
+    }
+  }
+  out += ")";
+  return out;
+}
+
 namespace {
 
 using Stub = v1::NpcDialogue::Stub;
@@ -82,6 +151,12 @@ void RunTalk(const std::shared_ptr<Stub>& stub, const std::shared_ptr<Call>& cal
           break;
         case v1::TalkEvent::kDelta:
           if (callbacks.on_delta) callbacks.on_delta(event.delta().text());
+          break;
+        case v1::TalkEvent::kEmotion:
+          if (callbacks.on_emotion) callbacks.on_emotion(event.emotion().label());
+          break;
+        case v1::TalkEvent::kAction:
+          if (callbacks.on_action) callbacks.on_action(event.action());
           break;
         case v1::TalkEvent::kFinished:
           finished.Swap(event.mutable_finished());

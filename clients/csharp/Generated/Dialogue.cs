@@ -24,105 +24,135 @@ namespace Npc.V1 {
     static DialogueReflection() {
       byte[] descriptorData = global::System.Convert.FromBase64String(
           string.Concat(
-            "ChVucGMvdjEvZGlhbG9ndWUucHJvdG8SBm5wYy52MSLqAQoLVGFsa1JlcXVl",
+            "ChVucGMvdjEvZGlhbG9ndWUucHJvdG8SBm5wYy52MSKVAwoLVGFsa1JlcXVl",
             "c3QSFAoMY2hhcmFjdGVyX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkS",
             "EwoLcGxheWVyX2xpbmUYAyABKAkSLQoFd29ybGQYBCADKAsyHi5ucGMudjEu",
             "VGFsa1JlcXVlc3QuV29ybGRFbnRyeRIqCgdvcHRpb25zGAUgASgLMhkubnBj",
-            "LnYxLkdlbmVyYXRpb25PcHRpb25zEhMKC3BsYXllcl9uYW1lGAYgASgJGiwK",
-            "CldvcmxkRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLv",
-            "AQoRR2VuZXJhdGlvbk9wdGlvbnMSEgoKbWF4X3Rva2VucxgBIAEoBRIYCgt0",
-            "ZW1wZXJhdHVyZRgCIAEoAkgAiAEBEhIKBXRvcF9wGAMgASgCSAGIAQESEQoE",
-            "c2VlZBgEIAEoBEgCiAEBEgwKBHN0b3AYBSADKAkSEgoFdG9wX2sYBiABKAVI",
-            "A4gBARIfChJyZXBldGl0aW9uX3BlbmFsdHkYByABKAJIBIgBAUIOCgxfdGVt",
-            "cGVyYXR1cmVCCAoGX3RvcF9wQgcKBV9zZWVkQggKBl90b3Bfa0IVChNfcmVw",
-            "ZXRpdGlvbl9wZW5hbHR5IoIBCglUYWxrRXZlbnQSIgoHc3RhcnRlZBgBIAEo",
-            "CzIPLm5wYy52MS5TdGFydGVkSAASIgoFZGVsdGEYAiABKAsyES5ucGMudjEu",
-            "VGV4dERlbHRhSAASJAoIZmluaXNoZWQYAyABKAsyEC5ucGMudjEuRmluaXNo",
-            "ZWRIAEIHCgVldmVudCKEAQoHU3RhcnRlZBISCgpyZXF1ZXN0X2lkGAEgASgJ",
-            "EhkKEWNoYXJhY3Rlcl92ZXJzaW9uGAIgASgJEhUKDXByb21wdF90b2tlbnMY",
-            "AyABKAUSHAoUY2FjaGVkX3Byb21wdF90b2tlbnMYBCABKAUSFQoNaGlzdG9y",
-            "eV90dXJucxgFIAEoBSIZCglUZXh0RGVsdGESDAoEdGV4dBgBIAEoCSKUAQoI",
-            "RmluaXNoZWQSJAoGcmVhc29uGAEgASgOMhQubnBjLnYxLkZpbmlzaFJlYXNv",
-            "bhIRCglmdWxsX3RleHQYAiABKAkSHAoFdXNhZ2UYAyABKAsyDS5ucGMudjEu",
-            "VXNhZ2USIAoHdGltaW5ncxgEIAEoCzIPLm5wYy52MS5UaW1pbmdzEg8KB2Vt",
-            "b3Rpb24YBSABKAkiVwoFVXNhZ2USFQoNcHJvbXB0X3Rva2VucxgBIAEoBRIZ",
-            "ChFjb21wbGV0aW9uX3Rva2VucxgCIAEoBRIcChRjYWNoZWRfcHJvbXB0X3Rv",
-            "a2VucxgDIAEoBSJFCgdUaW1pbmdzEhAKCHF1ZXVlX21zGAEgASgBEhYKDmZp",
-            "cnN0X3Rva2VuX21zGAIgASgBEhAKCHRvdGFsX21zGAMgASgBIhcKFUxpc3RD",
-            "aGFyYWN0ZXJzUmVxdWVzdCI/ChZMaXN0Q2hhcmFjdGVyc1Jlc3BvbnNlEiUK",
-            "CmNoYXJhY3RlcnMYASADKAsyES5ucGMudjEuQ2hhcmFjdGVyIrgBCglDaGFy",
-            "YWN0ZXISCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIPCgd2ZXJzaW9uGAMg",
-            "ASgJEicKBnN0YXR1cxgEIAEoDjIXLm5wYy52MS5DaGFyYWN0ZXJTdGF0dXMS",
-            "DQoFZXJyb3IYBSABKAkSEwoLaGFzX2FkYXB0ZXIYBiABKAgSEAoIZ3JlZXRp",
-            "bmcYByABKAkSEAoIZW1vdGlvbnMYCCADKAkSDwoHc2VydmluZxgJIAEoCCI/",
-            "ChNSZXNldFNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSFAoM",
-            "Y2hhcmFjdGVyX2lkGAIgASgJIi8KFFJlc2V0U2Vzc2lvblJlc3BvbnNlEhcK",
-            "D2ZvcmdvdHRlbl90dXJucxgBIAEoBSJAChRFeHBvcnRTZXNzaW9uUmVxdWVz",
-            "dBISCgpzZXNzaW9uX2lkGAEgASgJEhQKDGNoYXJhY3Rlcl9pZBgCIAEoCSJw",
-            "CgxTZXNzaW9uU3RhdGUSFgoOZm9ybWF0X3ZlcnNpb24YASABKAUSEgoKc2Vz",
-            "c2lvbl9pZBgCIAEoCRIbCgV0dXJucxgDIAMoCzIMLm5wYy52MS5UdXJuEhcK",
-            "D3VwZGF0ZWRfdW5peF9tcxgEIAEoAyJzCgRUdXJuEhQKDGNoYXJhY3Rlcl9p",
-            "ZBgBIAEoCRITCgtwbGF5ZXJfbGluZRgCIAEoCRIQCghucGNfbGluZRgDIAEo",
-            "CRITCgtwbGF5ZXJfbmFtZRgEIAEoCRIZChFjaGFyYWN0ZXJfdmVyc2lvbhgF",
-            "IAEoCSJOChRJbXBvcnRTZXNzaW9uUmVxdWVzdBIjCgVzdGF0ZRgBIAEoCzIU",
-            "Lm5wYy52MS5TZXNzaW9uU3RhdGUSEQoJb3ZlcndyaXRlGAIgASgIIjgKFUlt",
-            "cG9ydFNlc3Npb25SZXNwb25zZRINCgV0dXJucxgBIAEoBRIQCghyZXBsYWNl",
-            "ZBgCIAEoCCIWChRHZXRTZXJ2ZXJJbmZvUmVxdWVzdCLRAwoKU2VydmVySW5m",
-            "bxINCgVtb2RlbBgBIAEoCRIPCgd3ZWlnaHRzGAIgASgJEg8KB2JhY2tlbmQY",
-            "AyABKAkSEQoJbWF4X2JhdGNoGAQgASgFEhgKEGFjdGl2ZV9zZXF1ZW5jZXMY",
-            "BSABKAUSGAoQd2FpdGluZ19yZXF1ZXN0cxgGIAEoBRIZChFyZXNpZGVudF9h",
-            "ZGFwdGVycxgHIAEoBRIPCgd2ZXJzaW9uGAggASgJEh0KFW1heF9yZXNpZGVu",
-            "dF9hZGFwdGVycxgJIAEoBRITCgttYXhfd2FpdGluZxgKIAEoBRIWCg5jb250",
-            "ZXh0X3Rva2VucxgLIAEoBRIYChBtYXhfdG9rZW5zX2xpbWl0GAwgASgFEhAK",
-            "CHNlc3Npb25zGA0gASgFEhQKDG1heF9zZXNzaW9ucxgOIAEoBRIOCgZkZXZp",
-            "Y2UYDyABKAkSGQoRbWF4X3Nlc3Npb25fdHVybnMYECABKAUSJQoGbGltaXRz",
-            "GBEgASgLMhUubnBjLnYxLlJlcXVlc3RMaW1pdHMSGgoScHJlZml4X2NhY2hl",
-            "X2J5dGVzGBIgASgDEiMKG3ByZWZpeF9jYWNoZV9jYXBhY2l0eV9ieXRlcxgT",
-            "IAEoAyLcAQoNUmVxdWVzdExpbWl0cxIWCg5tYXhfbGluZV9jaGFycxgBIAEo",
-            "BRIWCg5tYXhfbmFtZV9jaGFycxgCIAEoBRIZChFtYXhfd29ybGRfZW50cmll",
-            "cxgDIAEoBRIbChNtYXhfd29ybGRfa2V5X2NoYXJzGAQgASgFEh0KFW1heF93",
-            "b3JsZF92YWx1ZV9jaGFycxgFIAEoBRIYChBtYXhfc3RvcF9zdHJpbmdzGAYg",
-            "ASgFEhYKDm1heF9zdG9wX2NoYXJzGAcgASgFEhIKCm1heF90b2tlbnMYCCAB",
-            "KAUqfAoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJ",
-            "RUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09O",
-            "X0xFTkdUSBACEhsKF0ZJTklTSF9SRUFTT05fQ0FOQ0VMTEVEEAMqbAoPQ2hh",
-            "cmFjdGVyU3RhdHVzEiAKHENIQVJBQ1RFUl9TVEFUVVNfVU5TUEVDSUZJRUQQ",
-            "ABIaChZDSEFSQUNURVJfU1RBVFVTX1JFQURZEAESGwoXQ0hBUkFDVEVSX1NU",
-            "QVRVU19GQUlMRUQQAjKxAwoLTnBjRGlhbG9ndWUSMAoEVGFsaxITLm5wYy52",
-            "MS5UYWxrUmVxdWVzdBoRLm5wYy52MS5UYWxrRXZlbnQwARJPCg5MaXN0Q2hh",
-            "cmFjdGVycxIdLm5wYy52MS5MaXN0Q2hhcmFjdGVyc1JlcXVlc3QaHi5ucGMu",
-            "djEuTGlzdENoYXJhY3RlcnNSZXNwb25zZRJJCgxSZXNldFNlc3Npb24SGy5u",
-            "cGMudjEuUmVzZXRTZXNzaW9uUmVxdWVzdBocLm5wYy52MS5SZXNldFNlc3Np",
-            "b25SZXNwb25zZRJDCg1FeHBvcnRTZXNzaW9uEhwubnBjLnYxLkV4cG9ydFNl",
-            "c3Npb25SZXF1ZXN0GhQubnBjLnYxLlNlc3Npb25TdGF0ZRJMCg1JbXBvcnRT",
-            "ZXNzaW9uEhwubnBjLnYxLkltcG9ydFNlc3Npb25SZXF1ZXN0Gh0ubnBjLnYx",
-            "LkltcG9ydFNlc3Npb25SZXNwb25zZRJBCg1HZXRTZXJ2ZXJJbmZvEhwubnBj",
-            "LnYxLkdldFNlcnZlckluZm9SZXF1ZXN0GhIubnBjLnYxLlNlcnZlckluZm9C",
-            "CaoCBk5wYy5WMWIGcHJvdG8z"));
+            "LnYxLkdlbmVyYXRpb25PcHRpb25zEhMKC3BsYXllcl9uYW1lGAYgASgJEjMK",
+            "CGVudGl0aWVzGAcgAygLMiEubnBjLnYxLlRhbGtSZXF1ZXN0LkVudGl0aWVz",
+            "RW50cnkSLwoPYWxsb3dlZF9hY3Rpb25zGAggASgLMhYubnBjLnYxLkFsbG93",
+            "ZWRBY3Rpb25zGiwKCldvcmxkRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVl",
+            "GAIgASgJOgI4ARpDCg1FbnRpdGllc0VudHJ5EgsKA2tleRgBIAEoCRIhCgV2",
+            "YWx1ZRgCIAEoCzISLm5wYy52MS5FbnRpdHlMaXN0OgI4ASIcCgpFbnRpdHlM",
+            "aXN0Eg4KBnZhbHVlcxgBIAMoCSIfCg5BbGxvd2VkQWN0aW9ucxINCgVuYW1l",
+            "cxgBIAMoCSLvAQoRR2VuZXJhdGlvbk9wdGlvbnMSEgoKbWF4X3Rva2VucxgB",
+            "IAEoBRIYCgt0ZW1wZXJhdHVyZRgCIAEoAkgAiAEBEhIKBXRvcF9wGAMgASgC",
+            "SAGIAQESEQoEc2VlZBgEIAEoBEgCiAEBEgwKBHN0b3AYBSADKAkSEgoFdG9w",
+            "X2sYBiABKAVIA4gBARIfChJyZXBldGl0aW9uX3BlbmFsdHkYByABKAJIBIgB",
+            "AUIOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQgcKBV9zZWVkQggKBl90b3Bf",
+            "a0IVChNfcmVwZXRpdGlvbl9wZW5hbHR5IsgBCglUYWxrRXZlbnQSIgoHc3Rh",
+            "cnRlZBgBIAEoCzIPLm5wYy52MS5TdGFydGVkSAASIgoFZGVsdGEYAiABKAsy",
+            "ES5ucGMudjEuVGV4dERlbHRhSAASJAoIZmluaXNoZWQYAyABKAsyEC5ucGMu",
+            "djEuRmluaXNoZWRIABIiCgdlbW90aW9uGAQgASgLMg8ubnBjLnYxLkVtb3Rp",
+            "b25IABIgCgZhY3Rpb24YBSABKAsyDi5ucGMudjEuQWN0aW9uSABCBwoFZXZl",
+            "bnQihAEKB1N0YXJ0ZWQSEgoKcmVxdWVzdF9pZBgBIAEoCRIZChFjaGFyYWN0",
+            "ZXJfdmVyc2lvbhgCIAEoCRIVCg1wcm9tcHRfdG9rZW5zGAMgASgFEhwKFGNh",
+            "Y2hlZF9wcm9tcHRfdG9rZW5zGAQgASgFEhUKDWhpc3RvcnlfdHVybnMYBSAB",
+            "KAUiGQoJVGV4dERlbHRhEgwKBHRleHQYASABKAkiGAoHRW1vdGlvbhINCgVs",
+            "YWJlbBgBIAEoCSJZCgZBY3Rpb24SDAoEbmFtZRgBIAEoCRIpCglhcmd1bWVu",
+            "dHMYAiADKAsyFi5ucGMudjEuQWN0aW9uQXJndW1lbnQSFgoOYXJndW1lbnRz",
+            "X2pzb24YAyABKAkiagoOQWN0aW9uQXJndW1lbnQSDAoEbmFtZRgBIAEoCRIW",
+            "CgxzdHJpbmdfdmFsdWUYAiABKAlIABITCglpbnRfdmFsdWUYAyABKANIABIU",
+            "Cgpib29sX3ZhbHVlGAQgASgISABCBwoFdmFsdWUitQEKCEZpbmlzaGVkEiQK",
+            "BnJlYXNvbhgBIAEoDjIULm5wYy52MS5GaW5pc2hSZWFzb24SEQoJZnVsbF90",
+            "ZXh0GAIgASgJEhwKBXVzYWdlGAMgASgLMg0ubnBjLnYxLlVzYWdlEiAKB3Rp",
+            "bWluZ3MYBCABKAsyDy5ucGMudjEuVGltaW5ncxIPCgdlbW90aW9uGAUgASgJ",
+            "Eh8KB2FjdGlvbnMYBiADKAsyDi5ucGMudjEuQWN0aW9uIlcKBVVzYWdlEhUK",
+            "DXByb21wdF90b2tlbnMYASABKAUSGQoRY29tcGxldGlvbl90b2tlbnMYAiAB",
+            "KAUSHAoUY2FjaGVkX3Byb21wdF90b2tlbnMYAyABKAUiRQoHVGltaW5ncxIQ",
+            "CghxdWV1ZV9tcxgBIAEoARIWCg5maXJzdF90b2tlbl9tcxgCIAEoARIQCgh0",
+            "b3RhbF9tcxgDIAEoASIXChVMaXN0Q2hhcmFjdGVyc1JlcXVlc3QiPwoWTGlz",
+            "dENoYXJhY3RlcnNSZXNwb25zZRIlCgpjaGFyYWN0ZXJzGAEgAygLMhEubnBj",
+            "LnYxLkNoYXJhY3RlciLdAQoJQ2hhcmFjdGVyEgoKAmlkGAEgASgJEgwKBG5h",
+            "bWUYAiABKAkSDwoHdmVyc2lvbhgDIAEoCRInCgZzdGF0dXMYBCABKA4yFy5u",
+            "cGMudjEuQ2hhcmFjdGVyU3RhdHVzEg0KBWVycm9yGAUgASgJEhMKC2hhc19h",
+            "ZGFwdGVyGAYgASgIEhAKCGdyZWV0aW5nGAcgASgJEhAKCGVtb3Rpb25zGAgg",
+            "AygJEg8KB3NlcnZpbmcYCSABKAgSIwoHYWN0aW9ucxgKIAMoCzISLm5wYy52",
+            "MS5BY3Rpb25TcGVjIroBCgpBY3Rpb25TcGVjEgwKBG5hbWUYASABKAkSEwoL",
+            "ZGVzY3JpcHRpb24YAiABKAkSJwoJYXJndW1lbnRzGAMgAygLMhQubnBjLnYx",
+            "LkFyZ3VtZW50U3BlYxIwCgdlZmZlY3RzGAQgAygLMh8ubnBjLnYxLkFjdGlv",
+            "blNwZWMuRWZmZWN0c0VudHJ5Gi4KDEVmZmVjdHNFbnRyeRILCgNrZXkYASAB",
+            "KAkSDQoFdmFsdWUYAiABKAk6AjgBIogBCgxBcmd1bWVudFNwZWMSDAoEbmFt",
+            "ZRgBIAEoCRIMCgR0eXBlGAIgASgJEg4KBnZhbHVlcxgDIAMoCRITCgt2YWx1",
+            "ZXNfZnJvbRgEIAEoCRIRCgltaW5fdmFsdWUYBSABKAMSEQoJbWF4X3ZhbHVl",
+            "GAYgASgDEhEKCW1heF9jaGFycxgHIAEoBSI/ChNSZXNldFNlc3Npb25SZXF1",
+            "ZXN0EhIKCnNlc3Npb25faWQYASABKAkSFAoMY2hhcmFjdGVyX2lkGAIgASgJ",
+            "Ii8KFFJlc2V0U2Vzc2lvblJlc3BvbnNlEhcKD2ZvcmdvdHRlbl90dXJucxgB",
+            "IAEoBSJAChRFeHBvcnRTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEg",
+            "ASgJEhQKDGNoYXJhY3Rlcl9pZBgCIAEoCSJwCgxTZXNzaW9uU3RhdGUSFgoO",
+            "Zm9ybWF0X3ZlcnNpb24YASABKAUSEgoKc2Vzc2lvbl9pZBgCIAEoCRIbCgV0",
+            "dXJucxgDIAMoCzIMLm5wYy52MS5UdXJuEhcKD3VwZGF0ZWRfdW5peF9tcxgE",
+            "IAEoAyKlAQoEVHVybhIUCgxjaGFyYWN0ZXJfaWQYASABKAkSEwoLcGxheWVy",
+            "X2xpbmUYAiABKAkSEAoIbnBjX2xpbmUYAyABKAkSEwoLcGxheWVyX25hbWUY",
+            "BCABKAkSGQoRY2hhcmFjdGVyX3ZlcnNpb24YBSABKAkSDwoHZW1vdGlvbhgG",
+            "IAEoCRIfCgdhY3Rpb25zGAcgAygLMg4ubnBjLnYxLkFjdGlvbiJOChRJbXBv",
+            "cnRTZXNzaW9uUmVxdWVzdBIjCgVzdGF0ZRgBIAEoCzIULm5wYy52MS5TZXNz",
+            "aW9uU3RhdGUSEQoJb3ZlcndyaXRlGAIgASgIIjgKFUltcG9ydFNlc3Npb25S",
+            "ZXNwb25zZRINCgV0dXJucxgBIAEoBRIQCghyZXBsYWNlZBgCIAEoCCIWChRH",
+            "ZXRTZXJ2ZXJJbmZvUmVxdWVzdCLRAwoKU2VydmVySW5mbxINCgVtb2RlbBgB",
+            "IAEoCRIPCgd3ZWlnaHRzGAIgASgJEg8KB2JhY2tlbmQYAyABKAkSEQoJbWF4",
+            "X2JhdGNoGAQgASgFEhgKEGFjdGl2ZV9zZXF1ZW5jZXMYBSABKAUSGAoQd2Fp",
+            "dGluZ19yZXF1ZXN0cxgGIAEoBRIZChFyZXNpZGVudF9hZGFwdGVycxgHIAEo",
+            "BRIPCgd2ZXJzaW9uGAggASgJEh0KFW1heF9yZXNpZGVudF9hZGFwdGVycxgJ",
+            "IAEoBRITCgttYXhfd2FpdGluZxgKIAEoBRIWCg5jb250ZXh0X3Rva2VucxgL",
+            "IAEoBRIYChBtYXhfdG9rZW5zX2xpbWl0GAwgASgFEhAKCHNlc3Npb25zGA0g",
+            "ASgFEhQKDG1heF9zZXNzaW9ucxgOIAEoBRIOCgZkZXZpY2UYDyABKAkSGQoR",
+            "bWF4X3Nlc3Npb25fdHVybnMYECABKAUSJQoGbGltaXRzGBEgASgLMhUubnBj",
+            "LnYxLlJlcXVlc3RMaW1pdHMSGgoScHJlZml4X2NhY2hlX2J5dGVzGBIgASgD",
+            "EiMKG3ByZWZpeF9jYWNoZV9jYXBhY2l0eV9ieXRlcxgTIAEoAyKrAgoNUmVx",
+            "dWVzdExpbWl0cxIWCg5tYXhfbGluZV9jaGFycxgBIAEoBRIWCg5tYXhfbmFt",
+            "ZV9jaGFycxgCIAEoBRIZChFtYXhfd29ybGRfZW50cmllcxgDIAEoBRIbChNt",
+            "YXhfd29ybGRfa2V5X2NoYXJzGAQgASgFEh0KFW1heF93b3JsZF92YWx1ZV9j",
+            "aGFycxgFIAEoBRIYChBtYXhfc3RvcF9zdHJpbmdzGAYgASgFEhYKDm1heF9z",
+            "dG9wX2NoYXJzGAcgASgFEhIKCm1heF90b2tlbnMYCCABKAUSGAoQbWF4X2Vu",
+            "dGl0eV9saXN0cxgJIAEoBRIZChFtYXhfZW50aXR5X3ZhbHVlcxgKIAEoBRIY",
+            "ChBtYXhfZW50aXR5X2NoYXJzGAsgASgFKnwKDEZpbmlzaFJlYXNvbhIdChlG",
+            "SU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9T",
+            "VE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIbChdGSU5JU0hfUkVB",
+            "U09OX0NBTkNFTExFRBADKmwKD0NoYXJhY3RlclN0YXR1cxIgChxDSEFSQUNU",
+            "RVJfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGgoWQ0hBUkFDVEVSX1NUQVRVU19S",
+            "RUFEWRABEhsKF0NIQVJBQ1RFUl9TVEFUVVNfRkFJTEVEEAIysQMKC05wY0Rp",
+            "YWxvZ3VlEjAKBFRhbGsSEy5ucGMudjEuVGFsa1JlcXVlc3QaES5ucGMudjEu",
+            "VGFsa0V2ZW50MAESTwoOTGlzdENoYXJhY3RlcnMSHS5ucGMudjEuTGlzdENo",
+            "YXJhY3RlcnNSZXF1ZXN0Gh4ubnBjLnYxLkxpc3RDaGFyYWN0ZXJzUmVzcG9u",
+            "c2USSQoMUmVzZXRTZXNzaW9uEhsubnBjLnYxLlJlc2V0U2Vzc2lvblJlcXVl",
+            "c3QaHC5ucGMudjEuUmVzZXRTZXNzaW9uUmVzcG9uc2USQwoNRXhwb3J0U2Vz",
+            "c2lvbhIcLm5wYy52MS5FeHBvcnRTZXNzaW9uUmVxdWVzdBoULm5wYy52MS5T",
+            "ZXNzaW9uU3RhdGUSTAoNSW1wb3J0U2Vzc2lvbhIcLm5wYy52MS5JbXBvcnRT",
+            "ZXNzaW9uUmVxdWVzdBodLm5wYy52MS5JbXBvcnRTZXNzaW9uUmVzcG9uc2US",
+            "QQoNR2V0U2VydmVySW5mbxIcLm5wYy52MS5HZXRTZXJ2ZXJJbmZvUmVxdWVz",
+            "dBoSLm5wYy52MS5TZXJ2ZXJJbmZvQgmqAgZOcGMuVjFiBnByb3RvMw=="));
       descriptor = pbr::FileDescriptor.FromGeneratedCode(descriptorData,
           new pbr::FileDescriptor[] { },
           new pbr::GeneratedClrTypeInfo(new[] {typeof(global::Npc.V1.FinishReason), typeof(global::Npc.V1.CharacterStatus), }, null, new pbr::GeneratedClrTypeInfo[] {
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.TalkRequest), global::Npc.V1.TalkRequest.Parser, new[]{ "CharacterId", "SessionId", "PlayerLine", "World", "Options", "PlayerName" }, null, null, null, new pbr::GeneratedClrTypeInfo[] { null, }),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.TalkRequest), global::Npc.V1.TalkRequest.Parser, new[]{ "CharacterId", "SessionId", "PlayerLine", "World", "Options", "PlayerName", "Entities", "AllowedActions" }, null, null, null, new pbr::GeneratedClrTypeInfo[] { null, null, }),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.EntityList), global::Npc.V1.EntityList.Parser, new[]{ "Values" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.AllowedActions), global::Npc.V1.AllowedActions.Parser, new[]{ "Names" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.GenerationOptions), global::Npc.V1.GenerationOptions.Parser, new[]{ "MaxTokens", "Temperature", "TopP", "Seed", "Stop", "TopK", "RepetitionPenalty" }, new[]{ "Temperature", "TopP", "Seed", "TopK", "RepetitionPenalty" }, null, null, null),
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.TalkEvent), global::Npc.V1.TalkEvent.Parser, new[]{ "Started", "Delta", "Finished" }, new[]{ "Event" }, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.TalkEvent), global::Npc.V1.TalkEvent.Parser, new[]{ "Started", "Delta", "Finished", "Emotion", "Action" }, new[]{ "Event" }, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Started), global::Npc.V1.Started.Parser, new[]{ "RequestId", "CharacterVersion", "PromptTokens", "CachedPromptTokens", "HistoryTurns" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.TextDelta), global::Npc.V1.TextDelta.Parser, new[]{ "Text" }, null, null, null, null),
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Finished), global::Npc.V1.Finished.Parser, new[]{ "Reason", "FullText", "Usage", "Timings", "Emotion" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Emotion), global::Npc.V1.Emotion.Parser, new[]{ "Label" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Action), global::Npc.V1.Action.Parser, new[]{ "Name", "Arguments", "ArgumentsJson" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ActionArgument), global::Npc.V1.ActionArgument.Parser, new[]{ "Name", "StringValue", "IntValue", "BoolValue" }, new[]{ "Value" }, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Finished), global::Npc.V1.Finished.Parser, new[]{ "Reason", "FullText", "Usage", "Timings", "Emotion", "Actions" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Usage), global::Npc.V1.Usage.Parser, new[]{ "PromptTokens", "CompletionTokens", "CachedPromptTokens" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Timings), global::Npc.V1.Timings.Parser, new[]{ "QueueMs", "FirstTokenMs", "TotalMs" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ListCharactersRequest), global::Npc.V1.ListCharactersRequest.Parser, null, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ListCharactersResponse), global::Npc.V1.ListCharactersResponse.Parser, new[]{ "Characters" }, null, null, null, null),
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Character), global::Npc.V1.Character.Parser, new[]{ "Id", "Name", "Version", "Status", "Error", "HasAdapter", "Greeting", "Emotions", "Serving" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Character), global::Npc.V1.Character.Parser, new[]{ "Id", "Name", "Version", "Status", "Error", "HasAdapter", "Greeting", "Emotions", "Serving", "Actions" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ActionSpec), global::Npc.V1.ActionSpec.Parser, new[]{ "Name", "Description", "Arguments", "Effects" }, null, null, null, new pbr::GeneratedClrTypeInfo[] { null, }),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ArgumentSpec), global::Npc.V1.ArgumentSpec.Parser, new[]{ "Name", "Type", "Values", "ValuesFrom", "MinValue", "MaxValue", "MaxChars" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ResetSessionRequest), global::Npc.V1.ResetSessionRequest.Parser, new[]{ "SessionId", "CharacterId" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ResetSessionResponse), global::Npc.V1.ResetSessionResponse.Parser, new[]{ "ForgottenTurns" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ExportSessionRequest), global::Npc.V1.ExportSessionRequest.Parser, new[]{ "SessionId", "CharacterId" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.SessionState), global::Npc.V1.SessionState.Parser, new[]{ "FormatVersion", "SessionId", "Turns", "UpdatedUnixMs" }, null, null, null, null),
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Turn), global::Npc.V1.Turn.Parser, new[]{ "CharacterId", "PlayerLine", "NpcLine", "PlayerName", "CharacterVersion" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Turn), global::Npc.V1.Turn.Parser, new[]{ "CharacterId", "PlayerLine", "NpcLine", "PlayerName", "CharacterVersion", "Emotion", "Actions" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ImportSessionRequest), global::Npc.V1.ImportSessionRequest.Parser, new[]{ "State", "Overwrite" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ImportSessionResponse), global::Npc.V1.ImportSessionResponse.Parser, new[]{ "Turns", "Replaced" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.GetServerInfoRequest), global::Npc.V1.GetServerInfoRequest.Parser, null, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ServerInfo), global::Npc.V1.ServerInfo.Parser, new[]{ "Model", "Weights", "Backend", "MaxBatch", "ActiveSequences", "WaitingRequests", "ResidentAdapters", "Version", "MaxResidentAdapters", "MaxWaiting", "ContextTokens", "MaxTokensLimit", "Sessions", "MaxSessions", "Device", "MaxSessionTurns", "Limits", "PrefixCacheBytes", "PrefixCacheCapacityBytes" }, null, null, null, null),
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.RequestLimits), global::Npc.V1.RequestLimits.Parser, new[]{ "MaxLineChars", "MaxNameChars", "MaxWorldEntries", "MaxWorldKeyChars", "MaxWorldValueChars", "MaxStopStrings", "MaxStopChars", "MaxTokens" }, null, null, null, null)
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.RequestLimits), global::Npc.V1.RequestLimits.Parser, new[]{ "MaxLineChars", "MaxNameChars", "MaxWorldEntries", "MaxWorldKeyChars", "MaxWorldValueChars", "MaxStopStrings", "MaxStopChars", "MaxTokens", "MaxEntityLists", "MaxEntityValues", "MaxEntityChars" }, null, null, null, null)
           }));
     }
     #endregion
@@ -219,6 +249,8 @@ namespace Npc.V1 {
       world_ = other.world_.Clone();
       options_ = other.options_ != null ? other.options_.Clone() : null;
       playerName_ = other.playerName_;
+      entities_ = other.entities_.Clone();
+      allowedActions_ = other.allowedActions_ != null ? other.allowedActions_.Clone() : null;
       _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
     }
 
@@ -325,6 +357,43 @@ namespace Npc.V1 {
       }
     }
 
+    /// <summary>Field number for the "entities" field.</summary>
+    public const int EntitiesFieldNumber = 7;
+    private static readonly pbc::MapField<string, global::Npc.V1.EntityList>.Codec _map_entities_codec
+        = new pbc::MapField<string, global::Npc.V1.EntityList>.Codec(pb::FieldCodec.ForString(10, ""), pb::FieldCodec.ForMessage(18, global::Npc.V1.EntityList.Parser), 58);
+    private readonly pbc::MapField<string, global::Npc.V1.EntityList> entities_ = new pbc::MapField<string, global::Npc.V1.EntityList>();
+    /// <summary>
+    /// The game's lists for this turn, by name, e.g. {"stock": ["iron sword", "steel axe"]}: the
+    /// values an enum argument declared with `from: stock` (ArgumentSpec.values_from) may take in
+    /// this reply. For this turn only, not stored in the session. Limits (see the top of this file):
+    /// at most 16 lists, names [a-z][a-z0-9_]{0,31}, at most 64 values per list, each 1-64
+    /// characters without control characters, line breaks or control-token strings;
+    /// INVALID_ARGUMENT (naming the list) beyond them. A list that no action uses is allowed.
+    /// Empty: no lists, so the actions whose arguments need one cannot be taken.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::MapField<string, global::Npc.V1.EntityList> Entities {
+      get { return entities_; }
+    }
+
+    /// <summary>Field number for the "allowed_actions" field.</summary>
+    public const int AllowedActionsFieldNumber = 8;
+    private global::Npc.V1.AllowedActions allowedActions_;
+    /// <summary>
+    /// Which of the character's actions the NPC may take in this reply. Unset: every action of the
+    /// character. Set: only these (set with no names: none at all). A name that is not one of
+    /// Character.actions is INVALID_ARGUMENT (the message names it).
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public global::Npc.V1.AllowedActions AllowedActions {
+      get { return allowedActions_; }
+      set {
+        allowedActions_ = value;
+      }
+    }
+
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public override bool Equals(object other) {
@@ -346,6 +415,8 @@ namespace Npc.V1 {
       if (!World.Equals(other.World)) return false;
       if (!object.Equals(Options, other.Options)) return false;
       if (PlayerName != other.PlayerName) return false;
+      if (!Entities.Equals(other.Entities)) return false;
+      if (!object.Equals(AllowedActions, other.AllowedActions)) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
 
@@ -359,6 +430,8 @@ namespace Npc.V1 {
       hash ^= World.GetHashCode();
       if (options_ != null) hash ^= Options.GetHashCode();
       if (PlayerName.Length != 0) hash ^= PlayerName.GetHashCode();
+      hash ^= Entities.GetHashCode();
+      if (allowedActions_ != null) hash ^= AllowedActions.GetHashCode();
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
       }
@@ -398,6 +471,11 @@ namespace Npc.V1 {
         output.WriteRawTag(50);
         output.WriteString(PlayerName);
       }
+      entities_.WriteTo(output, _map_entities_codec);
+      if (allowedActions_ != null) {
+        output.WriteRawTag(66);
+        output.WriteMessage(AllowedActions);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -429,6 +507,11 @@ namespace Npc.V1 {
         output.WriteRawTag(50);
         output.WriteString(PlayerName);
       }
+      entities_.WriteTo(ref output, _map_entities_codec);
+      if (allowedActions_ != null) {
+        output.WriteRawTag(66);
+        output.WriteMessage(AllowedActions);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -454,6 +537,10 @@ namespace Npc.V1 {
       }
       if (PlayerName.Length != 0) {
         size += 1 + pb::CodedOutputStream.ComputeStringSize(PlayerName);
+      }
+      size += entities_.CalculateSize(_map_entities_codec);
+      if (allowedActions_ != null) {
+        size += 1 + pb::CodedOutputStream.ComputeMessageSize(AllowedActions);
       }
       if (_unknownFields != null) {
         size += _unknownFields.CalculateSize();
@@ -485,6 +572,13 @@ namespace Npc.V1 {
       }
       if (other.PlayerName.Length != 0) {
         PlayerName = other.PlayerName;
+      }
+      entities_.Add(other.entities_);
+      if (other.allowedActions_ != null) {
+        if (allowedActions_ == null) {
+          AllowedActions = new global::Npc.V1.AllowedActions();
+        }
+        AllowedActions.MergeFrom(other.AllowedActions);
       }
       _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
     }
@@ -526,6 +620,17 @@ namespace Npc.V1 {
           }
           case 50: {
             PlayerName = input.ReadString();
+            break;
+          }
+          case 58: {
+            entities_.AddEntriesFrom(input, _map_entities_codec);
+            break;
+          }
+          case 66: {
+            if (allowedActions_ == null) {
+              AllowedActions = new global::Npc.V1.AllowedActions();
+            }
+            input.ReadMessage(AllowedActions);
             break;
           }
         }
@@ -570,6 +675,388 @@ namespace Npc.V1 {
             PlayerName = input.ReadString();
             break;
           }
+          case 58: {
+            entities_.AddEntriesFrom(ref input, _map_entities_codec);
+            break;
+          }
+          case 66: {
+            if (allowedActions_ == null) {
+              AllowedActions = new global::Npc.V1.AllowedActions();
+            }
+            input.ReadMessage(AllowedActions);
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
+  /// One list of TalkRequest.entities: things of the game the NPC may name in an action argument.
+  /// </summary>
+  public sealed partial class EntityList : pb::IMessage<EntityList>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<EntityList> _parser = new pb::MessageParser<EntityList>(() => new EntityList());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<EntityList> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[1]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public EntityList() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public EntityList(EntityList other) : this() {
+      values_ = other.values_.Clone();
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public EntityList Clone() {
+      return new EntityList(this);
+    }
+
+    /// <summary>Field number for the "values" field.</summary>
+    public const int ValuesFieldNumber = 1;
+    private static readonly pb::FieldCodec<string> _repeated_values_codec
+        = pb::FieldCodec.ForString(10);
+    private readonly pbc::RepeatedField<string> values_ = new pbc::RepeatedField<string>();
+    /// <summary>
+    /// The values, e.g. the item names of a shop's stock, as the game wants them back in
+    /// ActionArgument.string_value (exactly, character for character). At most 64, each 1-64
+    /// characters, no control characters or line breaks. May be empty.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<string> Values {
+      get { return values_; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as EntityList);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(EntityList other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if(!values_.Equals(other.values_)) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      hash ^= values_.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      values_.WriteTo(output, _repeated_values_codec);
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      values_.WriteTo(ref output, _repeated_values_codec);
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      size += values_.CalculateSize(_repeated_values_codec);
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(EntityList other) {
+      if (other == null) {
+        return;
+      }
+      values_.Add(other.values_);
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            values_.AddEntriesFrom(input, _repeated_values_codec);
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            values_.AddEntriesFrom(ref input, _repeated_values_codec);
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
+  /// The actions a reply may take (TalkRequest.allowed_actions).
+  /// </summary>
+  public sealed partial class AllowedActions : pb::IMessage<AllowedActions>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<AllowedActions> _parser = new pb::MessageParser<AllowedActions>(() => new AllowedActions());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<AllowedActions> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[2]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public AllowedActions() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public AllowedActions(AllowedActions other) : this() {
+      names_ = other.names_.Clone();
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public AllowedActions Clone() {
+      return new AllowedActions(this);
+    }
+
+    /// <summary>Field number for the "names" field.</summary>
+    public const int NamesFieldNumber = 1;
+    private static readonly pb::FieldCodec<string> _repeated_names_codec
+        = pb::FieldCodec.ForString(10);
+    private readonly pbc::RepeatedField<string> names_ = new pbc::RepeatedField<string>();
+    /// <summary>
+    /// Names of actions of the character (ActionSpec.name). Empty: no action. Each must be one of
+    /// Character.actions, else INVALID_ARGUMENT.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<string> Names {
+      get { return names_; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as AllowedActions);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(AllowedActions other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if(!names_.Equals(other.names_)) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      hash ^= names_.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      names_.WriteTo(output, _repeated_names_codec);
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      names_.WriteTo(ref output, _repeated_names_codec);
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      size += names_.CalculateSize(_repeated_names_codec);
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(AllowedActions other) {
+      if (other == null) {
+        return;
+      }
+      names_.Add(other.names_);
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            names_.AddEntriesFrom(input, _repeated_names_codec);
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            names_.AddEntriesFrom(ref input, _repeated_names_codec);
+            break;
+          }
         }
       }
     }
@@ -596,7 +1083,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[1]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[3]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -637,9 +1124,12 @@ namespace Npc.V1 {
     public const int MaxTokensFieldNumber = 1;
     private int maxTokens_;
     /// <summary>
-    /// Most tokens the reply may have. 0: the character's default. 1 to ServerInfo.max_tokens_limit
-    /// otherwise; negative or larger: INVALID_ARGUMENT. A reply cut short by this limit (or by the
-    /// model's context length) finishes with FINISH_REASON_LENGTH.
+    /// Most tokens the reply's text may have. 0: the character's default. 1 to
+    /// ServerInfo.max_tokens_limit otherwise; negative or larger: INVALID_ARGUMENT. A reply cut short
+    /// by this limit (or by the model's context length) finishes with FINISH_REASON_LENGTH. The
+    /// emotion label and the actions have room of their own beyond this limit (so
+    /// Usage.completion_tokens may exceed it): a line cut by it may still be followed by actions,
+    /// and a reply never carries half an action.
     /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
@@ -1099,7 +1589,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[2]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[4]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -1128,6 +1618,12 @@ namespace Npc.V1 {
           break;
         case EventOneofCase.Finished:
           Finished = other.Finished.Clone();
+          break;
+        case EventOneofCase.Emotion:
+          Emotion = other.Emotion.Clone();
+          break;
+        case EventOneofCase.Action:
+          Action = other.Action.Clone();
           break;
       }
 
@@ -1173,7 +1669,7 @@ namespace Npc.V1 {
     /// <summary>Field number for the "finished" field.</summary>
     public const int FinishedFieldNumber = 3;
     /// <summary>
-    /// Last event: why the reply ended, its whole text, token counts and timings.
+    /// Last event: why the reply ended, its whole text, emotion, actions, token counts and timings.
     /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
@@ -1185,6 +1681,38 @@ namespace Npc.V1 {
       }
     }
 
+    /// <summary>Field number for the "emotion" field.</summary>
+    public const int EmotionFieldNumber = 4;
+    /// <summary>
+    /// How the NPC feels in this line: once, after `started` and before the first `delta`, when
+    /// the character declares emotions.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public global::Npc.V1.Emotion Emotion {
+      get { return eventCase_ == EventOneofCase.Emotion ? (global::Npc.V1.Emotion) event_ : null; }
+      set {
+        event_ = value;
+        eventCase_ = value == null ? EventOneofCase.None : EventOneofCase.Emotion;
+      }
+    }
+
+    /// <summary>Field number for the "action" field.</summary>
+    public const int ActionFieldNumber = 5;
+    /// <summary>
+    /// One thing the NPC does: after the last `delta`, before `finished`, one event per action
+    /// (at most 3 per reply).
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public global::Npc.V1.Action Action {
+      get { return eventCase_ == EventOneofCase.Action ? (global::Npc.V1.Action) event_ : null; }
+      set {
+        event_ = value;
+        eventCase_ = value == null ? EventOneofCase.None : EventOneofCase.Action;
+      }
+    }
+
     private object event_;
     /// <summary>Enum of possible cases for the "event" oneof.</summary>
     public enum EventOneofCase {
@@ -1192,6 +1720,8 @@ namespace Npc.V1 {
       Started = 1,
       Delta = 2,
       Finished = 3,
+      Emotion = 4,
+      Action = 5,
     }
     private EventOneofCase eventCase_ = EventOneofCase.None;
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -1225,6 +1755,8 @@ namespace Npc.V1 {
       if (!object.Equals(Started, other.Started)) return false;
       if (!object.Equals(Delta, other.Delta)) return false;
       if (!object.Equals(Finished, other.Finished)) return false;
+      if (!object.Equals(Emotion, other.Emotion)) return false;
+      if (!object.Equals(Action, other.Action)) return false;
       if (EventCase != other.EventCase) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
@@ -1236,6 +1768,8 @@ namespace Npc.V1 {
       if (eventCase_ == EventOneofCase.Started) hash ^= Started.GetHashCode();
       if (eventCase_ == EventOneofCase.Delta) hash ^= Delta.GetHashCode();
       if (eventCase_ == EventOneofCase.Finished) hash ^= Finished.GetHashCode();
+      if (eventCase_ == EventOneofCase.Emotion) hash ^= Emotion.GetHashCode();
+      if (eventCase_ == EventOneofCase.Action) hash ^= Action.GetHashCode();
       hash ^= (int) eventCase_;
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
@@ -1267,6 +1801,14 @@ namespace Npc.V1 {
         output.WriteRawTag(26);
         output.WriteMessage(Finished);
       }
+      if (eventCase_ == EventOneofCase.Emotion) {
+        output.WriteRawTag(34);
+        output.WriteMessage(Emotion);
+      }
+      if (eventCase_ == EventOneofCase.Action) {
+        output.WriteRawTag(42);
+        output.WriteMessage(Action);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -1289,6 +1831,14 @@ namespace Npc.V1 {
         output.WriteRawTag(26);
         output.WriteMessage(Finished);
       }
+      if (eventCase_ == EventOneofCase.Emotion) {
+        output.WriteRawTag(34);
+        output.WriteMessage(Emotion);
+      }
+      if (eventCase_ == EventOneofCase.Action) {
+        output.WriteRawTag(42);
+        output.WriteMessage(Action);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -1307,6 +1857,12 @@ namespace Npc.V1 {
       }
       if (eventCase_ == EventOneofCase.Finished) {
         size += 1 + pb::CodedOutputStream.ComputeMessageSize(Finished);
+      }
+      if (eventCase_ == EventOneofCase.Emotion) {
+        size += 1 + pb::CodedOutputStream.ComputeMessageSize(Emotion);
+      }
+      if (eventCase_ == EventOneofCase.Action) {
+        size += 1 + pb::CodedOutputStream.ComputeMessageSize(Action);
       }
       if (_unknownFields != null) {
         size += _unknownFields.CalculateSize();
@@ -1338,6 +1894,18 @@ namespace Npc.V1 {
             Finished = new global::Npc.V1.Finished();
           }
           Finished.MergeFrom(other.Finished);
+          break;
+        case EventOneofCase.Emotion:
+          if (Emotion == null) {
+            Emotion = new global::Npc.V1.Emotion();
+          }
+          Emotion.MergeFrom(other.Emotion);
+          break;
+        case EventOneofCase.Action:
+          if (Action == null) {
+            Action = new global::Npc.V1.Action();
+          }
+          Action.MergeFrom(other.Action);
           break;
       }
 
@@ -1383,6 +1951,24 @@ namespace Npc.V1 {
             Finished = subBuilder;
             break;
           }
+          case 34: {
+            global::Npc.V1.Emotion subBuilder = new global::Npc.V1.Emotion();
+            if (eventCase_ == EventOneofCase.Emotion) {
+              subBuilder.MergeFrom(Emotion);
+            }
+            input.ReadMessage(subBuilder);
+            Emotion = subBuilder;
+            break;
+          }
+          case 42: {
+            global::Npc.V1.Action subBuilder = new global::Npc.V1.Action();
+            if (eventCase_ == EventOneofCase.Action) {
+              subBuilder.MergeFrom(Action);
+            }
+            input.ReadMessage(subBuilder);
+            Action = subBuilder;
+            break;
+          }
         }
       }
     #endif
@@ -1425,6 +2011,24 @@ namespace Npc.V1 {
             Finished = subBuilder;
             break;
           }
+          case 34: {
+            global::Npc.V1.Emotion subBuilder = new global::Npc.V1.Emotion();
+            if (eventCase_ == EventOneofCase.Emotion) {
+              subBuilder.MergeFrom(Emotion);
+            }
+            input.ReadMessage(subBuilder);
+            Emotion = subBuilder;
+            break;
+          }
+          case 42: {
+            global::Npc.V1.Action subBuilder = new global::Npc.V1.Action();
+            if (eventCase_ == EventOneofCase.Action) {
+              subBuilder.MergeFrom(Action);
+            }
+            input.ReadMessage(subBuilder);
+            Action = subBuilder;
+            break;
+          }
         }
       }
     }
@@ -1449,7 +2053,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[3]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[5]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -1810,7 +2414,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[4]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[6]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -1989,6 +2593,826 @@ namespace Npc.V1 {
   }
 
   /// <summary>
+  /// The reply's emotion, for the game's animation or voice: sent once, before the text, when the
+  /// character declares emotions. A reply cancelled before the model wrote it has none.
+  /// </summary>
+  public sealed partial class Emotion : pb::IMessage<Emotion>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<Emotion> _parser = new pb::MessageParser<Emotion>(() => new Emotion());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<Emotion> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[7]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public Emotion() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public Emotion(Emotion other) : this() {
+      label_ = other.label_;
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public Emotion Clone() {
+      return new Emotion(this);
+    }
+
+    /// <summary>Field number for the "label" field.</summary>
+    public const int LabelFieldNumber = 1;
+    private string label_ = "";
+    /// <summary>
+    /// One label of the character's `emotions` list (Character.emotions), e.g. "gruff"; never
+    /// free text and never empty.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string Label {
+      get { return label_; }
+      set {
+        label_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as Emotion);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(Emotion other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if (Label != other.Label) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      if (Label.Length != 0) hash ^= Label.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      if (Label.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(Label);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      if (Label.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(Label);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      if (Label.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(Label);
+      }
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(Emotion other) {
+      if (other == null) {
+        return;
+      }
+      if (other.Label.Length != 0) {
+        Label = other.Label;
+      }
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            Label = input.ReadString();
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            Label = input.ReadString();
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
+  /// An action the NPC takes in its reply, e.g. sell_item(item="iron sword", price=40): one of the
+  /// character's actions (Character.actions) with every argument its ActionSpec declares. Sent as
+  /// a TalkEvent after the text, and repeated in Finished.actions and Turn.actions.
+  /// </summary>
+  public sealed partial class Action : pb::IMessage<Action>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<Action> _parser = new pb::MessageParser<Action>(() => new Action());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<Action> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[8]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public Action() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public Action(Action other) : this() {
+      name_ = other.name_;
+      arguments_ = other.arguments_.Clone();
+      argumentsJson_ = other.argumentsJson_;
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public Action Clone() {
+      return new Action(this);
+    }
+
+    /// <summary>Field number for the "name" field.</summary>
+    public const int NameFieldNumber = 1;
+    private string name_ = "";
+    /// <summary>
+    /// The action's name, ActionSpec.name: [a-z][a-z0-9_]{0,31}.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string Name {
+      get { return name_; }
+      set {
+        name_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "arguments" field.</summary>
+    public const int ArgumentsFieldNumber = 2;
+    private static readonly pb::FieldCodec<global::Npc.V1.ActionArgument> _repeated_arguments_codec
+        = pb::FieldCodec.ForMessage(18, global::Npc.V1.ActionArgument.Parser);
+    private readonly pbc::RepeatedField<global::Npc.V1.ActionArgument> arguments_ = new pbc::RepeatedField<global::Npc.V1.ActionArgument>();
+    /// <summary>
+    /// Every argument of the action, in the order of ActionSpec.arguments (all are required, so
+    /// none is missing); empty for an action without arguments.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<global::Npc.V1.ActionArgument> Arguments {
+      get { return arguments_; }
+    }
+
+    /// <summary>Field number for the "arguments_json" field.</summary>
+    public const int ArgumentsJsonFieldNumber = 3;
+    private string argumentsJson_ = "";
+    /// <summary>
+    /// The same arguments as one JSON object, for games that would rather parse JSON: keys in the
+    /// order of ActionSpec.arguments, separators ", " and ": ", e.g. {"item": "iron sword",
+    /// "price": 40}; "{}" for an action without arguments. Integers are JSON numbers, booleans
+    /// true/false, strings and enum values JSON strings.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string ArgumentsJson {
+      get { return argumentsJson_; }
+      set {
+        argumentsJson_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as Action);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(Action other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if (Name != other.Name) return false;
+      if(!arguments_.Equals(other.arguments_)) return false;
+      if (ArgumentsJson != other.ArgumentsJson) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      if (Name.Length != 0) hash ^= Name.GetHashCode();
+      hash ^= arguments_.GetHashCode();
+      if (ArgumentsJson.Length != 0) hash ^= ArgumentsJson.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      if (Name.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(Name);
+      }
+      arguments_.WriteTo(output, _repeated_arguments_codec);
+      if (ArgumentsJson.Length != 0) {
+        output.WriteRawTag(26);
+        output.WriteString(ArgumentsJson);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      if (Name.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(Name);
+      }
+      arguments_.WriteTo(ref output, _repeated_arguments_codec);
+      if (ArgumentsJson.Length != 0) {
+        output.WriteRawTag(26);
+        output.WriteString(ArgumentsJson);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      if (Name.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(Name);
+      }
+      size += arguments_.CalculateSize(_repeated_arguments_codec);
+      if (ArgumentsJson.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(ArgumentsJson);
+      }
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(Action other) {
+      if (other == null) {
+        return;
+      }
+      if (other.Name.Length != 0) {
+        Name = other.Name;
+      }
+      arguments_.Add(other.arguments_);
+      if (other.ArgumentsJson.Length != 0) {
+        ArgumentsJson = other.ArgumentsJson;
+      }
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            Name = input.ReadString();
+            break;
+          }
+          case 18: {
+            arguments_.AddEntriesFrom(input, _repeated_arguments_codec);
+            break;
+          }
+          case 26: {
+            ArgumentsJson = input.ReadString();
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            Name = input.ReadString();
+            break;
+          }
+          case 18: {
+            arguments_.AddEntriesFrom(ref input, _repeated_arguments_codec);
+            break;
+          }
+          case 26: {
+            ArgumentsJson = input.ReadString();
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
+  /// One argument of an Action, typed as its ArgumentSpec declares.
+  /// </summary>
+  public sealed partial class ActionArgument : pb::IMessage<ActionArgument>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<ActionArgument> _parser = new pb::MessageParser<ActionArgument>(() => new ActionArgument());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<ActionArgument> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[9]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public ActionArgument() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public ActionArgument(ActionArgument other) : this() {
+      name_ = other.name_;
+      switch (other.ValueCase) {
+        case ValueOneofCase.StringValue:
+          StringValue = other.StringValue;
+          break;
+        case ValueOneofCase.IntValue:
+          IntValue = other.IntValue;
+          break;
+        case ValueOneofCase.BoolValue:
+          BoolValue = other.BoolValue;
+          break;
+      }
+
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public ActionArgument Clone() {
+      return new ActionArgument(this);
+    }
+
+    /// <summary>Field number for the "name" field.</summary>
+    public const int NameFieldNumber = 1;
+    private string name_ = "";
+    /// <summary>
+    /// The argument's name, ArgumentSpec.name: [a-z][a-z0-9_]{0,31}.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string Name {
+      get { return name_; }
+      set {
+        name_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "string_value" field.</summary>
+    public const int StringValueFieldNumber = 2;
+    /// <summary>
+    /// For "string" arguments (at most ArgumentSpec.max_chars characters) and
+    /// "enum" arguments (exactly one of ArgumentSpec.values, or of the request's
+    /// entities[ArgumentSpec.values_from].values).
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string StringValue {
+      get { return valueCase_ == ValueOneofCase.StringValue ? (string) value_ : ""; }
+      set {
+        value_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+        valueCase_ = ValueOneofCase.StringValue;
+      }
+    }
+
+    /// <summary>Field number for the "int_value" field.</summary>
+    public const int IntValueFieldNumber = 3;
+    /// <summary>
+    /// For "integer" arguments: from ArgumentSpec.min_value to ArgumentSpec.max_value, inclusive.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public long IntValue {
+      get { return valueCase_ == ValueOneofCase.IntValue ? (long) value_ : 0L; }
+      set {
+        value_ = value;
+        valueCase_ = ValueOneofCase.IntValue;
+      }
+    }
+
+    /// <summary>Field number for the "bool_value" field.</summary>
+    public const int BoolValueFieldNumber = 4;
+    /// <summary>
+    /// For "boolean" arguments.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool BoolValue {
+      get { return valueCase_ == ValueOneofCase.BoolValue ? (bool) value_ : false; }
+      set {
+        value_ = value;
+        valueCase_ = ValueOneofCase.BoolValue;
+      }
+    }
+
+    private object value_;
+    /// <summary>Enum of possible cases for the "value" oneof.</summary>
+    public enum ValueOneofCase {
+      None = 0,
+      StringValue = 2,
+      IntValue = 3,
+      BoolValue = 4,
+    }
+    private ValueOneofCase valueCase_ = ValueOneofCase.None;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public ValueOneofCase ValueCase {
+      get { return valueCase_; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void ClearValue() {
+      valueCase_ = ValueOneofCase.None;
+      value_ = null;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as ActionArgument);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(ActionArgument other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if (Name != other.Name) return false;
+      if (StringValue != other.StringValue) return false;
+      if (IntValue != other.IntValue) return false;
+      if (BoolValue != other.BoolValue) return false;
+      if (ValueCase != other.ValueCase) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      if (Name.Length != 0) hash ^= Name.GetHashCode();
+      if (valueCase_ == ValueOneofCase.StringValue) hash ^= StringValue.GetHashCode();
+      if (valueCase_ == ValueOneofCase.IntValue) hash ^= IntValue.GetHashCode();
+      if (valueCase_ == ValueOneofCase.BoolValue) hash ^= BoolValue.GetHashCode();
+      hash ^= (int) valueCase_;
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      if (Name.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(Name);
+      }
+      if (valueCase_ == ValueOneofCase.StringValue) {
+        output.WriteRawTag(18);
+        output.WriteString(StringValue);
+      }
+      if (valueCase_ == ValueOneofCase.IntValue) {
+        output.WriteRawTag(24);
+        output.WriteInt64(IntValue);
+      }
+      if (valueCase_ == ValueOneofCase.BoolValue) {
+        output.WriteRawTag(32);
+        output.WriteBool(BoolValue);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      if (Name.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(Name);
+      }
+      if (valueCase_ == ValueOneofCase.StringValue) {
+        output.WriteRawTag(18);
+        output.WriteString(StringValue);
+      }
+      if (valueCase_ == ValueOneofCase.IntValue) {
+        output.WriteRawTag(24);
+        output.WriteInt64(IntValue);
+      }
+      if (valueCase_ == ValueOneofCase.BoolValue) {
+        output.WriteRawTag(32);
+        output.WriteBool(BoolValue);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      if (Name.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(Name);
+      }
+      if (valueCase_ == ValueOneofCase.StringValue) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(StringValue);
+      }
+      if (valueCase_ == ValueOneofCase.IntValue) {
+        size += 1 + pb::CodedOutputStream.ComputeInt64Size(IntValue);
+      }
+      if (valueCase_ == ValueOneofCase.BoolValue) {
+        size += 1 + 1;
+      }
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(ActionArgument other) {
+      if (other == null) {
+        return;
+      }
+      if (other.Name.Length != 0) {
+        Name = other.Name;
+      }
+      switch (other.ValueCase) {
+        case ValueOneofCase.StringValue:
+          StringValue = other.StringValue;
+          break;
+        case ValueOneofCase.IntValue:
+          IntValue = other.IntValue;
+          break;
+        case ValueOneofCase.BoolValue:
+          BoolValue = other.BoolValue;
+          break;
+      }
+
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            Name = input.ReadString();
+            break;
+          }
+          case 18: {
+            StringValue = input.ReadString();
+            break;
+          }
+          case 24: {
+            IntValue = input.ReadInt64();
+            break;
+          }
+          case 32: {
+            BoolValue = input.ReadBool();
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            Name = input.ReadString();
+            break;
+          }
+          case 18: {
+            StringValue = input.ReadString();
+            break;
+          }
+          case 24: {
+            IntValue = input.ReadInt64();
+            break;
+          }
+          case 32: {
+            BoolValue = input.ReadBool();
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
   /// The reply has ended: the last event of a successful Talk.
   /// </summary>
   public sealed partial class Finished : pb::IMessage<Finished>
@@ -2005,7 +3429,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[5]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[10]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -2030,6 +3454,7 @@ namespace Npc.V1 {
       usage_ = other.usage_ != null ? other.usage_.Clone() : null;
       timings_ = other.timings_ != null ? other.timings_.Clone() : null;
       emotion_ = other.emotion_;
+      actions_ = other.actions_.Clone();
       _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
     }
 
@@ -2104,12 +3529,11 @@ namespace Npc.V1 {
     public const int EmotionFieldNumber = 5;
     private string emotion_ = "";
     /// <summary>
-    /// How the character feels in this reply: always one label of its `emotions` list
-    /// (Character.emotions), for the game's animation or voice. Chosen after the reply by scoring
-    /// each label under the model as the answer to "which feeling matches your reply?" (a
-    /// constrained choice, never free text). Empty when the character declares no emotions or the
-    /// reply was cancelled. Computing it adds one short scoring pass (tens of milliseconds) before
-    /// this event; the text deltas are not delayed.
+    /// How the character feels in this reply: one label of its `emotions` list
+    /// (Character.emotions), for the game's animation or voice; the same as the reply's `emotion`
+    /// event (Emotion.label). The model writes it before the line, in the same reply (no extra pass;
+    /// constrained to the character's labels, never free text). Empty when the character declares
+    /// no emotions or the reply was cancelled before it.
     /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
@@ -2118,6 +3542,22 @@ namespace Npc.V1 {
       set {
         emotion_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
       }
+    }
+
+    /// <summary>Field number for the "actions" field.</summary>
+    public const int ActionsFieldNumber = 6;
+    private static readonly pb::FieldCodec<global::Npc.V1.Action> _repeated_actions_codec
+        = pb::FieldCodec.ForMessage(50, global::Npc.V1.Action.Parser);
+    private readonly pbc::RepeatedField<global::Npc.V1.Action> actions_ = new pbc::RepeatedField<global::Npc.V1.Action>();
+    /// <summary>
+    /// The actions the NPC took in this reply, in order: the same as the reply's `action` events.
+    /// At most 3; empty when it took none, when the character declares no actions, or when
+    /// allowed_actions allowed none. A reply cut short (LENGTH) has only its complete actions.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<global::Npc.V1.Action> Actions {
+      get { return actions_; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -2140,6 +3580,7 @@ namespace Npc.V1 {
       if (!object.Equals(Usage, other.Usage)) return false;
       if (!object.Equals(Timings, other.Timings)) return false;
       if (Emotion != other.Emotion) return false;
+      if(!actions_.Equals(other.actions_)) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
 
@@ -2152,6 +3593,7 @@ namespace Npc.V1 {
       if (usage_ != null) hash ^= Usage.GetHashCode();
       if (timings_ != null) hash ^= Timings.GetHashCode();
       if (Emotion.Length != 0) hash ^= Emotion.GetHashCode();
+      hash ^= actions_.GetHashCode();
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
       }
@@ -2190,6 +3632,7 @@ namespace Npc.V1 {
         output.WriteRawTag(42);
         output.WriteString(Emotion);
       }
+      actions_.WriteTo(output, _repeated_actions_codec);
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -2220,6 +3663,7 @@ namespace Npc.V1 {
         output.WriteRawTag(42);
         output.WriteString(Emotion);
       }
+      actions_.WriteTo(ref output, _repeated_actions_codec);
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -2245,6 +3689,7 @@ namespace Npc.V1 {
       if (Emotion.Length != 0) {
         size += 1 + pb::CodedOutputStream.ComputeStringSize(Emotion);
       }
+      size += actions_.CalculateSize(_repeated_actions_codec);
       if (_unknownFields != null) {
         size += _unknownFields.CalculateSize();
       }
@@ -2278,6 +3723,7 @@ namespace Npc.V1 {
       if (other.Emotion.Length != 0) {
         Emotion = other.Emotion;
       }
+      actions_.Add(other.actions_);
       _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
     }
 
@@ -2317,6 +3763,10 @@ namespace Npc.V1 {
           }
           case 42: {
             Emotion = input.ReadString();
+            break;
+          }
+          case 50: {
+            actions_.AddEntriesFrom(input, _repeated_actions_codec);
             break;
           }
         }
@@ -2360,6 +3810,10 @@ namespace Npc.V1 {
             Emotion = input.ReadString();
             break;
           }
+          case 50: {
+            actions_.AddEntriesFrom(ref input, _repeated_actions_codec);
+            break;
+          }
         }
       }
     }
@@ -2384,7 +3838,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[6]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[11]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -2435,8 +3889,9 @@ namespace Npc.V1 {
     public const int CompletionTokensFieldNumber = 2;
     private int completionTokens_;
     /// <summary>
-    /// Tokens the model generated, including the end-of-turn token or the tokens of a stop string
-    /// that ended the reply (so it can exceed the tokens of full_text by a few).
+    /// Tokens the model generated: the text's, the emotion label's and the actions' (these two have
+    /// room beyond GenerationOptions.max_tokens), and the end-of-turn token or the tokens of a stop
+    /// string that ended the reply (so it can exceed the tokens of full_text).
     /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
@@ -2662,7 +4117,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[7]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[12]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -2938,7 +4393,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[8]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[13]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -3093,7 +4548,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[9]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[14]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -3262,8 +4717,8 @@ namespace Npc.V1 {
 
   /// <summary>
   /// A character: a persona, optionally with a LoRA adapter, from characters/&lt;id>/character.yaml.
-  /// name, greeting, emotions and has_adapter describe the version Talk uses (the last good one when
-  /// status is FAILED); they are empty when no version ever loaded.
+  /// name, greeting, emotions, actions and has_adapter describe the version Talk uses (the last good
+  /// one when status is FAILED); they are empty when no version ever loaded.
   /// </summary>
   public sealed partial class Character : pb::IMessage<Character>
   #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
@@ -3279,7 +4734,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[10]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[15]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -3308,6 +4763,7 @@ namespace Npc.V1 {
       greeting_ = other.greeting_;
       emotions_ = other.emotions_.Clone();
       serving_ = other.serving_;
+      actions_ = other.actions_.Clone();
       _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
     }
 
@@ -3456,6 +4912,21 @@ namespace Npc.V1 {
       }
     }
 
+    /// <summary>Field number for the "actions" field.</summary>
+    public const int ActionsFieldNumber = 10;
+    private static readonly pb::FieldCodec<global::Npc.V1.ActionSpec> _repeated_actions_codec
+        = pb::FieldCodec.ForMessage(82, global::Npc.V1.ActionSpec.Parser);
+    private readonly pbc::RepeatedField<global::Npc.V1.ActionSpec> actions_ = new pbc::RepeatedField<global::Npc.V1.ActionSpec>();
+    /// <summary>
+    /// The actions the character's designer declared (character.yaml `actions`, at most 16): what
+    /// the NPC may do in a reply (Action), for the game to carry out. May be empty.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<global::Npc.V1.ActionSpec> Actions {
+      get { return actions_; }
+    }
+
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public override bool Equals(object other) {
@@ -3480,6 +4951,7 @@ namespace Npc.V1 {
       if (Greeting != other.Greeting) return false;
       if(!emotions_.Equals(other.emotions_)) return false;
       if (Serving != other.Serving) return false;
+      if(!actions_.Equals(other.actions_)) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
 
@@ -3496,6 +4968,7 @@ namespace Npc.V1 {
       if (Greeting.Length != 0) hash ^= Greeting.GetHashCode();
       hash ^= emotions_.GetHashCode();
       if (Serving != false) hash ^= Serving.GetHashCode();
+      hash ^= actions_.GetHashCode();
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
       }
@@ -3547,6 +5020,7 @@ namespace Npc.V1 {
         output.WriteRawTag(72);
         output.WriteBool(Serving);
       }
+      actions_.WriteTo(output, _repeated_actions_codec);
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -3590,6 +5064,7 @@ namespace Npc.V1 {
         output.WriteRawTag(72);
         output.WriteBool(Serving);
       }
+      actions_.WriteTo(ref output, _repeated_actions_codec);
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -3625,6 +5100,7 @@ namespace Npc.V1 {
       if (Serving != false) {
         size += 1 + 1;
       }
+      size += actions_.CalculateSize(_repeated_actions_codec);
       if (_unknownFields != null) {
         size += _unknownFields.CalculateSize();
       }
@@ -3662,6 +5138,7 @@ namespace Npc.V1 {
       if (other.Serving != false) {
         Serving = other.Serving;
       }
+      actions_.Add(other.actions_);
       _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
     }
 
@@ -3711,6 +5188,10 @@ namespace Npc.V1 {
           }
           case 72: {
             Serving = input.ReadBool();
+            break;
+          }
+          case 82: {
+            actions_.AddEntriesFrom(input, _repeated_actions_codec);
             break;
           }
         }
@@ -3764,6 +5245,738 @@ namespace Npc.V1 {
             Serving = input.ReadBool();
             break;
           }
+          case 82: {
+            actions_.AddEntriesFrom(ref input, _repeated_actions_codec);
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
+  /// One action a character may take, as character.yaml declares it.
+  /// </summary>
+  public sealed partial class ActionSpec : pb::IMessage<ActionSpec>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<ActionSpec> _parser = new pb::MessageParser<ActionSpec>(() => new ActionSpec());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<ActionSpec> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[16]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public ActionSpec() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public ActionSpec(ActionSpec other) : this() {
+      name_ = other.name_;
+      description_ = other.description_;
+      arguments_ = other.arguments_.Clone();
+      effects_ = other.effects_.Clone();
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public ActionSpec Clone() {
+      return new ActionSpec(this);
+    }
+
+    /// <summary>Field number for the "name" field.</summary>
+    public const int NameFieldNumber = 1;
+    private string name_ = "";
+    /// <summary>
+    /// The action's name, [a-z][a-z0-9_]{0,31}, unique within the character, e.g. "sell_item";
+    /// what Action.name and AllowedActions.names carry.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string Name {
+      get { return name_; }
+      set {
+        name_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "description" field.</summary>
+    public const int DescriptionFieldNumber = 2;
+    private string description_ = "";
+    /// <summary>
+    /// What the action does, for the model and for people, e.g. "Sell the customer an item from
+    /// your stock." 1-200 characters.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string Description {
+      get { return description_; }
+      set {
+        description_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "arguments" field.</summary>
+    public const int ArgumentsFieldNumber = 3;
+    private static readonly pb::FieldCodec<global::Npc.V1.ArgumentSpec> _repeated_arguments_codec
+        = pb::FieldCodec.ForMessage(26, global::Npc.V1.ArgumentSpec.Parser);
+    private readonly pbc::RepeatedField<global::Npc.V1.ArgumentSpec> arguments_ = new pbc::RepeatedField<global::Npc.V1.ArgumentSpec>();
+    /// <summary>
+    /// The arguments, in the order character.yaml lists them (the order of Action.arguments and of
+    /// the keys of Action.arguments_json). At most 8; empty for an action without arguments.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<global::Npc.V1.ArgumentSpec> Arguments {
+      get { return arguments_; }
+    }
+
+    /// <summary>Field number for the "effects" field.</summary>
+    public const int EffectsFieldNumber = 4;
+    private static readonly pbc::MapField<string, string>.Codec _map_effects_codec
+        = new pbc::MapField<string, string>.Codec(pb::FieldCodec.ForString(10, ""), pb::FieldCodec.ForString(18, ""), 34);
+    private readonly pbc::MapField<string, string> effects_ = new pbc::MapField<string, string>();
+    /// <summary>
+    /// The designer's notes for the game, e.g. {"gold": "+price"}, passed on untouched: the sidecar
+    /// neither reads nor checks them. May be empty.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::MapField<string, string> Effects {
+      get { return effects_; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as ActionSpec);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(ActionSpec other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if (Name != other.Name) return false;
+      if (Description != other.Description) return false;
+      if(!arguments_.Equals(other.arguments_)) return false;
+      if (!Effects.Equals(other.Effects)) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      if (Name.Length != 0) hash ^= Name.GetHashCode();
+      if (Description.Length != 0) hash ^= Description.GetHashCode();
+      hash ^= arguments_.GetHashCode();
+      hash ^= Effects.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      if (Name.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(Name);
+      }
+      if (Description.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(Description);
+      }
+      arguments_.WriteTo(output, _repeated_arguments_codec);
+      effects_.WriteTo(output, _map_effects_codec);
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      if (Name.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(Name);
+      }
+      if (Description.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(Description);
+      }
+      arguments_.WriteTo(ref output, _repeated_arguments_codec);
+      effects_.WriteTo(ref output, _map_effects_codec);
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      if (Name.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(Name);
+      }
+      if (Description.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(Description);
+      }
+      size += arguments_.CalculateSize(_repeated_arguments_codec);
+      size += effects_.CalculateSize(_map_effects_codec);
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(ActionSpec other) {
+      if (other == null) {
+        return;
+      }
+      if (other.Name.Length != 0) {
+        Name = other.Name;
+      }
+      if (other.Description.Length != 0) {
+        Description = other.Description;
+      }
+      arguments_.Add(other.arguments_);
+      effects_.Add(other.effects_);
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            Name = input.ReadString();
+            break;
+          }
+          case 18: {
+            Description = input.ReadString();
+            break;
+          }
+          case 26: {
+            arguments_.AddEntriesFrom(input, _repeated_arguments_codec);
+            break;
+          }
+          case 34: {
+            effects_.AddEntriesFrom(input, _map_effects_codec);
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            Name = input.ReadString();
+            break;
+          }
+          case 18: {
+            Description = input.ReadString();
+            break;
+          }
+          case 26: {
+            arguments_.AddEntriesFrom(ref input, _repeated_arguments_codec);
+            break;
+          }
+          case 34: {
+            effects_.AddEntriesFrom(ref input, _map_effects_codec);
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
+  /// One argument of an action: its name, type and bounds.
+  /// </summary>
+  public sealed partial class ArgumentSpec : pb::IMessage<ArgumentSpec>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<ArgumentSpec> _parser = new pb::MessageParser<ArgumentSpec>(() => new ArgumentSpec());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<ArgumentSpec> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[17]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public ArgumentSpec() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public ArgumentSpec(ArgumentSpec other) : this() {
+      name_ = other.name_;
+      type_ = other.type_;
+      values_ = other.values_.Clone();
+      valuesFrom_ = other.valuesFrom_;
+      minValue_ = other.minValue_;
+      maxValue_ = other.maxValue_;
+      maxChars_ = other.maxChars_;
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public ArgumentSpec Clone() {
+      return new ArgumentSpec(this);
+    }
+
+    /// <summary>Field number for the "name" field.</summary>
+    public const int NameFieldNumber = 1;
+    private string name_ = "";
+    /// <summary>
+    /// The argument's name, [a-z][a-z0-9_]{0,31}, unique within the action.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string Name {
+      get { return name_; }
+      set {
+        name_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "type" field.</summary>
+    public const int TypeFieldNumber = 2;
+    private string type_ = "";
+    /// <summary>
+    /// "enum", "integer", "string" or "boolean"; it says which fields below apply and which
+    /// ActionArgument value is set (string_value for enum and string, int_value, bool_value). A
+    /// client that meets a type it does not know should ignore the action.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string Type {
+      get { return type_; }
+      set {
+        type_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "values" field.</summary>
+    public const int ValuesFieldNumber = 3;
+    private static readonly pb::FieldCodec<string> _repeated_values_codec
+        = pb::FieldCodec.ForString(26);
+    private readonly pbc::RepeatedField<string> values_ = new pbc::RepeatedField<string>();
+    /// <summary>
+    /// enum with static values: the values the argument may take (1-64 of them, each 1-64
+    /// characters, no duplicates). Empty for other types and for an enum whose values come from
+    /// the request (values_from).
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<string> Values {
+      get { return values_; }
+    }
+
+    /// <summary>Field number for the "values_from" field.</summary>
+    public const int ValuesFromFieldNumber = 4;
+    private string valuesFrom_ = "";
+    /// <summary>
+    /// enum whose values come from the request: the name of the TalkRequest.entities list they are
+    /// taken from, e.g. "stock". Empty otherwise. Exactly one of values and values_from is set for
+    /// an enum.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string ValuesFrom {
+      get { return valuesFrom_; }
+      set {
+        valuesFrom_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "min_value" field.</summary>
+    public const int MinValueFieldNumber = 5;
+    private long minValue_;
+    /// <summary>
+    /// integer: the smallest value allowed (inclusive). 0 for other types.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public long MinValue {
+      get { return minValue_; }
+      set {
+        minValue_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "max_value" field.</summary>
+    public const int MaxValueFieldNumber = 6;
+    private long maxValue_;
+    /// <summary>
+    /// integer: the largest value allowed (inclusive), at least min_value. 0 for other types.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public long MaxValue {
+      get { return maxValue_; }
+      set {
+        maxValue_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "max_chars" field.</summary>
+    public const int MaxCharsFieldNumber = 7;
+    private int maxChars_;
+    /// <summary>
+    /// string: the most characters the value may have, 1-64 (32 when character.yaml does not
+    /// say). 0 for other types.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int MaxChars {
+      get { return maxChars_; }
+      set {
+        maxChars_ = value;
+      }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as ArgumentSpec);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(ArgumentSpec other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if (Name != other.Name) return false;
+      if (Type != other.Type) return false;
+      if(!values_.Equals(other.values_)) return false;
+      if (ValuesFrom != other.ValuesFrom) return false;
+      if (MinValue != other.MinValue) return false;
+      if (MaxValue != other.MaxValue) return false;
+      if (MaxChars != other.MaxChars) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      if (Name.Length != 0) hash ^= Name.GetHashCode();
+      if (Type.Length != 0) hash ^= Type.GetHashCode();
+      hash ^= values_.GetHashCode();
+      if (ValuesFrom.Length != 0) hash ^= ValuesFrom.GetHashCode();
+      if (MinValue != 0L) hash ^= MinValue.GetHashCode();
+      if (MaxValue != 0L) hash ^= MaxValue.GetHashCode();
+      if (MaxChars != 0) hash ^= MaxChars.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      if (Name.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(Name);
+      }
+      if (Type.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(Type);
+      }
+      values_.WriteTo(output, _repeated_values_codec);
+      if (ValuesFrom.Length != 0) {
+        output.WriteRawTag(34);
+        output.WriteString(ValuesFrom);
+      }
+      if (MinValue != 0L) {
+        output.WriteRawTag(40);
+        output.WriteInt64(MinValue);
+      }
+      if (MaxValue != 0L) {
+        output.WriteRawTag(48);
+        output.WriteInt64(MaxValue);
+      }
+      if (MaxChars != 0) {
+        output.WriteRawTag(56);
+        output.WriteInt32(MaxChars);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      if (Name.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(Name);
+      }
+      if (Type.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(Type);
+      }
+      values_.WriteTo(ref output, _repeated_values_codec);
+      if (ValuesFrom.Length != 0) {
+        output.WriteRawTag(34);
+        output.WriteString(ValuesFrom);
+      }
+      if (MinValue != 0L) {
+        output.WriteRawTag(40);
+        output.WriteInt64(MinValue);
+      }
+      if (MaxValue != 0L) {
+        output.WriteRawTag(48);
+        output.WriteInt64(MaxValue);
+      }
+      if (MaxChars != 0) {
+        output.WriteRawTag(56);
+        output.WriteInt32(MaxChars);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      if (Name.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(Name);
+      }
+      if (Type.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(Type);
+      }
+      size += values_.CalculateSize(_repeated_values_codec);
+      if (ValuesFrom.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(ValuesFrom);
+      }
+      if (MinValue != 0L) {
+        size += 1 + pb::CodedOutputStream.ComputeInt64Size(MinValue);
+      }
+      if (MaxValue != 0L) {
+        size += 1 + pb::CodedOutputStream.ComputeInt64Size(MaxValue);
+      }
+      if (MaxChars != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxChars);
+      }
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(ArgumentSpec other) {
+      if (other == null) {
+        return;
+      }
+      if (other.Name.Length != 0) {
+        Name = other.Name;
+      }
+      if (other.Type.Length != 0) {
+        Type = other.Type;
+      }
+      values_.Add(other.values_);
+      if (other.ValuesFrom.Length != 0) {
+        ValuesFrom = other.ValuesFrom;
+      }
+      if (other.MinValue != 0L) {
+        MinValue = other.MinValue;
+      }
+      if (other.MaxValue != 0L) {
+        MaxValue = other.MaxValue;
+      }
+      if (other.MaxChars != 0) {
+        MaxChars = other.MaxChars;
+      }
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            Name = input.ReadString();
+            break;
+          }
+          case 18: {
+            Type = input.ReadString();
+            break;
+          }
+          case 26: {
+            values_.AddEntriesFrom(input, _repeated_values_codec);
+            break;
+          }
+          case 34: {
+            ValuesFrom = input.ReadString();
+            break;
+          }
+          case 40: {
+            MinValue = input.ReadInt64();
+            break;
+          }
+          case 48: {
+            MaxValue = input.ReadInt64();
+            break;
+          }
+          case 56: {
+            MaxChars = input.ReadInt32();
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            Name = input.ReadString();
+            break;
+          }
+          case 18: {
+            Type = input.ReadString();
+            break;
+          }
+          case 26: {
+            values_.AddEntriesFrom(ref input, _repeated_values_codec);
+            break;
+          }
+          case 34: {
+            ValuesFrom = input.ReadString();
+            break;
+          }
+          case 40: {
+            MinValue = input.ReadInt64();
+            break;
+          }
+          case 48: {
+            MaxValue = input.ReadInt64();
+            break;
+          }
+          case 56: {
+            MaxChars = input.ReadInt32();
+            break;
+          }
         }
       }
     }
@@ -3788,7 +6001,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[11]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[18]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -4024,7 +6237,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[12]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[19]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -4219,7 +6432,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[13]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[20]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -4455,7 +6668,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[14]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[21]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -4760,7 +6973,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[15]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[22]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -4785,6 +6998,8 @@ namespace Npc.V1 {
       npcLine_ = other.npcLine_;
       playerName_ = other.playerName_;
       characterVersion_ = other.characterVersion_;
+      emotion_ = other.emotion_;
+      actions_ = other.actions_.Clone();
       _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
     }
 
@@ -4870,6 +7085,36 @@ namespace Npc.V1 {
       }
     }
 
+    /// <summary>Field number for the "emotion" field.</summary>
+    public const int EmotionFieldNumber = 6;
+    private string emotion_ = "";
+    /// <summary>
+    /// The emotion of the NPC's reply (Finished.emotion). Empty: none (a character without
+    /// emotions) or unknown (a turn from an older server).
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string Emotion {
+      get { return emotion_; }
+      set {
+        emotion_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "actions" field.</summary>
+    public const int ActionsFieldNumber = 7;
+    private static readonly pb::FieldCodec<global::Npc.V1.Action> _repeated_actions_codec
+        = pb::FieldCodec.ForMessage(58, global::Npc.V1.Action.Parser);
+    private readonly pbc::RepeatedField<global::Npc.V1.Action> actions_ = new pbc::RepeatedField<global::Npc.V1.Action>();
+    /// <summary>
+    /// The actions the NPC took in its reply (Finished.actions), in order. Empty: none.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<global::Npc.V1.Action> Actions {
+      get { return actions_; }
+    }
+
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public override bool Equals(object other) {
@@ -4890,6 +7135,8 @@ namespace Npc.V1 {
       if (NpcLine != other.NpcLine) return false;
       if (PlayerName != other.PlayerName) return false;
       if (CharacterVersion != other.CharacterVersion) return false;
+      if (Emotion != other.Emotion) return false;
+      if(!actions_.Equals(other.actions_)) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
 
@@ -4902,6 +7149,8 @@ namespace Npc.V1 {
       if (NpcLine.Length != 0) hash ^= NpcLine.GetHashCode();
       if (PlayerName.Length != 0) hash ^= PlayerName.GetHashCode();
       if (CharacterVersion.Length != 0) hash ^= CharacterVersion.GetHashCode();
+      if (Emotion.Length != 0) hash ^= Emotion.GetHashCode();
+      hash ^= actions_.GetHashCode();
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
       }
@@ -4940,6 +7189,11 @@ namespace Npc.V1 {
         output.WriteRawTag(42);
         output.WriteString(CharacterVersion);
       }
+      if (Emotion.Length != 0) {
+        output.WriteRawTag(50);
+        output.WriteString(Emotion);
+      }
+      actions_.WriteTo(output, _repeated_actions_codec);
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -4970,6 +7224,11 @@ namespace Npc.V1 {
         output.WriteRawTag(42);
         output.WriteString(CharacterVersion);
       }
+      if (Emotion.Length != 0) {
+        output.WriteRawTag(50);
+        output.WriteString(Emotion);
+      }
+      actions_.WriteTo(ref output, _repeated_actions_codec);
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -4995,6 +7254,10 @@ namespace Npc.V1 {
       if (CharacterVersion.Length != 0) {
         size += 1 + pb::CodedOutputStream.ComputeStringSize(CharacterVersion);
       }
+      if (Emotion.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(Emotion);
+      }
+      size += actions_.CalculateSize(_repeated_actions_codec);
       if (_unknownFields != null) {
         size += _unknownFields.CalculateSize();
       }
@@ -5022,6 +7285,10 @@ namespace Npc.V1 {
       if (other.CharacterVersion.Length != 0) {
         CharacterVersion = other.CharacterVersion;
       }
+      if (other.Emotion.Length != 0) {
+        Emotion = other.Emotion;
+      }
+      actions_.Add(other.actions_);
       _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
     }
 
@@ -5055,6 +7322,14 @@ namespace Npc.V1 {
           }
           case 42: {
             CharacterVersion = input.ReadString();
+            break;
+          }
+          case 50: {
+            Emotion = input.ReadString();
+            break;
+          }
+          case 58: {
+            actions_.AddEntriesFrom(input, _repeated_actions_codec);
             break;
           }
         }
@@ -5092,6 +7367,14 @@ namespace Npc.V1 {
             CharacterVersion = input.ReadString();
             break;
           }
+          case 50: {
+            Emotion = input.ReadString();
+            break;
+          }
+          case 58: {
+            actions_.AddEntriesFrom(ref input, _repeated_actions_codec);
+            break;
+          }
         }
       }
     }
@@ -5116,7 +7399,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[16]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[23]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -5362,7 +7645,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[17]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[24]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -5597,7 +7880,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[18]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[25]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -5752,7 +8035,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[19]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[26]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -6680,7 +8963,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[20]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[27]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -6708,6 +8991,9 @@ namespace Npc.V1 {
       maxStopStrings_ = other.maxStopStrings_;
       maxStopChars_ = other.maxStopChars_;
       maxTokens_ = other.maxTokens_;
+      maxEntityLists_ = other.maxEntityLists_;
+      maxEntityValues_ = other.maxEntityValues_;
+      maxEntityChars_ = other.maxEntityChars_;
       _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
     }
 
@@ -6837,6 +9123,51 @@ namespace Npc.V1 {
       }
     }
 
+    /// <summary>Field number for the "max_entity_lists" field.</summary>
+    public const int MaxEntityListsFieldNumber = 9;
+    private int maxEntityLists_;
+    /// <summary>
+    /// lists in entities
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int MaxEntityLists {
+      get { return maxEntityLists_; }
+      set {
+        maxEntityLists_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "max_entity_values" field.</summary>
+    public const int MaxEntityValuesFieldNumber = 10;
+    private int maxEntityValues_;
+    /// <summary>
+    /// values in one entities list
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int MaxEntityValues {
+      get { return maxEntityValues_; }
+      set {
+        maxEntityValues_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "max_entity_chars" field.</summary>
+    public const int MaxEntityCharsFieldNumber = 11;
+    private int maxEntityChars_;
+    /// <summary>
+    /// one entities value
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int MaxEntityChars {
+      get { return maxEntityChars_; }
+      set {
+        maxEntityChars_ = value;
+      }
+    }
+
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public override bool Equals(object other) {
@@ -6860,6 +9191,9 @@ namespace Npc.V1 {
       if (MaxStopStrings != other.MaxStopStrings) return false;
       if (MaxStopChars != other.MaxStopChars) return false;
       if (MaxTokens != other.MaxTokens) return false;
+      if (MaxEntityLists != other.MaxEntityLists) return false;
+      if (MaxEntityValues != other.MaxEntityValues) return false;
+      if (MaxEntityChars != other.MaxEntityChars) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
 
@@ -6875,6 +9209,9 @@ namespace Npc.V1 {
       if (MaxStopStrings != 0) hash ^= MaxStopStrings.GetHashCode();
       if (MaxStopChars != 0) hash ^= MaxStopChars.GetHashCode();
       if (MaxTokens != 0) hash ^= MaxTokens.GetHashCode();
+      if (MaxEntityLists != 0) hash ^= MaxEntityLists.GetHashCode();
+      if (MaxEntityValues != 0) hash ^= MaxEntityValues.GetHashCode();
+      if (MaxEntityChars != 0) hash ^= MaxEntityChars.GetHashCode();
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
       }
@@ -6925,6 +9262,18 @@ namespace Npc.V1 {
         output.WriteRawTag(64);
         output.WriteInt32(MaxTokens);
       }
+      if (MaxEntityLists != 0) {
+        output.WriteRawTag(72);
+        output.WriteInt32(MaxEntityLists);
+      }
+      if (MaxEntityValues != 0) {
+        output.WriteRawTag(80);
+        output.WriteInt32(MaxEntityValues);
+      }
+      if (MaxEntityChars != 0) {
+        output.WriteRawTag(88);
+        output.WriteInt32(MaxEntityChars);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -6967,6 +9316,18 @@ namespace Npc.V1 {
         output.WriteRawTag(64);
         output.WriteInt32(MaxTokens);
       }
+      if (MaxEntityLists != 0) {
+        output.WriteRawTag(72);
+        output.WriteInt32(MaxEntityLists);
+      }
+      if (MaxEntityValues != 0) {
+        output.WriteRawTag(80);
+        output.WriteInt32(MaxEntityValues);
+      }
+      if (MaxEntityChars != 0) {
+        output.WriteRawTag(88);
+        output.WriteInt32(MaxEntityChars);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -7000,6 +9361,15 @@ namespace Npc.V1 {
       }
       if (MaxTokens != 0) {
         size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxTokens);
+      }
+      if (MaxEntityLists != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxEntityLists);
+      }
+      if (MaxEntityValues != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxEntityValues);
+      }
+      if (MaxEntityChars != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxEntityChars);
       }
       if (_unknownFields != null) {
         size += _unknownFields.CalculateSize();
@@ -7036,6 +9406,15 @@ namespace Npc.V1 {
       }
       if (other.MaxTokens != 0) {
         MaxTokens = other.MaxTokens;
+      }
+      if (other.MaxEntityLists != 0) {
+        MaxEntityLists = other.MaxEntityLists;
+      }
+      if (other.MaxEntityValues != 0) {
+        MaxEntityValues = other.MaxEntityValues;
+      }
+      if (other.MaxEntityChars != 0) {
+        MaxEntityChars = other.MaxEntityChars;
       }
       _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
     }
@@ -7084,6 +9463,18 @@ namespace Npc.V1 {
             MaxTokens = input.ReadInt32();
             break;
           }
+          case 72: {
+            MaxEntityLists = input.ReadInt32();
+            break;
+          }
+          case 80: {
+            MaxEntityValues = input.ReadInt32();
+            break;
+          }
+          case 88: {
+            MaxEntityChars = input.ReadInt32();
+            break;
+          }
         }
       }
     #endif
@@ -7129,6 +9520,18 @@ namespace Npc.V1 {
           }
           case 64: {
             MaxTokens = input.ReadInt32();
+            break;
+          }
+          case 72: {
+            MaxEntityLists = input.ReadInt32();
+            break;
+          }
+          case 80: {
+            MaxEntityValues = input.ReadInt32();
+            break;
+          }
+          case 88: {
+            MaxEntityChars = input.ReadInt32();
             break;
           }
         }

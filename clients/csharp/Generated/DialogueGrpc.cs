@@ -49,6 +49,13 @@
 //   stop                 at most 8 strings [max_stop_strings], each 1-64 characters
 //                        [max_stop_chars]
 //   max_tokens           0-512 [max_tokens]; a character's generation.max_tokens_limit caps it further
+//   entities             at most 16 lists [max_entity_lists]; a list's name [a-z][a-z0-9_]{0,31};
+//                        each list at most 64 values [max_entity_values], each value 1-64
+//                        characters [max_entity_chars] without control characters, line breaks
+//                        or unassigned code points, not containing one of the model's
+//                        control-token strings (e.g. "<|im_end|>"), and only characters the
+//                        model's tokenizer can write
+//   allowed_actions      every name one of the character's actions (Character.actions)
 //   SessionState.turns   at most ServerInfo.max_session_turns; player_line and npc_line 0-20000
 //                        characters each
 #pragma warning disable 0414, 1591, 8981, 0612
@@ -219,27 +226,51 @@ namespace Npc.V1 {
       /// <summary>
       /// One NPC reply to one player line, streamed as it is generated.
       ///
-      /// The stream is exactly: one `started`, then zero or more `delta`s, then one `finished`, then
-      /// the call ends with OK. The concatenation of the `delta` texts equals `finished.full_text`.
-      /// If the call fails (status not OK), the stream ends early without `finished`; input errors
-      /// (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, UNAUTHENTICATED) come
-      /// before `started`.
+      /// The stream is exactly, in this order:
+      ///   started    once;
+      ///   emotion    once when the character declares emotions (Character.emotions not empty): how
+      ///              the NPC feels in this line, before any of its text (none for a character without
+      ///              emotions, or a reply cancelled before the model wrote it);
+      ///   delta      zero or more: the spoken text (one line, without line breaks, when the character
+      ///              declares emotions or actions);
+      ///   action     zero to 3: what the NPC does, after the whole text, one event per action;
+      ///   finished   once; its `emotion` and `actions` repeat the events above (same values, same
+      ///              order), so a game may read them there instead;
+      /// then the call ends with OK. The concatenation of the `delta` texts equals `finished.full_text`:
+      /// the spoken text only, never the emotion label or an action. If the call fails (status not
+      /// OK), the stream ends early without `finished`; input errors (INVALID_ARGUMENT, NOT_FOUND,
+      /// FAILED_PRECONDITION, RESOURCE_EXHAUSTED, UNAUTHENTICATED) come before `started`.
+      ///
+      /// Emotion and actions come from the same generated reply as the text: the model writes the
+      /// label before the line and the actions after it (no extra pass), constrained so that they are
+      /// always well formed. The label is one of Character.emotions. An action is one of
+      /// Character.actions that TalkRequest.allowed_actions lets through; all its arguments are
+      /// present, of their declared types and within their bounds, and an enum argument only takes a
+      /// value its ArgumentSpec declares (`values`) or that the request listed in `entities` under the
+      /// ArgumentSpec's `values_from` (an action whose list the request does not give, or gives empty,
+      /// is never taken). A reply cut short (FINISH_REASON_LENGTH) never carries half an action: an
+      /// action the model had not finished writing is dropped. Actions are proposals: the game
+      /// carries them out (or not); the sidecar does nothing with them. A game that must not act on a
+      /// reply that later fails (e.g. its deadline passes before `finished`) acts on
+      /// `finished.actions` rather than on the `action` events.
       ///
       /// Memory: when session_id is not empty, the reply sees this character's earlier turns in that
       /// session; a session the server does not hold starts empty. The turn (player_line, full_text,
-      /// player_name) is added to the session only when the reply finishes with STOP or LENGTH; a
-      /// reply that is cancelled (by the client, a deadline, or the server shutting down) or fails
-      /// leaves the session as it was. Replies in the same session may run concurrently: each sees
-      /// the history as it was when it started, and turns are added in the order the replies finish.
+      /// player_name, emotion, actions) is added to the session only when the reply finishes with
+      /// STOP or LENGTH; a reply that is cancelled (by the client, a deadline, or the server shutting
+      /// down) or fails leaves the session as it was. Replies in the same session may run
+      /// concurrently: each sees the history as it was when it started, and turns are added in the
+      /// order the replies finish.
       ///
       /// A character whose files change while a reply is streaming finishes that reply with the
       /// version it started with (Started.character_version).
       ///
       /// Errors: INVALID_ARGUMENT (a field out of the limits above, including a prompt that cannot
-      /// fit the model's context even without history), NOT_FOUND (unknown character_id),
-      /// FAILED_PRECONDITION (the character has never loaded; a character whose latest files are
-      /// broken but which has a last good version is served with that version), RESOURCE_EXHAUSTED,
-      /// UNAUTHENTICATED, CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE.
+      /// fit the model's context even without history, and a name in allowed_actions that is not an
+      /// action of the character), NOT_FOUND (unknown character_id), FAILED_PRECONDITION (the
+      /// character has never loaded; a character whose latest files are broken but which has a last
+      /// good version is served with that version), RESOURCE_EXHAUSTED, UNAUTHENTICATED, CANCELLED,
+      /// DEADLINE_EXCEEDED, UNAVAILABLE.
       /// </summary>
       /// <param name="request">The request to send to the server.</param>
       /// <param name="headers">The initial metadata to send with the call. This parameter is optional.</param>
@@ -254,27 +285,51 @@ namespace Npc.V1 {
       /// <summary>
       /// One NPC reply to one player line, streamed as it is generated.
       ///
-      /// The stream is exactly: one `started`, then zero or more `delta`s, then one `finished`, then
-      /// the call ends with OK. The concatenation of the `delta` texts equals `finished.full_text`.
-      /// If the call fails (status not OK), the stream ends early without `finished`; input errors
-      /// (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, UNAUTHENTICATED) come
-      /// before `started`.
+      /// The stream is exactly, in this order:
+      ///   started    once;
+      ///   emotion    once when the character declares emotions (Character.emotions not empty): how
+      ///              the NPC feels in this line, before any of its text (none for a character without
+      ///              emotions, or a reply cancelled before the model wrote it);
+      ///   delta      zero or more: the spoken text (one line, without line breaks, when the character
+      ///              declares emotions or actions);
+      ///   action     zero to 3: what the NPC does, after the whole text, one event per action;
+      ///   finished   once; its `emotion` and `actions` repeat the events above (same values, same
+      ///              order), so a game may read them there instead;
+      /// then the call ends with OK. The concatenation of the `delta` texts equals `finished.full_text`:
+      /// the spoken text only, never the emotion label or an action. If the call fails (status not
+      /// OK), the stream ends early without `finished`; input errors (INVALID_ARGUMENT, NOT_FOUND,
+      /// FAILED_PRECONDITION, RESOURCE_EXHAUSTED, UNAUTHENTICATED) come before `started`.
+      ///
+      /// Emotion and actions come from the same generated reply as the text: the model writes the
+      /// label before the line and the actions after it (no extra pass), constrained so that they are
+      /// always well formed. The label is one of Character.emotions. An action is one of
+      /// Character.actions that TalkRequest.allowed_actions lets through; all its arguments are
+      /// present, of their declared types and within their bounds, and an enum argument only takes a
+      /// value its ArgumentSpec declares (`values`) or that the request listed in `entities` under the
+      /// ArgumentSpec's `values_from` (an action whose list the request does not give, or gives empty,
+      /// is never taken). A reply cut short (FINISH_REASON_LENGTH) never carries half an action: an
+      /// action the model had not finished writing is dropped. Actions are proposals: the game
+      /// carries them out (or not); the sidecar does nothing with them. A game that must not act on a
+      /// reply that later fails (e.g. its deadline passes before `finished`) acts on
+      /// `finished.actions` rather than on the `action` events.
       ///
       /// Memory: when session_id is not empty, the reply sees this character's earlier turns in that
       /// session; a session the server does not hold starts empty. The turn (player_line, full_text,
-      /// player_name) is added to the session only when the reply finishes with STOP or LENGTH; a
-      /// reply that is cancelled (by the client, a deadline, or the server shutting down) or fails
-      /// leaves the session as it was. Replies in the same session may run concurrently: each sees
-      /// the history as it was when it started, and turns are added in the order the replies finish.
+      /// player_name, emotion, actions) is added to the session only when the reply finishes with
+      /// STOP or LENGTH; a reply that is cancelled (by the client, a deadline, or the server shutting
+      /// down) or fails leaves the session as it was. Replies in the same session may run
+      /// concurrently: each sees the history as it was when it started, and turns are added in the
+      /// order the replies finish.
       ///
       /// A character whose files change while a reply is streaming finishes that reply with the
       /// version it started with (Started.character_version).
       ///
       /// Errors: INVALID_ARGUMENT (a field out of the limits above, including a prompt that cannot
-      /// fit the model's context even without history), NOT_FOUND (unknown character_id),
-      /// FAILED_PRECONDITION (the character has never loaded; a character whose latest files are
-      /// broken but which has a last good version is served with that version), RESOURCE_EXHAUSTED,
-      /// UNAUTHENTICATED, CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE.
+      /// fit the model's context even without history, and a name in allowed_actions that is not an
+      /// action of the character), NOT_FOUND (unknown character_id), FAILED_PRECONDITION (the
+      /// character has never loaded; a character whose latest files are broken but which has a last
+      /// good version is served with that version), RESOURCE_EXHAUSTED, UNAUTHENTICATED, CANCELLED,
+      /// DEADLINE_EXCEEDED, UNAVAILABLE.
       /// </summary>
       /// <param name="request">The request to send to the server.</param>
       /// <param name="options">The options for the call.</param>

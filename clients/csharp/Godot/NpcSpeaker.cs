@@ -3,8 +3,13 @@
 // Setup: add a Node to the NPC's scene, attach this script, set Reply Label (and optionally
 // Emotion Label) in the inspector, and Character Id to the character's folder name under the
 // sidecar's characters/. Call Say("...") from a signal (e.g. a LineEdit's text_submitted) or
-// `await SayAsync("...")` from your own C# code. Connect to the reply_finished signal to react to
-// the reply's emotion (animation, voice).
+// `await SayAsync("...")` from your own C# code. Connect to emotion_shown (the reply's emotion,
+// before its text) for animation or voice, to action_taken (each action the NPC takes, after the
+// text: its name and arguments as JSON) to carry it out, and to reply_finished.
+//
+// Actions take their arguments from the game's lists: fill Entities (e.g. Entities["stock"] = the
+// shop's item names) before Say. Restrict Actions and Allowed Action Names limit which actions this
+// NPC may take now.
 //
 // Threading: nothing here blocks the frame. SayAsync runs on the main thread; every `await`
 // (each streamed piece) resumes on the main thread through Godot's SynchronizationContext, so it
@@ -51,8 +56,27 @@ namespace Npc.Client
         /// <summary>Where the reply appears, piece by piece.</summary>
         [Export] public Label ReplyLabel { get; set; }
 
-        /// <summary>Optional: where the reply's emotion appears when it ends.</summary>
+        /// <summary>Optional: where the reply's emotion appears (before its text).</summary>
         [Export] public Label EmotionLabel { get; set; }
+
+        /// <summary>On: only the actions in Allowed Action Names (none when it is empty); off: every
+        /// action of the character.</summary>
+        [Export] public bool RestrictActions { get; set; }
+
+        /// <summary>The actions allowed when Restrict Actions is on.</summary>
+        [Export] public string[] AllowedActionNames { get; set; } = new string[0];
+
+        /// <summary>The game's lists sent with every line (TalkRequest.entities), e.g.
+        /// <c>Entities["stock"] = new List&lt;string&gt; { "iron sword", "hammer" }</c>: the values an
+        /// action argument declared <c>from: stock</c> may take.</summary>
+        public Dictionary<string, List<string>> Entities { get; } = new Dictionary<string, List<string>>();
+
+        /// <summary>Emitted with the reply's emotion (one of the character's), before its text.</summary>
+        [Signal] public delegate void EmotionShownEventHandler(string emotion);
+
+        /// <summary>Emitted for each action the NPC takes, after the reply's text: the action's name
+        /// and its arguments as a JSON object (parse with Godot's Json.ParseString).</summary>
+        [Signal] public delegate void ActionTakenEventHandler(string name, string argumentsJson);
 
         /// <summary>Emitted when a reply has ended normally.</summary>
         [Signal] public delegate void ReplyFinishedEventHandler(string fullText, string emotion);
@@ -74,7 +98,7 @@ namespace Npc.Client
 
         /// <summary>
         /// Sends one player line and streams the NPC's reply into Reply Label. Returns the Finished
-        /// event (full text, emotion, token counts) or null when the reply was cancelled or failed
+        /// event (full text, emotion, actions, token counts) or null when the reply was cancelled or failed
         /// (failures are pushed to Godot's errors and emit reply_failed). A reply already
         /// streaming is cancelled first.
         /// </summary>
@@ -101,8 +125,17 @@ namespace Npc.Client
             {
                 request.World.Add(world);
             }
+            foreach (KeyValuePair<string, List<string>> list in Entities)
+            {
+                request.AddEntities(list.Key, list.Value);
+            }
+            if (RestrictActions)
+            {
+                request.AllowActions(AllowedActionNames ?? new string[0]);
+            }
 
             var reply = new StringBuilder();
+            bool emotionShown = false;
             ReplyLabel.Text = "";
             if (EmotionLabel != null)
             {
@@ -121,9 +154,16 @@ namespace Npc.Client
                     cancellation.Token.ThrowIfCancellationRequested();
                     switch (talkEvent.EventCase)
                     {
+                        case TalkEvent.EventOneofCase.Emotion:
+                            ShowEmotion(talkEvent.Emotion.Label);
+                            emotionShown = true;
+                            break;
                         case TalkEvent.EventOneofCase.Delta:
                             reply.Append(talkEvent.Delta.Text);
                             ReplyLabel.Text = reply.ToString();
+                            break;
+                        case TalkEvent.EventOneofCase.Action:
+                            EmitSignal(SignalName.ActionTaken, talkEvent.Action.Name, talkEvent.Action.ArgumentsJson);
                             break;
                         case TalkEvent.EventOneofCase.Finished:
                             finished = talkEvent.Finished;
@@ -152,13 +192,27 @@ namespace Npc.Client
 
             if (finished != null)
             {
-                if (EmotionLabel != null)
+                if (!emotionShown)
                 {
-                    EmotionLabel.Text = finished.Emotion; // empty when the character declares no emotions
+                    ShowEmotion(finished.Emotion); // a sidecar older than the emotion event sends it only here
                 }
                 EmitSignal(SignalName.ReplyFinished, finished.FullText, finished.Emotion);
             }
             return finished;
+        }
+
+        private void ShowEmotion(string emotion)
+        {
+            // Empty when the character declares no emotions.
+            if (string.IsNullOrEmpty(emotion))
+            {
+                return;
+            }
+            if (EmotionLabel != null)
+            {
+                EmotionLabel.Text = emotion;
+            }
+            EmitSignal(SignalName.EmotionShown, emotion);
         }
 
         /// <summary>Cancels the reply in progress, if any; the text shown so far stays.</summary>

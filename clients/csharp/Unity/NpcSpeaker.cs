@@ -17,6 +17,12 @@
 //
 // Cancelling: OnDisable and OnDestroy cancel the reply in progress (so does a new Say, and
 // StopSpeaking): the sidecar stops generating it and does not add the turn to the session.
+//
+// Emotion and actions: when the character declares emotions, the reply's emotion arrives before its
+// text (Emotion Text, On Emotion); when it declares actions, each action the NPC takes arrives after
+// the text (ActionTaken, On Action). Fill Entities with the game's lists that actions take their
+// arguments from (e.g. Entities["stock"] = the shop's item names), and set AllowedActionNames (or
+// Restrict Actions in the inspector) to limit which actions this NPC may take now.
 
 using System;
 using System.Collections.Generic;
@@ -50,10 +56,40 @@ namespace Npc.Client
         [Tooltip("Optional: where the reply's emotion (one of the character's emotions) appears when it ends.")]
         [SerializeField] private TMP_Text emotionText;
 
-        [Tooltip("Called with the reply's emotion when it ends, e.g. to set an Animator trigger.")]
+        [Tooltip("Called with the reply's emotion, before its text, e.g. to set an Animator trigger.")]
         [SerializeField] private UnityEvent<string> onEmotion = new UnityEvent<string>();
 
+        [Tooltip("Called for each action the NPC takes, after the text: its name and its arguments as JSON.")]
+        [SerializeField] private UnityEvent<string, string> onAction = new UnityEvent<string, string>();
+
+        [Tooltip("Allow only the actions listed below (none when the list is empty); off: every action of the character.")]
+        [SerializeField] private bool restrictActions;
+
+        [Tooltip("The actions allowed when Restrict Actions is on.")]
+        [SerializeField] private string[] allowedActions = new string[0];
+
         private CancellationTokenSource replyCancellation;
+
+        /// <summary>The game's lists sent with every line (TalkRequest.entities), e.g.
+        /// <c>Entities["stock"] = new List&lt;string&gt; { "iron sword", "hammer" }</c>: the values an
+        /// action argument declared <c>from: stock</c> may take.</summary>
+        public IDictionary<string, IList<string>> Entities { get; } = new Dictionary<string, IList<string>>();
+
+        /// <summary>The actions this NPC may take in its next replies; null: every action of the
+        /// character; empty: none. The inspector's Restrict Actions and list set it too.</summary>
+        public string[] AllowedActionNames
+        {
+            get => restrictActions ? allowedActions ?? new string[0] : null;
+            set
+            {
+                restrictActions = value != null;
+                allowedActions = value ?? new string[0];
+            }
+        }
+
+        /// <summary>Raised on the main thread for each action the NPC takes, after the reply's text
+        /// (Npc.V1.Action: name, typed arguments, ArgumentsJson; see NpcActions).</summary>
+        public event Action<Npc.V1.Action> ActionTaken;
 
         /// <summary>Raised on the main thread when a reply has ended normally.</summary>
         public event Action<Finished> ReplyFinished;
@@ -76,7 +112,7 @@ namespace Npc.Client
 
         /// <summary>
         /// Sends one player line and streams the NPC's reply into Reply Text. Returns the Finished
-        /// event (full text, emotion, token counts) or null when the reply was cancelled or failed
+        /// event (full text, emotion, actions, token counts) or null when the reply was cancelled or failed
         /// (failures are logged and raise <see cref="ReplyFailed"/>). A reply already streaming is
         /// cancelled first.
         /// </summary>
@@ -103,8 +139,18 @@ namespace Npc.Client
             {
                 request.World.Add(world);
             }
+            foreach (KeyValuePair<string, IList<string>> list in Entities)
+            {
+                request.AddEntities(list.Key, list.Value);
+            }
+            string[] allowed = AllowedActionNames;
+            if (allowed != null)
+            {
+                request.AllowActions(allowed);
+            }
 
             var reply = new StringBuilder();
+            bool emotionShown = false;
             replyText.SetText(reply);
             if (emotionText != null)
             {
@@ -121,9 +167,17 @@ namespace Npc.Client
                     cancellation.Token.ThrowIfCancellationRequested();
                     switch (talkEvent.EventCase)
                     {
+                        case TalkEvent.EventOneofCase.Emotion:
+                            ShowEmotion(talkEvent.Emotion.Label);
+                            emotionShown = true;
+                            break;
                         case TalkEvent.EventOneofCase.Delta:
                             reply.Append(talkEvent.Delta.Text);
                             replyText.SetText(reply);
+                            break;
+                        case TalkEvent.EventOneofCase.Action:
+                            onAction.Invoke(talkEvent.Action.Name, talkEvent.Action.ArgumentsJson);
+                            ActionTaken?.Invoke(talkEvent.Action);
                             break;
                         case TalkEvent.EventOneofCase.Finished:
                             finished = talkEvent.Finished;
@@ -152,7 +206,10 @@ namespace Npc.Client
 
             if (finished != null)
             {
-                ShowEmotion(finished.Emotion);
+                if (!emotionShown)
+                {
+                    ShowEmotion(finished.Emotion); // a sidecar older than the emotion event sends it only here
+                }
                 ReplyFinished?.Invoke(finished);
             }
             return finished;

@@ -8,7 +8,7 @@
 //   request.set_player_line("Got any swords?");
 //   npc::CallId id = client.Talk(request,
 //       [](const std::string& text) { /* append text (worker thread!) */ },
-//       [](const npc::v1::Finished& done) { /* done.emotion(), done.full_text() */ },
+//       [](const npc::v1::Finished& done) { /* done.emotion(), done.full_text(), done.actions() */ },
 //       [](const npc::Error& error) { /* npc::StatusCodeName(error.code), error.message */ });
 //   ...
 //   client.Cancel(id);  // e.g. the player walked away
@@ -19,10 +19,21 @@
 // AsyncTask(ENamedThreads::GameThread, ...); see UNREAL.md). Callbacks of one call run one after
 // the other, in stream order; callbacks of different calls may run at the same time.
 //
-// For every call, in this order: on_started (once, optional), on_delta (zero or more times), then
-// exactly one of on_finished (the call ended with OK) or on_error (any other status, including
-// CANCELLED after Cancel() and DEADLINE_EXCEEDED). Nothing is called after that, and the callbacks
+// For every call, in this order: on_started (once), on_emotion (once, when the character declares
+// emotions: the label comes before the text), on_delta (zero or more times), on_action (zero to 3
+// times, after the text), then exactly one of on_finished (the call ended with OK) or on_error (any
+// other status, including CANCELLED after Cancel() and DEADLINE_EXCEEDED). A call that fails may
+// end with on_error after some of the others ran. Nothing is called after that, and the callbacks
 // (with whatever they captured) are destroyed on the worker thread before the call counts as ended.
+// Finished::emotion() and Finished::actions() repeat what on_emotion and on_action gave: a game that
+// must not act on a reply that then fails acts on Finished::actions() in on_finished instead.
+//
+// Actions. A character may declare actions (Character::actions(), character.yaml `actions`), e.g.
+// sell_item(item, price); the model may take up to 3 in a reply, each a v1::Action with its name
+// and typed arguments (ActionArgument: string_value for "string" and "enum" arguments, int_value,
+// bool_value; FindArgument() below) and the same arguments as JSON (arguments_json()). The request
+// says which values an enum argument may take (AddEntities) and which actions are allowed
+// (SetAllowedActions); see TalkRequest in dialogue.proto.
 //
 // No exceptions are thrown by this API and none are needed to use it (Unreal builds without
 // exceptions and RTTI): failures are values, npc::Error {code, message}. Callbacks must not throw.
@@ -81,7 +92,30 @@ struct TalkCallbacks {
   std::function<void(const std::string& text)> on_delta;
   std::function<void(const v1::Finished& finished)> on_finished;
   std::function<void(const Error& error)> on_error;
+  // The reply's emotion, one label of Character::emotions() (e.g. "gruff"): once, before the first
+  // on_delta; never for a character without emotions.
+  std::function<void(const std::string& label)> on_emotion;
+  // One action the NPC takes, after the last on_delta: its name and typed arguments.
+  std::function<void(const v1::Action& action)> on_action;
 };
+
+// Adds `values` to the request's entities list `name` (creating the list, also when `values` is
+// empty), e.g. AddEntities(request, "stock", {"iron sword", "steel axe"}): the values an enum
+// argument declared `from: stock` may take in this reply. The server checks the limits (at most 16
+// lists named [a-z][a-z0-9_]{0,31}, 64 values each of 1-64 characters) and answers INVALID_ARGUMENT.
+void AddEntities(v1::TalkRequest& request, const std::string& name, const std::vector<std::string>& values);
+
+// Allows only these actions in this reply (an empty list: none at all). Without a call, every
+// action of the character is allowed (request.clear_allowed_actions() goes back to that). A name
+// that is not an action of the character makes the call fail with INVALID_ARGUMENT.
+void SetAllowedActions(v1::TalkRequest& request, const std::vector<std::string>& names);
+
+// The argument `name` of an action, or nullptr when it has none of that name.
+const v1::ActionArgument* FindArgument(const v1::Action& action, const std::string& name);
+
+// The action as one line for logs and debug text: sell_item(item="iron sword", price=40) (strings quoted
+// as in JSON, booleans true/false).
+std::string FormatAction(const v1::Action& action);
 
 class NpcDialogueClient {
  public:

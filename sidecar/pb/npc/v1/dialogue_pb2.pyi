@@ -28,7 +28,7 @@ CHARACTER_STATUS_READY: CharacterStatus
 CHARACTER_STATUS_FAILED: CharacterStatus
 
 class TalkRequest(_message.Message):
-    __slots__ = ("character_id", "session_id", "player_line", "world", "options", "player_name")
+    __slots__ = ("character_id", "session_id", "player_line", "world", "options", "player_name", "entities", "allowed_actions")
     class WorldEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -36,19 +36,42 @@ class TalkRequest(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class EntitiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: EntityList
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[EntityList, _Mapping]] = ...) -> None: ...
     CHARACTER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PLAYER_LINE_FIELD_NUMBER: _ClassVar[int]
     WORLD_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     PLAYER_NAME_FIELD_NUMBER: _ClassVar[int]
+    ENTITIES_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_ACTIONS_FIELD_NUMBER: _ClassVar[int]
     character_id: str
     session_id: str
     player_line: str
     world: _containers.ScalarMap[str, str]
     options: GenerationOptions
     player_name: str
-    def __init__(self, character_id: _Optional[str] = ..., session_id: _Optional[str] = ..., player_line: _Optional[str] = ..., world: _Optional[_Mapping[str, str]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., player_name: _Optional[str] = ...) -> None: ...
+    entities: _containers.MessageMap[str, EntityList]
+    allowed_actions: AllowedActions
+    def __init__(self, character_id: _Optional[str] = ..., session_id: _Optional[str] = ..., player_line: _Optional[str] = ..., world: _Optional[_Mapping[str, str]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., player_name: _Optional[str] = ..., entities: _Optional[_Mapping[str, EntityList]] = ..., allowed_actions: _Optional[_Union[AllowedActions, _Mapping]] = ...) -> None: ...
+
+class EntityList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AllowedActions(_message.Message):
+    __slots__ = ("names",)
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerationOptions(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty")
@@ -69,14 +92,18 @@ class GenerationOptions(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
 
 class TalkEvent(_message.Message):
-    __slots__ = ("started", "delta", "finished")
+    __slots__ = ("started", "delta", "finished", "emotion", "action")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    EMOTION_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
     started: Started
     delta: TextDelta
     finished: Finished
-    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
+    emotion: Emotion
+    action: Action
+    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., emotion: _Optional[_Union[Emotion, _Mapping]] = ..., action: _Optional[_Union[Action, _Mapping]] = ...) -> None: ...
 
 class Started(_message.Message):
     __slots__ = ("request_id", "character_version", "prompt_tokens", "cached_prompt_tokens", "history_turns")
@@ -98,19 +125,49 @@ class TextDelta(_message.Message):
     text: str
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
+class Emotion(_message.Message):
+    __slots__ = ("label",)
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    def __init__(self, label: _Optional[str] = ...) -> None: ...
+
+class Action(_message.Message):
+    __slots__ = ("name", "arguments", "arguments_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    arguments: _containers.RepeatedCompositeFieldContainer[ActionArgument]
+    arguments_json: str
+    def __init__(self, name: _Optional[str] = ..., arguments: _Optional[_Iterable[_Union[ActionArgument, _Mapping]]] = ..., arguments_json: _Optional[str] = ...) -> None: ...
+
+class ActionArgument(_message.Message):
+    __slots__ = ("name", "string_value", "int_value", "bool_value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    string_value: str
+    int_value: int
+    bool_value: bool
+    def __init__(self, name: _Optional[str] = ..., string_value: _Optional[str] = ..., int_value: _Optional[int] = ..., bool_value: _Optional[bool] = ...) -> None: ...
+
 class Finished(_message.Message):
-    __slots__ = ("reason", "full_text", "usage", "timings", "emotion")
+    __slots__ = ("reason", "full_text", "usage", "timings", "emotion", "actions")
     REASON_FIELD_NUMBER: _ClassVar[int]
     FULL_TEXT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     EMOTION_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
     reason: FinishReason
     full_text: str
     usage: Usage
     timings: Timings
     emotion: str
-    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., full_text: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., emotion: _Optional[str] = ...) -> None: ...
+    actions: _containers.RepeatedCompositeFieldContainer[Action]
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., full_text: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., emotion: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
@@ -143,7 +200,7 @@ class ListCharactersResponse(_message.Message):
     def __init__(self, characters: _Optional[_Iterable[_Union[Character, _Mapping]]] = ...) -> None: ...
 
 class Character(_message.Message):
-    __slots__ = ("id", "name", "version", "status", "error", "has_adapter", "greeting", "emotions", "serving")
+    __slots__ = ("id", "name", "version", "status", "error", "has_adapter", "greeting", "emotions", "serving", "actions")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +210,7 @@ class Character(_message.Message):
     GREETING_FIELD_NUMBER: _ClassVar[int]
     EMOTIONS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     version: str
@@ -162,7 +220,45 @@ class Character(_message.Message):
     greeting: str
     emotions: _containers.RepeatedScalarFieldContainer[str]
     serving: bool
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., status: _Optional[_Union[CharacterStatus, str]] = ..., error: _Optional[str] = ..., has_adapter: _Optional[bool] = ..., greeting: _Optional[str] = ..., emotions: _Optional[_Iterable[str]] = ..., serving: _Optional[bool] = ...) -> None: ...
+    actions: _containers.RepeatedCompositeFieldContainer[ActionSpec]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., status: _Optional[_Union[CharacterStatus, str]] = ..., error: _Optional[str] = ..., has_adapter: _Optional[bool] = ..., greeting: _Optional[str] = ..., emotions: _Optional[_Iterable[str]] = ..., serving: _Optional[bool] = ..., actions: _Optional[_Iterable[_Union[ActionSpec, _Mapping]]] = ...) -> None: ...
+
+class ActionSpec(_message.Message):
+    __slots__ = ("name", "description", "arguments", "effects")
+    class EffectsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    EFFECTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    arguments: _containers.RepeatedCompositeFieldContainer[ArgumentSpec]
+    effects: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., arguments: _Optional[_Iterable[_Union[ArgumentSpec, _Mapping]]] = ..., effects: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ArgumentSpec(_message.Message):
+    __slots__ = ("name", "type", "values", "values_from", "min_value", "max_value", "max_chars")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FROM_FIELD_NUMBER: _ClassVar[int]
+    MIN_VALUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_VALUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHARS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    values_from: str
+    min_value: int
+    max_value: int
+    max_chars: int
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., values_from: _Optional[str] = ..., min_value: _Optional[int] = ..., max_value: _Optional[int] = ..., max_chars: _Optional[int] = ...) -> None: ...
 
 class ResetSessionRequest(_message.Message):
     __slots__ = ("session_id", "character_id")
@@ -199,18 +295,22 @@ class SessionState(_message.Message):
     def __init__(self, format_version: _Optional[int] = ..., session_id: _Optional[str] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., updated_unix_ms: _Optional[int] = ...) -> None: ...
 
 class Turn(_message.Message):
-    __slots__ = ("character_id", "player_line", "npc_line", "player_name", "character_version")
+    __slots__ = ("character_id", "player_line", "npc_line", "player_name", "character_version", "emotion", "actions")
     CHARACTER_ID_FIELD_NUMBER: _ClassVar[int]
     PLAYER_LINE_FIELD_NUMBER: _ClassVar[int]
     NPC_LINE_FIELD_NUMBER: _ClassVar[int]
     PLAYER_NAME_FIELD_NUMBER: _ClassVar[int]
     CHARACTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EMOTION_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
     character_id: str
     player_line: str
     npc_line: str
     player_name: str
     character_version: str
-    def __init__(self, character_id: _Optional[str] = ..., player_line: _Optional[str] = ..., npc_line: _Optional[str] = ..., player_name: _Optional[str] = ..., character_version: _Optional[str] = ...) -> None: ...
+    emotion: str
+    actions: _containers.RepeatedCompositeFieldContainer[Action]
+    def __init__(self, character_id: _Optional[str] = ..., player_line: _Optional[str] = ..., npc_line: _Optional[str] = ..., player_name: _Optional[str] = ..., character_version: _Optional[str] = ..., emotion: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ...) -> None: ...
 
 class ImportSessionRequest(_message.Message):
     __slots__ = ("state", "overwrite")
@@ -275,7 +375,7 @@ class ServerInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch: _Optional[int] = ..., active_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., version: _Optional[str] = ..., max_resident_adapters: _Optional[int] = ..., max_waiting: _Optional[int] = ..., context_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., max_session_turns: _Optional[int] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_capacity_bytes: _Optional[int] = ...) -> None: ...
 
 class RequestLimits(_message.Message):
-    __slots__ = ("max_line_chars", "max_name_chars", "max_world_entries", "max_world_key_chars", "max_world_value_chars", "max_stop_strings", "max_stop_chars", "max_tokens")
+    __slots__ = ("max_line_chars", "max_name_chars", "max_world_entries", "max_world_key_chars", "max_world_value_chars", "max_stop_strings", "max_stop_chars", "max_tokens", "max_entity_lists", "max_entity_values", "max_entity_chars")
     MAX_LINE_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_NAME_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_WORLD_ENTRIES_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +384,9 @@ class RequestLimits(_message.Message):
     MAX_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ENTITY_LISTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ENTITY_VALUES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ENTITY_CHARS_FIELD_NUMBER: _ClassVar[int]
     max_line_chars: int
     max_name_chars: int
     max_world_entries: int
@@ -292,4 +395,7 @@ class RequestLimits(_message.Message):
     max_stop_strings: int
     max_stop_chars: int
     max_tokens: int
-    def __init__(self, max_line_chars: _Optional[int] = ..., max_name_chars: _Optional[int] = ..., max_world_entries: _Optional[int] = ..., max_world_key_chars: _Optional[int] = ..., max_world_value_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_chars: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    max_entity_lists: int
+    max_entity_values: int
+    max_entity_chars: int
+    def __init__(self, max_line_chars: _Optional[int] = ..., max_name_chars: _Optional[int] = ..., max_world_entries: _Optional[int] = ..., max_world_key_chars: _Optional[int] = ..., max_world_value_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_chars: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_entity_lists: _Optional[int] = ..., max_entity_values: _Optional[int] = ..., max_entity_chars: _Optional[int] = ...) -> None: ...

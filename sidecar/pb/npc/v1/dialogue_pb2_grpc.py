@@ -100,27 +100,51 @@ class NpcDialogueServicer:
     def Talk(self, request, context):
         """One NPC reply to one player line, streamed as it is generated.
 
-        The stream is exactly: one `started`, then zero or more `delta`s, then one `finished`, then
-        the call ends with OK. The concatenation of the `delta` texts equals `finished.full_text`.
-        If the call fails (status not OK), the stream ends early without `finished`; input errors
-        (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, UNAUTHENTICATED) come
-        before `started`.
+        The stream is exactly, in this order:
+        started    once;
+        emotion    once when the character declares emotions (Character.emotions not empty): how
+        the NPC feels in this line, before any of its text (none for a character without
+        emotions, or a reply cancelled before the model wrote it);
+        delta      zero or more: the spoken text (one line, without line breaks, when the character
+        declares emotions or actions);
+        action     zero to 3: what the NPC does, after the whole text, one event per action;
+        finished   once; its `emotion` and `actions` repeat the events above (same values, same
+        order), so a game may read them there instead;
+        then the call ends with OK. The concatenation of the `delta` texts equals `finished.full_text`:
+        the spoken text only, never the emotion label or an action. If the call fails (status not
+        OK), the stream ends early without `finished`; input errors (INVALID_ARGUMENT, NOT_FOUND,
+        FAILED_PRECONDITION, RESOURCE_EXHAUSTED, UNAUTHENTICATED) come before `started`.
+
+        Emotion and actions come from the same generated reply as the text: the model writes the
+        label before the line and the actions after it (no extra pass), constrained so that they are
+        always well formed. The label is one of Character.emotions. An action is one of
+        Character.actions that TalkRequest.allowed_actions lets through; all its arguments are
+        present, of their declared types and within their bounds, and an enum argument only takes a
+        value its ArgumentSpec declares (`values`) or that the request listed in `entities` under the
+        ArgumentSpec's `values_from` (an action whose list the request does not give, or gives empty,
+        is never taken). A reply cut short (FINISH_REASON_LENGTH) never carries half an action: an
+        action the model had not finished writing is dropped. Actions are proposals: the game
+        carries them out (or not); the sidecar does nothing with them. A game that must not act on a
+        reply that later fails (e.g. its deadline passes before `finished`) acts on
+        `finished.actions` rather than on the `action` events.
 
         Memory: when session_id is not empty, the reply sees this character's earlier turns in that
         session; a session the server does not hold starts empty. The turn (player_line, full_text,
-        player_name) is added to the session only when the reply finishes with STOP or LENGTH; a
-        reply that is cancelled (by the client, a deadline, or the server shutting down) or fails
-        leaves the session as it was. Replies in the same session may run concurrently: each sees
-        the history as it was when it started, and turns are added in the order the replies finish.
+        player_name, emotion, actions) is added to the session only when the reply finishes with
+        STOP or LENGTH; a reply that is cancelled (by the client, a deadline, or the server shutting
+        down) or fails leaves the session as it was. Replies in the same session may run
+        concurrently: each sees the history as it was when it started, and turns are added in the
+        order the replies finish.
 
         A character whose files change while a reply is streaming finishes that reply with the
         version it started with (Started.character_version).
 
         Errors: INVALID_ARGUMENT (a field out of the limits above, including a prompt that cannot
-        fit the model's context even without history), NOT_FOUND (unknown character_id),
-        FAILED_PRECONDITION (the character has never loaded; a character whose latest files are
-        broken but which has a last good version is served with that version), RESOURCE_EXHAUSTED,
-        UNAUTHENTICATED, CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE.
+        fit the model's context even without history, and a name in allowed_actions that is not an
+        action of the character), NOT_FOUND (unknown character_id), FAILED_PRECONDITION (the
+        character has never loaded; a character whose latest files are broken but which has a last
+        good version is served with that version), RESOURCE_EXHAUSTED, UNAUTHENTICATED, CANCELLED,
+        DEADLINE_EXCEEDED, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
