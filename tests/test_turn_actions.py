@@ -89,3 +89,28 @@ def test_every_action_is_executable(server):
                 elif arg["type"] == "string":
                     assert 1 <= len(value) <= arg.get("max_chars", 32), (cid, action)
     assert taken >= 3  # the trained characters do act when asked: the checks above were exercised
+
+
+MOODS = {"insult": "You're a worthless fraud and your swords are junk.",
+         "threat": "One more word and I'll burn your forge down.",
+         "joke": "Why did the skeleton skip the feast? He had no body to go with!",
+         "small talk": "Nice weather today.",
+         "gratitude": "Thank you, truly. Your blade saved my life.",
+         "grief": "My brother died in the Greyvein collapse."}
+
+
+def test_the_emotion_follows_the_line(server):
+    """The retrained blacksmith's label, greedy, is not one constant for every line (as it was when a 135M model
+    was asked about its feeling after the fact): hostile lines get another label than small talk. (Held-out
+    accuracy is `npc eval`'s: docs/characters.md.)"""
+    async def go() -> dict[str, str]:
+        async with NpcClient(server.address) as client:
+            options = pb.GenerationOptions(temperature=0.0, max_tokens=8)
+            replies = await asyncio.gather(*(client.say("blacksmith", line, options=options)
+                                             for line in MOODS.values()))
+        return {mood: finished.emotion for mood, (_, _, finished) in zip(MOODS, replies, strict=True)}
+
+    labels = asyncio.run(go())
+    assert set(labels.values()) <= set(_declared("blacksmith")["emotions"])
+    assert len(set(labels.values())) >= 2, labels
+    assert not labels["insult"] == labels["threat"] == labels["small talk"], labels
