@@ -137,7 +137,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(rank=args.rank, alpha=args.alpha, targets=tuple(t for t in args.targets.split(",") if t),
                          epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
-                         held_out=args.held_out, max_steps=args.max_steps, adapter_dir=args.out)
+                         held_out=args.held_out, max_steps=args.max_steps, adapter_dir=args.out,
+                         label_weight=args.label_weight)
     r = train_character(Path(args.character_dir), resolve_model_path(args.model), config, progress=not args.quiet)
     held = f", held-out loss {r.held_out_loss:.3f}" if r.held_out_loss is not None else ""
     print(f"adapter written to {r.adapter} ({r.train_lines} conversations trained, {r.held_out_lines} held out; "
@@ -361,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modules to adapt, comma-separated (default: all seven)")
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    t.add_argument("--label-weight", type=float, default=4.0,
+                   help="loss weight of the emotion label and action tokens against the text's (default 4)")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seed", type=int, default=0, help="same seed, same data -> same adapter")
     t.add_argument("--held-out", type=float, default=0.1, help="fraction of conversations kept for npc eval")

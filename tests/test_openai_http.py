@@ -331,7 +331,7 @@ ADD = {"type": "function", "function": {
 TOOLS = [WEATHER, ADD]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK = [{"role": "user", "content": "What is the weather like in Oslo today?"}]
-# Room for a whole call: the default max_tokens (16) cuts most of them.
+# max_tokens bounds the test's time (a chat's default is the server's limit, 512).
 CALLING = {"model": "base", "messages": ASK, "tools": TOOLS, "max_tokens": 60, "temperature": 0}
 STOCK = {"stock": ["iron sword", "war axe", "shield"], "player_items": ["rusty dagger"]}
 
@@ -463,6 +463,13 @@ def test_base_tool_choice_required_and_named_make_one_valid_call(server):
     [call] = choice["message"]["tool_calls"]
     check_call(call, SCHEMAS)
     assert call["id"] == f"call_{body['id'].removeprefix('chatcmpl-')}_0"
+
+    # Without max_tokens a chat reply is bounded by the server's limit, as OpenAI's is by the context
+    # (16, the completions default, would cut the call in half).
+    unbounded = {k: v for k, v in CALLING.items() if k != "max_tokens"}
+    status, body = post(server, "/v1/chat/completions", {**unbounded, "tool_choice": "required"})
+    assert status == 200 and body["choices"][0]["finish_reason"] == "tool_calls", body
+    check_call(body["choices"][0]["message"]["tool_calls"][0], SCHEMAS)
 
     named = {"type": "function", "function": {"name": "add_numbers"}}
     status, body = post(server, "/v1/chat/completions", {**CALLING, "tool_choice": named, "messages": [

@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,10 @@ from sidecar.training.train import (
     TrainConfig,
     _accumulate_gradients,
     _batch,
+    _loss_sum,
     _micro_batches,
+    _padded_width,
+    _shared_prefix,
     train_character,
 )
 from tests.rounding import reordered_fp32
@@ -96,6 +100,10 @@ def test_rendering_supervises_only_the_replies(tmp_path, tokenizer):
     assert tokenizer.decode([t for t in sold.labels if t != -100]) == \
         '[proud] Good choice, lad.\n@sell_item {"item": "war axe"}' + tokenizer.decode([im_end])
     assert "At hand:\n- stock: war axe, helm" in tokenizer.decode(sold.input_ids)  # the game's list, in the prompt
+    # The structured tokens (label, action lines, end of turn) are marked for --label-weight.
+    marked = "".join(tokenizer.decode([sold.input_ids[i]]) for i in sorted(sold.structured))
+    assert marked == '[proud]\n@sell_item {"item": "war axe"}' + tokenizer.decode([im_end])
+    assert all(sold.labels[i] != -100 for i in sold.structured)
 
 
 @pytest.mark.parametrize("line, problem", [
@@ -202,6 +210,28 @@ def _examples(lengths: list[int], seed: int = 0) -> list[Example]:
     return out
 
 
+def _tiny_lora_model():
+    """A 2-layer Llama with LoRA on three projections, lora_B not zero (gradients reach lora_A as well)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def _gradients(model, examples: list[Example], micro_tokens: int) -> tuple[float, dict[str, torch.Tensor]]:
+    loss = _accumulate_gradients(model, examples, micro_tokens)
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss, out
+
+
 def test_steps_reuse_a_few_bounded_shapes():
     """The memory fix (train.py's docstring): every forward is at most micro_tokens padded tokens (or one
     conversation), and widths come in multiples of WIDTH_MULTIPLE, so conversations of every length
@@ -232,34 +262,18 @@ def test_micro_batches_give_the_full_batch_gradient():
     """Gradient accumulation over micro-batches = one backward of the whole batch's mean loss (what
     transformers computes), the loss comes back as a plain float, and the output head only sees
     row counts in multiples of WIDTH_MULTIPLE."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)  # not zero: gradients reach lora_A as well
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    model = _tiny_lora_model()
     examples = _examples([37, 90, 64, 150, 21, 100, 75], seed=1)
     head_rows = []
     model.base_model.model.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[0]))
 
-    def grads(micro_tokens: int) -> tuple[float, dict[str, torch.Tensor]]:
-        loss = _accumulate_gradients(model, examples, micro_tokens)
-        out = {n: p.grad.clone() for n, p in params.items()}
-        model.zero_grad(set_to_none=True)
-        return loss, out
-
-    whole_loss, whole = grads(10_000)
+    whole_loss, whole = _gradients(model, examples, 10_000)
     assert len(head_rows) == 1
-    micro_loss, micro = grads(128)
+    micro_loss, micro = _gradients(model, examples, 128)
     assert len(head_rows) > 3 and all(n % WIDTH_MULTIPLE == 0 for n in head_rows)
     assert isinstance(whole_loss, float) and isinstance(micro_loss, float)
     assert micro_loss == pytest.approx(whole_loss, rel=1e-3)
-    for n in params:
+    for n in whole:
         assert torch.allclose(micro[n], whole[n], rtol=2e-2, atol=1e-4), n
 
     # transformers' own loss (float32, no padding tricks) over the same batch
@@ -267,6 +281,48 @@ def test_micro_batches_give_the_full_batch_gradient():
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
     assert whole_loss == pytest.approx(reference, rel=2e-2)
+
+
+def test_a_shared_prefix_runs_once_and_gives_the_same_loss_and_gradients():
+    """Rows that start alike (the persona block of every conversation) share one pass over their common
+    prefix; the loss is still transformers' loss over the whole rows and the gradients equal those of
+    running every row on its own, while the model sees each prefix token once per group."""
+    model = _tiny_lora_model()
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, 64, (100,), generator=g).tolist()
+    examples = []
+    for i, n in enumerate([30, 75, 52, 64]):
+        rest = torch.randint(0, 64, (n,), generator=g).tolist()
+        examples.append(Example(i + 1, prefix + rest, [IGNORE] * (100 + n // 3) + rest[n // 3:]))
+    assert _shared_prefix(examples) == 96  # 100 common tokens, rounded down to WIDTH_MULTIPLE
+    seen = []
+    model.base_model.model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+
+    shared_loss, shared = _gradients(model, examples, 10_000)
+    assert sum(seen) == 96 + 4 * 96  # the prefix once, then each row's rest padded to 96
+    seen.clear()
+    alone_loss, alone = _gradients(model, examples, 1)  # one row per group: nothing shared
+    assert sum(seen) == sum(_padded_width(len(e.input_ids)) for e in examples)
+    assert shared_loss == pytest.approx(alone_loss, rel=1e-2)
+    for n in shared:
+        assert torch.allclose(shared[n], alone[n], rtol=3e-2, atol=2e-4), n
+    # --label-weight: the structured tokens' loss counts that many times, the rest once
+    marked = [replace(e, structured=frozenset(range(len(e.labels) - 5, len(e.labels)))) for e in examples]
+    with torch.no_grad():
+        plain_sum = _loss_sum(model, marked)
+        weighted_sum = _loss_sum(model, marked, 3.0)
+        marked_sum = _loss_sum(model, [replace(e, labels=[t if i in e.structured else IGNORE
+                                                           for i, t in enumerate(e.labels)]) for e in marked])
+    assert weighted_sum.item() == pytest.approx(plain_sum.item() + 2 * marked_sum.item(), rel=1e-4)
+
+    full = [e.input_ids for e in examples]
+    width = max(map(len, full))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in full])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in full])
+    labels = torch.tensor([e.labels + [IGNORE] * (width - len(e.labels)) for e in examples])
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    assert shared_loss == pytest.approx(reference, rel=2e-2)
 
 
 async def _list(address: str) -> dict[str, pb.Character]:

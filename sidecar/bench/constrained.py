@@ -302,17 +302,13 @@ async def _run(engine, probe: _Probe, turns: list[Turn], refs: list, params: lis
             request.update(_emotion(engine.model.tokenizer, turn.fmt, seq.prompt[len(turn.prompt):],
                                     probe.tokens.get(rid, []), first_step))
             request["emotion_ms"] = emotion_ms[i]
-            parser = turn.fmt.parser()
-            parser.push(event.text)
-            parser.finish(event.finish_reason)
+            parser = turn.fmt.parse(event.text, event.finish_reason)
             request["parsed"] = {"emotion": parser.emotion, "text": parser.text,
                                  "actions": [a.to_dict() for a in parser.actions]}
             if event.finish_reason == "length":  # cut by max_tokens: was the reply complete all the same?
                 matcher = engine.core.grammars.matcher(params[i].grammar)
                 matcher.consume_tokens([*seq.prompt[len(turn.prompt):], *request["sampled_ids"]])
-                whole = turn.fmt.parser()
-                whole.push(event.text)
-                whole.finish("stop")
+                whole = turn.fmt.parse(event.text)
                 request["complete_at_cut"] = matcher.is_accepting()
                 request["actions_dropped_by_cut"] = len(whole.actions) - len(parser.actions)
         requests.append(request)

@@ -64,6 +64,13 @@ class ReplyFormat:
     def parser(self) -> ReplyParser:
         return ReplyParser(self)
 
+    def parse(self, raw: str, finish_reason: str = "stop") -> ReplyParser:
+        """A whole decoded reply at once (a reply that ended with `finish_reason`)."""
+        parser = ReplyParser(self)
+        parser.push(raw)
+        parser.finish(finish_reason)
+        return parser
+
     def sampling(self, base: SamplingParams, cap: int) -> SamplingParams:
         """`base` (whose max_tokens is the text's budget) constrained to this format: the grammar, and
         max_tokens raised by the emotion's and the actions' room, within `cap` (the server's limit)."""

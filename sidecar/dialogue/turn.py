@@ -270,7 +270,7 @@ class Dialogue:
         entities = check_entities(talk.entities, max_lists=limits.max_entity_lists,
                                   max_values=limits.max_entity_values, max_chars=limits.max_entity_chars,
                                   special_tokens=tok.special_tokens,
-                                  spellable=lambda value: tok.decode(tok.encode_literal(value)) == value)
+                                  spellable=tok.can_write)
         allowed = None
         if talk.allowed_actions is not None:
             allowed = check_allowed(character.actions, talk.allowed_actions, character.id)

@@ -182,3 +182,5 @@ class AsyncEngine(Engine):
             self._stopping = True
             self._wake.notify()
         await asyncio.to_thread(self._thread.join, 5)
+        if not self._thread.is_alive():
+            self.core.grammars.close()

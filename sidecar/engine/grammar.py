@@ -26,15 +26,21 @@ from sidecar.engine.tokenizer import Tokenizer
 
 
 class Grammars:
-    """The tokenizer as llguidance sees it (built once, ~0.2 s), matchers, and the batch bitmask."""
+    """The tokenizer as llguidance sees it, matchers, and the batch bitmask. The tokenizer takes ~0.2 s
+    to build: it is built on the mask thread as soon as the engine starts, so neither the engine's
+    construction nor (in practice) the first constrained request waits for it."""
 
     def __init__(self, tokenizer: Tokenizer, logits_width: int):
-        self.lltok = llguidance.LLTokenizer(tokenizer.hf_json(), eos_token=list(tokenizer.eos_ids))
         self.logits_width = logits_width
         # One mask thread: on a small CPU, more would only take cores from the forward.
         self._executor = llguidance.LLExecutor(num_threads=max(1, min(4, (os.cpu_count() or 2) // 4)))
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="npc-grammar")
-        self._words = (self.lltok.vocab_size + 31) // 32
+        self._lltok = self._worker.submit(
+            lambda: llguidance.LLTokenizer(tokenizer.hf_json(), eos_token=list(tokenizer.eos_ids)))
+
+    @property
+    def lltok(self) -> llguidance.LLTokenizer:
+        return self._lltok.result()
 
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
         """A fresh matcher at the grammar's start; raises GrammarError for a grammar that does not compile."""
@@ -46,11 +52,12 @@ class Grammars:
     def start_masks(self, matchers: Sequence[llguidance.LLMatcher]) -> Future[torch.Tensor]:
         """The allowed tokens of each matcher's next step, computed on the worker thread ([n, words] int32
         bits): call before the forward, take .result() after it."""
-        bitmask = torch.full((len(matchers), self._words), -1, dtype=torch.int32)
+        words = (self.lltok.vocab_size + 31) // 32
+        bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)
 
         def fill() -> torch.Tensor:
             self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
-                                                   self._words * 4, len(matchers))
+                                                   words * 4, len(matchers))
             return bitmask
 
         return self._worker.submit(fill)
@@ -66,4 +73,5 @@ class Grammars:
         return logits.float().masked_fill(~allowed[:, :width].to(logits.device), float("-inf"))
 
     def close(self) -> None:
-        self._worker.shutdown(wait=False)
+        """Ends the mask thread (after the step thread has stopped: no mask is pending)."""
+        self._worker.shutdown(wait=True, cancel_futures=True)

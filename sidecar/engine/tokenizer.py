@@ -175,6 +175,11 @@ class Tokenizer:
         """Text as text: special-token strings inside it become ordinary tokens."""
         return self._literal.encode(text, add_special_tokens=False).ids
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one tokenizer per process; a game sends the same lists every turn)
+    def can_write(self, text: str) -> bool:
+        """Whether the model's tokens can spell `text` exactly (some byte-level vocabularies lack a few bytes)."""
+        return self.decode(self.encode_literal(text)) == text
+
     def encode_raw_prompt(self, text: str) -> list[int]:
         """A developer's raw prompt (npc generate --raw): control tokens written in it are honoured,
         and BOS is prepended when the model's metadata asks for it."""

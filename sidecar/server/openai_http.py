@@ -59,10 +59,12 @@ without it answers 400):
   emotion and finish_reason.
 
 Sampling: max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, ignore_eos,
-checked by server/requests.py as gRPC's options are. Errors are OpenAI-shaped JSON,
-`{"error": {"message", "type", "param", "code"}}`: 400 bad input (`param` names the field, e.g.
-"tools[1].function.parameters", and the message starts with it), 401 without the server's
---auth-token as `Authorization: Bearer`, 404 unknown model or path, 429 queue full, 503 draining.
+checked by server/requests.py as gRPC's options are; max_tokens defaults to 16 for a completion (as
+OpenAI's) and to the server's limit for a chat reply (OpenAI bounds it by the context only).
+Errors are OpenAI-shaped JSON, `{"error": {"message", "type", "param", "code"}}`: 400 bad input
+(`param` names the field, e.g. "tools[1].function.parameters", and the message starts with it), 401
+without the server's --auth-token as `Authorization: Bearer`, 404 unknown model or path, 429 queue
+full, 503 draining.
 A client that disconnects cancels its request in the engine (aiohttp cancels the handler).
 """
 
@@ -80,28 +82,25 @@ import structlog
 from aiohttp import web
 
 from sidecar.config import ServerConfig, parse_listen
-from sidecar.dialogue.actions import Action, action_from_dict
 from sidecar.dialogue.characters import Character, Generation
 from sidecar.dialogue.registry import CharacterUnavailable, UnknownCharacter
-from sidecar.dialogue.sessions import Turn
 from sidecar.dialogue.turn import (
     Dialogue,
     ReplyFailed,
     Request,
     ShuttingDown,
-    TalkInput,
     TurnAction,
     TurnDelta,
     TurnFinished,
     reply_token_cap,
 )
 from sidecar.engine.api import AdapterRef, BackendUnavailable, EngineEvent, GrammarError, QueueFull, SamplingParams
-from sidecar.engine.tokenizer import ChatMessage
 from sidecar.errors import UserError
 from sidecar.server import openai_json as oj
 from sidecar.server import openai_tools as ot
 from sidecar.server.openai_json import HttpError
-from sidecar.server.requests import InvalidArgument, check_stops
+from sidecar.server.openai_turn import talk_input
+from sidecar.server.requests import check_stops
 
 log = structlog.get_logger("sidecar.server")
 
@@ -112,7 +111,6 @@ BASE_MODEL = "base"
 # prompt. Each value comes from one log-softmax (so it is never above 0).
 ECHO_LOGPROB_TOKENS = 8
 MAX_BODY_BYTES = 4 * 1024 * 1024
-WORLD_KEY = "situation"  # the world fact a chat's system messages become
 
 
 @dataclass(frozen=True)
@@ -227,7 +225,7 @@ class OpenAiEndpoint:
             raise HttpError(400, "entities: only for a character's turn (model = a character id)", param="entities")
         plan = ot.tool_plan(body)
         try:
-            ids = self.dialogue.engine.model.tokenizer.encode_chat(_base_chat(chat, plan))
+            ids = self.dialogue.engine.model.tokenizer.encode_chat(ot.base_chat(chat, plan))
         except UserError as e:
             raise HttpError(400, str(e), param="messages") from None
         return await self._generate(request, body, model, ids, chat=True, plan=plan)
@@ -270,10 +268,11 @@ class OpenAiEndpoint:
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise HttpError(400, "ignore_eos: true or false", param="ignore_eos")
-        with _as_http_error():
+        with oj.as_http_error():
             return SamplingParams(
-                max_tokens=min(oj.whole(body, oj.max_tokens_field(body, chat), 16, 1, self.limits.max_tokens),
-                               reply_token_cap(self.limits, generation)),
+                # OpenAI's defaults: 16 for a completion; a chat reply is bounded only by the context.
+                max_tokens=min(oj.whole(body, oj.max_tokens_field(body, chat), self.limits.max_tokens if chat else 16,
+                                        1, self.limits.max_tokens), reply_token_cap(self.limits, generation)),
                 temperature=oj.number(body, "temperature", 1.0), top_p=oj.number(body, "top_p", 1.0),
                 top_k=max(oj.whole(body, "top_k", 0, -1, 1_000_000, " (no limit)"), 0),
                 repetition_penalty=oj.number(body, "repetition_penalty", 1.0),
@@ -314,7 +313,8 @@ class OpenAiEndpoint:
     async def _turn(self, request: web.Request, body: dict, model: _Model,
                     chat: list[oj.Message]) -> web.StreamResponse:
         """A character's turn (dialogue/turn.py) from the messages."""
-        talk = self._talk_input(body, model, chat)
+        assert model.character is not None
+        talk = talk_input(body, model.name, model.character, chat, self.limits)
         turn = self.dialogue.talk(talk, time.perf_counter())
         try:
             started = await anext(turn)  # refusals (queue full, prompt too long) come before the response
@@ -327,54 +327,6 @@ class OpenAiEndpoint:
             return await self._respond(request, body, shape, _turn_parts(turn, started.request_id), bound)
         finally:
             await turn.aclose()  # also when the response failed before reading on: cancels the reply
-
-    def _talk_input(self, body: dict, model: _Model, chat: list[oj.Message]) -> TalkInput:
-        character = model.character
-        assert character is not None
-        if chat[-1].role != "user" or not chat[-1].content.strip():
-            raise HttpError(400, "messages: with a character, the last message is the player's line (role user, "
-                                 "not empty)", param="messages")
-        if body.get("ignore_eos"):
-            raise HttpError(400, "ignore_eos: not for a character's turn", param="ignore_eos")
-        oj.check_common(body)
-        if oj.content_format(body)[0] != "text":
-            field_name = "structured_outputs" if body.get("structured_outputs") is not None else "response_format"
-            raise HttpError(400, f"{field_name}: a character's reply has its own format (emotion, text, actions); "
-                                 'only model "base" takes one', param=field_name)
-        allowed = _allowed_actions(body, character)
-        entities = oj.entities(body)
-        history, line, situation = [], "", []
-        for i, m in enumerate(chat[:-1]):
-            if m.role == "system":
-                situation.append(" ".join(m.content.split()))
-            elif m.role == "user":
-                line = f"{line}\n{m.content}" if line else m.content
-            elif m.role == "assistant":
-                emotion = m.emotion if m.emotion in character.emotions else ""  # a label since dropped: none
-                history.append(Turn(model.name, line, m.content, emotion=emotion,
-                                    actions=_history_actions(character, m, i)))
-                line = ""
-            else:
-                raise HttpError(400, f"messages[{i}]: role tool is only for model \"base\"; a character's actions "
-                                     "come back as its assistant message's tool_calls", param=f"messages[{i}]")
-        name = chat[-1].name or ""
-        world = {WORLD_KEY: " ".join(situation)} if situation else {}
-        for field_name, value, limit in (("messages[-1].content", chat[-1].content, self.limits.max_line_chars),
-                                         ("messages[-1].name", name, self.limits.max_name_chars),
-                                         ("system messages", world.get(WORLD_KEY, ""),
-                                          self.limits.max_world_value_chars)):
-            if len(value) > limit:
-                raise HttpError(400, f"{field_name}: {len(value)} characters; the limit is {limit}", param="messages")
-        with _as_http_error():
-            top_k = oj.whole(body, "top_k", None, -1, 1_000_000, " (no limit)")
-            return TalkInput(model.name, "", chat[-1].content, world, name,
-                             max_tokens=oj.whole(body, oj.max_tokens_field(body, True), 0, 1, self.limits.max_tokens),
-                             temperature=oj.number(body, "temperature", None), top_p=oj.number(body, "top_p", None),
-                             top_k=top_k if top_k and top_k > 0 else None,
-                             repetition_penalty=oj.number(body, "repetition_penalty", None),
-                             seed=oj.whole(body, "seed", None, 0, 2**63 - 1),
-                             stop=check_stops("stop", oj.stop_list(body), self.limits), history=tuple(history),
-                             entities=entities, allowed_actions=allowed)
 
     async def _respond(self, request: web.Request, body: dict, shape: oj.Shape, parts: AsyncIterator[_Part],
                        bound: Any) -> web.StreamResponse:
@@ -514,85 +466,7 @@ async def _tool_parts(parts: AsyncIterator[_Part], request_id: str, auto: bool) 
             yield part
 
 
-def _base_chat(messages: list[oj.Message], plan: ot.ToolPlan | None) -> list[ChatMessage]:
-    """A base-model chat as the template gets it: earlier calls as the model writes them, tool results as
-    user messages in <tool_response> (consecutive ones in one message: templates that need user and
-    assistant to alternate accept it), and the tools in the system message (its end; a new one first)."""
-    out: list[ChatMessage] = []
-    previous_tool = False
-    for m in messages:
-        if m.role == "tool":
-            response = f"<tool_response>\n{m.content}\n</tool_response>"
-            if previous_tool:
-                out[-1] = ChatMessage("user", f"{out[-1].content}\n{response}")
-            else:
-                out.append(ChatMessage("user", response))
-        elif m.role == "assistant" and m.calls:
-            out.append(ChatMessage("assistant", "\n".join([*([m.content] if m.content else []),
-                                                            *(ot.render_call(n, a) for n, a in m.calls)])))
-        else:
-            out.append(ChatMessage(m.role, m.content))
-        previous_tool = m.role == "tool"
-    if plan is not None:
-        if out[0].role == "system":
-            out[0] = ChatMessage("system", f"{out[0].content}\n\n{plan.prompt()}")
-        else:
-            out.insert(0, ChatMessage("system", plan.prompt()))
-    return out
-
-
-def _allowed_actions(body: dict, character: Character) -> tuple[str, ...] | None:
-    """A character turn's allowed actions from `tools` (by function name; the character's own schema sets
-    the arguments) and `tool_choice`: None = every action of the character."""
-    listed = ot.tools(body, check_schemas=False)
-    choice = ot.tool_choice(body, listed) if body.get("tool_choice") is not None else "auto"
-    if choice == "none":
-        return ()
-    if choice != "auto":
-        raise HttpError(400, 'tool_choice: "none" or "auto" with a character: it decides whether it acts',
-                        param="tool_choice")
-    if listed is None:
-        return None
-    known = {a.name for a in character.actions}
-    for i, tool in enumerate(listed):
-        if tool.name not in known:
-            have = ", ".join(sorted(known)) or "none"
-            raise HttpError(400, f"tools[{i}].function.name: character {character.id!r} has no action "
-                                 f"{tool.name!r} (its actions: {have})", param=f"tools[{i}].function.name")
-    return tuple(t.name for t in listed)
-
-
-def _history_actions(character: Character, message: oj.Message, i: int) -> tuple[Action, ...]:
-    """An earlier assistant message's tool_calls as the character's actions (its prompt shows them)."""
-    actions = []
-    for j, (name, arguments) in enumerate(message.calls):
-        spec = next((a for a in character.actions if a.name == name), None)
-        where = f"messages[{i}].tool_calls[{j}]"
-        if spec is None:
-            raise HttpError(400, f"{where}.function.name: character {character.id!r} has no action {name[:40]!r}",
-                            param=f"messages[{i}]")
-        try:
-            action = action_from_dict({"name": name, "arguments": arguments}, f"{where}.function")
-        except UserError as e:
-            raise HttpError(400, str(e), param=f"messages[{i}]") from None
-        order = [a.name for a in spec.arguments]
-        actions.append(Action(name, tuple(sorted(action.arguments, key=lambda kv: order.index(kv[0])
-                                                 if kv[0] in order else len(order)))))
-    return tuple(actions)
-
-
 def _failure(e: ReplyFailed) -> HttpError:
     if e.internal:
         return HttpError(500, str(e), "server_error")
     return HttpError(400, str(e), code="adapter_error", param="model")
-
-
-@contextlib.contextmanager
-def _as_http_error():
-    """The checks shared with gRPC raise InvalidArgument (or SamplingParams' UserError): 400 here."""
-    try:
-        yield
-    except InvalidArgument as e:
-        raise HttpError(400, str(e), param=e.param) from None
-    except UserError as e:
-        raise HttpError(400, str(e)) from None

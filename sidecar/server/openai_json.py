@@ -3,6 +3,7 @@ request fields checked as gRPC's options are (server/requests.py), and the shape
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -12,7 +13,8 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.engine.api import QueueFull
-from sidecar.server.requests import check_sampling_number, check_whole_number
+from sidecar.errors import UserError
+from sidecar.server.requests import InvalidArgument, check_sampling_number, check_whole_number
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 FINISH = {"stop": "stop", "length": "length", "cancelled": "abort", "tool_calls": "tool_calls"}
@@ -270,3 +272,13 @@ def stop_list(body: dict) -> list:
         raise HttpError(400, "stop: a string or a list of strings", param="stop")
     return stops
 
+
+@contextlib.contextmanager
+def as_http_error():
+    """The checks shared with gRPC raise InvalidArgument (or SamplingParams' UserError): 400 here."""
+    try:
+        yield
+    except InvalidArgument as e:
+        raise HttpError(400, str(e), param=e.param) from None
+    except UserError as e:
+        raise HttpError(400, str(e)) from None

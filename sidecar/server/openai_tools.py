@@ -16,7 +16,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from sidecar.server.openai_json import HttpError, checked_schema, content_format
+from sidecar.engine.tokenizer import ChatMessage
+from sidecar.server.openai_json import HttpError, Message, checked_schema, content_format
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>\n", "\n</tool_call>"
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -171,3 +172,30 @@ def tool_call(request_id: str, index: int, name: str, arguments_json: str) -> di
     """One entry of a reply's tool_calls (with the index a streamed delta carries; whole() drops it)."""
     return {"index": index, "id": f"call_{request_id}_{index}", "type": "function",
             "function": {"name": name, "arguments": arguments_json}}
+
+
+def base_chat(messages: list[Message], plan: ToolPlan | None) -> list[ChatMessage]:
+    """A base-model chat as the template gets it: earlier calls as the model writes them, tool results as
+    user messages in <tool_response> (consecutive ones in one message: templates that need user and
+    assistant to alternate accept it), and the tools in the system message (its end; a new one first)."""
+    out: list[ChatMessage] = []
+    previous_tool = False
+    for m in messages:
+        if m.role == "tool":
+            response = f"<tool_response>\n{m.content}\n</tool_response>"
+            if previous_tool:
+                out[-1] = ChatMessage("user", f"{out[-1].content}\n{response}")
+            else:
+                out.append(ChatMessage("user", response))
+        elif m.role == "assistant" and m.calls:
+            out.append(ChatMessage("assistant", "\n".join([*([m.content] if m.content else []),
+                                                            *(render_call(n, a) for n, a in m.calls)])))
+        else:
+            out.append(ChatMessage(m.role, m.content))
+        previous_tool = m.role == "tool"
+    if plan is not None:
+        if out[0].role == "system":
+            out[0] = ChatMessage("system", f"{out[0].content}\n\n{plan.prompt()}")
+        else:
+            out.insert(0, ChatMessage("system", plan.prompt()))
+    return out

@@ -10,7 +10,6 @@ import math
 from collections.abc import Sequence
 
 from sidecar.config import RequestLimits
-from sidecar.dialogue.actions import NAME_PATTERN
 from sidecar.dialogue.characters import ID_PATTERN
 from sidecar.dialogue.sessions import check_session_id as check_stored_session_id
 from sidecar.dialogue.turn import TalkInput
@@ -64,20 +63,9 @@ def parse_talk(req: pb.TalkRequest, limits: RequestLimits) -> TalkInput:
     check_whole_number("options.max_tokens", o.max_tokens, 0, limits.max_tokens, " (the character's default)")
     top_k = check_whole_number("options.top_k", o.top_k, 0, 2**31 - 1, " (no limit)") if o.HasField("top_k") else None
     stops = check_stops("options.stop", list(o.stop), limits)
-    # Entity values and allowed action names are checked by the turn (dialogue/actions.py), which knows
-    # the character and the model's control tokens; the sizes are bounded here first.
-    if len(req.entities) > limits.max_entity_lists:
-        raise InvalidArgument(f"entities: {len(req.entities)} lists; the limit is {limits.max_entity_lists}")
-    entities = {}
-    for name, values in req.entities.items():
-        if not NAME_PATTERN.fullmatch(name):
-            raise InvalidArgument(f"entities: list name {_show(name)} must match [a-z][a-z0-9_]{{0,31}}")
-        if len(values.values) > limits.max_entity_values:
-            raise InvalidArgument(f"entities[{name}]: {len(values.values)} values; the limit is "
-                                  f"{limits.max_entity_values}")
-        for i, value in enumerate(values.values):
-            _max_len(f"entities[{name}].values[{i}]", value, limits.max_entity_chars)
-        entities[name] = tuple(values.values)
+    # Entity lists and allowed action names are checked by the turn (dialogue/actions.py), which knows
+    # the character and the model's control tokens (sizes first, before any value is looked at).
+    entities = {name: tuple(values.values) for name, values in req.entities.items()}
     allowed = tuple(req.allowed_actions.names) if req.HasField("allowed_actions") else None
     return TalkInput(req.character_id, req.session_id, line, dict(req.world), req.player_name, o.max_tokens,
                      _sampling_option(o, "temperature"), _sampling_option(o, "top_p"), top_k,

@@ -74,6 +74,9 @@ class Example:
     line: int
     input_ids: list[int]
     labels: list[int]  # IGNORE where there is no loss
+    # Positions of the replies' structured tokens: the emotion label, the action lines and the
+    # end of turn (which decides "no more actions"); `npc train --label-weight` weighs their loss.
+    structured: frozenset[int] = frozenset()
 
     @property
     def supervised(self) -> int:
@@ -181,6 +184,7 @@ def render(tokenizer: Tokenizer, character: Character, conv: Conversation, max_t
     fmt = conv.reply_format(character)
     ids: list[int] = []
     labels: list[int] = []
+    structured: set[int] = set()
     for k, (player, _) in enumerate(conv.exchanges):
         messages = build_messages(character, conv.history(character, k), player, conv.world, conv.player_name,
                                   fmt=fmt)
@@ -196,11 +200,26 @@ def render(tokenizer: Tokenizer, character: Character, conv: Conversation, max_t
         # newline after it.
         eot = next((i for i, t in enumerate(reply) if t in tokenizer.eos_ids), len(reply) - 1)
         labels += [IGNORE] * (len(context) - len(ids)) + reply[: eot + 1] + [IGNORE] * (len(reply) - eot - 1)
+        structured |= {len(context) + i for i in _structured_tokens(tokenizer, reply[:eot], npc, labelled)}
+        structured.add(len(context) + eot)
         ids = full
     if len(ids) > max_tokens:
         raise DataError(f"line {conv.line}: the rendered conversation is {len(ids)} tokens; the limit is "
                         f"{max_tokens} (shorten it or split it into several lines)")
-    return Example(conv.line, ids, labels)
+    return Example(conv.line, ids, labels, frozenset(structured))
+
+
+def _structured_tokens(tokenizer: Tokenizer, reply: list[int], npc: str, labelled: Reply) -> list[int]:
+    """Which of `reply`'s tokens (the rendered `npc` string) spell its emotion label or action lines."""
+    label_end = len(f"[{labelled.emotion}]") if labelled.emotion else 0
+    actions_start = npc.index("\n@") if labelled.actions else len(npc)
+    out, start = [], 0
+    for i in range(len(reply)):
+        end = len(tokenizer.decode(reply[: i + 1]))
+        if start < label_end or end > actions_start:
+            out.append(i)
+        start = end
+    return out
 
 
 def split(conversations: list[Conversation], held_out: float, seed: int) -> tuple[list[Conversation],

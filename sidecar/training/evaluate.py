@@ -162,9 +162,7 @@ def evaluate_character(folder: Path, model_path: Path, weights: str = "auto", sa
 
 
 def _spoken(fmt: ReplyFormat, raw: str) -> str:
-    parser = fmt.parser()
-    parser.push(raw)
-    return parser.text.strip()
+    return fmt.parse(raw).text.strip()
 
 
 def _decode_turns(engine: OfflineEngine, character: Character, turns: list[tuple[Conversation, int]],
@@ -183,10 +181,8 @@ def _decode_turns(engine: OfflineEngine, character: Character, turns: list[tuple
     for fmt, event in zip(formats, engine.run(requests), strict=True):
         if event.kind != "finished":
             raise UserError(f"decoding failed: {event.error}")
-        parser = fmt.parser()
-        parser.push(event.text)
-        parser.finish(event.finish_reason or "stop")
-        decoded.append((parser.emotion, tuple(parser.actions)))
+        parsed = fmt.parse(event.text, event.finish_reason or "stop")
+        decoded.append((parsed.emotion, tuple(parsed.actions)))
     return decoded
 
 
@@ -202,9 +198,7 @@ def _mood_labels(engine: OfflineEngine, character: Character, adapter: AdapterRe
             requests.append(Request(ids, adapter, fmt.sampling(base, 512)))
     counts: Counter[str] = Counter()
     for event in engine.run(requests):
-        parser = fmt.parser()
-        parser.push(event.text)
-        counts[parser.emotion or "(none)"] += 1
+        counts[fmt.parse(event.text).emotion or "(none)"] += 1
     return dict(counts.most_common())
 
 
