@@ -213,9 +213,9 @@ def _structured_tokens(tokenizer: Tokenizer, reply: list[int], npc: str, labelle
     """Which of `reply`'s tokens (the rendered `npc` string) spell its emotion label or action lines."""
     label_end = len(f"[{labelled.emotion}]") if labelled.emotion else 0
     actions_start = npc.index("\n@") if labelled.actions else len(npc)
-    out, start = [], 0
-    for i in range(len(reply)):
-        end = len(tokenizer.decode(reply[: i + 1]))
+    detok, out, start = tokenizer.detokenizer(), [], 0
+    for i, token in enumerate(reply):
+        end = start + len(detok.push(token))
         if start < label_end or end > actions_start:
             out.append(i)
         start = end
