@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import llguidance
 import pytest
@@ -76,6 +77,28 @@ def test_text_budget_is_the_grammars(grammars, tokenizer):
     ids = tokenizer.encode_literal("[sad] one two three four five six seven")
     assert matcher.try_consume_tokens(ids) == len(tokenizer.encode_literal("[sad] one two three four five"))
     assert matcher.is_accepting()
+
+
+def test_a_text_cut_at_its_budget_takes_no_action(grammars, tokenizer):
+    """Where the grammar ends a line still going, the model must choose between an action and the end of the
+    turn: an action chosen there says nothing about the player's line (a looping reply would sell the stock),
+    so it is dropped and the reply reads as cut. The parser counts the text's tokens as the grammar does."""
+    fmt = ReplyFormat(EMOTIONS, (GATE,), {}, text_max_tokens=5)
+    matcher = grammars.matcher(fmt.grammar())
+    ids = tokenizer.encode_literal("[sad] one two three four five six seven")
+    taken = ids[:matcher.try_consume_tokens(ids)]  # the grammar stops the text after its 5 tokens
+    forced_end = taken + tokenizer.encode_literal("\n@open_gate {}")
+    assert matcher.consume_tokens(forced_end[len(taken):]) and matcher.is_accepting()  # the grammar allows it
+    cut = fmt.parse_tokens(tokenizer.detokenizer(), forced_end)
+    assert cut.text == "one two three four five" and cut.text_tokens == 5 and cut.text_cut
+    assert cut.actions == []
+    parser = fmt.parser()
+    events = [part for token_id in forced_end for part in parser.push(tokenizer.decode([token_id]), tokens=1)]
+    events += parser.finish("stop")
+    assert isinstance(events[-1], Rejected) and "budget" in events[-1].problem
+    roomy = replace(fmt, text_max_tokens=6).parse_tokens(tokenizer.detokenizer(), forced_end)
+    assert not roomy.text_cut and roomy.actions == [Action("open_gate")]  # a line that ended by itself acts
+    assert not fmt.parse(tokenizer.decode(forced_end)).text_cut  # text alone: the token count is unknown
 
 
 @given(st.integers(1, 12), st.randoms(use_true_random=False))

@@ -44,8 +44,9 @@ def _declared(cid: str) -> dict:
     return {"emotions": data["emotions"], "actions": {a["name"]: a for a in data["actions"]}}
 
 
-async def _turn(client: NpcClient, cid: str, line: str, allowed: list[str] | None, seed: int) -> list[pb.TalkEvent]:
-    options = pb.GenerationOptions(max_tokens=40, temperature=0.7, seed=seed)
+async def _turn(client: NpcClient, cid: str, line: str, allowed: list[str] | None, seed: int, max_tokens: int = 40,
+                temperature: float = 0.7) -> list[pb.TalkEvent]:
+    options = pb.GenerationOptions(max_tokens=max_tokens, temperature=temperature, seed=seed)
     return [e async for e in client.talk(cid, line, entities=ENTITIES[cid], allowed_actions=allowed, options=options)]
 
 
@@ -114,3 +115,22 @@ def test_the_emotion_follows_the_line(server):
     assert set(labels.values()) <= set(_declared("blacksmith")["emotions"])
     assert len(set(labels.values())) >= 2, labels
     assert not labels["insult"] == labels["threat"] == labels["small talk"], labels
+
+
+def test_a_line_cut_at_max_tokens_takes_no_action(server):
+    """A reply whose text runs into max_tokens was still going when the grammar ended it; the model then had to
+    pick between an action and the end of the turn, and an action picked there is not the player's doing: the
+    game gets none, and the reply finishes LENGTH. (Without that rule 5 of these 48 turns acted, when written.)"""
+    async def go() -> list[list[pb.TalkEvent]]:
+        async with NpcClient(server.address) as client:
+            return await asyncio.gather(*(_turn(client, cid, line, None, seed, max_tokens=2, temperature=1.0)
+                                          for cid in ("elara", "quartermaster") for line in LINES[:6]
+                                          for seed in range(4)))
+
+    cut = 0
+    for events in asyncio.run(go()):
+        finished = events[-1].finished
+        if finished.reason == pb.FINISH_REASON_LENGTH:
+            cut += 1
+            assert not finished.actions and not any(e.HasField("action") for e in events), finished
+    assert cut >= 24  # most two-token lines are cut: the check above ran

@@ -16,9 +16,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from sidecar.dialogue.actions import MAX_ACTIONS_PER_REPLY, Action, ActionSpec, Entities, check_action
 from sidecar.engine.api import SamplingParams
+
+if TYPE_CHECKING:
+    from sidecar.engine.tokenizer import Detokenizer
 
 
 def render_reply(text: str, emotion: str = "", actions: Sequence[Action] = ()) -> str:
@@ -65,9 +69,19 @@ class ReplyFormat:
         return ReplyParser(self)
 
     def parse(self, raw: str, finish_reason: str = "stop") -> ReplyParser:
-        """A whole decoded reply at once (a reply that ended with `finish_reason`)."""
+        """A whole decoded reply at once (a reply that ended with `finish_reason`), its token count unknown."""
         parser = ReplyParser(self)
         parser.push(raw)
+        parser.finish(finish_reason)
+        return parser
+
+    def parse_tokens(self, detokenizer: Detokenizer, ids: Sequence[int], finish_reason: str = "stop") -> ReplyParser:
+        """A whole decoded reply from its token ids, token by token as it streamed (so a text cut at its
+        budget is known as cut)."""
+        parser = ReplyParser(self)
+        for token_id in ids:
+            parser.push(detokenizer.push(token_id), tokens=1)
+        parser.push(detokenizer.flush())
         parser.finish(finish_reason)
         return parser
 
@@ -150,10 +164,18 @@ class ReplyParser:
         self.emotion = ""
         self.text = ""  # the spoken text so far
         self.actions: list[Action] = []
+        self.text_tokens = 0  # tokens behind the spoken text (as the caller counts them)
         self._head = ""  # emotion phase: raw text so far
         self._line = ""  # actions phase: the action line being written
 
-    def push(self, piece: str) -> list[ReplyPart]:
+    @property
+    def text_cut(self) -> bool:
+        """The grammar ended the text at its budget: the line was cut, as max_tokens cuts it."""
+        budget = self.fmt.text_max_tokens
+        return bool(budget) and self.text_tokens >= budget
+
+    def push(self, piece: str, tokens: int = 0) -> list[ReplyPart]:
+        """`piece`: the next decoded text; `tokens`: how many tokens it came from (counted while it is text)."""
         parts: list[ReplyPart] = []
         if not self.fmt.structured:  # free text: line breaks and all
             self.text += piece
@@ -164,6 +186,7 @@ class ReplyParser:
             spoken, newline, piece = piece.partition("\n")
             if spoken:
                 self.text += spoken
+                self.text_tokens += tokens
                 parts.append(Text(spoken))
             if newline:
                 self.phase = "actions"
@@ -200,6 +223,10 @@ class ReplyParser:
         name, _, raw = line.removeprefix("@").partition(" ")
         if not line.startswith("@"):
             return Rejected(line, "not an action line")
+        if self.text_cut:
+            # The grammar ended a line still going, so the model had to choose between an action and the
+            # end of turn: whatever it chose says nothing about what the player asked for.
+            return Rejected(line, "the text was cut at its budget")
         try:
             given = json.loads(raw)
         except json.JSONDecodeError:

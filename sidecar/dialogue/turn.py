@@ -226,7 +226,6 @@ class Dialogue:
         reply_log = log.bind(character=character.id, version=character.version, session=talk.session_id or None)
         finished: EngineEvent | None = None
         parser = fmt.parser()
-        text_tokens, text_budget = 0, fmt.text_max_tokens or 0
         request = self.submit(prompt.token_ids, adapter, sampling, timings=timings)
         self._open_turns += 1
         try:
@@ -236,12 +235,11 @@ class Dialogue:
                     yield TurnStarted(event.request_id, character.version, event.prompt_tokens, event.cached_tokens,
                                       prompt.history_turns)
                 elif event.kind == "delta":
-                    parts = self._turn_events(parser.push(event.text), reply_log)
-                    if any(isinstance(p, TurnDelta) for p in parts):
-                        if not text_tokens and fmt.structured:
-                            # The engine's first delta was the emotion; the game's first token is the line's.
-                            timings.first_text = time.perf_counter()
-                        text_tokens += len(event.token_ids)
+                    had_text = parser.text_tokens
+                    parts = self._turn_events(parser.push(event.text, tokens=len(event.token_ids)), reply_log)
+                    if fmt.structured and not had_text and parser.text_tokens:
+                        # The engine's first delta was the emotion; the game's first token is the line's.
+                        timings.first_text = time.perf_counter()
                     for part in parts:
                         yield part
                 elif event.kind == "error":
@@ -249,8 +247,7 @@ class Dialogue:
                     raise ReplyFailed(f"character {character.id!r}: {event.error}", event.internal)
                 else:
                     finished = event
-                    if fmt.structured and finished.finish_reason == "stop" and text_tokens >= text_budget:
-                        # The grammar ended the text at its budget: the line was cut, as max_tokens cuts it.
+                    if finished.finish_reason == "stop" and parser.text_cut:
                         finished = replace(finished, finish_reason="length")
                     if finished.finish_reason in ("stop", "length"):
                         for part in self._turn_events(parser.finish(finished.finish_reason), reply_log):
@@ -284,7 +281,7 @@ class Dialogue:
                 events.append(TurnEmotion(part.label))
             elif isinstance(part, Text):
                 events.append(TurnDelta(part.text))
-            elif isinstance(part, Rejected):  # a reply cut inside an action line: the game gets nothing of it
+            elif isinstance(part, Rejected):  # a cut reply's action line: the game gets nothing of it
                 reply_log.info("action line dropped", line=part.line[:200], problem=part.problem)
             else:
                 events.append(TurnAction(part))

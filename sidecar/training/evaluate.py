@@ -181,7 +181,7 @@ def _decode_turns(engine: OfflineEngine, character: Character, turns: list[tuple
     for fmt, event in zip(formats, engine.run(requests), strict=True):
         if event.kind != "finished":
             raise UserError(f"decoding failed: {event.error}")
-        parsed = fmt.parse(event.text, event.finish_reason or "stop")
+        parsed = fmt.parse_tokens(tok.detokenizer(), event.token_ids, event.finish_reason or "stop")
         decoded.append((parsed.emotion, tuple(parsed.actions)))
     return decoded
 
