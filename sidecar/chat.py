@@ -5,7 +5,9 @@ the NPC takes (`  -> sell_item(item="iron sword")`).
 
 Commands: /characters, /switch ID, /reset, /world key=value (key= removes it; /world alone shows
 them), /entity list=a,b,c (the game's entity lists: what the NPC's actions may name), /allow
-NAME,... (/allow all; /allow none), /seed N (/seed off), /stats, /export FILE, /help, /quit. Line
+NAME,... (/allow all; /allow none), /lore and /memory (what the last prompt gave the character to answer
+from), /rel NAME=VALUE (/rel NAME+N, /rel NAME-N; /rel alone shows them), /seed N (/seed off), /stats,
+/export FILE, /help, /quit. Line
 editing and history come from prompt_toolkit when the terminal is interactive; piped input works too.
 """
 
@@ -31,6 +33,9 @@ HELP = """commands:
   /world key=value   a world fact for the next lines (key= removes it; /world shows them)
   /entity list=a,b   an entity list of the game, e.g. /entity stock=iron sword,helm (list= removes it)
   /allow a,b         only these actions (/allow all: every action; /allow none: no action)
+  /lore              the facts the last prompt gave the character (its knowledge and lore in its scope)
+  /memory            earlier exchanges the last prompt brought back (long-term memory)
+  /rel trust=40      set a relationship (/rel trust+5, /rel trust-5; /rel shows them)
   /seed N            reproducible replies (/seed off: random again)
   /stats             timings and token counts of the last reply
   /export FILE       save this session as JSON (ImportSession takes it back)
@@ -143,6 +148,13 @@ class Chat:
             self.allowed = None if arg == "all" else [] if arg == "none" else [a.strip() for a in arg.split(",")
                                                                               if a.strip()]
             self.say(f"-- actions allowed: {'all' if self.allowed is None else ', '.join(self.allowed) or 'none'}")
+        elif cmd in ("/lore", "/memory"):
+            started = self.last_started
+            items = [] if started is None else list(started.facts if cmd == "/lore" else started.memories)
+            what = "facts" if cmd == "/lore" else "memories"
+            self.say("\n".join(f"  - {x}" for x in items) or f"-- the last prompt had no {what}")
+        elif cmd == "/rel":
+            await self._relationships(arg)
         elif cmd == "/seed":
             self._seed(arg)
         elif cmd == "/stats":
@@ -152,6 +164,26 @@ class Chat:
         else:
             self.say(f"!! unknown command {cmd}; /help lists them")
         return True
+
+    async def _relationships(self, arg: str) -> None:
+        try:
+            if not arg:
+                values = await self.client.relationships(self.session_id, self.character)
+            else:
+                name, op, number = next(((arg[:i].strip(), c, arg[i + 1:].strip()) for i, c in enumerate(arg)
+                                         if c in "=+-"), (arg, "", ""))
+                if not op or not number.lstrip("-").isdigit():
+                    self.say("!! usage: /rel NAME=VALUE, /rel NAME+N or /rel NAME-N")
+                    return
+                n = int(number)
+                values = await self.client.set_relationship(
+                    self.session_id, self.character, name, value=n if op == "=" else None,
+                    delta=None if op == "=" else (n if op == "+" else -n))
+        except grpc.aio.AioRpcError as e:
+            self.say(f"!! {e.code().name}: {e.details()}")
+            return
+        self.say("\n".join(f"  {r.name} = {r.value} ({r.min_value}..{r.max_value}): {r.tier} - {r.tier_text}"
+                           for r in values) or f"-- {self.character} has no relationships")
 
     def _world(self, arg: str) -> None:
         if not arg:

@@ -89,7 +89,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           auth_token=args.auth_token or os.environ.get("NPC_AUTH_TOKEN") or None,
                           shutdown_grace_s=args.grace,
                           session_store=Path(args.session_store) if args.session_store else None,
-                          limits=RequestLimits.parse(args.limit), openai_listen=args.openai_listen)
+                          max_session_turns=args.session_turns, limits=RequestLimits.parse(args.limit),
+                          openai_listen=args.openai_listen)
     engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting, cuda_graphs=args.cuda_graphs)
     model = ModelConfig(resolve_model_path(args.model), args.weights, args.device)
     remote = None
@@ -157,6 +158,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"  perplexity with adapter + persona: {r.perplexity_adapter:8.2f}")
     print(f"  perplexity, persona prompt alone:  {r.perplexity_base:8.2f}")
     print(f"  ratio (adapter / base):            {r.ratio:8.3f}  (target <= 0.7)")
+    if r.facts is not None and r.facts_base is not None:
+        print(f"  fact accuracy, sampled (greedy):   {r.facts.sampled:8.2f} ({r.facts.greedy:.2f}); "
+              f"base model {r.facts_base.sampled:.2f} ({r.facts_base.greedy:.2f})")
     for s in r.samples:
         print(f"\n  player:    {s.player}\n  written:   {s.reference}\n  adapter:   {s.adapter}\n  base:      {s.base}")
     return 0
@@ -180,6 +184,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _bench_constrained(args)
     if args.scenario in ("load", "faults"):
         return _bench_reliability(args)
+    if args.scenario == "retrieval":
+        return _bench_retrieval(args)
     from sidecar.bench.decode import DecodeBenchConfig, run_decode_bench
 
     formats = tuple(args.formats.split(","))
@@ -243,6 +249,20 @@ def _bench_constrained(args: argparse.Namespace) -> int:
                             device=device, weights=args.weights or "auto", run_timeout=args.run_timeout,
                             warm=args.warm_prefix)
     run_constrained_bench(cfg, command="npc bench " + " ".join(sys.argv[2:]))
+    return 0
+
+
+def _bench_retrieval(args: argparse.Namespace) -> int:
+    """Fact retrieval over a big random lore folder, and its recall on the sample characters (issue 16)."""
+    from sidecar.bench.retrieval import RetrievalConfig, run_retrieval_bench
+
+    characters = Path(args.characters)
+    if not characters.is_dir():
+        raise UserError(f"--characters: folder {characters} not found")
+    if args.entries < 1:
+        raise UserError("--entries: must be at least 1")
+    run_retrieval_bench(RetrievalConfig(characters, entries=args.entries, out_dir=Path(args.out)),
+                        command="npc bench " + " ".join(sys.argv[2:]))
     return 0
 
 
@@ -317,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--session-store", metavar="FILE",
                    help="keep sessions in FILE: every finished turn is written as it happens and restored at start "
                         "(default: memory only)")
+    s.add_argument("--session-turns", type=int, default=256,
+                   help="turns a session keeps (every character's together; default 256): the prompt shows a "
+                        "character's last memory.max_turns, and the older ones are its long-term memory, brought "
+                        "back when the player's line refers to them")
     s.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="what runs the model: torch (in this process, default), tensorrt-llm (NVIDIA GPU; --model "
                         "is a Hugging Face folder) or remote (an OpenAI-compatible server: --remote-url)")
@@ -385,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(run=_cmd_stubs)
 
     b = sub.add_parser("bench", help="benchmarks (reports, not tests)")
-    b.add_argument("--scenario", choices=["decode", "multi-npc", "constrained", "load", "faults"], default="decode")
+    b.add_argument("--scenario", choices=["decode", "multi-npc", "constrained", "load", "faults",
+                                                "retrieval"], default="decode")
     b.add_argument("--model")
     b.add_argument("--peers", help="comma-separated peers to compare against: llama.cpp,hf-peft (multi-npc) "
                                    "or llama.cpp (decode); 'none' for none; default: every installed one")
@@ -416,8 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=32, help="decode: steps timed per repeat")
     b.add_argument("--repeats", type=int, default=3, help="decode: repeats (the median is reported)")
     b.add_argument("--prompt-tokens", type=int, default=64, help="decode: prompt length")
+    b.add_argument("--entries", type=int, default=10_000, help="retrieval: random lore entries")
     b.add_argument("--characters", default="characters",
-                   help="load, faults: characters to serve (copied to a temp folder first; default ./characters)")
+                   help="load, faults, retrieval: characters to serve (load, faults: copied to a temp folder "
+                        "first; default ./characters)")
     b.add_argument("--clients", type=int, help="load, faults: clients talking at once (default 64 / 16)")
     b.add_argument("--duration", type=float,
                    help="load: seconds measured after the warm-up (default 300); faults: seconds of the edit, "

@@ -136,6 +136,24 @@ class NpcClient:
         return await self._stub.ImportSession(pb.ImportSessionRequest(state=state, overwrite=overwrite),
                                               timeout=self.timeout, metadata=self._metadata)
 
+    async def relationships(self, session_id: str, character_id: str) -> list[pb.Relationship]:
+        """The character's relationship values with the player of this session (start values if none were set)."""
+        reply = await self._stub.GetRelationships(
+            pb.GetRelationshipsRequest(session_id=session_id, character_id=character_id), timeout=self.timeout,
+            metadata=self._metadata)
+        return list(reply.relationships)
+
+    async def set_relationship(self, session_id: str, character_id: str, name: str, value: int | None = None,
+                               delta: int | None = None) -> list[pb.Relationship]:
+        """Sets one value (or moves it by `delta`); returns every value after."""
+        request = pb.SetRelationshipRequest(session_id=session_id, character_id=character_id, name=name)
+        if value is not None:
+            request.value = value
+        if delta is not None:
+            request.delta = delta
+        reply = await self._stub.SetRelationship(request, timeout=self.timeout, metadata=self._metadata)
+        return list(reply.relationships)
+
     async def server_info(self) -> pb.ServerInfo:
         return await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout,
                                               metadata=self._metadata)

@@ -16,6 +16,7 @@ from sidecar.client import NpcClient
 from sidecar.dialogue.characters import load_character
 from sidecar.dialogue.prompt import build_messages
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
+from sidecar.training.data import character_retriever
 from tests.rounding import reordered_fp32
 from tests.sidecar_process import SidecarProcess, copy_characters
 
@@ -61,7 +62,10 @@ def replies(characters) -> dict[tuple[str, str], tuple[pb.Started, str, pb.Finis
 
 def _prompt(tokenizer, folder: Path, line: str) -> list[int]:
     """The prompt of a first turn (no history, world or player name), as the server builds it."""
-    return tokenizer.encode_chat(build_messages(load_character(folder), [], line))
+    character = load_character(folder)
+    facts = character_retriever(folder).facts(character, line)
+    assert facts  # the blacksmith's knowledge reaches the prompt
+    return tokenizer.encode_chat(build_messages(character, [], line, facts=facts))
 
 
 def test_the_adapter_changes_the_replies(replies, characters, tokenizer):

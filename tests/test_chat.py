@@ -45,6 +45,16 @@ def test_chat_streams_a_reply_in_a_terminal(server, tmp_path):
             assert re.fullmatch(r'-> sell_item\(item="(iron sword|helm)"\)', action), reply
         child.sendline("/stats")
         child.expect(r"first token \d+ ms")
+        child.sendline("/lore")  # what the prompt gave her to answer from: her knowledge, the sword's price first
+        child.expect(r"  - A sword costs 40 gold; repairing one costs 5 gold\.")
+        child.sendline("/memory")
+        child.expect("the last prompt had no memories")
+        child.sendline("/rel trust=40")
+        child.expect(r"trust = 40 \(-100\.\.100\): friendly - You like this one")
+        child.sendline("/rel trust-50")
+        child.expect(r"trust = -10 \(-100\.\.100\): wary")
+        child.sendline("/rel love=3")
+        child.expect(r"!! INVALID_ARGUMENT: name: character 'blacksmith' has no relationship 'love'")
         child.sendline("/switch oracle")
         child.expect("talking to The Oracle of Vell")
         child.sendline(f"/export {tmp_path / 'session.json'}")

@@ -81,8 +81,10 @@ def test_sample_characters_load(folder, checkpoint):
     from sidecar.model.lora import load_peft_adapter
 
     c = load_character(REPO / "characters" / folder)
-    assert c.id == folder and c.persona and c.greeting and 3 <= len(c.knowledge) <= 5 and c.emotions
+    assert c.id == folder and c.persona and c.greeting and 8 <= len(c.knowledge) <= 12 and c.emotions
     assert 2 <= len(c.actions) <= 4  # things a game can execute, fitting the character
+    assert c.places  # which scoped lore reaches it (characters/lore)
+    assert (REPO / "characters" / folder / "facts.jsonl").is_file()  # npc eval's fact accuracy
     assert c.generation.max_tokens <= 128 and c.has_adapter
     adapter = load_peft_adapter(c.adapter_path, checkpoint.config)  # fits the embedded model
     assert adapter.rank == 8 and len(adapter.target_modules) == 7
@@ -184,6 +186,27 @@ _BASE = "id: elf\nname: Elara\npersona: x\n"
      "actions[0].arguments.s.max_chars", "between 1 and 64"),
     (f"{_BASE}actions:\n  - {{name: sell, description: x, arguments: {{Bad: {{type: boolean}}}}}}\n",
      "actions[0].arguments.Bad", "argument names"),
+    # lore scopes and relationships
+    (f"{_BASE}factions: [Sea Dogs]\n", "factions[0]", "[a-z0-9_-]"),
+    (f"{_BASE}places: harbour\n", "places", "must be a list"),
+    (f"{_BASE}relationships: [trust]\n", "relationships", "must be a mapping"),
+    (f"{_BASE}relationships:\n  Trust: {{tiers: [{{from: -100, name: a, text: x}}]}}\n", "relationships.Trust",
+     "relationship names"),
+    (f"{_BASE}relationships:\n  trust: {{min: 5, max: 5, tiers: [{{from: 5, name: a, text: x}}]}}\n",
+     "relationships.trust.max", "must be above min"),
+    (f"{_BASE}relationships:\n  trust: {{start: 200, tiers: [{{from: -100, name: a, text: x}}]}}\n",
+     "relationships.trust.start", "between -100 and 100, got 200"),
+    (f"{_BASE}relationships:\n  trust: {{}}\n", "relationships.trust.tiers", "at least one tier"),
+    (f"{_BASE}relationships:\n  trust: {{tiers: [{{from: 0, name: a, text: x}}]}}\n",
+     "relationships.trust.tiers[0].from", "must start at min (-100)"),
+    (f"{_BASE}relationships:\n  trust: {{tiers: [{{from: -100, name: a, text: x}}, {{from: -100, name: b, "
+     f"text: y}}]}}\n", "relationships.trust.tiers[1].from", "tiers go up"),
+    (f"{_BASE}relationships:\n  trust: {{tiers: [{{from: -100, name: a}}]}}\n", "relationships.trust.tiers[0].text",
+     "missing"),
+    (f"{_BASE}relationships:\n  trust: {{tiers: [{{from: -100, name: a, text: x, mood: y}}]}}\n",
+     "relationships.trust.tiers[0].mood", "unknown field"),
+    (f"{_BASE}relationships:\n  trust: {{tiers: [{{from: -100, name: a, text: x}}]}}\nactions:\n"
+     f"  - {{name: gift, description: x, effects: {{trust: lots}}}}\n", "actions[0].effects.trust", "+N or -N"),
 ])
 def test_bad_file_names_file_and_field(tmp_path, text, field, words):
     err = error_of(write(tmp_path, text))

@@ -31,17 +31,22 @@ def control_ids(tokenizer) -> set[int]:
 def test_message_layout():
     c = smith()
     turns = history(2) + [Turn("oracle", "hello oracle", "riddle")] + history(1)
-    messages = build_messages(c, turns, "Can you fix my axe?", {"weather": "rain", "time": "night"}, "Ayla")
+    messages = build_messages(c, turns, "Can you fix my axe?", {"weather": "rain", "time": "night"}, "Ayla",
+                              facts=("A sword costs 40 gold.", "Repairs take\na day."))
     system = messages[0]
     assert system.role == "system"
     assert system.content.startswith(system_prefix(c) + "\n\n")  # constant part first
-    assert "- A sword costs 40 gold." in system.content
+    assert "40 gold" not in system.content  # the facts are not part of the constant block
     assert system.content.endswith("You are talking to Ayla.\nRight now:\n- time: night\n- weather: rain")
     roles = [m.role for m in messages[1:]]
-    assert roles == ["user", "assistant"] * 4 + ["user"]  # 1 style example + 3 turns of this character
+    assert roles == ["user", "assistant"] * 4 + ["system", "user"]  # 1 style example + 3 turns, facts, line
     assert messages[1].content == "Fix my sword?" and messages[2].content == "Aye. Five gold."
     assert "hello oracle" not in [m.content for m in messages]  # another NPC's turns stay out
+    # The facts sit next to the line they answer, one per line (a newline cannot start a section).
+    assert messages[-2].content == ("What you know that bears on this:\n- A sword costs 40 gold.\n"
+                                    "- Repairs take a day.")
     assert messages[-1].content == "Can you fix my axe?"
+    assert build_messages(c, [], "hi")[-2].role == "assistant"  # no facts: no block
 
 
 def test_world_facts_and_name_cannot_add_lines():
@@ -81,19 +86,20 @@ def test_everything_fits_in_one_encode(tokenizer):
 
 
 def test_budget_drops_oldest_turns_first(tokenizer):
-    c, turns = smith(), history(30)
-    full = fit_to_budget(tokenizer, c, turns, "Tell me about swords.", max_prompt_tokens=100_000)
+    c, turns, facts = smith(), history(30), ("The mine is closed.",)
+    full = fit_to_budget(tokenizer, c, turns, "Tell me about swords.", max_prompt_tokens=100_000, facts=facts)
     budget = len(full.token_ids) // 2
-    prompt = fit_to_budget(tokenizer, c, turns, "Tell me about swords.", max_prompt_tokens=budget)
+    prompt = fit_to_budget(tokenizer, c, turns, "Tell me about swords.", max_prompt_tokens=budget, facts=facts)
     assert len(prompt.token_ids) <= budget
     kept = prompt.history_turns
     assert 0 < kept < 30 and prompt.dropped_turns == 30 - kept
     contents = [m.content for m in prompt.messages]
-    assert contents[0].startswith(c.persona) and "The mine is closed." in contents[0]  # persona + knowledge stay
+    assert contents[0].startswith(c.persona) and "The mine is closed." in contents[-2]  # persona + facts stay
     assert f"question number {30 - kept} about the forge?" in contents  # the newest turns are the ones kept
     assert f"question number {30 - kept - 1} about the forge?" not in contents
     # the largest history that fits: one more turn would not
-    more = fit_to_budget(tokenizer, c, turns[-(kept + 1):], "Tell me about swords.", max_prompt_tokens=100_000)
+    more = fit_to_budget(tokenizer, c, turns[-(kept + 1):], "Tell me about swords.", max_prompt_tokens=100_000,
+                         facts=facts)
     assert len(more.token_ids) > budget
 
 

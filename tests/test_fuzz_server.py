@@ -30,6 +30,7 @@ from sidecar.config import RequestLimits
 from sidecar.dialogue.characters import load_character
 from sidecar.dialogue.prompt import build_messages
 from sidecar.dialogue.reply_format import reply_format
+from sidecar.dialogue.retrieval import FactRetriever
 from sidecar.engine.api import SamplingParams
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from tests.sidecar_process import SidecarProcess, copy_characters
@@ -193,6 +194,9 @@ def reply_tokens(f: Fuzzed, req: pb.TalkRequest) -> int:
     return fmt.sampling(text, LIMITS.max_tokens).max_tokens
 
 
+RETRIEVER = FactRetriever()
+
+
 def expected_prompt(f: Fuzzed, req: pb.TalkRequest, history=()) -> tuple[int, int] | None:
     """(prompt tokens, history turns) of a reply after `history`, or None when even the bare prompt
     cannot fit: the newest turns of this character that fit, then no style examples (prompt.fit_to_budget)."""
@@ -200,10 +204,14 @@ def expected_prompt(f: Fuzzed, req: pb.TalkRequest, history=()) -> tuple[int, in
     fmt = reply_format(character.emotions, character.actions, {}, None)  # a structured reply: its room too
     budget = f.context_tokens - reply_tokens(f, req)
     own = [t for t in history if t.character_id == character.id][-character.memory.max_turns:]
+    # The facts and memories the server retrieves (the copied characters have no lore; tests/test_lore.py
+    # checks what retrieval picks): the budget logic is what is predicted here.
+    facts, memories = RETRIEVER.for_turn(character, history, req.player_line), \
+        RETRIEVER.recall(character, history, req.player_line)
 
     def tokens(turns, examples: bool = True) -> int:
         messages = build_messages(character, turns, req.player_line, dict(req.world), req.player_name, examples,
-                                  fmt)
+                                  fmt, facts, memories)
         return len(chatml_ids(f.tokenizer, messages))
 
     for n in range(len(own), -1, -1):

@@ -19,7 +19,7 @@ from sidecar.client import NpcClient
 from sidecar.dialogue.characters import load_character
 from sidecar.model.lora import LoraBatch, LoraSlots, load_peft_adapter
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
-from sidecar.training.data import IGNORE, DataError, Example, read_dialogue, render
+from sidecar.training.data import IGNORE, DataError, Example, character_retriever, read_dialogue, render
 from sidecar.training.evaluate import evaluate_character
 from sidecar.training.train import (
     WIDTH_MULTIPLE,
@@ -87,16 +87,21 @@ def test_bad_dialogue_files(tmp_path, content, problem):
 def test_rendering_supervises_only_the_replies(tmp_path, tokenizer):
     folder = _character(tmp_path, [*LINES, SOLD])
     character = load_character(folder)
+    retriever = character_retriever(folder)
     conv = read_dialogue(folder / "dialogue.jsonl")[1]  # two exchanges
-    example = render(tokenizer, character, conv, 4096)
-    learned = [t for t in example.labels if t != -100]
+    examples = render(tokenizer, character, conv, 4096, retriever)
+    # The facts block before each player line changes the prompt under the first reply: one example each.
+    assert len(examples) == 2
+    learned = [t for e in examples for t in e.labels if t != -100]
     im_end = tokenizer.eos_ids[0]
     # The reply as the model writes it: its emotion first (dialogue/reply_format.py), then the text.
     assert tokenizer.decode(learned) == "[gruff] Hmph. Mind the anvil." + tokenizer.decode([im_end]) + \
         "[gruff] Off with you, then." + tokenizer.decode([im_end])
+    second = tokenizer.decode(examples[1].input_ids)
+    assert "Hmph. Mind the anvil." in second and "What you know that bears on this:" in second
     with pytest.raises(DataError, match="line 2: .* tokens; the limit is 200"):
-        render(tokenizer, character, conv, 200)
-    sold = render(tokenizer, character, read_dialogue(folder / "dialogue.jsonl")[5], 4096)
+        render(tokenizer, character, conv, 200, retriever)
+    [sold] = render(tokenizer, character, read_dialogue(folder / "dialogue.jsonl")[5], 4096, retriever)
     assert tokenizer.decode([t for t in sold.labels if t != -100]) == \
         '[proud] Good choice, lad.\n@sell_item {"item": "war axe"}' + tokenizer.decode([im_end])
     assert "At hand:\n- stock: war axe, helm" in tokenizer.decode(sold.input_ids)  # the game's list, in the prompt
@@ -120,8 +125,28 @@ def test_rendering_supervises_only_the_replies(tmp_path, tokenizer):
 def test_bad_labels_name_the_line_and_field(tmp_path, tokenizer, line, problem):
     folder = _character(tmp_path, [line])
     with pytest.raises(DataError, match="line 1: ") as e:
-        render(tokenizer, load_character(folder), read_dialogue(folder / "dialogue.jsonl")[0], 4096)
+        render(tokenizer, load_character(folder), read_dialogue(folder / "dialogue.jsonl")[0], 4096,
+               character_retriever(folder))
     assert problem in str(e.value)
+
+
+def test_a_line_brings_its_own_facts(tmp_path, tokenizer):
+    """`facts` in a line replace what would be retrieved: the adapter learns to answer from the block."""
+    given = _line("Who shoes the horses?", "Old Hale, by the mill.", facts=["The farrier is Old Hale, by the mill."])
+    folder = _character(tmp_path, [given, _line("Who shoes the horses?", "Ask around.")])
+    character, retriever = load_character(folder), character_retriever(folder)
+    own, retrieved = (tokenizer.decode(render(tokenizer, character, c, 4096, retriever)[0].input_ids)
+                      for c in read_dialogue(folder / "dialogue.jsonl"))
+    assert "What you know that bears on this:\n- The farrier is Old Hale, by the mill.\nuser\nWho shoes" in own
+    assert "A sword costs" not in own  # the line's facts only
+    assert "Old Hale" not in retrieved and "A sword costs 40 gold" in retrieved  # the character's knowledge
+
+
+def test_bad_facts_field_names_the_line(tmp_path):
+    path = tmp_path / "dialogue.jsonl"
+    path.write_text(_line("Hi", "Hmph.", facts="the mine is closed") + "\n")
+    with pytest.raises(DataError, match=r"dialogue.jsonl:1: facts must be a list of non-empty texts"):
+        read_dialogue(path)
 
 
 def test_bad_data_writes_nothing(tmp_path, model_path):
@@ -181,7 +206,7 @@ def test_tiny_training_run_is_served_by_hot_reload(tmp_path, model_path, checkpo
         evaluation = evaluate_character(folder, model_path, weights="fp32", samples=1)
         assert evaluation.held_out_lines == 1 and evaluation.samples
         held = [c for c in read_dialogue(folder / "dialogue.jsonl") if c.line in report["held_out_lines"]]
-        example = render(tokenizer, load_character(folder), held[0], 4096)
+        [example] = render(tokenizer, load_character(folder), held[0], 4096, character_retriever(folder))
         assert evaluation.reply_tokens == example.supervised
         peft = PeftModel.from_pretrained(copy.deepcopy(hf_model), result.adapter).eval()
         inputs = dict(input_ids=torch.tensor([example.input_ids]), labels=torch.tensor([example.labels]))

@@ -7,6 +7,7 @@
 //     and NpcActions to read an action's arguments (Arguments, Format);
 //   * ListCharactersAsync, GetServerInfoAsync, ResetSessionAsync;
 //   * ExportSession / ImportSession helpers, also to and from byte[] for save files;
+//   * GetRelationshipsAsync, SetRelationshipAsync, ChangeRelationshipAsync (trust, respect, ... per session);
 //   * the bearer token (`authorization: Bearer T`) on every call when one is given;
 //   * a deadline on every call (TalkTimeout, CallTimeout, or a per-call timeout).
 //
@@ -272,6 +273,60 @@ namespace Npc.Client
                 throw new ArgumentNullException(nameof(saved));
             }
             return ImportSessionAsync(SessionState.Parser.ParseFrom(saved), overwrite, timeout, cancellationToken);
+        }
+
+        // ------------------------------------------------------------------------------------
+        // Relationships
+
+        /// <summary>The character's relationship values with the player of this session, each with its
+        /// range and tier (start values where none was set).</summary>
+        public async Task<IReadOnlyList<Relationship>> GetRelationshipsAsync(
+            string sessionId, string characterId, TimeSpan? timeout = null,
+            CancellationToken cancellationToken = default)
+        {
+            var request = new GetRelationshipsRequest { SessionId = sessionId ?? "", CharacterId = characterId ?? "" };
+            RelationshipsResponse response = await UnaryAsync(
+                options => _stub.GetRelationshipsAsync(request, options), timeout, cancellationToken)
+                .ConfigureAwait(false);
+            return new List<Relationship>(response.Relationships);
+        }
+
+        /// <summary>Sets one value (InvalidArgument outside its range); the next reply's prompt carries
+        /// the new tier. Returns every value after.</summary>
+        public Task<IReadOnlyList<Relationship>> SetRelationshipAsync(
+            string sessionId, string characterId, string name, long value, TimeSpan? timeout = null,
+            CancellationToken cancellationToken = default)
+        {
+            SetRelationshipRequest request = RelationshipRequest(sessionId, characterId, name);
+            request.Value = value;
+            return SetRelationshipAsync(request, timeout, cancellationToken);
+        }
+
+        /// <summary>Moves one value by <paramref name="delta"/>, clamped to its range.</summary>
+        public Task<IReadOnlyList<Relationship>> ChangeRelationshipAsync(
+            string sessionId, string characterId, string name, long delta, TimeSpan? timeout = null,
+            CancellationToken cancellationToken = default)
+        {
+            SetRelationshipRequest request = RelationshipRequest(sessionId, characterId, name);
+            request.Delta = delta;
+            return SetRelationshipAsync(request, timeout, cancellationToken);
+        }
+
+        private static SetRelationshipRequest RelationshipRequest(string sessionId, string characterId, string name)
+        {
+            return new SetRelationshipRequest
+            {
+                SessionId = sessionId ?? "", CharacterId = characterId ?? "", Name = name ?? "",
+            };
+        }
+
+        private async Task<IReadOnlyList<Relationship>> SetRelationshipAsync(
+            SetRelationshipRequest request, TimeSpan? timeout, CancellationToken cancellationToken)
+        {
+            RelationshipsResponse response = await UnaryAsync(
+                options => _stub.SetRelationshipAsync(request, options), timeout, cancellationToken)
+                .ConfigureAwait(false);
+            return new List<Relationship>(response.Relationships);
         }
 
         // ------------------------------------------------------------------------------------

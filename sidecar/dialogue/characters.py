@@ -27,6 +27,15 @@ from sidecar.dialogue.actions import (
     Argument,
     plain_text_problem,
 )
+from sidecar.dialogue.relationships import (
+    EFFECT_PATTERN,
+    MAX_RELATIONSHIPS,
+    MAX_TIER_TEXT,
+    MAX_TIERS,
+    VALUE_LIMIT,
+    RelationshipSpec,
+    Tier,
+)
 from sidecar.dialogue.yaml_file import MAX_FILE_BYTES, YamlFileError, read_yaml
 from sidecar.model.adapter_files import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, MAX_CONFIG_BYTES, adapter_digest
 
@@ -77,8 +86,11 @@ class Character:
     folder: Path  # resolved character folder
     greeting: str = ""
     knowledge: tuple[str, ...] = ()
+    factions: frozenset[str] = frozenset()  # which scoped lore reaches the character (dialogue/lore.py)
+    places: frozenset[str] = frozenset()
     emotions: tuple[str, ...] = ()  # the model writes one of these before each line
     actions: tuple[ActionSpec, ...] = ()  # what the character may do (dialogue/actions.py)
+    relationships: tuple[RelationshipSpec, ...] = ()  # per-session values (dialogue/relationships.py)
     style_examples: tuple[StyleExample, ...] = ()
     generation: Generation = field(default_factory=Generation)
     memory: Memory = field(default_factory=Memory)
@@ -125,6 +137,7 @@ def load_character(folder: Path) -> Character:
     persona = f.text("persona")
     greeting = f.text("greeting", required=False)
     knowledge = f.text_list("knowledge")
+    factions, places = f.name_set("factions"), f.name_set("places")
     emotions = f.text_list("emotions", max_len=64)
     for i, label in enumerate(emotions):
         if any(c in label for c in "[]") or plain_text_problem(label):
@@ -133,6 +146,7 @@ def load_character(folder: Path) -> Character:
     if len(set(emotions)) != len(emotions):
         f.fail("emotions", "holds a label twice")
     actions = _actions(f)
+    relationships = _relationships(f, actions)
     style = tuple(StyleExample(**ex) for ex in f.mapping_list("style_examples", ("player", "npc")))
     gen, mem = f.section("generation"), f.section("memory")
     generation = Generation(
@@ -158,7 +172,8 @@ def load_character(folder: Path) -> Character:
     version = hashlib.sha256(raw + b"\0" + (adapter_hash or b"")).hexdigest()[:12]
     return Character(
         id=char_id, name=name, persona=persona, version=version, folder=home, greeting=greeting,
-        knowledge=knowledge, emotions=emotions, actions=actions, style_examples=style, generation=generation,
+        knowledge=knowledge, factions=factions, places=places, emotions=emotions, actions=actions,
+        relationships=relationships, style_examples=style, generation=generation,
         memory=memory,
         adapter=adapter, adapter_path=adapter_path, lora_scale=lora_scale,
         adapter_version=adapter_hash.hex()[:12] if adapter_hash else None,
@@ -187,6 +202,53 @@ def _actions(f: _Fields) -> tuple[ActionSpec, ...]:
         effects = tuple((str(k), effects_section.text(str(k), max_len=200)) for k in list(effects_section.data))
         a.done()
         specs.append(ActionSpec(name, description, arguments, effects))
+    return tuple(specs)
+
+
+def _relationships(f: _Fields, actions: tuple[ActionSpec, ...]) -> tuple[RelationshipSpec, ...]:
+    """character.yaml `relationships` (format in dialogue/relationships.py and characters/README.md)."""
+    section = f.section("relationships")
+    if len(section.data) > MAX_RELATIONSHIPS:
+        section.fail(None, f"has {len(section.data)} relationships; the limit is {MAX_RELATIONSHIPS}")
+    specs = []
+    for key in list(section.data):
+        if not isinstance(key, str) or not NAME_PATTERN.fullmatch(key):
+            section.fail(str(key), "relationship names must match [a-z][a-z0-9_]{0,31}")
+        r = section.section(key)
+        low = r.integer("min", -VALUE_LIMIT, VALUE_LIMIT, -100)
+        high = r.integer("max", -VALUE_LIMIT, VALUE_LIMIT, 100)
+        if low >= high:
+            r.fail("max", f"{high} must be above min ({low})")
+        start = r.integer("start", low, high, max(low, min(high, 0)))
+        raw = r._list("tiers")
+        if not raw:
+            r.fail("tiers", "needs at least one tier ({from: <value>, name: <word>, text: <a line for the prompt>})")
+        if len(raw) > MAX_TIERS:
+            r.fail("tiers", f"has {len(raw)} tiers; the limit is {MAX_TIERS}")
+        tiers: list[Tier] = []
+        for i, value in enumerate(raw):
+            t = _Fields(f.path, value, f"{r.prefix}tiers[{i}].")
+            begin = t.integer("from", low, high, low)
+            if tiers and begin <= tiers[-1].start:
+                t.fail("from", f"{begin} must be above the tier before ({tiers[-1].start}): tiers go up")
+            if not tiers and begin != low:
+                t.fail("from", f"the first tier must start at min ({low}), got {begin}")
+            name = t.text("name", max_len=32)
+            if not NAME_PATTERN.fullmatch(name):
+                t.fail("name", f"must match [a-z][a-z0-9_]{{0,31}}, got {_show(name)}")
+            text = t.text("text", max_len=MAX_TIER_TEXT)
+            if plain_text_problem(text):
+                t.fail("text", f"{plain_text_problem(text)}: {_show(text)}")
+            t.done()
+            tiers.append(Tier(begin, name, text))
+        r.done()
+        specs.append(RelationshipSpec(key, low, high, start, tuple(tiers)))
+    names = {s.name for s in specs}
+    for i, action in enumerate(actions):  # an effect named after a relationship must say by how much
+        for key, value in action.effects:
+            if key in names and not EFFECT_PATTERN.fullmatch(value):
+                f.fail(f"actions[{i}].effects.{key}", f"changes the relationship {key!r}: must be +N or -N "
+                                                      f"(e.g. \"+5\"), got {_show(value)}")
     return tuple(specs)
 
 
@@ -362,6 +424,13 @@ class _Fields:
                 self.fail(f"{key}[{i}]", f"is {len(value)} characters long; the limit is {max_len}")
             out.append(value.strip())
         return tuple(out)
+
+    def name_set(self, key: str) -> frozenset[str]:
+        names = self.text_list(key, max_len=64)
+        for i, name in enumerate(names):
+            if not ID_PATTERN.fullmatch(name):
+                self.fail(f"{key}[{i}]", f"must be a name of [a-z0-9_-] (1-64 characters), got {_show(name)}")
+        return frozenset(names)
 
     def mapping_list(self, key: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
         out = []

@@ -2,11 +2,18 @@
 
 Layout of the messages, chosen for the engine's prefix cache (KV keyed by adapter + token prefix):
 
-    system     persona, knowledge, style guidance     <- the same for every player and turn
-               player name, world facts               <- this turn only, always after the constant part
+    system     persona, style guidance                 <- the same for every player and turn
+               player name, world facts, entities      <- this turn only, always after the constant part
     user/assistant  style examples                     (constant per character too)
     user/assistant  history turns with this character, oldest first
+    system     the facts that bear on this line        <- retrieval.py: knowledge + lore in scope,
+               earlier exchanges that bear on it          and exchanges older than the window
     user       the player's line, verbatim
+
+The facts sit next to the line they answer: a 135M model uses what is close to the question (and
+the sample adapters are trained on that layout, with facts that vary, so that they copy from it
+rather than from memory). Placed after the history, they also leave the persona + history prefix
+of the previous turn's prompt intact for the prefix cache.
 
 The constant part is stripped and followed by a blank line, so its tokens do not depend on what
 follows it (byte-level BPE never merges across "text." + "\\n\\n"). Player text is never escaped:
@@ -19,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sidecar.dialogue.characters import Character
+from sidecar.dialogue.relationships import current_values, prompt_lines
 from sidecar.dialogue.reply_format import ReplyFormat, render_reply
 from sidecar.dialogue.sessions import Turn
 from sidecar.engine.tokenizer import ChatMessage, Tokenizer
@@ -45,8 +53,6 @@ class Prompt:
 def system_prefix(character: Character) -> str:
     """The part of the system message that is identical for every player and every turn."""
     parts = [character.persona]
-    if character.knowledge:
-        parts.append("What you know:\n" + "\n".join(f"- {fact}" for fact in character.knowledge))
     parts.append(STYLE_GUIDANCE.format(name=character.name))
     if character.emotions:
         parts.append(EMOTION_GUIDANCE + ", ".join(f"[{label}]" for label in character.emotions) + ".")
@@ -57,6 +63,8 @@ def system_prefix(character: Character) -> str:
     return "\n\n".join(p.strip() for p in parts)
 
 
+FACTS_HEADING = "What you know that bears on this:"
+MEMORY_HEADING = "What you remember from earlier that bears on this:"
 EMOTION_GUIDANCE = "Begin each reply with how you feel, in brackets, one of: "
 ACTION_GUIDANCE = "When you do something, add one line per action after your words, only as written here:\n"
 
@@ -79,9 +87,15 @@ def recent_turns(character: Character, history: Sequence[Turn]) -> list[Turn]:
 
 def build_messages(character: Character, history: Sequence[Turn], player_line: str,
                    world: Mapping[str, str] | None = None, player_name: str = "",
-                   style_examples: bool = True, fmt: ReplyFormat | None = None) -> list[ChatMessage]:
+                   style_examples: bool = True, fmt: ReplyFormat | None = None,
+                   facts: Sequence[str] = (), memories: Sequence[str] = (),
+                   relationships: Sequence[str] | None = None) -> list[ChatMessage]:
     """All of `history` that belongs to this character (trim it first: recent_turns / fit_to_budget).
-    `fmt`: this turn's entities and allowed actions (None: none listed, every action allowed)."""
+    `fmt`: this turn's entities and allowed actions (None: none listed, every action allowed).
+    `facts`: what the character knows that bears on the line (FactRetriever.facts), best first;
+    `memories`: exchanges that left the window and bear on it (FactRetriever.recall);
+    `relationships`: where the character stands with the player (relationships.prompt_lines; None: the
+    start values, as in a new session)."""
     system = system_prefix(character)
     situation = []
     if player_name.strip():
@@ -89,6 +103,10 @@ def build_messages(character: Character, history: Sequence[Turn], player_line: s
     if world:
         situation.append("Right now:\n" + "\n".join(f"- {_one_line(k)}: {_one_line(v)}"
                                                     for k, v in sorted(world.items())))
+    if relationships is None:
+        relationships = prompt_lines(current_values(character.relationships, {}))
+    if relationships:
+        situation.append("How you stand with the player:\n" + "\n".join(f"- {_one_line(r)}" for r in relationships))
     if fmt is not None and fmt.entities:
         situation.append("At hand:\n" + "\n".join(f"- {name}: {', '.join(values)}"
                                                     for name, values in sorted(fmt.entities.items())))
@@ -105,15 +123,20 @@ def build_messages(character: Character, history: Sequence[Turn], player_line: s
     for turn in history:
         if turn.character_id == character.id:
             messages += [ChatMessage("user", turn.player_line), ChatMessage("assistant", npc_message(character, turn))]
+    grounding = [f"{heading}\n" + "\n".join(f"- {_one_line(x)}" for x in items)
+                 for heading, items in ((FACTS_HEADING, facts), (MEMORY_HEADING, memories)) if items]
+    if grounding:
+        messages.append(ChatMessage("system", "\n\n".join(grounding)))
     messages.append(ChatMessage("user", player_line))
     return messages
 
 
 def fit_to_budget(tokenizer: Tokenizer, character: Character, history: Sequence[Turn], player_line: str,
                   world: Mapping[str, str] | None = None, player_name: str = "", *,
-                  max_prompt_tokens: int, fmt: ReplyFormat | None = None) -> Prompt:
+                  max_prompt_tokens: int, fmt: ReplyFormat | None = None, facts: Sequence[str] = (),
+                  memories: Sequence[str] = (), relationships: Sequence[str] | None = None) -> Prompt:
     """The longest recent history that fits `max_prompt_tokens`: oldest turns leave first, then the
-    style examples; persona, knowledge, world facts and the player's line always stay.
+    style examples; persona, the facts, world facts and the player's line always stay.
 
     Pass max_prompt_tokens = the engine's context length minus the reply's max_tokens.
     Raises PromptTooLong when even the bare prompt does not fit.
@@ -122,7 +145,8 @@ def fit_to_budget(tokenizer: Tokenizer, character: Character, history: Sequence[
 
     def attempt(n: int, examples: bool = True) -> Prompt:
         kept = turns[len(turns) - n:] if n else []
-        messages = build_messages(character, kept, player_line, world, player_name, examples, fmt)
+        messages = build_messages(character, kept, player_line, world, player_name, examples, fmt, facts, memories,
+                                  relationships)
         return Prompt(tuple(messages), tokenizer.encode_chat(messages), n, len(turns) - n, examples)
 
     best = attempt(len(turns))
@@ -150,8 +174,8 @@ def _too_long(tokenizer: Tokenizer, character: Character, player_line: str, need
     persona = len(tokenizer.encode_literal(system_prefix(character)))
     line = len(tokenizer.encode_literal(player_line))
     return (f"player_line: the prompt needs {need} tokens but the budget is {budget} "
-            f"(player_line: {line} tokens; character {character.id!r} persona and knowledge: {persona}; "
-            "the rest is world facts and the chat template)")
+            f"(player_line: {line} tokens; character {character.id!r} persona: {persona}; "
+            "the rest is the facts, world facts and the chat template)")
 
 
 def _one_line(text: str) -> str:

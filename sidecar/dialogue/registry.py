@@ -90,8 +90,11 @@ class _Entry:
 
 
 class CharacterRegistry:
-    def __init__(self, root: Path, on_change: OnChange | None = None, adapter_loader: AdapterLoader | None = None):
+    def __init__(self, root: Path, on_change: OnChange | None = None, adapter_loader: AdapterLoader | None = None,
+                 also_scan: Callable[[], object] | None = None):
+        """`also_scan`: run after every scan on the same thread (the lore folder's reload)."""
         self.root = Path(root)
+        self._also_scan = also_scan
         if not self.root.is_dir():
             raise UserError(f"characters folder {self.root} not found")
         self._on_change, self._load_adapter = on_change, adapter_loader
@@ -146,6 +149,11 @@ class CharacterRegistry:
                     changed.append(cid)
         for cid in changed:
             self._notify(cid)
+        if self._also_scan is not None:
+            try:
+                self._also_scan()
+            except Exception:  # the lore must never stop the characters' reloads
+                log.exception("lore scan failed")
         return changed
 
     def _folders(self) -> dict[str, Path]:

@@ -22,8 +22,9 @@ from typing import Any
 
 import structlog
 
-from sidecar.dialogue.actions import Action, action_from_dict
+from sidecar.dialogue.actions import NAME_PATTERN, Action, action_from_dict
 from sidecar.dialogue.characters import ID_PATTERN
+from sidecar.dialogue.relationships import VALUE_LIMIT
 from sidecar.errors import UserError
 
 log = structlog.get_logger(__name__)
@@ -70,6 +71,8 @@ class ImportResult:
 class _Session:
     turns: list[Turn] = field(default_factory=list)
     updated_unix_ms: int = 0
+    # (character id, relationship name) -> value; what was never set has the character's start value
+    relationships: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class SessionStore:
@@ -109,6 +112,27 @@ class SessionStore:
                       "turn": turn_dict(turn)})
         self._evict()
 
+    def relationships(self, session_id: str, character_id: str) -> dict[str, int]:
+        """The values set in this session for the character ({} for a session the store does not hold)."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return {}
+        return {name: value for (cid, name), value in session.relationships.items() if cid == character_id}
+
+    def set_relationship(self, session_id: str, character_id: str, name: str, value: int,
+                         updated_unix_ms: int | None = None) -> None:
+        """Stores a value (checked against the character's declaration by the caller), creating the session."""
+        check_session_id(session_id)
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = self._sessions[session_id] = _Session()
+        self._sessions.move_to_end(session_id)
+        session.relationships[character_id, name] = value
+        session.updated_unix_ms = int(time.time() * 1000) if updated_unix_ms is None else updated_unix_ms
+        self._record({"op": "relationship", "session_id": session_id, "updated_unix_ms": session.updated_unix_ms,
+                      "character_id": character_id, "name": name, "value": value})
+        self._evict()
+
     def reset(self, session_id: str, character_id: str | None = None, *, missing_ok: bool = False) -> int:
         """Forgets the session, or only `character_id`'s turns in it; returns how many turns went.
 
@@ -127,6 +151,7 @@ class SessionStore:
             kept = [t for t in session.turns if t.character_id != character_id]
             forgotten = len(session.turns) - len(kept)
             session.turns = kept
+            session.relationships = {k: v for k, v in session.relationships.items() if k[0] != character_id}
         # Recorded once done, like every change: a compaction it triggers must snapshot the store without it.
         self._record({"op": "reset", "session_id": session_id, "character_id": character_id or None})
         return forgotten
@@ -138,7 +163,8 @@ class SessionStore:
         if session is None:
             raise UnknownSession(f"session_id: unknown session {_show(session_id)}")
         turns = [t for t in session.turns if not character_id or t.character_id == character_id]
-        return _export(session_id, session.updated_unix_ms, turns)
+        relationships = {k: v for k, v in session.relationships.items() if not character_id or k[0] == character_id}
+        return _export(session_id, session.updated_unix_ms, turns, relationships)
 
     def import_(self, data: Any, session_id: str | None = None, *, overwrite: bool = True,
                 where: str = "session", format_field: str = "format") -> ImportResult:
@@ -167,7 +193,7 @@ class SessionStore:
     def snapshot(self) -> list[SessionSnapshot]:
         """The whole store, least recently used first, copied cheaply (Turns are immutable): another thread
         can turn it into records while the store changes (session_file.py compacts off the event loop)."""
-        return [(sid, s.updated_unix_ms, tuple(s.turns)) for sid, s in self._sessions.items()]
+        return [(sid, s.updated_unix_ms, tuple(s.turns), dict(s.relationships)) for sid, s in self._sessions.items()]
 
     def apply(self, record: Any) -> None:
         """Replays one change record (from on_change); raises SessionError for a malformed one."""
@@ -182,6 +208,13 @@ class SessionStore:
                 if isinstance(updated, bool) or not isinstance(updated, int) or updated < 0:
                     raise SessionError(f"record.updated_unix_ms: must be a whole number >= 0, got {_show(updated)}")
                 self.append_turn(record.get("session_id"), _parse_turn(record.get("turn"), "record.turn"), updated)
+            elif op == "relationship":
+                _no_unknown(record, {"op", "session_id", "updated_unix_ms", "character_id", "name", "value"}, "record")
+                updated = record.get("updated_unix_ms")
+                if isinstance(updated, bool) or not isinstance(updated, int) or updated < 0:
+                    raise SessionError(f"record.updated_unix_ms: must be a whole number >= 0, got {_show(updated)}")
+                cid, name, value = _parse_relationship(record, "record")
+                self.set_relationship(record.get("session_id"), cid, name, value, updated)
             elif op == "reset":
                 _no_unknown(record, {"op", "session_id", "character_id"}, "record")
                 self.reset(record.get("session_id"), record.get("character_id"), missing_ok=True)
@@ -189,7 +222,7 @@ class SessionStore:
                 _no_unknown(record, {"op", "session"}, "record")
                 self.import_(record.get("session"), where="record.session")
             else:
-                raise SessionError(f"record.op: must be 'turn', 'reset' or 'put', got {_show(op)}")
+                raise SessionError(f"record.op: must be 'turn', 'relationship', 'reset' or 'put', got {_show(op)}")
         finally:
             self.on_change = hook
 
@@ -204,7 +237,8 @@ class SessionStore:
             log.info("session evicted", session_id=sid, turns=len(session.turns), max_sessions=self.max_sessions)
 
 
-SessionSnapshot = tuple[str, int, tuple[Turn, ...]]  # (session id, updated_unix_ms, turns)
+# (session id, updated_unix_ms, turns, relationship values)
+SessionSnapshot = tuple[str, int, tuple[Turn, ...], dict[tuple[str, str], int]]
 
 
 def put_record(entry: SessionSnapshot) -> dict[str, Any]:
@@ -212,9 +246,12 @@ def put_record(entry: SessionSnapshot) -> dict[str, Any]:
     return {"op": "put", "session": _export(*entry)}
 
 
-def _export(session_id: str, updated_unix_ms: int, turns: Iterable[Turn]) -> dict[str, Any]:
+def _export(session_id: str, updated_unix_ms: int, turns: Iterable[Turn],
+            relationships: dict[tuple[str, str], int]) -> dict[str, Any]:
     return {"format": EXPORT_FORMAT, "session_id": session_id, "updated_unix_ms": updated_unix_ms,
-            "turns": [turn_dict(t) for t in turns]}
+            "turns": [turn_dict(t) for t in turns],
+            "relationships": [{"character_id": cid, "name": name, "value": value}
+                              for (cid, name), value in sorted(relationships.items())]}
 
 
 def turn_dict(turn: Turn) -> dict[str, Any]:
@@ -234,6 +271,7 @@ _TURN_FIELDS = {"character_id": 64, "player_line": MAX_LINE, "npc_line": MAX_LIN
                 "character_version": 64, "emotion": 64}
 _OPTIONAL = {"player_name", "character_version", "emotion"}  # missing or null: ""
 MAX_TURN_ACTIONS = 16
+MAX_RELATIONSHIP_VALUES = 4096  # per session: every character's, 8 each at most
 
 
 def parse_export(data: Any, max_turns: int, where: str = "session", *,
@@ -242,7 +280,7 @@ def parse_export(data: Any, max_turns: int, where: str = "session", *,
     input names it: `where` is its path, `format_field` its name for `format`."""
     if not isinstance(data, dict):
         raise SessionError(f"{where}: must be an object, got {type(data).__name__}")
-    _no_unknown(data, {"format", "session_id", "updated_unix_ms", "turns"}, where)
+    _no_unknown(data, {"format", "session_id", "updated_unix_ms", "turns", "relationships"}, where)
     fmt = data.get("format")
     if fmt != EXPORT_FORMAT or isinstance(fmt, bool):
         raise SessionError(f"{where}.{format_field}: must be {EXPORT_FORMAT}, got {_show(fmt)}")
@@ -256,7 +294,33 @@ def parse_export(data: Any, max_turns: int, where: str = "session", *,
         raise SessionError(f"{where}.turns: must be a list, got {type(raw_turns).__name__}")
     if len(raw_turns) > max_turns:
         raise SessionError(f"{where}.turns: has {len(raw_turns)} turns; the limit is {max_turns}")
-    return sid, _Session([_parse_turn(raw, f"{where}.turns[{i}]") for i, raw in enumerate(raw_turns)], updated)
+    raw_relationships = data.get("relationships") or []
+    if not isinstance(raw_relationships, list) or len(raw_relationships) > MAX_RELATIONSHIP_VALUES:
+        raise SessionError(f"{where}.relationships: must be a list of at most {MAX_RELATIONSHIP_VALUES} values")
+    relationships = {}
+    for i, raw in enumerate(raw_relationships):
+        if isinstance(raw, dict):
+            _no_unknown(raw, {"character_id", "name", "value"}, f"{where}.relationships[{i}]")
+        cid, name, value = _parse_relationship(raw, f"{where}.relationships[{i}]")
+        relationships[cid, name] = value
+    return sid, _Session([_parse_turn(raw, f"{where}.turns[{i}]") for i, raw in enumerate(raw_turns)], updated,
+                         relationships)
+
+
+def _parse_relationship(raw: Any, where: str) -> tuple[str, str, int]:
+    """(character id, name, value) of a stored relationship value. Only the shape is checked here: the
+    character's declaration may have changed since the save (the turn clamps a value to its range)."""
+    if not isinstance(raw, dict):
+        raise SessionError(f"{where}: must be an object, got {type(raw).__name__}")
+    cid, name, value = raw.get("character_id"), raw.get("name"), raw.get("value")
+    if not isinstance(cid, str) or not ID_PATTERN.fullmatch(cid):
+        raise SessionError(f"{where}.character_id: must match [a-z0-9_-]{{1,64}}, got {_show(cid)}")
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise SessionError(f"{where}.name: must match [a-z][a-z0-9_]{{0,31}}, got {_show(name)}")
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > VALUE_LIMIT:
+        raise SessionError(f"{where}.value: must be a whole number between {-VALUE_LIMIT} and {VALUE_LIMIT}, "
+                           f"got {_show(value)}")
+    return cid, name, value
 
 
 def _parse_turn(raw: Any, where: str) -> Turn:

@@ -24,8 +24,10 @@ from sidecar.dialogue.actions import Action, check_allowed, check_entities
 from sidecar.dialogue.characters import Character, Generation
 from sidecar.dialogue.prompt import fit_to_budget
 from sidecar.dialogue.registry import CharacterRegistry
+from sidecar.dialogue.relationships import RelationshipValue, current_values, effect_changes, prompt_lines
 from sidecar.dialogue.reply_format import Emotion, Rejected, ReplyFormat, ReplyParser, Text, reply_format
-from sidecar.dialogue.sessions import SessionStore, Turn
+from sidecar.dialogue.retrieval import FactRetriever
+from sidecar.dialogue.sessions import SessionStore, Turn, check_session_id
 from sidecar.engine.api import (
     AdapterRef,
     Engine,
@@ -35,6 +37,7 @@ from sidecar.engine.api import (
     SamplingParams,
     Timings,
 )
+from sidecar.errors import UserError
 
 log = structlog.get_logger("sidecar.dialogue")
 
@@ -79,6 +82,8 @@ class TurnStarted:
     prompt_tokens: int
     cached_prompt_tokens: int
     history_turns: int
+    facts: tuple[str, ...] = ()  # what the prompt gave the character to answer from
+    memories: tuple[str, ...] = ()  # exchanges that had left the window, brought back
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,11 @@ class TurnFinished:
     total_ms: float  # until this event: the session write included
     emotion: str
     actions: tuple[Action, ...] = ()
+    relationships: tuple[RelationshipValue, ...] = ()  # after the reply's actions; () without a session
+
+
+class BadRelationship(UserError):
+    """A relationship name the character does not declare, or a value out of its range (INVALID_ARGUMENT)."""
 
 
 TurnEvent = TurnStarted | TurnEmotion | TurnDelta | TurnAction | TurnFinished
@@ -163,8 +173,10 @@ def sampling_params(talk: TalkInput, defaults: Generation, limits: RequestLimits
 class Dialogue:
     """Turns on one engine, for every edge. Runs on the server's event loop."""
 
-    def __init__(self, engine: Engine, registry: CharacterRegistry, sessions: SessionStore, limits: RequestLimits):
+    def __init__(self, engine: Engine, registry: CharacterRegistry, sessions: SessionStore, limits: RequestLimits,
+                 retriever: FactRetriever | None = None):
         self.engine, self.registry, self.sessions, self.limits = engine, registry, sessions, limits
+        self.retriever = retriever or FactRetriever()  # without lore: the character's own knowledge
         self.accepting = True  # cleared when the server drains: new requests get ShuttingDown
         self.grace_over = False  # set by cancel_all(): no more engine work for replies in flight
         # The engine request of each reply in flight, by request id.
@@ -220,9 +232,12 @@ class Dialogue:
         if not self.engine.constrained_decoding:  # (TensorRT-LLM) the format is only asked for, then parsed
             sampling = replace(sampling, grammar=None)
         history = (*(self.sessions.history(talk.session_id) if talk.session_id else ()), *talk.history)
+        facts = self.retriever.for_turn(character, history, talk.player_line)
+        memories = self.retriever.recall(character, history, talk.player_line)
+        standing = prompt_lines(self._relationships(character, talk.session_id))
         prompt = fit_to_budget(self.engine.model.tokenizer, character, history, talk.player_line, talk.world,
                                talk.player_name, max_prompt_tokens=self.engine.config.max_seq_len - sampling.max_tokens,
-                               fmt=fmt)
+                               fmt=fmt, facts=facts, memories=memories, relationships=standing)
         reply_log = log.bind(character=character.id, version=character.version, session=talk.session_id or None)
         finished: EngineEvent | None = None
         parser = fmt.parser()
@@ -233,7 +248,7 @@ class Dialogue:
                 if event.kind == "started":
                     reply_log = reply_log.bind(request_id=event.request_id)
                     yield TurnStarted(event.request_id, character.version, event.prompt_tokens, event.cached_tokens,
-                                      prompt.history_turns)
+                                      prompt.history_turns, facts, memories)
                 elif event.kind == "delta":
                     had_text = parser.text_tokens
                     parts = self._turn_events(parser.push(event.text, tokens=len(event.token_ids)), reply_log)
@@ -260,6 +275,48 @@ class Dialogue:
         finally:
             request.close()
             self._open_turns -= 1
+
+    # --- relationships ---------------------------------------------------------------------------
+
+    def relationships(self, session_id: str, character_id: str) -> tuple[RelationshipValue, ...]:
+        """A character's relationship values in a session (start values where none was set)."""
+        check_session_id(session_id)
+        return self._relationships(self.serving(character_id)[0], session_id)
+
+    def set_relationship(self, session_id: str, character_id: str, name: str, *, value: int | None = None,
+                         delta: int | None = None) -> tuple[RelationshipValue, ...]:
+        """Sets one value (in range) or moves it by `delta` (clamped); returns every value after.
+        Raises BadRelationship naming the field, UnknownCharacter, CharacterUnavailable, SessionError."""
+        check_session_id(session_id)
+        character = self.serving(character_id)[0]
+        current = {v.name: v for v in self._relationships(character, session_id)}
+        if name not in current:
+            declared = ", ".join(current) or "none"
+            raise BadRelationship(f"name: character {character.id!r} has no relationship {name!r} "
+                                  f"(it declares: {declared})")
+        spec = current[name].spec
+        if (value is None) == (delta is None):
+            raise BadRelationship("value: give exactly one of value and delta")
+        if value is not None and not spec.min <= value <= spec.max:
+            raise BadRelationship(f"value: {value} is outside {name}'s range {spec.min}..{spec.max}")
+        new = value if value is not None else spec.clamp(current[name].value + delta)
+        self.sessions.set_relationship(session_id, character.id, name, new)
+        return self._relationships(character, session_id)
+
+    def _relationships(self, character: Character, session_id: str) -> tuple[RelationshipValue, ...]:
+        stored = self.sessions.relationships(session_id, character.id) if session_id else {}
+        return current_values(character.relationships, stored)
+
+    def _apply_effects(self, character: Character, session_id: str, actions: Sequence[Action]) -> None:
+        """Actions whose effects name a relationship ("trust: +5") change it, clamped to its range."""
+        specs = {s.name: s for s in character.actions}
+        for action in actions:
+            spec = specs.get(action.name)
+            if spec is None:
+                continue
+            for name, change in effect_changes(character.relationships, spec.effects).items():
+                now = {v.name: v for v in self._relationships(character, session_id)}[name]
+                self.sessions.set_relationship(session_id, character.id, name, now.spec.clamp(now.value + change))
 
     def reply_format(self, character: Character, talk: TalkInput) -> ReplyFormat:
         """What this turn's reply may hold; raises UserError for entities or allowed actions out of bounds."""
@@ -293,13 +350,17 @@ class Dialogue:
         assert finished is not None  # every engine stream ends with "finished" or "error"
         completed = finished.finish_reason in ("stop", "length")
         emotion, actions = parser.emotion, tuple(parser.actions)  # what the game was sent, also when cut short
+        relationships: tuple[RelationshipValue, ...] = ()
         if completed and talk.session_id:
             self.sessions.append_turn(talk.session_id, Turn(character.id, talk.player_line, parser.text,
                                                             talk.player_name, character.version, emotion, actions))
+            self._apply_effects(character, talk.session_id, actions)
+            relationships = self._relationships(character, talk.session_id)
         ms = timings.ms()
         reply_log.info("reply", reason=finished.finish_reason, prompt_tokens=finished.prompt_tokens,
                        cached_tokens=finished.cached_tokens, completion_tokens=finished.completion_tokens,
                        first_token_ms=round(ms["first_token_ms"], 1), total_ms=round(ms["total_ms"], 1),
                        emotion=emotion or None, actions=[a.name for a in actions] or None)
         return TurnFinished(finished.finish_reason or "stop", parser.text, finished.token_ids, finished.prompt_tokens,
-                            finished.completion_tokens, finished.cached_tokens, emotion=emotion, actions=actions, **ms)
+                            finished.completion_tokens, finished.cached_tokens, emotion=emotion, actions=actions,
+                            relationships=relationships, **ms)

@@ -16,6 +16,7 @@ import structlog
 
 from sidecar.dialogue.actions import Action, ActionSpec, action_from_dict
 from sidecar.dialogue.registry import CharacterStatus, CharacterUnavailable, LoadState, UnknownCharacter
+from sidecar.dialogue.relationships import RelationshipValue
 from sidecar.dialogue.sessions import SessionExists, UnknownSession
 from sidecar.dialogue.turn import (
     Dialogue,
@@ -102,7 +103,8 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
             await self._refuse(context, "ExportSession", exc)
         return pb.SessionState(format_version=data["format"], session_id=data["session_id"],
                                updated_unix_ms=data["updated_unix_ms"],
-                               turns=[turn_pb(turn) for turn in data["turns"]])
+                               turns=[turn_pb(turn) for turn in data["turns"]],
+                               relationships=[pb.RelationshipState(**r) for r in data["relationships"]])
 
     async def ImportSession(self, request: pb.ImportSessionRequest,
                             context: grpc.aio.ServicerContext) -> pb.ImportSessionResponse:
@@ -114,12 +116,35 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
                     "turns": [{"character_id": t.character_id, "player_line": t.player_line, "npc_line": t.npc_line,
                                "player_name": t.player_name, "character_version": t.character_version,
                                "emotion": t.emotion, "actions": [action_dict(a) for a in t.actions]}
-                              for t in s.turns]}
+                              for t in s.turns],
+                    "relationships": [{"character_id": r.character_id, "name": r.name, "value": r.value}
+                                      for r in s.relationships]}
             result = self.sessions.import_(data, overwrite=request.overwrite, where="state",
                                            format_field="format_version")
         except UserError as exc:
             await self._refuse(context, "ImportSession", exc)
         return pb.ImportSessionResponse(turns=result.turns, replaced=result.replaced)
+
+    async def GetRelationships(self, request: pb.GetRelationshipsRequest,
+                               context: grpc.aio.ServicerContext) -> pb.RelationshipsResponse:
+        try:
+            check_character_id(request.character_id)
+            values = self.dialogue.relationships(request.session_id, request.character_id)
+        except UserError as exc:
+            await self._refuse(context, "GetRelationships", exc)
+        return pb.RelationshipsResponse(relationships=[relationship_pb(v) for v in values])
+
+    async def SetRelationship(self, request: pb.SetRelationshipRequest,
+                              context: grpc.aio.ServicerContext) -> pb.RelationshipsResponse:
+        try:
+            check_character_id(request.character_id)
+            values = self.dialogue.set_relationship(
+                request.session_id, request.character_id, request.name,
+                value=request.value if request.HasField("value") else None,
+                delta=request.delta if request.HasField("delta") else None)
+        except UserError as exc:
+            await self._refuse(context, "SetRelationship", exc)
+        return pb.RelationshipsResponse(relationships=[relationship_pb(v) for v in values])
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest,
                             context: grpc.aio.ServicerContext) -> pb.ServerInfo:
@@ -145,7 +170,8 @@ def talk_event(event: TurnEvent) -> pb.TalkEvent:
     if isinstance(event, TurnStarted):
         return pb.TalkEvent(started=pb.Started(
             request_id=event.request_id, character_version=event.character_version, prompt_tokens=event.prompt_tokens,
-            cached_prompt_tokens=event.cached_prompt_tokens, history_turns=event.history_turns))
+            cached_prompt_tokens=event.cached_prompt_tokens, history_turns=event.history_turns,
+            facts=event.facts, memories=event.memories))
     if isinstance(event, TurnDelta):
         return pb.TalkEvent(delta=pb.TextDelta(text=event.text))
     if isinstance(event, TurnEmotion):
@@ -157,7 +183,13 @@ def talk_event(event: TurnEvent) -> pb.TalkEvent:
         usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
                        cached_prompt_tokens=event.cached_prompt_tokens),
         timings=pb.Timings(queue_ms=event.queue_ms, first_token_ms=event.first_token_ms, total_ms=event.total_ms),
-        emotion=event.emotion, actions=[action_pb(a) for a in event.actions]))
+        emotion=event.emotion, actions=[action_pb(a) for a in event.actions],
+        relationships=[relationship_pb(r) for r in event.relationships]))
+
+
+def relationship_pb(value: RelationshipValue) -> pb.Relationship:
+    return pb.Relationship(name=value.name, value=value.value, min_value=value.spec.min, max_value=value.spec.max,
+                           tier=value.tier.name, tier_text=value.tier.text)
 
 
 def action_pb(action: Action) -> pb.Action:

@@ -6,7 +6,13 @@ Each line of `characters/<id>/dialogue.jsonl` is one short conversation:
                   {"role": "assistant", "content": "...", "emotion": "gruff",
                    "actions": [{"name": "sell_item", "arguments": {"item": "iron sword"}}]}, ...],
      "world": {"time": "night"}, "player_name": "Aria",         # optional
-     "entities": {"stock": ["iron sword", "hammer"]}, "allowed_actions": ["sell_item"]}  # optional
+     "entities": {"stock": ["iron sword", "hammer"]}, "allowed_actions": ["sell_item"],   # optional
+     "facts": ["A shield costs 25 gold."]}                                   # optional
+
+`facts`: what the prompt gives the character to answer from, in the block next to the player's
+line (dialogue/prompt.py), for every exchange of the line; without it, each exchange gets what the
+sidecar would retrieve (dialogue/retrieval.py: the character's knowledge and the lore in its scope).
+Lines with facts that vary teach the adapter to answer from that block rather than from memory.
 
 Roles alternate, starting with the player ("user") and ending with the NPC ("assistant"). The
 text the model trains on is built by dialogue/prompt.build_messages, as at serving time: the
@@ -27,8 +33,10 @@ from pathlib import Path
 
 from sidecar.dialogue.actions import Action, action_from_dict, check_action
 from sidecar.dialogue.characters import Character
+from sidecar.dialogue.lore import LORE_FOLDER, LoreLibrary
 from sidecar.dialogue.prompt import build_messages
 from sidecar.dialogue.reply_format import ReplyFormat, render_reply, reply_format
+from sidecar.dialogue.retrieval import FactRetriever
 from sidecar.dialogue.sessions import Turn
 from sidecar.engine.tokenizer import ChatMessage, Tokenizer
 from sidecar.errors import UserError
@@ -59,6 +67,14 @@ class Conversation:
     replies: tuple[Reply, ...] = ()  # one per exchange: the reply with its labels
     entities: dict[str, tuple[str, ...]] = field(default_factory=dict)
     allowed_actions: tuple[str, ...] | None = None
+    facts: tuple[str, ...] | None = None  # None: retrieved per exchange, as at serving time
+
+    def prompt(self, character: Character, exchange: int, retriever: FactRetriever) -> list[ChatMessage]:
+        """The messages the sidecar would build for exchange `exchange` (0-based) after the ones before it."""
+        history, player = self.history(character, exchange), self.exchanges[exchange][0]
+        facts = self.facts if self.facts is not None else retriever.for_turn(character, history, player)
+        return build_messages(character, history, player, self.world, self.player_name,
+                              fmt=self.reply_format(character), facts=facts)
 
     def reply_format(self, character: Character) -> ReplyFormat:
         return reply_format(character.emotions, character.actions, self.entities, self.allowed_actions)
@@ -104,7 +120,7 @@ def _parse_line(path: Path, number: int, raw: str) -> Conversation:
         raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
         raise DataError(f'{where}: expected an object with a "messages" list')
-    known = {"messages", "world", "player_name", "entities", "allowed_actions"}
+    known = {"messages", "world", "player_name", "entities", "allowed_actions", "facts"}
     unknown = set(obj) - known
     if unknown:
         raise DataError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(known))}")
@@ -141,8 +157,12 @@ def _parse_line(path: Path, number: int, raw: str) -> Conversation:
     allowed = obj.get("allowed_actions")
     if allowed is not None and (not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed)):
         raise DataError(f"{where}: allowed_actions must be a list of action names")
+    facts = obj.get("facts")
+    if facts is not None and (not isinstance(facts, list) or not all(isinstance(f, str) and f.strip() for f in facts)):
+        raise DataError(f"{where}: facts must be a list of non-empty texts")
     return Conversation(number, tuple(zip(turns[::2], turns[1::2], strict=True)), world, name, tuple(replies),
-                        {k: tuple(v) for k, v in entities.items()}, tuple(allowed) if allowed is not None else None)
+                        {k: tuple(v) for k, v in entities.items()}, tuple(allowed) if allowed is not None else None,
+                        tuple(facts) if facts is not None else None)
 
 
 def _reply(where: str, i: int, m: dict) -> Reply:
@@ -178,23 +198,30 @@ def check_labels(character: Character, conv: Conversation) -> None:
                 raise DataError(f"{field_name}.actions[{j}]: {problem}")
 
 
-def render(tokenizer: Tokenizer, character: Character, conv: Conversation, max_tokens: int) -> Example:
-    """Token ids and labels of one conversation; every NPC reply (with its end-of-turn token) is supervised."""
+def render(tokenizer: Tokenizer, character: Character, conv: Conversation, max_tokens: int,
+           retriever: FactRetriever) -> list[Example]:
+    """Token ids and labels of one conversation; every NPC reply (with its end-of-turn token) is supervised.
+
+    Usually one example. The facts block sits before each player line and changes with it, so an
+    exchange whose prompt does not extend the one before (new facts) starts an example of its own.
+    """
     check_labels(character, conv)
-    fmt = conv.reply_format(character)
+    examples: list[Example] = []
     ids: list[int] = []
     labels: list[int] = []
     structured: set[int] = set()
-    for k, (player, _) in enumerate(conv.exchanges):
-        messages = build_messages(character, conv.history(character, k), player, conv.world, conv.player_name,
-                                  fmt=fmt)
+    for k in range(len(conv.exchanges)):
+        messages = conv.prompt(character, k, retriever)
         labelled = conv.replies[k]
         npc = render_reply(labelled.text, labelled.emotion, labelled.actions)
         context = tokenizer.encode_chat(messages, add_generation_prompt=True)
         full = tokenizer.encode_chat([*messages, ChatMessage("assistant", npc)], add_generation_prompt=False)
-        if full[: len(context)] != context or (ids and context[: len(ids)] != ids):
-            raise DataError(f"line {conv.line}: the chat template does not render the conversation as a "
-                            "growing prefix; this model's template cannot be trained on turn by turn")
+        if full[: len(context)] != context:
+            raise DataError(f"line {conv.line}: the chat template does not render the reply after its prompt; "
+                            "this model's template cannot be trained on turn by turn")
+        if ids and context[: len(ids)] != ids:
+            examples.append(_example(conv.line, ids, labels, structured, max_tokens))
+            ids, labels, structured = [], [], set()
         reply = full[len(context):]
         # Learn the reply up to its end-of-turn token (where serving stops), not the template's
         # newline after it.
@@ -203,10 +230,15 @@ def render(tokenizer: Tokenizer, character: Character, conv: Conversation, max_t
         structured |= {len(context) + i for i in _structured_tokens(tokenizer, reply[:eot], npc, labelled)}
         structured.add(len(context) + eot)
         ids = full
+    examples.append(_example(conv.line, ids, labels, structured, max_tokens))
+    return examples
+
+
+def _example(line: int, ids: list[int], labels: list[int], structured: set[int], max_tokens: int) -> Example:
     if len(ids) > max_tokens:
-        raise DataError(f"line {conv.line}: the rendered conversation is {len(ids)} tokens; the limit is "
+        raise DataError(f"line {line}: the rendered conversation is {len(ids)} tokens; the limit is "
                         f"{max_tokens} (shorten it or split it into several lines)")
-    return Example(conv.line, ids, labels, frozenset(structured))
+    return Example(line, ids, labels, frozenset(structured))
 
 
 def _structured_tokens(tokenizer: Tokenizer, reply: list[int], npc: str, labelled: Reply) -> list[int]:
@@ -220,6 +252,11 @@ def _structured_tokens(tokenizer: Tokenizer, reply: list[int], npc: str, labelle
             out.append(i)
         start = end
     return out
+
+
+def character_retriever(folder: Path) -> FactRetriever:
+    """What retrieves a character's facts when the sidecar serves `folder`'s characters folder."""
+    return FactRetriever(LoreLibrary(Path(folder).parent / LORE_FOLDER))
 
 
 def split(conversations: list[Conversation], held_out: float, seed: int) -> tuple[list[Conversation],

@@ -27,10 +27,22 @@ from sidecar.dialogue.actions import Action
 from sidecar.dialogue.characters import Character, load_character
 from sidecar.dialogue.prompt import build_messages
 from sidecar.dialogue.reply_format import ReplyFormat, reply_format
+from sidecar.dialogue.retrieval import FactRetriever
 from sidecar.engine.api import AdapterRef, SamplingParams
 from sidecar.engine.offline import OfflineEngine, Request
 from sidecar.errors import UserError
-from sidecar.training.data import DIALOGUE_FILE, IGNORE, Conversation, Example, Reply, read_dialogue, render, split
+from sidecar.training.data import (
+    DIALOGUE_FILE,
+    IGNORE,
+    Conversation,
+    Example,
+    Reply,
+    character_retriever,
+    read_dialogue,
+    render,
+    split,
+)
+from sidecar.training.facts import FACTS_FILE, FactScores, read_facts, score_facts
 from sidecar.training.train import REPORT_DIR, TrainConfig
 
 
@@ -91,6 +103,8 @@ class EvalResult:
     majority: TurnScores | None = None  # the training replies' most frequent label, and never acting
     majority_label: str = ""
     mood_labels: dict[str, int] | None = None  # labels over MOOD_PROBES, at the character's settings
+    facts: FactScores | None = None  # facts.jsonl answered with the adapter (None: the character has none)
+    facts_base: FactScores | None = None  # ... by the base model, same prompts
 
     @property
     def ratio(self) -> float:
@@ -109,7 +123,9 @@ class EvalResult:
                 "perplexity_adapter": self.perplexity_adapter, "perplexity_base": self.perplexity_base,
                 "ratio": self.ratio, "held_out_replies": self.held_out_replies, "turn_scores": scores,
                 "majority_label": self.majority_label, "mood_labels": self.mood_labels,
-                "mood_top_share": self.mood_top_share, "samples": [s.__dict__ for s in self.samples]}
+                "mood_top_share": self.mood_top_share, "samples": [s.__dict__ for s in self.samples],
+                "facts": self.facts.to_json() if self.facts else None,
+                "facts_base": self.facts_base.to_json() if self.facts_base else None}
 
 
 def evaluate_character(folder: Path, model_path: Path, weights: str = "auto", samples: int = 3,
@@ -132,7 +148,9 @@ def evaluate_character(folder: Path, model_path: Path, weights: str = "auto", sa
     with OfflineEngine(ModelConfig(model_path, weights)) as engine:
         adapter = engine.load_adapter(character.id, character.adapter_path, scale=character.lora_scale)
         tok = engine.tokenizer
-        examples = [render(tok, character, c, engine.engine.model.shape.max_position) for c in held]
+        retriever = character_retriever(folder)
+        examples = [e for c in held for e in render(tok, character, c, engine.engine.model.shape.max_position,
+                                                    retriever)]
         nll_a, nll_b = (_nll(engine, examples, lora) for lora in (adapter, None))
         count = sum(e.supervised for e in examples)
 
@@ -141,22 +159,25 @@ def evaluate_character(folder: Path, model_path: Path, weights: str = "auto", sa
         for conv in held[:samples]:
             player, reference = conv.exchanges[-1]
             fmt = conv.reply_format(character)
-            ids = tok.encode_chat(build_messages(character, conv.history(character, len(conv.exchanges) - 1),
-                                                 player, conv.world, conv.player_name, fmt=fmt))
+            ids = tok.encode_chat(conv.prompt(character, len(conv.exchanges) - 1, retriever))
             replies = engine.run([Request(ids, adapter, fmt.sampling(params, 512)),
                                   Request(ids, None, fmt.sampling(params, 512))])
             side_by_side.append(Sample(player, reference, *(_spoken(fmt, r.text) for r in replies)))
         result = EvalResult(character.id, len(held), count, math.exp(nll_a / count), math.exp(nll_b / count),
                             tuple(side_by_side))
+        if (folder / FACTS_FILE).is_file():
+            questions = read_facts(folder / FACTS_FILE)
+            result = replace(result, facts=score_facts(engine, character, adapter, retriever, questions),
+                             facts_base=score_facts(engine, character, None, retriever, questions))
         if not (character.emotions or character.actions):
             return result
         turns = [(conv, k) for conv in held for k in range(len(conv.exchanges))]
         labels = [conv.replies[k] for conv, k in turns]
         majority_label = _majority([r.emotion for c in trained for r in c.replies]) if character.emotions else ""
         majority = _scores(character.emotions, labels, [(majority_label, ())] * len(labels))
-        runs = {name: _scores(character.emotions, labels, _decode_turns(engine, character, turns, lora))
+        runs = {name: _scores(character.emotions, labels, _decode_turns(engine, character, turns, lora, retriever))
                 for name, lora in (("adapter", adapter), ("base", None))}
-        moods = _mood_labels(engine, character, adapter) if character.emotions else None
+        moods = _mood_labels(engine, character, adapter, retriever) if character.emotions else None
     return replace(result, held_out_replies=len(labels), adapter=runs["adapter"], base=runs["base"],
                    majority=majority, majority_label=majority_label, mood_labels=moods)
 
@@ -166,15 +187,14 @@ def _spoken(fmt: ReplyFormat, raw: str) -> str:
 
 
 def _decode_turns(engine: OfflineEngine, character: Character, turns: list[tuple[Conversation, int]],
-                  adapter: AdapterRef | None) -> list[tuple[str, tuple[Action, ...]]]:
+                  adapter: AdapterRef | None, retriever: FactRetriever) -> list[tuple[str, tuple[Action, ...]]]:
     """(emotion, actions) of each held-out reply, decoded greedily under its turn's grammar after the
     conversation so far (teacher forcing: the earlier replies as labelled)."""
     tok = engine.tokenizer
     requests, formats = [], []
     for conv, k in turns:
         fmt = conv.reply_format(character)
-        ids = tok.encode_chat(build_messages(character, conv.history(character, k), conv.exchanges[k][0], conv.world,
-                                             conv.player_name, fmt=fmt))
+        ids = tok.encode_chat(conv.prompt(character, k, retriever))
         requests.append(Request(ids, adapter, fmt.sampling(SamplingParams(max_tokens=60), 512)))
         formats.append(fmt)
     decoded = []
@@ -186,13 +206,14 @@ def _decode_turns(engine: OfflineEngine, character: Character, turns: list[tuple
     return decoded
 
 
-def _mood_labels(engine: OfflineEngine, character: Character, adapter: AdapterRef | None) -> dict[str, int]:
+def _mood_labels(engine: OfflineEngine, character: Character, adapter: AdapterRef | None,
+                 retriever: FactRetriever) -> dict[str, int]:
     """Labels over MOOD_PROBES at the character's own settings (each probe once per seed 0..2)."""
     tok, gen = engine.tokenizer, character.generation
     fmt = reply_format(character.emotions, character.actions, {}, None)
     requests = []
     for line in MOOD_PROBES:
-        ids = tok.encode_chat(build_messages(character, [], line, fmt=fmt))
+        ids = tok.encode_chat(build_messages(character, [], line, fmt=fmt, facts=retriever.facts(character, line)))
         for seed in range(3):
             base = SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p, seed=seed)
             requests.append(Request(ids, adapter, fmt.sampling(base, 512)))

@@ -44,7 +44,15 @@ from sidecar.engine.tokenizer import Tokenizer
 from sidecar.errors import UserError
 from sidecar.figures import FiguresUnavailable, pyplot
 from sidecar.model.checkpoint import load_checkpoint
-from sidecar.training.data import DIALOGUE_FILE, IGNORE, Example, read_dialogue, render, split
+from sidecar.training.data import (
+    DIALOGUE_FILE,
+    IGNORE,
+    Example,
+    character_retriever,
+    read_dialogue,
+    render,
+    split,
+)
 
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REPORT_DIR = "training"  # next to the adapter: report.json + loss.png
@@ -115,8 +123,9 @@ def train_character(folder: Path, model_path: Path, config: TrainConfig, progres
     tokenizer = Tokenizer(load_checkpoint(model_path))
     # Render everything first: bad data stops here, before anything is written.
     train_convs, held_convs = split(conversations, config.held_out, config.seed)
-    train_set = [render(tokenizer, character, c, config.max_tokens) for c in train_convs]
-    held_set = [render(tokenizer, character, c, config.max_tokens) for c in held_convs]
+    retriever = character_retriever(folder)
+    train_set = [e for c in train_convs for e in render(tokenizer, character, c, config.max_tokens, retriever)]
+    held_set = [e for c in held_convs for e in render(tokenizer, character, c, config.max_tokens, retriever)]
 
     from peft import LoraConfig, get_peft_model
 

@@ -375,6 +375,51 @@ Result<v1::ImportSessionResponse> NpcDialogueClient::ImportSession(const v1::Ses
   return impl_->Unary<v1::ImportSessionResponse>(&Stub::ImportSession, request, deadline);
 }
 
+namespace {
+Result<std::vector<v1::Relationship>> Values(Result<v1::RelationshipsResponse> reply) {
+  Result<std::vector<v1::Relationship>> result;
+  result.error = std::move(reply.error);
+  result.value.assign(reply.value.relationships().begin(), reply.value.relationships().end());
+  return result;
+}
+
+v1::SetRelationshipRequest RelationshipRequest(const std::string& session_id, const std::string& character_id,
+                                               const std::string& name) {
+  v1::SetRelationshipRequest request;
+  request.set_session_id(session_id);
+  request.set_character_id(character_id);
+  request.set_name(name);
+  return request;
+}
+}  // namespace
+
+Result<std::vector<v1::Relationship>> NpcDialogueClient::GetRelationships(const std::string& session_id,
+                                                                          const std::string& character_id,
+                                                                          std::chrono::milliseconds deadline) {
+  v1::GetRelationshipsRequest request;
+  request.set_session_id(session_id);
+  request.set_character_id(character_id);
+  return Values(impl_->Unary<v1::RelationshipsResponse>(&Stub::GetRelationships, request, deadline));
+}
+
+Result<std::vector<v1::Relationship>> NpcDialogueClient::SetRelationship(const std::string& session_id,
+                                                                         const std::string& character_id,
+                                                                         const std::string& name, std::int64_t value,
+                                                                         std::chrono::milliseconds deadline) {
+  v1::SetRelationshipRequest request = RelationshipRequest(session_id, character_id, name);
+  request.set_value(value);
+  return Values(impl_->Unary<v1::RelationshipsResponse>(&Stub::SetRelationship, request, deadline));
+}
+
+Result<std::vector<v1::Relationship>> NpcDialogueClient::ChangeRelationship(const std::string& session_id,
+                                                                            const std::string& character_id,
+                                                                            const std::string& name, std::int64_t delta,
+                                                                            std::chrono::milliseconds deadline) {
+  v1::SetRelationshipRequest request = RelationshipRequest(session_id, character_id, name);
+  request.set_delta(delta);
+  return Values(impl_->Unary<v1::RelationshipsResponse>(&Stub::SetRelationship, request, deadline));
+}
+
 const std::string& NpcDialogueClient::address() const { return impl_->address; }
 
 }  // namespace npc

@@ -484,6 +484,26 @@ int main(int argc, char** argv) {
     auto again = client.ImportSession(restored, false);
     Check(again.error.code == grpc::StatusCode::ALREADY_EXISTS, "ImportSession without overwrite: ALREADY_EXISTS",
           Describe(again.error));
+
+    // --- relationships (the character's first one, if it declares any) ---
+    auto values = client.GetRelationships(session, character);
+    Check(values.ok(), "GetRelationships", Describe(values.error));
+    if (!values.value.empty()) {
+      const npc::v1::Relationship first = values.value[0];
+      auto set = client.SetRelationship(session, character, first.name(), first.max_value());
+      Check(set.ok() && set.value[0].value() == first.max_value() && !set.value[0].tier().empty(),
+            "SetRelationship to the top of the range, with its tier", Describe(set.error));
+      auto moved = client.ChangeRelationship(session, character, first.name(), -1);
+      Check(moved.ok() && moved.value[0].value() == first.max_value() - 1, "ChangeRelationship by -1",
+            Describe(moved.error));
+      auto saved = client.ExportSession(session);
+      Check(saved.ok() && saved.value.relationships_size() == 1 &&
+                saved.value.relationships(0).value() == first.max_value() - 1,
+            "ExportSession keeps the relationship value", Describe(saved.error));
+      auto out_of_range = client.SetRelationship(session, character, first.name(), first.max_value() + 1);
+      Check(out_of_range.error.code == grpc::StatusCode::INVALID_ARGUMENT && !out_of_range.error.message.empty(),
+            "a value out of range: INVALID_ARGUMENT with a message", Describe(out_of_range.error));
+    }
     client.ResetSession(session);
   }
 

@@ -45,83 +45,100 @@ namespace Npc.V1 {
             "ES5ucGMudjEuVGV4dERlbHRhSAASJAoIZmluaXNoZWQYAyABKAsyEC5ucGMu",
             "djEuRmluaXNoZWRIABIiCgdlbW90aW9uGAQgASgLMg8ubnBjLnYxLkVtb3Rp",
             "b25IABIgCgZhY3Rpb24YBSABKAsyDi5ucGMudjEuQWN0aW9uSABCBwoFZXZl",
-            "bnQihAEKB1N0YXJ0ZWQSEgoKcmVxdWVzdF9pZBgBIAEoCRIZChFjaGFyYWN0",
+            "bnQipQEKB1N0YXJ0ZWQSEgoKcmVxdWVzdF9pZBgBIAEoCRIZChFjaGFyYWN0",
             "ZXJfdmVyc2lvbhgCIAEoCRIVCg1wcm9tcHRfdG9rZW5zGAMgASgFEhwKFGNh",
             "Y2hlZF9wcm9tcHRfdG9rZW5zGAQgASgFEhUKDWhpc3RvcnlfdHVybnMYBSAB",
-            "KAUiGQoJVGV4dERlbHRhEgwKBHRleHQYASABKAkiGAoHRW1vdGlvbhINCgVs",
-            "YWJlbBgBIAEoCSJZCgZBY3Rpb24SDAoEbmFtZRgBIAEoCRIpCglhcmd1bWVu",
-            "dHMYAiADKAsyFi5ucGMudjEuQWN0aW9uQXJndW1lbnQSFgoOYXJndW1lbnRz",
-            "X2pzb24YAyABKAkiagoOQWN0aW9uQXJndW1lbnQSDAoEbmFtZRgBIAEoCRIW",
-            "CgxzdHJpbmdfdmFsdWUYAiABKAlIABITCglpbnRfdmFsdWUYAyABKANIABIU",
-            "Cgpib29sX3ZhbHVlGAQgASgISABCBwoFdmFsdWUitQEKCEZpbmlzaGVkEiQK",
-            "BnJlYXNvbhgBIAEoDjIULm5wYy52MS5GaW5pc2hSZWFzb24SEQoJZnVsbF90",
-            "ZXh0GAIgASgJEhwKBXVzYWdlGAMgASgLMg0ubnBjLnYxLlVzYWdlEiAKB3Rp",
-            "bWluZ3MYBCABKAsyDy5ucGMudjEuVGltaW5ncxIPCgdlbW90aW9uGAUgASgJ",
-            "Eh8KB2FjdGlvbnMYBiADKAsyDi5ucGMudjEuQWN0aW9uIlcKBVVzYWdlEhUK",
-            "DXByb21wdF90b2tlbnMYASABKAUSGQoRY29tcGxldGlvbl90b2tlbnMYAiAB",
-            "KAUSHAoUY2FjaGVkX3Byb21wdF90b2tlbnMYAyABKAUiRQoHVGltaW5ncxIQ",
-            "CghxdWV1ZV9tcxgBIAEoARIWCg5maXJzdF90b2tlbl9tcxgCIAEoARIQCgh0",
-            "b3RhbF9tcxgDIAEoASIXChVMaXN0Q2hhcmFjdGVyc1JlcXVlc3QiPwoWTGlz",
-            "dENoYXJhY3RlcnNSZXNwb25zZRIlCgpjaGFyYWN0ZXJzGAEgAygLMhEubnBj",
-            "LnYxLkNoYXJhY3RlciLdAQoJQ2hhcmFjdGVyEgoKAmlkGAEgASgJEgwKBG5h",
-            "bWUYAiABKAkSDwoHdmVyc2lvbhgDIAEoCRInCgZzdGF0dXMYBCABKA4yFy5u",
-            "cGMudjEuQ2hhcmFjdGVyU3RhdHVzEg0KBWVycm9yGAUgASgJEhMKC2hhc19h",
-            "ZGFwdGVyGAYgASgIEhAKCGdyZWV0aW5nGAcgASgJEhAKCGVtb3Rpb25zGAgg",
-            "AygJEg8KB3NlcnZpbmcYCSABKAgSIwoHYWN0aW9ucxgKIAMoCzISLm5wYy52",
-            "MS5BY3Rpb25TcGVjIroBCgpBY3Rpb25TcGVjEgwKBG5hbWUYASABKAkSEwoL",
-            "ZGVzY3JpcHRpb24YAiABKAkSJwoJYXJndW1lbnRzGAMgAygLMhQubnBjLnYx",
-            "LkFyZ3VtZW50U3BlYxIwCgdlZmZlY3RzGAQgAygLMh8ubnBjLnYxLkFjdGlv",
-            "blNwZWMuRWZmZWN0c0VudHJ5Gi4KDEVmZmVjdHNFbnRyeRILCgNrZXkYASAB",
-            "KAkSDQoFdmFsdWUYAiABKAk6AjgBIogBCgxBcmd1bWVudFNwZWMSDAoEbmFt",
-            "ZRgBIAEoCRIMCgR0eXBlGAIgASgJEg4KBnZhbHVlcxgDIAMoCRITCgt2YWx1",
-            "ZXNfZnJvbRgEIAEoCRIRCgltaW5fdmFsdWUYBSABKAMSEQoJbWF4X3ZhbHVl",
-            "GAYgASgDEhEKCW1heF9jaGFycxgHIAEoBSI/ChNSZXNldFNlc3Npb25SZXF1",
-            "ZXN0EhIKCnNlc3Npb25faWQYASABKAkSFAoMY2hhcmFjdGVyX2lkGAIgASgJ",
-            "Ii8KFFJlc2V0U2Vzc2lvblJlc3BvbnNlEhcKD2ZvcmdvdHRlbl90dXJucxgB",
-            "IAEoBSJAChRFeHBvcnRTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEg",
-            "ASgJEhQKDGNoYXJhY3Rlcl9pZBgCIAEoCSJwCgxTZXNzaW9uU3RhdGUSFgoO",
-            "Zm9ybWF0X3ZlcnNpb24YASABKAUSEgoKc2Vzc2lvbl9pZBgCIAEoCRIbCgV0",
-            "dXJucxgDIAMoCzIMLm5wYy52MS5UdXJuEhcKD3VwZGF0ZWRfdW5peF9tcxgE",
-            "IAEoAyKlAQoEVHVybhIUCgxjaGFyYWN0ZXJfaWQYASABKAkSEwoLcGxheWVy",
-            "X2xpbmUYAiABKAkSEAoIbnBjX2xpbmUYAyABKAkSEwoLcGxheWVyX25hbWUY",
-            "BCABKAkSGQoRY2hhcmFjdGVyX3ZlcnNpb24YBSABKAkSDwoHZW1vdGlvbhgG",
-            "IAEoCRIfCgdhY3Rpb25zGAcgAygLMg4ubnBjLnYxLkFjdGlvbiJOChRJbXBv",
-            "cnRTZXNzaW9uUmVxdWVzdBIjCgVzdGF0ZRgBIAEoCzIULm5wYy52MS5TZXNz",
-            "aW9uU3RhdGUSEQoJb3ZlcndyaXRlGAIgASgIIjgKFUltcG9ydFNlc3Npb25S",
-            "ZXNwb25zZRINCgV0dXJucxgBIAEoBRIQCghyZXBsYWNlZBgCIAEoCCIWChRH",
-            "ZXRTZXJ2ZXJJbmZvUmVxdWVzdCLRAwoKU2VydmVySW5mbxINCgVtb2RlbBgB",
-            "IAEoCRIPCgd3ZWlnaHRzGAIgASgJEg8KB2JhY2tlbmQYAyABKAkSEQoJbWF4",
-            "X2JhdGNoGAQgASgFEhgKEGFjdGl2ZV9zZXF1ZW5jZXMYBSABKAUSGAoQd2Fp",
-            "dGluZ19yZXF1ZXN0cxgGIAEoBRIZChFyZXNpZGVudF9hZGFwdGVycxgHIAEo",
-            "BRIPCgd2ZXJzaW9uGAggASgJEh0KFW1heF9yZXNpZGVudF9hZGFwdGVycxgJ",
-            "IAEoBRITCgttYXhfd2FpdGluZxgKIAEoBRIWCg5jb250ZXh0X3Rva2VucxgL",
-            "IAEoBRIYChBtYXhfdG9rZW5zX2xpbWl0GAwgASgFEhAKCHNlc3Npb25zGA0g",
-            "ASgFEhQKDG1heF9zZXNzaW9ucxgOIAEoBRIOCgZkZXZpY2UYDyABKAkSGQoR",
-            "bWF4X3Nlc3Npb25fdHVybnMYECABKAUSJQoGbGltaXRzGBEgASgLMhUubnBj",
-            "LnYxLlJlcXVlc3RMaW1pdHMSGgoScHJlZml4X2NhY2hlX2J5dGVzGBIgASgD",
-            "EiMKG3ByZWZpeF9jYWNoZV9jYXBhY2l0eV9ieXRlcxgTIAEoAyKrAgoNUmVx",
-            "dWVzdExpbWl0cxIWCg5tYXhfbGluZV9jaGFycxgBIAEoBRIWCg5tYXhfbmFt",
-            "ZV9jaGFycxgCIAEoBRIZChFtYXhfd29ybGRfZW50cmllcxgDIAEoBRIbChNt",
-            "YXhfd29ybGRfa2V5X2NoYXJzGAQgASgFEh0KFW1heF93b3JsZF92YWx1ZV9j",
-            "aGFycxgFIAEoBRIYChBtYXhfc3RvcF9zdHJpbmdzGAYgASgFEhYKDm1heF9z",
-            "dG9wX2NoYXJzGAcgASgFEhIKCm1heF90b2tlbnMYCCABKAUSGAoQbWF4X2Vu",
-            "dGl0eV9saXN0cxgJIAEoBRIZChFtYXhfZW50aXR5X3ZhbHVlcxgKIAEoBRIY",
-            "ChBtYXhfZW50aXR5X2NoYXJzGAsgASgFKnwKDEZpbmlzaFJlYXNvbhIdChlG",
-            "SU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9T",
-            "VE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIbChdGSU5JU0hfUkVB",
-            "U09OX0NBTkNFTExFRBADKmwKD0NoYXJhY3RlclN0YXR1cxIgChxDSEFSQUNU",
-            "RVJfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGgoWQ0hBUkFDVEVSX1NUQVRVU19S",
-            "RUFEWRABEhsKF0NIQVJBQ1RFUl9TVEFUVVNfRkFJTEVEEAIysQMKC05wY0Rp",
-            "YWxvZ3VlEjAKBFRhbGsSEy5ucGMudjEuVGFsa1JlcXVlc3QaES5ucGMudjEu",
-            "VGFsa0V2ZW50MAESTwoOTGlzdENoYXJhY3RlcnMSHS5ucGMudjEuTGlzdENo",
-            "YXJhY3RlcnNSZXF1ZXN0Gh4ubnBjLnYxLkxpc3RDaGFyYWN0ZXJzUmVzcG9u",
-            "c2USSQoMUmVzZXRTZXNzaW9uEhsubnBjLnYxLlJlc2V0U2Vzc2lvblJlcXVl",
-            "c3QaHC5ucGMudjEuUmVzZXRTZXNzaW9uUmVzcG9uc2USQwoNRXhwb3J0U2Vz",
-            "c2lvbhIcLm5wYy52MS5FeHBvcnRTZXNzaW9uUmVxdWVzdBoULm5wYy52MS5T",
-            "ZXNzaW9uU3RhdGUSTAoNSW1wb3J0U2Vzc2lvbhIcLm5wYy52MS5JbXBvcnRT",
-            "ZXNzaW9uUmVxdWVzdBodLm5wYy52MS5JbXBvcnRTZXNzaW9uUmVzcG9uc2US",
-            "QQoNR2V0U2VydmVySW5mbxIcLm5wYy52MS5HZXRTZXJ2ZXJJbmZvUmVxdWVz",
-            "dBoSLm5wYy52MS5TZXJ2ZXJJbmZvQgmqAgZOcGMuVjFiBnByb3RvMw=="));
+            "KAUSDQoFZmFjdHMYBiADKAkSEAoIbWVtb3JpZXMYByADKAkiGQoJVGV4dERl",
+            "bHRhEgwKBHRleHQYASABKAkiGAoHRW1vdGlvbhINCgVsYWJlbBgBIAEoCSJZ",
+            "CgZBY3Rpb24SDAoEbmFtZRgBIAEoCRIpCglhcmd1bWVudHMYAiADKAsyFi5u",
+            "cGMudjEuQWN0aW9uQXJndW1lbnQSFgoOYXJndW1lbnRzX2pzb24YAyABKAki",
+            "agoOQWN0aW9uQXJndW1lbnQSDAoEbmFtZRgBIAEoCRIWCgxzdHJpbmdfdmFs",
+            "dWUYAiABKAlIABITCglpbnRfdmFsdWUYAyABKANIABIUCgpib29sX3ZhbHVl",
+            "GAQgASgISABCBwoFdmFsdWUi4gEKCEZpbmlzaGVkEiQKBnJlYXNvbhgBIAEo",
+            "DjIULm5wYy52MS5GaW5pc2hSZWFzb24SEQoJZnVsbF90ZXh0GAIgASgJEhwK",
+            "BXVzYWdlGAMgASgLMg0ubnBjLnYxLlVzYWdlEiAKB3RpbWluZ3MYBCABKAsy",
+            "Dy5ucGMudjEuVGltaW5ncxIPCgdlbW90aW9uGAUgASgJEh8KB2FjdGlvbnMY",
+            "BiADKAsyDi5ucGMudjEuQWN0aW9uEisKDXJlbGF0aW9uc2hpcHMYByADKAsy",
+            "FC5ucGMudjEuUmVsYXRpb25zaGlwIlcKBVVzYWdlEhUKDXByb21wdF90b2tl",
+            "bnMYASABKAUSGQoRY29tcGxldGlvbl90b2tlbnMYAiABKAUSHAoUY2FjaGVk",
+            "X3Byb21wdF90b2tlbnMYAyABKAUiRQoHVGltaW5ncxIQCghxdWV1ZV9tcxgB",
+            "IAEoARIWCg5maXJzdF90b2tlbl9tcxgCIAEoARIQCgh0b3RhbF9tcxgDIAEo",
+            "ASIXChVMaXN0Q2hhcmFjdGVyc1JlcXVlc3QiPwoWTGlzdENoYXJhY3RlcnNS",
+            "ZXNwb25zZRIlCgpjaGFyYWN0ZXJzGAEgAygLMhEubnBjLnYxLkNoYXJhY3Rl",
+            "ciLdAQoJQ2hhcmFjdGVyEgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSDwoH",
+            "dmVyc2lvbhgDIAEoCRInCgZzdGF0dXMYBCABKA4yFy5ucGMudjEuQ2hhcmFj",
+            "dGVyU3RhdHVzEg0KBWVycm9yGAUgASgJEhMKC2hhc19hZGFwdGVyGAYgASgI",
+            "EhAKCGdyZWV0aW5nGAcgASgJEhAKCGVtb3Rpb25zGAggAygJEg8KB3NlcnZp",
+            "bmcYCSABKAgSIwoHYWN0aW9ucxgKIAMoCzISLm5wYy52MS5BY3Rpb25TcGVj",
+            "IroBCgpBY3Rpb25TcGVjEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24Y",
+            "AiABKAkSJwoJYXJndW1lbnRzGAMgAygLMhQubnBjLnYxLkFyZ3VtZW50U3Bl",
+            "YxIwCgdlZmZlY3RzGAQgAygLMh8ubnBjLnYxLkFjdGlvblNwZWMuRWZmZWN0",
+            "c0VudHJ5Gi4KDEVmZmVjdHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUY",
+            "AiABKAk6AjgBIogBCgxBcmd1bWVudFNwZWMSDAoEbmFtZRgBIAEoCRIMCgR0",
+            "eXBlGAIgASgJEg4KBnZhbHVlcxgDIAMoCRITCgt2YWx1ZXNfZnJvbRgEIAEo",
+            "CRIRCgltaW5fdmFsdWUYBSABKAMSEQoJbWF4X3ZhbHVlGAYgASgDEhEKCW1h",
+            "eF9jaGFycxgHIAEoBSI/ChNSZXNldFNlc3Npb25SZXF1ZXN0EhIKCnNlc3Np",
+            "b25faWQYASABKAkSFAoMY2hhcmFjdGVyX2lkGAIgASgJIi8KFFJlc2V0U2Vz",
+            "c2lvblJlc3BvbnNlEhcKD2ZvcmdvdHRlbl90dXJucxgBIAEoBSJAChRFeHBv",
+            "cnRTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhQKDGNoYXJh",
+            "Y3Rlcl9pZBgCIAEoCSKiAQoMU2Vzc2lvblN0YXRlEhYKDmZvcm1hdF92ZXJz",
+            "aW9uGAEgASgFEhIKCnNlc3Npb25faWQYAiABKAkSGwoFdHVybnMYAyADKAsy",
+            "DC5ucGMudjEuVHVybhIXCg91cGRhdGVkX3VuaXhfbXMYBCABKAMSMAoNcmVs",
+            "YXRpb25zaGlwcxgFIAMoCzIZLm5wYy52MS5SZWxhdGlvbnNoaXBTdGF0ZSJG",
+            "ChFSZWxhdGlvbnNoaXBTdGF0ZRIUCgxjaGFyYWN0ZXJfaWQYASABKAkSDAoE",
+            "bmFtZRgCIAEoCRINCgV2YWx1ZRgDIAEoAyKlAQoEVHVybhIUCgxjaGFyYWN0",
+            "ZXJfaWQYASABKAkSEwoLcGxheWVyX2xpbmUYAiABKAkSEAoIbnBjX2xpbmUY",
+            "AyABKAkSEwoLcGxheWVyX25hbWUYBCABKAkSGQoRY2hhcmFjdGVyX3ZlcnNp",
+            "b24YBSABKAkSDwoHZW1vdGlvbhgGIAEoCRIfCgdhY3Rpb25zGAcgAygLMg4u",
+            "bnBjLnYxLkFjdGlvbiJDChdHZXRSZWxhdGlvbnNoaXBzUmVxdWVzdBISCgpz",
+            "ZXNzaW9uX2lkGAEgASgJEhQKDGNoYXJhY3Rlcl9pZBgCIAEoCSKMAQoWU2V0",
+            "UmVsYXRpb25zaGlwUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhQKDGNo",
+            "YXJhY3Rlcl9pZBgCIAEoCRIMCgRuYW1lGAMgASgJEhIKBXZhbHVlGAQgASgD",
+            "SACIAQESEgoFZGVsdGEYBSABKANIAYgBAUIICgZfdmFsdWVCCAoGX2RlbHRh",
+            "IkQKFVJlbGF0aW9uc2hpcHNSZXNwb25zZRIrCg1yZWxhdGlvbnNoaXBzGAEg",
+            "AygLMhQubnBjLnYxLlJlbGF0aW9uc2hpcCJyCgxSZWxhdGlvbnNoaXASDAoE",
+            "bmFtZRgBIAEoCRINCgV2YWx1ZRgCIAEoAxIRCgltaW5fdmFsdWUYAyABKAMS",
+            "EQoJbWF4X3ZhbHVlGAQgASgDEgwKBHRpZXIYBSABKAkSEQoJdGllcl90ZXh0",
+            "GAYgASgJIk4KFEltcG9ydFNlc3Npb25SZXF1ZXN0EiMKBXN0YXRlGAEgASgL",
+            "MhQubnBjLnYxLlNlc3Npb25TdGF0ZRIRCglvdmVyd3JpdGUYAiABKAgiOAoV",
+            "SW1wb3J0U2Vzc2lvblJlc3BvbnNlEg0KBXR1cm5zGAEgASgFEhAKCHJlcGxh",
+            "Y2VkGAIgASgIIhYKFEdldFNlcnZlckluZm9SZXF1ZXN0ItEDCgpTZXJ2ZXJJ",
+            "bmZvEg0KBW1vZGVsGAEgASgJEg8KB3dlaWdodHMYAiABKAkSDwoHYmFja2Vu",
+            "ZBgDIAEoCRIRCgltYXhfYmF0Y2gYBCABKAUSGAoQYWN0aXZlX3NlcXVlbmNl",
+            "cxgFIAEoBRIYChB3YWl0aW5nX3JlcXVlc3RzGAYgASgFEhkKEXJlc2lkZW50",
+            "X2FkYXB0ZXJzGAcgASgFEg8KB3ZlcnNpb24YCCABKAkSHQoVbWF4X3Jlc2lk",
+            "ZW50X2FkYXB0ZXJzGAkgASgFEhMKC21heF93YWl0aW5nGAogASgFEhYKDmNv",
+            "bnRleHRfdG9rZW5zGAsgASgFEhgKEG1heF90b2tlbnNfbGltaXQYDCABKAUS",
+            "EAoIc2Vzc2lvbnMYDSABKAUSFAoMbWF4X3Nlc3Npb25zGA4gASgFEg4KBmRl",
+            "dmljZRgPIAEoCRIZChFtYXhfc2Vzc2lvbl90dXJucxgQIAEoBRIlCgZsaW1p",
+            "dHMYESABKAsyFS5ucGMudjEuUmVxdWVzdExpbWl0cxIaChJwcmVmaXhfY2Fj",
+            "aGVfYnl0ZXMYEiABKAMSIwobcHJlZml4X2NhY2hlX2NhcGFjaXR5X2J5dGVz",
+            "GBMgASgDIqsCCg1SZXF1ZXN0TGltaXRzEhYKDm1heF9saW5lX2NoYXJzGAEg",
+            "ASgFEhYKDm1heF9uYW1lX2NoYXJzGAIgASgFEhkKEW1heF93b3JsZF9lbnRy",
+            "aWVzGAMgASgFEhsKE21heF93b3JsZF9rZXlfY2hhcnMYBCABKAUSHQoVbWF4",
+            "X3dvcmxkX3ZhbHVlX2NoYXJzGAUgASgFEhgKEG1heF9zdG9wX3N0cmluZ3MY",
+            "BiABKAUSFgoObWF4X3N0b3BfY2hhcnMYByABKAUSEgoKbWF4X3Rva2VucxgI",
+            "IAEoBRIYChBtYXhfZW50aXR5X2xpc3RzGAkgASgFEhkKEW1heF9lbnRpdHlf",
+            "dmFsdWVzGAogASgFEhgKEG1heF9lbnRpdHlfY2hhcnMYCyABKAUqfAoMRmlu",
+            "aXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJG",
+            "SU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBAC",
+            "EhsKF0ZJTklTSF9SRUFTT05fQ0FOQ0VMTEVEEAMqbAoPQ2hhcmFjdGVyU3Rh",
+            "dHVzEiAKHENIQVJBQ1RFUl9TVEFUVVNfVU5TUEVDSUZJRUQQABIaChZDSEFS",
+            "QUNURVJfU1RBVFVTX1JFQURZEAESGwoXQ0hBUkFDVEVSX1NUQVRVU19GQUlM",
+            "RUQQAjLXBAoLTnBjRGlhbG9ndWUSMAoEVGFsaxITLm5wYy52MS5UYWxrUmVx",
+            "dWVzdBoRLm5wYy52MS5UYWxrRXZlbnQwARJPCg5MaXN0Q2hhcmFjdGVycxId",
+            "Lm5wYy52MS5MaXN0Q2hhcmFjdGVyc1JlcXVlc3QaHi5ucGMudjEuTGlzdENo",
+            "YXJhY3RlcnNSZXNwb25zZRJJCgxSZXNldFNlc3Npb24SGy5ucGMudjEuUmVz",
+            "ZXRTZXNzaW9uUmVxdWVzdBocLm5wYy52MS5SZXNldFNlc3Npb25SZXNwb25z",
+            "ZRJDCg1FeHBvcnRTZXNzaW9uEhwubnBjLnYxLkV4cG9ydFNlc3Npb25SZXF1",
+            "ZXN0GhQubnBjLnYxLlNlc3Npb25TdGF0ZRJMCg1JbXBvcnRTZXNzaW9uEhwu",
+            "bnBjLnYxLkltcG9ydFNlc3Npb25SZXF1ZXN0Gh0ubnBjLnYxLkltcG9ydFNl",
+            "c3Npb25SZXNwb25zZRJBCg1HZXRTZXJ2ZXJJbmZvEhwubnBjLnYxLkdldFNl",
+            "cnZlckluZm9SZXF1ZXN0GhIubnBjLnYxLlNlcnZlckluZm8SUgoQR2V0UmVs",
+            "YXRpb25zaGlwcxIfLm5wYy52MS5HZXRSZWxhdGlvbnNoaXBzUmVxdWVzdBod",
+            "Lm5wYy52MS5SZWxhdGlvbnNoaXBzUmVzcG9uc2USUAoPU2V0UmVsYXRpb25z",
+            "aGlwEh4ubnBjLnYxLlNldFJlbGF0aW9uc2hpcFJlcXVlc3QaHS5ucGMudjEu",
+            "UmVsYXRpb25zaGlwc1Jlc3BvbnNlQgmqAgZOcGMuVjFiBnByb3RvMw=="));
       descriptor = pbr::FileDescriptor.FromGeneratedCode(descriptorData,
           new pbr::FileDescriptor[] { },
           new pbr::GeneratedClrTypeInfo(new[] {typeof(global::Npc.V1.FinishReason), typeof(global::Npc.V1.CharacterStatus), }, null, new pbr::GeneratedClrTypeInfo[] {
@@ -130,12 +147,12 @@ namespace Npc.V1 {
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.AllowedActions), global::Npc.V1.AllowedActions.Parser, new[]{ "Names" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.GenerationOptions), global::Npc.V1.GenerationOptions.Parser, new[]{ "MaxTokens", "Temperature", "TopP", "Seed", "Stop", "TopK", "RepetitionPenalty" }, new[]{ "Temperature", "TopP", "Seed", "TopK", "RepetitionPenalty" }, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.TalkEvent), global::Npc.V1.TalkEvent.Parser, new[]{ "Started", "Delta", "Finished", "Emotion", "Action" }, new[]{ "Event" }, null, null, null),
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Started), global::Npc.V1.Started.Parser, new[]{ "RequestId", "CharacterVersion", "PromptTokens", "CachedPromptTokens", "HistoryTurns" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Started), global::Npc.V1.Started.Parser, new[]{ "RequestId", "CharacterVersion", "PromptTokens", "CachedPromptTokens", "HistoryTurns", "Facts", "Memories" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.TextDelta), global::Npc.V1.TextDelta.Parser, new[]{ "Text" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Emotion), global::Npc.V1.Emotion.Parser, new[]{ "Label" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Action), global::Npc.V1.Action.Parser, new[]{ "Name", "Arguments", "ArgumentsJson" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ActionArgument), global::Npc.V1.ActionArgument.Parser, new[]{ "Name", "StringValue", "IntValue", "BoolValue" }, new[]{ "Value" }, null, null, null),
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Finished), global::Npc.V1.Finished.Parser, new[]{ "Reason", "FullText", "Usage", "Timings", "Emotion", "Actions" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Finished), global::Npc.V1.Finished.Parser, new[]{ "Reason", "FullText", "Usage", "Timings", "Emotion", "Actions", "Relationships" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Usage), global::Npc.V1.Usage.Parser, new[]{ "PromptTokens", "CompletionTokens", "CachedPromptTokens" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Timings), global::Npc.V1.Timings.Parser, new[]{ "QueueMs", "FirstTokenMs", "TotalMs" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ListCharactersRequest), global::Npc.V1.ListCharactersRequest.Parser, null, null, null, null, null),
@@ -146,8 +163,13 @@ namespace Npc.V1 {
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ResetSessionRequest), global::Npc.V1.ResetSessionRequest.Parser, new[]{ "SessionId", "CharacterId" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ResetSessionResponse), global::Npc.V1.ResetSessionResponse.Parser, new[]{ "ForgottenTurns" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ExportSessionRequest), global::Npc.V1.ExportSessionRequest.Parser, new[]{ "SessionId", "CharacterId" }, null, null, null, null),
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.SessionState), global::Npc.V1.SessionState.Parser, new[]{ "FormatVersion", "SessionId", "Turns", "UpdatedUnixMs" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.SessionState), global::Npc.V1.SessionState.Parser, new[]{ "FormatVersion", "SessionId", "Turns", "UpdatedUnixMs", "Relationships" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.RelationshipState), global::Npc.V1.RelationshipState.Parser, new[]{ "CharacterId", "Name", "Value" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Turn), global::Npc.V1.Turn.Parser, new[]{ "CharacterId", "PlayerLine", "NpcLine", "PlayerName", "CharacterVersion", "Emotion", "Actions" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.GetRelationshipsRequest), global::Npc.V1.GetRelationshipsRequest.Parser, new[]{ "SessionId", "CharacterId" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.SetRelationshipRequest), global::Npc.V1.SetRelationshipRequest.Parser, new[]{ "SessionId", "CharacterId", "Name", "Value", "Delta" }, new[]{ "Value", "Delta" }, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.RelationshipsResponse), global::Npc.V1.RelationshipsResponse.Parser, new[]{ "Relationships" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Relationship), global::Npc.V1.Relationship.Parser, new[]{ "Name", "Value", "MinValue", "MaxValue", "Tier", "TierText" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ImportSessionRequest), global::Npc.V1.ImportSessionRequest.Parser, new[]{ "State", "Overwrite" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ImportSessionResponse), global::Npc.V1.ImportSessionResponse.Parser, new[]{ "Turns", "Replaced" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.GetServerInfoRequest), global::Npc.V1.GetServerInfoRequest.Parser, null, null, null, null, null),
@@ -2078,6 +2100,8 @@ namespace Npc.V1 {
       promptTokens_ = other.promptTokens_;
       cachedPromptTokens_ = other.cachedPromptTokens_;
       historyTurns_ = other.historyTurns_;
+      facts_ = other.facts_.Clone();
+      memories_ = other.memories_.Clone();
       _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
     }
 
@@ -2123,7 +2147,8 @@ namespace Npc.V1 {
     public const int PromptTokensFieldNumber = 3;
     private int promptTokens_;
     /// <summary>
-    /// Tokens in the prompt: persona, knowledge, world facts, history and the player line.
+    /// Tokens in the prompt: persona, world facts, history, the facts and memories below and the
+    /// player line.
     /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
@@ -2167,6 +2192,37 @@ namespace Npc.V1 {
       }
     }
 
+    /// <summary>Field number for the "facts" field.</summary>
+    public const int FactsFieldNumber = 6;
+    private static readonly pb::FieldCodec<string> _repeated_facts_codec
+        = pb::FieldCodec.ForString(50);
+    private readonly pbc::RepeatedField<string> facts_ = new pbc::RepeatedField<string>();
+    /// <summary>
+    /// What the prompt gave the character to answer from, best first: lines of its knowledge and of
+    /// the lore in its scope (characters/lore) that bear on the player's line. For debugging and
+    /// playtesting ("why did she say that?"); the game need not read them.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<string> Facts {
+      get { return facts_; }
+    }
+
+    /// <summary>Field number for the "memories" field.</summary>
+    public const int MemoriesFieldNumber = 7;
+    private static readonly pb::FieldCodec<string> _repeated_memories_codec
+        = pb::FieldCodec.ForString(58);
+    private readonly pbc::RepeatedField<string> memories_ = new pbc::RepeatedField<string>();
+    /// <summary>
+    /// Earlier exchanges with this character that had left the prompt's window and were brought back
+    /// because the player's line refers to them (long-term memory), oldest first.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<string> Memories {
+      get { return memories_; }
+    }
+
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public override bool Equals(object other) {
@@ -2187,6 +2243,8 @@ namespace Npc.V1 {
       if (PromptTokens != other.PromptTokens) return false;
       if (CachedPromptTokens != other.CachedPromptTokens) return false;
       if (HistoryTurns != other.HistoryTurns) return false;
+      if(!facts_.Equals(other.facts_)) return false;
+      if(!memories_.Equals(other.memories_)) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
 
@@ -2199,6 +2257,8 @@ namespace Npc.V1 {
       if (PromptTokens != 0) hash ^= PromptTokens.GetHashCode();
       if (CachedPromptTokens != 0) hash ^= CachedPromptTokens.GetHashCode();
       if (HistoryTurns != 0) hash ^= HistoryTurns.GetHashCode();
+      hash ^= facts_.GetHashCode();
+      hash ^= memories_.GetHashCode();
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
       }
@@ -2237,6 +2297,8 @@ namespace Npc.V1 {
         output.WriteRawTag(40);
         output.WriteInt32(HistoryTurns);
       }
+      facts_.WriteTo(output, _repeated_facts_codec);
+      memories_.WriteTo(output, _repeated_memories_codec);
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -2267,6 +2329,8 @@ namespace Npc.V1 {
         output.WriteRawTag(40);
         output.WriteInt32(HistoryTurns);
       }
+      facts_.WriteTo(ref output, _repeated_facts_codec);
+      memories_.WriteTo(ref output, _repeated_memories_codec);
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -2292,6 +2356,8 @@ namespace Npc.V1 {
       if (HistoryTurns != 0) {
         size += 1 + pb::CodedOutputStream.ComputeInt32Size(HistoryTurns);
       }
+      size += facts_.CalculateSize(_repeated_facts_codec);
+      size += memories_.CalculateSize(_repeated_memories_codec);
       if (_unknownFields != null) {
         size += _unknownFields.CalculateSize();
       }
@@ -2319,6 +2385,8 @@ namespace Npc.V1 {
       if (other.HistoryTurns != 0) {
         HistoryTurns = other.HistoryTurns;
       }
+      facts_.Add(other.facts_);
+      memories_.Add(other.memories_);
       _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
     }
 
@@ -2354,6 +2422,14 @@ namespace Npc.V1 {
             HistoryTurns = input.ReadInt32();
             break;
           }
+          case 50: {
+            facts_.AddEntriesFrom(input, _repeated_facts_codec);
+            break;
+          }
+          case 58: {
+            memories_.AddEntriesFrom(input, _repeated_memories_codec);
+            break;
+          }
         }
       }
     #endif
@@ -2387,6 +2463,14 @@ namespace Npc.V1 {
           }
           case 40: {
             HistoryTurns = input.ReadInt32();
+            break;
+          }
+          case 50: {
+            facts_.AddEntriesFrom(ref input, _repeated_facts_codec);
+            break;
+          }
+          case 58: {
+            memories_.AddEntriesFrom(ref input, _repeated_memories_codec);
             break;
           }
         }
@@ -3455,6 +3539,7 @@ namespace Npc.V1 {
       timings_ = other.timings_ != null ? other.timings_.Clone() : null;
       emotion_ = other.emotion_;
       actions_ = other.actions_.Clone();
+      relationships_ = other.relationships_.Clone();
       _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
     }
 
@@ -3560,6 +3645,22 @@ namespace Npc.V1 {
       get { return actions_; }
     }
 
+    /// <summary>Field number for the "relationships" field.</summary>
+    public const int RelationshipsFieldNumber = 7;
+    private static readonly pb::FieldCodec<global::Npc.V1.Relationship> _repeated_relationships_codec
+        = pb::FieldCodec.ForMessage(58, global::Npc.V1.Relationship.Parser);
+    private readonly pbc::RepeatedField<global::Npc.V1.Relationship> relationships_ = new pbc::RepeatedField<global::Npc.V1.Relationship>();
+    /// <summary>
+    /// The character's relationship values with the player after this reply: an action whose
+    /// effects name a relationship ("trust: +5") has changed it. Empty for a character that
+    /// declares none, and for a one-off line (no session_id: nothing to keep them in).
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<global::Npc.V1.Relationship> Relationships {
+      get { return relationships_; }
+    }
+
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public override bool Equals(object other) {
@@ -3581,6 +3682,7 @@ namespace Npc.V1 {
       if (!object.Equals(Timings, other.Timings)) return false;
       if (Emotion != other.Emotion) return false;
       if(!actions_.Equals(other.actions_)) return false;
+      if(!relationships_.Equals(other.relationships_)) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
 
@@ -3594,6 +3696,7 @@ namespace Npc.V1 {
       if (timings_ != null) hash ^= Timings.GetHashCode();
       if (Emotion.Length != 0) hash ^= Emotion.GetHashCode();
       hash ^= actions_.GetHashCode();
+      hash ^= relationships_.GetHashCode();
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
       }
@@ -3633,6 +3736,7 @@ namespace Npc.V1 {
         output.WriteString(Emotion);
       }
       actions_.WriteTo(output, _repeated_actions_codec);
+      relationships_.WriteTo(output, _repeated_relationships_codec);
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -3664,6 +3768,7 @@ namespace Npc.V1 {
         output.WriteString(Emotion);
       }
       actions_.WriteTo(ref output, _repeated_actions_codec);
+      relationships_.WriteTo(ref output, _repeated_relationships_codec);
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -3690,6 +3795,7 @@ namespace Npc.V1 {
         size += 1 + pb::CodedOutputStream.ComputeStringSize(Emotion);
       }
       size += actions_.CalculateSize(_repeated_actions_codec);
+      size += relationships_.CalculateSize(_repeated_relationships_codec);
       if (_unknownFields != null) {
         size += _unknownFields.CalculateSize();
       }
@@ -3724,6 +3830,7 @@ namespace Npc.V1 {
         Emotion = other.Emotion;
       }
       actions_.Add(other.actions_);
+      relationships_.Add(other.relationships_);
       _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
     }
 
@@ -3769,6 +3876,10 @@ namespace Npc.V1 {
             actions_.AddEntriesFrom(input, _repeated_actions_codec);
             break;
           }
+          case 58: {
+            relationships_.AddEntriesFrom(input, _repeated_relationships_codec);
+            break;
+          }
         }
       }
     #endif
@@ -3812,6 +3923,10 @@ namespace Npc.V1 {
           }
           case 50: {
             actions_.AddEntriesFrom(ref input, _repeated_actions_codec);
+            break;
+          }
+          case 58: {
+            relationships_.AddEntriesFrom(ref input, _repeated_relationships_codec);
             break;
           }
         }
@@ -6692,6 +6807,7 @@ namespace Npc.V1 {
       sessionId_ = other.sessionId_;
       turns_ = other.turns_.Clone();
       updatedUnixMs_ = other.updatedUnixMs_;
+      relationships_ = other.relationships_.Clone();
       _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
     }
 
@@ -6761,6 +6877,21 @@ namespace Npc.V1 {
       }
     }
 
+    /// <summary>Field number for the "relationships" field.</summary>
+    public const int RelationshipsFieldNumber = 5;
+    private static readonly pb::FieldCodec<global::Npc.V1.RelationshipState> _repeated_relationships_codec
+        = pb::FieldCodec.ForMessage(42, global::Npc.V1.RelationshipState.Parser);
+    private readonly pbc::RepeatedField<global::Npc.V1.RelationshipState> relationships_ = new pbc::RepeatedField<global::Npc.V1.RelationshipState>();
+    /// <summary>
+    /// Relationship values set in this session (by SetRelationship or by actions); a value never
+    /// set is the character's start value and is not listed.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<global::Npc.V1.RelationshipState> Relationships {
+      get { return relationships_; }
+    }
+
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public override bool Equals(object other) {
@@ -6780,6 +6911,7 @@ namespace Npc.V1 {
       if (SessionId != other.SessionId) return false;
       if(!turns_.Equals(other.turns_)) return false;
       if (UpdatedUnixMs != other.UpdatedUnixMs) return false;
+      if(!relationships_.Equals(other.relationships_)) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
 
@@ -6791,6 +6923,7 @@ namespace Npc.V1 {
       if (SessionId.Length != 0) hash ^= SessionId.GetHashCode();
       hash ^= turns_.GetHashCode();
       if (UpdatedUnixMs != 0L) hash ^= UpdatedUnixMs.GetHashCode();
+      hash ^= relationships_.GetHashCode();
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
       }
@@ -6822,6 +6955,7 @@ namespace Npc.V1 {
         output.WriteRawTag(32);
         output.WriteInt64(UpdatedUnixMs);
       }
+      relationships_.WriteTo(output, _repeated_relationships_codec);
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -6845,6 +6979,7 @@ namespace Npc.V1 {
         output.WriteRawTag(32);
         output.WriteInt64(UpdatedUnixMs);
       }
+      relationships_.WriteTo(ref output, _repeated_relationships_codec);
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -6865,6 +7000,7 @@ namespace Npc.V1 {
       if (UpdatedUnixMs != 0L) {
         size += 1 + pb::CodedOutputStream.ComputeInt64Size(UpdatedUnixMs);
       }
+      size += relationships_.CalculateSize(_repeated_relationships_codec);
       if (_unknownFields != null) {
         size += _unknownFields.CalculateSize();
       }
@@ -6887,6 +7023,7 @@ namespace Npc.V1 {
       if (other.UpdatedUnixMs != 0L) {
         UpdatedUnixMs = other.UpdatedUnixMs;
       }
+      relationships_.Add(other.relationships_);
       _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
     }
 
@@ -6916,6 +7053,10 @@ namespace Npc.V1 {
           }
           case 32: {
             UpdatedUnixMs = input.ReadInt64();
+            break;
+          }
+          case 42: {
+            relationships_.AddEntriesFrom(input, _repeated_relationships_codec);
             break;
           }
         }
@@ -6949,6 +7090,276 @@ namespace Npc.V1 {
             UpdatedUnixMs = input.ReadInt64();
             break;
           }
+          case 42: {
+            relationships_.AddEntriesFrom(ref input, _repeated_relationships_codec);
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
+  /// One stored relationship value of a session.
+  /// </summary>
+  public sealed partial class RelationshipState : pb::IMessage<RelationshipState>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<RelationshipState> _parser = new pb::MessageParser<RelationshipState>(() => new RelationshipState());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<RelationshipState> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[22]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public RelationshipState() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public RelationshipState(RelationshipState other) : this() {
+      characterId_ = other.characterId_;
+      name_ = other.name_;
+      value_ = other.value_;
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public RelationshipState Clone() {
+      return new RelationshipState(this);
+    }
+
+    /// <summary>Field number for the "character_id" field.</summary>
+    public const int CharacterIdFieldNumber = 1;
+    private string characterId_ = "";
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string CharacterId {
+      get { return characterId_; }
+      set {
+        characterId_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "name" field.</summary>
+    public const int NameFieldNumber = 2;
+    private string name_ = "";
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string Name {
+      get { return name_; }
+      set {
+        name_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "value" field.</summary>
+    public const int ValueFieldNumber = 3;
+    private long value_;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public long Value {
+      get { return value_; }
+      set {
+        value_ = value;
+      }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as RelationshipState);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(RelationshipState other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if (CharacterId != other.CharacterId) return false;
+      if (Name != other.Name) return false;
+      if (Value != other.Value) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      if (CharacterId.Length != 0) hash ^= CharacterId.GetHashCode();
+      if (Name.Length != 0) hash ^= Name.GetHashCode();
+      if (Value != 0L) hash ^= Value.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      if (CharacterId.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(CharacterId);
+      }
+      if (Name.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(Name);
+      }
+      if (Value != 0L) {
+        output.WriteRawTag(24);
+        output.WriteInt64(Value);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      if (CharacterId.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(CharacterId);
+      }
+      if (Name.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(Name);
+      }
+      if (Value != 0L) {
+        output.WriteRawTag(24);
+        output.WriteInt64(Value);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      if (CharacterId.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(CharacterId);
+      }
+      if (Name.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(Name);
+      }
+      if (Value != 0L) {
+        size += 1 + pb::CodedOutputStream.ComputeInt64Size(Value);
+      }
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(RelationshipState other) {
+      if (other == null) {
+        return;
+      }
+      if (other.CharacterId.Length != 0) {
+        CharacterId = other.CharacterId;
+      }
+      if (other.Name.Length != 0) {
+        Name = other.Name;
+      }
+      if (other.Value != 0L) {
+        Value = other.Value;
+      }
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            CharacterId = input.ReadString();
+            break;
+          }
+          case 18: {
+            Name = input.ReadString();
+            break;
+          }
+          case 24: {
+            Value = input.ReadInt64();
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            CharacterId = input.ReadString();
+            break;
+          }
+          case 18: {
+            Name = input.ReadString();
+            break;
+          }
+          case 24: {
+            Value = input.ReadInt64();
+            break;
+          }
         }
       }
     }
@@ -6973,7 +7384,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[22]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[23]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -7382,6 +7793,1173 @@ namespace Npc.V1 {
 
   }
 
+  public sealed partial class GetRelationshipsRequest : pb::IMessage<GetRelationshipsRequest>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<GetRelationshipsRequest> _parser = new pb::MessageParser<GetRelationshipsRequest>(() => new GetRelationshipsRequest());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<GetRelationshipsRequest> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[24]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public GetRelationshipsRequest() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public GetRelationshipsRequest(GetRelationshipsRequest other) : this() {
+      sessionId_ = other.sessionId_;
+      characterId_ = other.characterId_;
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public GetRelationshipsRequest Clone() {
+      return new GetRelationshipsRequest(this);
+    }
+
+    /// <summary>Field number for the "session_id" field.</summary>
+    public const int SessionIdFieldNumber = 1;
+    private string sessionId_ = "";
+    /// <summary>
+    /// The session (as in TalkRequest.session_id). Required.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string SessionId {
+      get { return sessionId_; }
+      set {
+        sessionId_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "character_id" field.</summary>
+    public const int CharacterIdFieldNumber = 2;
+    private string characterId_ = "";
+    /// <summary>
+    /// The character. Required.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string CharacterId {
+      get { return characterId_; }
+      set {
+        characterId_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as GetRelationshipsRequest);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(GetRelationshipsRequest other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if (SessionId != other.SessionId) return false;
+      if (CharacterId != other.CharacterId) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      if (SessionId.Length != 0) hash ^= SessionId.GetHashCode();
+      if (CharacterId.Length != 0) hash ^= CharacterId.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      if (SessionId.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(SessionId);
+      }
+      if (CharacterId.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(CharacterId);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      if (SessionId.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(SessionId);
+      }
+      if (CharacterId.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(CharacterId);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      if (SessionId.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(SessionId);
+      }
+      if (CharacterId.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(CharacterId);
+      }
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(GetRelationshipsRequest other) {
+      if (other == null) {
+        return;
+      }
+      if (other.SessionId.Length != 0) {
+        SessionId = other.SessionId;
+      }
+      if (other.CharacterId.Length != 0) {
+        CharacterId = other.CharacterId;
+      }
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            SessionId = input.ReadString();
+            break;
+          }
+          case 18: {
+            CharacterId = input.ReadString();
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            SessionId = input.ReadString();
+            break;
+          }
+          case 18: {
+            CharacterId = input.ReadString();
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  public sealed partial class SetRelationshipRequest : pb::IMessage<SetRelationshipRequest>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<SetRelationshipRequest> _parser = new pb::MessageParser<SetRelationshipRequest>(() => new SetRelationshipRequest());
+    private pb::UnknownFieldSet _unknownFields;
+    private int _hasBits0;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<SetRelationshipRequest> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[25]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SetRelationshipRequest() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SetRelationshipRequest(SetRelationshipRequest other) : this() {
+      _hasBits0 = other._hasBits0;
+      sessionId_ = other.sessionId_;
+      characterId_ = other.characterId_;
+      name_ = other.name_;
+      value_ = other.value_;
+      delta_ = other.delta_;
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SetRelationshipRequest Clone() {
+      return new SetRelationshipRequest(this);
+    }
+
+    /// <summary>Field number for the "session_id" field.</summary>
+    public const int SessionIdFieldNumber = 1;
+    private string sessionId_ = "";
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string SessionId {
+      get { return sessionId_; }
+      set {
+        sessionId_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "character_id" field.</summary>
+    public const int CharacterIdFieldNumber = 2;
+    private string characterId_ = "";
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string CharacterId {
+      get { return characterId_; }
+      set {
+        characterId_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "name" field.</summary>
+    public const int NameFieldNumber = 3;
+    private string name_ = "";
+    /// <summary>
+    /// A relationship the character declares (Relationship.name).
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string Name {
+      get { return name_; }
+      set {
+        name_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "value" field.</summary>
+    public const int ValueFieldNumber = 4;
+    private long value_;
+    /// <summary>
+    /// Set it to this value (within Relationship.min_value..max_value) ...
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public long Value {
+      get { if ((_hasBits0 & 1) != 0) { return value_; } else { return 0L; } }
+      set {
+        _hasBits0 |= 1;
+        value_ = value;
+      }
+    }
+    /// <summary>Gets whether the "value" field is set</summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool HasValue {
+      get { return (_hasBits0 & 1) != 0; }
+    }
+    /// <summary>Clears the value of the "value" field</summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void ClearValue() {
+      _hasBits0 &= ~1;
+    }
+
+    /// <summary>Field number for the "delta" field.</summary>
+    public const int DeltaFieldNumber = 5;
+    private long delta_;
+    /// <summary>
+    /// ... or change it by this much, clamped to the range. Exactly one of value and delta.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public long Delta {
+      get { if ((_hasBits0 & 2) != 0) { return delta_; } else { return 0L; } }
+      set {
+        _hasBits0 |= 2;
+        delta_ = value;
+      }
+    }
+    /// <summary>Gets whether the "delta" field is set</summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool HasDelta {
+      get { return (_hasBits0 & 2) != 0; }
+    }
+    /// <summary>Clears the value of the "delta" field</summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void ClearDelta() {
+      _hasBits0 &= ~2;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as SetRelationshipRequest);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(SetRelationshipRequest other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if (SessionId != other.SessionId) return false;
+      if (CharacterId != other.CharacterId) return false;
+      if (Name != other.Name) return false;
+      if (Value != other.Value) return false;
+      if (Delta != other.Delta) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      if (SessionId.Length != 0) hash ^= SessionId.GetHashCode();
+      if (CharacterId.Length != 0) hash ^= CharacterId.GetHashCode();
+      if (Name.Length != 0) hash ^= Name.GetHashCode();
+      if (HasValue) hash ^= Value.GetHashCode();
+      if (HasDelta) hash ^= Delta.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      if (SessionId.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(SessionId);
+      }
+      if (CharacterId.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(CharacterId);
+      }
+      if (Name.Length != 0) {
+        output.WriteRawTag(26);
+        output.WriteString(Name);
+      }
+      if (HasValue) {
+        output.WriteRawTag(32);
+        output.WriteInt64(Value);
+      }
+      if (HasDelta) {
+        output.WriteRawTag(40);
+        output.WriteInt64(Delta);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      if (SessionId.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(SessionId);
+      }
+      if (CharacterId.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(CharacterId);
+      }
+      if (Name.Length != 0) {
+        output.WriteRawTag(26);
+        output.WriteString(Name);
+      }
+      if (HasValue) {
+        output.WriteRawTag(32);
+        output.WriteInt64(Value);
+      }
+      if (HasDelta) {
+        output.WriteRawTag(40);
+        output.WriteInt64(Delta);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      if (SessionId.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(SessionId);
+      }
+      if (CharacterId.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(CharacterId);
+      }
+      if (Name.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(Name);
+      }
+      if (HasValue) {
+        size += 1 + pb::CodedOutputStream.ComputeInt64Size(Value);
+      }
+      if (HasDelta) {
+        size += 1 + pb::CodedOutputStream.ComputeInt64Size(Delta);
+      }
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(SetRelationshipRequest other) {
+      if (other == null) {
+        return;
+      }
+      if (other.SessionId.Length != 0) {
+        SessionId = other.SessionId;
+      }
+      if (other.CharacterId.Length != 0) {
+        CharacterId = other.CharacterId;
+      }
+      if (other.Name.Length != 0) {
+        Name = other.Name;
+      }
+      if (other.HasValue) {
+        Value = other.Value;
+      }
+      if (other.HasDelta) {
+        Delta = other.Delta;
+      }
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            SessionId = input.ReadString();
+            break;
+          }
+          case 18: {
+            CharacterId = input.ReadString();
+            break;
+          }
+          case 26: {
+            Name = input.ReadString();
+            break;
+          }
+          case 32: {
+            Value = input.ReadInt64();
+            break;
+          }
+          case 40: {
+            Delta = input.ReadInt64();
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            SessionId = input.ReadString();
+            break;
+          }
+          case 18: {
+            CharacterId = input.ReadString();
+            break;
+          }
+          case 26: {
+            Name = input.ReadString();
+            break;
+          }
+          case 32: {
+            Value = input.ReadInt64();
+            break;
+          }
+          case 40: {
+            Delta = input.ReadInt64();
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
+  /// Every relationship the character declares, in its file's order.
+  /// </summary>
+  public sealed partial class RelationshipsResponse : pb::IMessage<RelationshipsResponse>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<RelationshipsResponse> _parser = new pb::MessageParser<RelationshipsResponse>(() => new RelationshipsResponse());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<RelationshipsResponse> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[26]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public RelationshipsResponse() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public RelationshipsResponse(RelationshipsResponse other) : this() {
+      relationships_ = other.relationships_.Clone();
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public RelationshipsResponse Clone() {
+      return new RelationshipsResponse(this);
+    }
+
+    /// <summary>Field number for the "relationships" field.</summary>
+    public const int RelationshipsFieldNumber = 1;
+    private static readonly pb::FieldCodec<global::Npc.V1.Relationship> _repeated_relationships_codec
+        = pb::FieldCodec.ForMessage(10, global::Npc.V1.Relationship.Parser);
+    private readonly pbc::RepeatedField<global::Npc.V1.Relationship> relationships_ = new pbc::RepeatedField<global::Npc.V1.Relationship>();
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<global::Npc.V1.Relationship> Relationships {
+      get { return relationships_; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as RelationshipsResponse);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(RelationshipsResponse other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if(!relationships_.Equals(other.relationships_)) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      hash ^= relationships_.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      relationships_.WriteTo(output, _repeated_relationships_codec);
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      relationships_.WriteTo(ref output, _repeated_relationships_codec);
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      size += relationships_.CalculateSize(_repeated_relationships_codec);
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(RelationshipsResponse other) {
+      if (other == null) {
+        return;
+      }
+      relationships_.Add(other.relationships_);
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            relationships_.AddEntriesFrom(input, _repeated_relationships_codec);
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            relationships_.AddEntriesFrom(ref input, _repeated_relationships_codec);
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  public sealed partial class Relationship : pb::IMessage<Relationship>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<Relationship> _parser = new pb::MessageParser<Relationship>(() => new Relationship());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<Relationship> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[27]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public Relationship() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public Relationship(Relationship other) : this() {
+      name_ = other.name_;
+      value_ = other.value_;
+      minValue_ = other.minValue_;
+      maxValue_ = other.maxValue_;
+      tier_ = other.tier_;
+      tierText_ = other.tierText_;
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public Relationship Clone() {
+      return new Relationship(this);
+    }
+
+    /// <summary>Field number for the "name" field.</summary>
+    public const int NameFieldNumber = 1;
+    private string name_ = "";
+    /// <summary>
+    /// As declared in character.yaml, e.g. "trust".
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string Name {
+      get { return name_; }
+      set {
+        name_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "value" field.</summary>
+    public const int ValueFieldNumber = 2;
+    private long value_;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public long Value {
+      get { return value_; }
+      set {
+        value_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "min_value" field.</summary>
+    public const int MinValueFieldNumber = 3;
+    private long minValue_;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public long MinValue {
+      get { return minValue_; }
+      set {
+        minValue_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "max_value" field.</summary>
+    public const int MaxValueFieldNumber = 4;
+    private long maxValue_;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public long MaxValue {
+      get { return maxValue_; }
+      set {
+        maxValue_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "tier" field.</summary>
+    public const int TierFieldNumber = 5;
+    private string tier_ = "";
+    /// <summary>
+    /// The tier the value falls in (e.g. "friendly") and its line, as the prompt carries it.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string Tier {
+      get { return tier_; }
+      set {
+        tier_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "tier_text" field.</summary>
+    public const int TierTextFieldNumber = 6;
+    private string tierText_ = "";
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string TierText {
+      get { return tierText_; }
+      set {
+        tierText_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as Relationship);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(Relationship other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if (Name != other.Name) return false;
+      if (Value != other.Value) return false;
+      if (MinValue != other.MinValue) return false;
+      if (MaxValue != other.MaxValue) return false;
+      if (Tier != other.Tier) return false;
+      if (TierText != other.TierText) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      if (Name.Length != 0) hash ^= Name.GetHashCode();
+      if (Value != 0L) hash ^= Value.GetHashCode();
+      if (MinValue != 0L) hash ^= MinValue.GetHashCode();
+      if (MaxValue != 0L) hash ^= MaxValue.GetHashCode();
+      if (Tier.Length != 0) hash ^= Tier.GetHashCode();
+      if (TierText.Length != 0) hash ^= TierText.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      if (Name.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(Name);
+      }
+      if (Value != 0L) {
+        output.WriteRawTag(16);
+        output.WriteInt64(Value);
+      }
+      if (MinValue != 0L) {
+        output.WriteRawTag(24);
+        output.WriteInt64(MinValue);
+      }
+      if (MaxValue != 0L) {
+        output.WriteRawTag(32);
+        output.WriteInt64(MaxValue);
+      }
+      if (Tier.Length != 0) {
+        output.WriteRawTag(42);
+        output.WriteString(Tier);
+      }
+      if (TierText.Length != 0) {
+        output.WriteRawTag(50);
+        output.WriteString(TierText);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      if (Name.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(Name);
+      }
+      if (Value != 0L) {
+        output.WriteRawTag(16);
+        output.WriteInt64(Value);
+      }
+      if (MinValue != 0L) {
+        output.WriteRawTag(24);
+        output.WriteInt64(MinValue);
+      }
+      if (MaxValue != 0L) {
+        output.WriteRawTag(32);
+        output.WriteInt64(MaxValue);
+      }
+      if (Tier.Length != 0) {
+        output.WriteRawTag(42);
+        output.WriteString(Tier);
+      }
+      if (TierText.Length != 0) {
+        output.WriteRawTag(50);
+        output.WriteString(TierText);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      if (Name.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(Name);
+      }
+      if (Value != 0L) {
+        size += 1 + pb::CodedOutputStream.ComputeInt64Size(Value);
+      }
+      if (MinValue != 0L) {
+        size += 1 + pb::CodedOutputStream.ComputeInt64Size(MinValue);
+      }
+      if (MaxValue != 0L) {
+        size += 1 + pb::CodedOutputStream.ComputeInt64Size(MaxValue);
+      }
+      if (Tier.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(Tier);
+      }
+      if (TierText.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(TierText);
+      }
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(Relationship other) {
+      if (other == null) {
+        return;
+      }
+      if (other.Name.Length != 0) {
+        Name = other.Name;
+      }
+      if (other.Value != 0L) {
+        Value = other.Value;
+      }
+      if (other.MinValue != 0L) {
+        MinValue = other.MinValue;
+      }
+      if (other.MaxValue != 0L) {
+        MaxValue = other.MaxValue;
+      }
+      if (other.Tier.Length != 0) {
+        Tier = other.Tier;
+      }
+      if (other.TierText.Length != 0) {
+        TierText = other.TierText;
+      }
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            Name = input.ReadString();
+            break;
+          }
+          case 16: {
+            Value = input.ReadInt64();
+            break;
+          }
+          case 24: {
+            MinValue = input.ReadInt64();
+            break;
+          }
+          case 32: {
+            MaxValue = input.ReadInt64();
+            break;
+          }
+          case 42: {
+            Tier = input.ReadString();
+            break;
+          }
+          case 50: {
+            TierText = input.ReadString();
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            Name = input.ReadString();
+            break;
+          }
+          case 16: {
+            Value = input.ReadInt64();
+            break;
+          }
+          case 24: {
+            MinValue = input.ReadInt64();
+            break;
+          }
+          case 32: {
+            MaxValue = input.ReadInt64();
+            break;
+          }
+          case 42: {
+            Tier = input.ReadString();
+            break;
+          }
+          case 50: {
+            TierText = input.ReadString();
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
   /// <summary>
   /// A session to restore, and what to do if the server already holds one of that id.
   /// </summary>
@@ -7399,7 +8977,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[23]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[28]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -7645,7 +9223,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[24]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[29]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -7880,7 +9458,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[25]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[30]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -8035,7 +9613,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[26]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[31]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -8963,7 +10541,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[27]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[32]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]

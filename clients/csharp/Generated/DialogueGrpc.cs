@@ -141,6 +141,12 @@ namespace Npc.V1 {
     static readonly grpc::Marshaller<global::Npc.V1.GetServerInfoRequest> __Marshaller_npc_v1_GetServerInfoRequest = grpc::Marshallers.Create(__Helper_SerializeMessage, context => __Helper_DeserializeMessage(context, global::Npc.V1.GetServerInfoRequest.Parser));
     [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
     static readonly grpc::Marshaller<global::Npc.V1.ServerInfo> __Marshaller_npc_v1_ServerInfo = grpc::Marshallers.Create(__Helper_SerializeMessage, context => __Helper_DeserializeMessage(context, global::Npc.V1.ServerInfo.Parser));
+    [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+    static readonly grpc::Marshaller<global::Npc.V1.GetRelationshipsRequest> __Marshaller_npc_v1_GetRelationshipsRequest = grpc::Marshallers.Create(__Helper_SerializeMessage, context => __Helper_DeserializeMessage(context, global::Npc.V1.GetRelationshipsRequest.Parser));
+    [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+    static readonly grpc::Marshaller<global::Npc.V1.RelationshipsResponse> __Marshaller_npc_v1_RelationshipsResponse = grpc::Marshallers.Create(__Helper_SerializeMessage, context => __Helper_DeserializeMessage(context, global::Npc.V1.RelationshipsResponse.Parser));
+    [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+    static readonly grpc::Marshaller<global::Npc.V1.SetRelationshipRequest> __Marshaller_npc_v1_SetRelationshipRequest = grpc::Marshallers.Create(__Helper_SerializeMessage, context => __Helper_DeserializeMessage(context, global::Npc.V1.SetRelationshipRequest.Parser));
 
     [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
     static readonly grpc::Method<global::Npc.V1.TalkRequest, global::Npc.V1.TalkEvent> __Method_Talk = new grpc::Method<global::Npc.V1.TalkRequest, global::Npc.V1.TalkEvent>(
@@ -189,6 +195,22 @@ namespace Npc.V1 {
         "GetServerInfo",
         __Marshaller_npc_v1_GetServerInfoRequest,
         __Marshaller_npc_v1_ServerInfo);
+
+    [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+    static readonly grpc::Method<global::Npc.V1.GetRelationshipsRequest, global::Npc.V1.RelationshipsResponse> __Method_GetRelationships = new grpc::Method<global::Npc.V1.GetRelationshipsRequest, global::Npc.V1.RelationshipsResponse>(
+        grpc::MethodType.Unary,
+        __ServiceName,
+        "GetRelationships",
+        __Marshaller_npc_v1_GetRelationshipsRequest,
+        __Marshaller_npc_v1_RelationshipsResponse);
+
+    [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+    static readonly grpc::Method<global::Npc.V1.SetRelationshipRequest, global::Npc.V1.RelationshipsResponse> __Method_SetRelationship = new grpc::Method<global::Npc.V1.SetRelationshipRequest, global::Npc.V1.RelationshipsResponse>(
+        grpc::MethodType.Unary,
+        __ServiceName,
+        "SetRelationship",
+        __Marshaller_npc_v1_SetRelationshipRequest,
+        __Marshaller_npc_v1_RelationshipsResponse);
 
     /// <summary>Service descriptor</summary>
     public static global::Google.Protobuf.Reflection.ServiceDescriptor Descriptor
@@ -650,6 +672,134 @@ namespace Npc.V1 {
       public virtual grpc::AsyncUnaryCall<global::Npc.V1.ServerInfo> GetServerInfoAsync(global::Npc.V1.GetServerInfoRequest request, grpc::CallOptions options)
       {
         return CallInvoker.AsyncUnaryCall(__Method_GetServerInfo, null, options, request);
+      }
+      /// <summary>
+      /// A character's relationship values with the player of one session (its character.yaml
+      /// `relationships`: trust, respect, ...), each with its range and current tier. A session the
+      /// server does not hold has every start value (not an error). Errors: INVALID_ARGUMENT
+      /// (session_id empty or too long), NOT_FOUND (unknown character_id), FAILED_PRECONDITION (the
+      /// character never loaded), UNAUTHENTICATED, UNAVAILABLE.
+      /// </summary>
+      /// <param name="request">The request to send to the server.</param>
+      /// <param name="headers">The initial metadata to send with the call. This parameter is optional.</param>
+      /// <param name="deadline">An optional deadline for the call. The call will be cancelled if deadline is hit.</param>
+      /// <param name="cancellationToken">An optional token for canceling the call.</param>
+      /// <returns>The response received from the server.</returns>
+      [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+      public virtual global::Npc.V1.RelationshipsResponse GetRelationships(global::Npc.V1.GetRelationshipsRequest request, grpc::Metadata headers = null, global::System.DateTime? deadline = null, global::System.Threading.CancellationToken cancellationToken = default(global::System.Threading.CancellationToken))
+      {
+        return GetRelationships(request, new grpc::CallOptions(headers, deadline, cancellationToken));
+      }
+      /// <summary>
+      /// A character's relationship values with the player of one session (its character.yaml
+      /// `relationships`: trust, respect, ...), each with its range and current tier. A session the
+      /// server does not hold has every start value (not an error). Errors: INVALID_ARGUMENT
+      /// (session_id empty or too long), NOT_FOUND (unknown character_id), FAILED_PRECONDITION (the
+      /// character never loaded), UNAUTHENTICATED, UNAVAILABLE.
+      /// </summary>
+      /// <param name="request">The request to send to the server.</param>
+      /// <param name="options">The options for the call.</param>
+      /// <returns>The response received from the server.</returns>
+      [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+      public virtual global::Npc.V1.RelationshipsResponse GetRelationships(global::Npc.V1.GetRelationshipsRequest request, grpc::CallOptions options)
+      {
+        return CallInvoker.BlockingUnaryCall(__Method_GetRelationships, null, options, request);
+      }
+      /// <summary>
+      /// A character's relationship values with the player of one session (its character.yaml
+      /// `relationships`: trust, respect, ...), each with its range and current tier. A session the
+      /// server does not hold has every start value (not an error). Errors: INVALID_ARGUMENT
+      /// (session_id empty or too long), NOT_FOUND (unknown character_id), FAILED_PRECONDITION (the
+      /// character never loaded), UNAUTHENTICATED, UNAVAILABLE.
+      /// </summary>
+      /// <param name="request">The request to send to the server.</param>
+      /// <param name="headers">The initial metadata to send with the call. This parameter is optional.</param>
+      /// <param name="deadline">An optional deadline for the call. The call will be cancelled if deadline is hit.</param>
+      /// <param name="cancellationToken">An optional token for canceling the call.</param>
+      /// <returns>The call object.</returns>
+      [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+      public virtual grpc::AsyncUnaryCall<global::Npc.V1.RelationshipsResponse> GetRelationshipsAsync(global::Npc.V1.GetRelationshipsRequest request, grpc::Metadata headers = null, global::System.DateTime? deadline = null, global::System.Threading.CancellationToken cancellationToken = default(global::System.Threading.CancellationToken))
+      {
+        return GetRelationshipsAsync(request, new grpc::CallOptions(headers, deadline, cancellationToken));
+      }
+      /// <summary>
+      /// A character's relationship values with the player of one session (its character.yaml
+      /// `relationships`: trust, respect, ...), each with its range and current tier. A session the
+      /// server does not hold has every start value (not an error). Errors: INVALID_ARGUMENT
+      /// (session_id empty or too long), NOT_FOUND (unknown character_id), FAILED_PRECONDITION (the
+      /// character never loaded), UNAUTHENTICATED, UNAVAILABLE.
+      /// </summary>
+      /// <param name="request">The request to send to the server.</param>
+      /// <param name="options">The options for the call.</param>
+      /// <returns>The call object.</returns>
+      [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+      public virtual grpc::AsyncUnaryCall<global::Npc.V1.RelationshipsResponse> GetRelationshipsAsync(global::Npc.V1.GetRelationshipsRequest request, grpc::CallOptions options)
+      {
+        return CallInvoker.AsyncUnaryCall(__Method_GetRelationships, null, options, request);
+      }
+      /// <summary>
+      /// Sets one relationship value (or changes it by `delta`), creating the session if needed; the
+      /// next Talk's prompt carries the new tier. Saved with the session (ExportSession, the session
+      /// store). Errors: INVALID_ARGUMENT (session_id; a name the character does not declare; a value
+      /// outside the relationship's range: the message names the field), NOT_FOUND (unknown
+      /// character_id), FAILED_PRECONDITION, UNAUTHENTICATED, UNAVAILABLE.
+      /// </summary>
+      /// <param name="request">The request to send to the server.</param>
+      /// <param name="headers">The initial metadata to send with the call. This parameter is optional.</param>
+      /// <param name="deadline">An optional deadline for the call. The call will be cancelled if deadline is hit.</param>
+      /// <param name="cancellationToken">An optional token for canceling the call.</param>
+      /// <returns>The response received from the server.</returns>
+      [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+      public virtual global::Npc.V1.RelationshipsResponse SetRelationship(global::Npc.V1.SetRelationshipRequest request, grpc::Metadata headers = null, global::System.DateTime? deadline = null, global::System.Threading.CancellationToken cancellationToken = default(global::System.Threading.CancellationToken))
+      {
+        return SetRelationship(request, new grpc::CallOptions(headers, deadline, cancellationToken));
+      }
+      /// <summary>
+      /// Sets one relationship value (or changes it by `delta`), creating the session if needed; the
+      /// next Talk's prompt carries the new tier. Saved with the session (ExportSession, the session
+      /// store). Errors: INVALID_ARGUMENT (session_id; a name the character does not declare; a value
+      /// outside the relationship's range: the message names the field), NOT_FOUND (unknown
+      /// character_id), FAILED_PRECONDITION, UNAUTHENTICATED, UNAVAILABLE.
+      /// </summary>
+      /// <param name="request">The request to send to the server.</param>
+      /// <param name="options">The options for the call.</param>
+      /// <returns>The response received from the server.</returns>
+      [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+      public virtual global::Npc.V1.RelationshipsResponse SetRelationship(global::Npc.V1.SetRelationshipRequest request, grpc::CallOptions options)
+      {
+        return CallInvoker.BlockingUnaryCall(__Method_SetRelationship, null, options, request);
+      }
+      /// <summary>
+      /// Sets one relationship value (or changes it by `delta`), creating the session if needed; the
+      /// next Talk's prompt carries the new tier. Saved with the session (ExportSession, the session
+      /// store). Errors: INVALID_ARGUMENT (session_id; a name the character does not declare; a value
+      /// outside the relationship's range: the message names the field), NOT_FOUND (unknown
+      /// character_id), FAILED_PRECONDITION, UNAUTHENTICATED, UNAVAILABLE.
+      /// </summary>
+      /// <param name="request">The request to send to the server.</param>
+      /// <param name="headers">The initial metadata to send with the call. This parameter is optional.</param>
+      /// <param name="deadline">An optional deadline for the call. The call will be cancelled if deadline is hit.</param>
+      /// <param name="cancellationToken">An optional token for canceling the call.</param>
+      /// <returns>The call object.</returns>
+      [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+      public virtual grpc::AsyncUnaryCall<global::Npc.V1.RelationshipsResponse> SetRelationshipAsync(global::Npc.V1.SetRelationshipRequest request, grpc::Metadata headers = null, global::System.DateTime? deadline = null, global::System.Threading.CancellationToken cancellationToken = default(global::System.Threading.CancellationToken))
+      {
+        return SetRelationshipAsync(request, new grpc::CallOptions(headers, deadline, cancellationToken));
+      }
+      /// <summary>
+      /// Sets one relationship value (or changes it by `delta`), creating the session if needed; the
+      /// next Talk's prompt carries the new tier. Saved with the session (ExportSession, the session
+      /// store). Errors: INVALID_ARGUMENT (session_id; a name the character does not declare; a value
+      /// outside the relationship's range: the message names the field), NOT_FOUND (unknown
+      /// character_id), FAILED_PRECONDITION, UNAUTHENTICATED, UNAVAILABLE.
+      /// </summary>
+      /// <param name="request">The request to send to the server.</param>
+      /// <param name="options">The options for the call.</param>
+      /// <returns>The call object.</returns>
+      [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+      public virtual grpc::AsyncUnaryCall<global::Npc.V1.RelationshipsResponse> SetRelationshipAsync(global::Npc.V1.SetRelationshipRequest request, grpc::CallOptions options)
+      {
+        return CallInvoker.AsyncUnaryCall(__Method_SetRelationship, null, options, request);
       }
       /// <summary>Creates a new instance of client from given <c>ClientBaseConfiguration</c>.</summary>
       [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]

@@ -174,6 +174,18 @@ class NpcDialogueClient {
   Result<v1::ImportSessionResponse> ImportSession(
       const v1::SessionState& state, bool overwrite = true,
       std::chrono::milliseconds deadline = std::chrono::milliseconds::zero());
+  // A character's relationship values with the player of a session (trust, ...), each with its tier.
+  Result<std::vector<v1::Relationship>> GetRelationships(
+      const std::string& session_id, const std::string& character_id,
+      std::chrono::milliseconds deadline = std::chrono::milliseconds::zero());
+  // Sets one value (in its range); the next reply's prompt carries the new tier. Returns every value after.
+  Result<std::vector<v1::Relationship>> SetRelationship(
+      const std::string& session_id, const std::string& character_id, const std::string& name, std::int64_t value,
+      std::chrono::milliseconds deadline = std::chrono::milliseconds::zero());
+  // Moves one value by `delta`, clamped to its range.
+  Result<std::vector<v1::Relationship>> ChangeRelationship(
+      const std::string& session_id, const std::string& character_id, const std::string& name, std::int64_t delta,
+      std::chrono::milliseconds deadline = std::chrono::milliseconds::zero());
 
   const std::string& address() const;
 

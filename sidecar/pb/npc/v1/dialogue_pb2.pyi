@@ -106,18 +106,22 @@ class TalkEvent(_message.Message):
     def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., emotion: _Optional[_Union[Emotion, _Mapping]] = ..., action: _Optional[_Union[Action, _Mapping]] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ("request_id", "character_version", "prompt_tokens", "cached_prompt_tokens", "history_turns")
+    __slots__ = ("request_id", "character_version", "prompt_tokens", "cached_prompt_tokens", "history_turns", "facts", "memories")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CHARACTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_TURNS_FIELD_NUMBER: _ClassVar[int]
+    FACTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORIES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     character_version: str
     prompt_tokens: int
     cached_prompt_tokens: int
     history_turns: int
-    def __init__(self, request_id: _Optional[str] = ..., character_version: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., history_turns: _Optional[int] = ...) -> None: ...
+    facts: _containers.RepeatedScalarFieldContainer[str]
+    memories: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., character_version: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., history_turns: _Optional[int] = ..., facts: _Optional[_Iterable[str]] = ..., memories: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TextDelta(_message.Message):
     __slots__ = ("text",)
@@ -154,20 +158,22 @@ class ActionArgument(_message.Message):
     def __init__(self, name: _Optional[str] = ..., string_value: _Optional[str] = ..., int_value: _Optional[int] = ..., bool_value: _Optional[bool] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("reason", "full_text", "usage", "timings", "emotion", "actions")
+    __slots__ = ("reason", "full_text", "usage", "timings", "emotion", "actions", "relationships")
     REASON_FIELD_NUMBER: _ClassVar[int]
     FULL_TEXT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     EMOTION_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    RELATIONSHIPS_FIELD_NUMBER: _ClassVar[int]
     reason: FinishReason
     full_text: str
     usage: Usage
     timings: Timings
     emotion: str
     actions: _containers.RepeatedCompositeFieldContainer[Action]
-    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., full_text: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., emotion: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ...) -> None: ...
+    relationships: _containers.RepeatedCompositeFieldContainer[Relationship]
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., full_text: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., emotion: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., relationships: _Optional[_Iterable[_Union[Relationship, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
@@ -283,16 +289,28 @@ class ExportSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., character_id: _Optional[str] = ...) -> None: ...
 
 class SessionState(_message.Message):
-    __slots__ = ("format_version", "session_id", "turns", "updated_unix_ms")
+    __slots__ = ("format_version", "session_id", "turns", "updated_unix_ms", "relationships")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    RELATIONSHIPS_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     session_id: str
     turns: _containers.RepeatedCompositeFieldContainer[Turn]
     updated_unix_ms: int
-    def __init__(self, format_version: _Optional[int] = ..., session_id: _Optional[str] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., updated_unix_ms: _Optional[int] = ...) -> None: ...
+    relationships: _containers.RepeatedCompositeFieldContainer[RelationshipState]
+    def __init__(self, format_version: _Optional[int] = ..., session_id: _Optional[str] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., updated_unix_ms: _Optional[int] = ..., relationships: _Optional[_Iterable[_Union[RelationshipState, _Mapping]]] = ...) -> None: ...
+
+class RelationshipState(_message.Message):
+    __slots__ = ("character_id", "name", "value")
+    CHARACTER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    character_id: str
+    name: str
+    value: int
+    def __init__(self, character_id: _Optional[str] = ..., name: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
 
 class Turn(_message.Message):
     __slots__ = ("character_id", "player_line", "npc_line", "player_name", "character_version", "emotion", "actions")
@@ -311,6 +329,50 @@ class Turn(_message.Message):
     emotion: str
     actions: _containers.RepeatedCompositeFieldContainer[Action]
     def __init__(self, character_id: _Optional[str] = ..., player_line: _Optional[str] = ..., npc_line: _Optional[str] = ..., player_name: _Optional[str] = ..., character_version: _Optional[str] = ..., emotion: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ...) -> None: ...
+
+class GetRelationshipsRequest(_message.Message):
+    __slots__ = ("session_id", "character_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CHARACTER_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    character_id: str
+    def __init__(self, session_id: _Optional[str] = ..., character_id: _Optional[str] = ...) -> None: ...
+
+class SetRelationshipRequest(_message.Message):
+    __slots__ = ("session_id", "character_id", "name", "value", "delta")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CHARACTER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    character_id: str
+    name: str
+    value: int
+    delta: int
+    def __init__(self, session_id: _Optional[str] = ..., character_id: _Optional[str] = ..., name: _Optional[str] = ..., value: _Optional[int] = ..., delta: _Optional[int] = ...) -> None: ...
+
+class RelationshipsResponse(_message.Message):
+    __slots__ = ("relationships",)
+    RELATIONSHIPS_FIELD_NUMBER: _ClassVar[int]
+    relationships: _containers.RepeatedCompositeFieldContainer[Relationship]
+    def __init__(self, relationships: _Optional[_Iterable[_Union[Relationship, _Mapping]]] = ...) -> None: ...
+
+class Relationship(_message.Message):
+    __slots__ = ("name", "value", "min_value", "max_value", "tier", "tier_text")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    MIN_VALUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_VALUE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    TIER_TEXT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: int
+    min_value: int
+    max_value: int
+    tier: str
+    tier_text: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[int] = ..., min_value: _Optional[int] = ..., max_value: _Optional[int] = ..., tier: _Optional[str] = ..., tier_text: _Optional[str] = ...) -> None: ...
 
 class ImportSessionRequest(_message.Message):
     __slots__ = ("state", "overwrite")

@@ -78,6 +78,16 @@ class NpcDialogueStub:
                 request_serializer=npc_dot_v1_dot_dialogue__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=npc_dot_v1_dot_dialogue__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.GetRelationships = channel.unary_unary(
+                '/npc.v1.NpcDialogue/GetRelationships',
+                request_serializer=npc_dot_v1_dot_dialogue__pb2.GetRelationshipsRequest.SerializeToString,
+                response_deserializer=npc_dot_v1_dot_dialogue__pb2.RelationshipsResponse.FromString,
+                _registered_method=True)
+        self.SetRelationship = channel.unary_unary(
+                '/npc.v1.NpcDialogue/SetRelationship',
+                request_serializer=npc_dot_v1_dot_dialogue__pb2.SetRelationshipRequest.SerializeToString,
+                response_deserializer=npc_dot_v1_dot_dialogue__pb2.RelationshipsResponse.FromString,
+                _registered_method=True)
 
 
 class NpcDialogueServicer:
@@ -203,6 +213,28 @@ class NpcDialogueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRelationships(self, request, context):
+        """A character's relationship values with the player of one session (its character.yaml
+        `relationships`: trust, respect, ...), each with its range and current tier. A session the
+        server does not hold has every start value (not an error). Errors: INVALID_ARGUMENT
+        (session_id empty or too long), NOT_FOUND (unknown character_id), FAILED_PRECONDITION (the
+        character never loaded), UNAUTHENTICATED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRelationship(self, request, context):
+        """Sets one relationship value (or changes it by `delta`), creating the session if needed; the
+        next Talk's prompt carries the new tier. Saved with the session (ExportSession, the session
+        store). Errors: INVALID_ARGUMENT (session_id; a name the character does not declare; a value
+        outside the relationship's range: the message names the field), NOT_FOUND (unknown
+        character_id), FAILED_PRECONDITION, UNAUTHENTICATED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NpcDialogueServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -235,6 +267,16 @@ def add_NpcDialogueServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=npc_dot_v1_dot_dialogue__pb2.GetServerInfoRequest.FromString,
                     response_serializer=npc_dot_v1_dot_dialogue__pb2.ServerInfo.SerializeToString,
+            ),
+            'GetRelationships': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRelationships,
+                    request_deserializer=npc_dot_v1_dot_dialogue__pb2.GetRelationshipsRequest.FromString,
+                    response_serializer=npc_dot_v1_dot_dialogue__pb2.RelationshipsResponse.SerializeToString,
+            ),
+            'SetRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRelationship,
+                    request_deserializer=npc_dot_v1_dot_dialogue__pb2.SetRelationshipRequest.FromString,
+                    response_serializer=npc_dot_v1_dot_dialogue__pb2.RelationshipsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -413,6 +455,60 @@ class NpcDialogue:
             '/npc.v1.NpcDialogue/GetServerInfo',
             npc_dot_v1_dot_dialogue__pb2.GetServerInfoRequest.SerializeToString,
             npc_dot_v1_dot_dialogue__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRelationships(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/npc.v1.NpcDialogue/GetRelationships',
+            npc_dot_v1_dot_dialogue__pb2.GetRelationshipsRequest.SerializeToString,
+            npc_dot_v1_dot_dialogue__pb2.RelationshipsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/npc.v1.NpcDialogue/SetRelationship',
+            npc_dot_v1_dot_dialogue__pb2.SetRelationshipRequest.SerializeToString,
+            npc_dot_v1_dot_dialogue__pb2.RelationshipsResponse.FromString,
             options,
             channel_credentials,
             insecure,

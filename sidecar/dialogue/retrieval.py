@@ -1,0 +1,182 @@
+"""Which facts a turn's prompt carries: the character's knowledge and the lore in its scope, ranked by
+BM25 (bm25s, with a Snowball stemmer) against the player's line and the last exchange.
+
+Chosen by measurement (docs/design-notes.md, "Grounding"): an entry out of the character's scope
+gets weight 0 before ranking, so it can never be picked; the lore index is built off the event
+loop (`refresh()`, on the characters watcher's thread) and a turn only scores (well under a
+millisecond at 10,000 entries). The character's own knowledge is a small index of its own per
+character version; its entries fill the block even when no word matches (they are what the
+character knows best, and a player's wording often shares no word with the file's), lore entries
+only when they match.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import bm25s
+import numpy as np
+import Stemmer
+
+from sidecar.dialogue.characters import Character
+from sidecar.dialogue.lore import LoreLibrary, LoreSnapshot
+from sidecar.dialogue.prompt import recent_turns
+from sidecar.dialogue.sessions import Turn
+
+# Lucene's English list (bm25s') and the words every player question is made of.
+STOPWORDS = sorted({
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is", "it", "no", "not",
+    "of", "on", "or", "such", "that", "the", "their", "then", "there", "these", "they", "this", "to", "was",
+    "will", "with", "i", "me", "my", "you", "your", "yours", "we", "our", "he", "she", "him", "her", "his",
+    "who", "what", "where", "when", "how", "which", "why", "do", "does", "did", "can", "could", "would",
+    "should", "have", "has", "had", "any", "some", "about", "tell", "know", "so", "here", "around", "from",
+    "one", "its", "been", "am", "were", "hey", "oh", "ok",
+})
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """How many facts a turn's prompt may carry, and how long they may be in all (characters); how many
+    earlier exchanges that left the prompt's window it may bring back."""
+
+    max_facts: int = 5
+    max_chars: int = 600
+    max_memories: int = 2
+    memory_chars: int = 160  # of each side of a remembered exchange
+
+
+class _Index:
+    """BM25 over a fixed list of texts."""
+
+    def __init__(self, texts: list[str], stemmer: Stemmer.Stemmer):
+        self.size = len(texts)
+        self._stemmer = stemmer
+        self._bm25 = bm25s.BM25()
+        if texts:
+            self._bm25.index(tokenize(texts, stemmer), show_progress=False)
+
+    def scores(self, words: list[str], mask: np.ndarray | None = None) -> np.ndarray:
+        if not self.size or not words:
+            return np.zeros(self.size, dtype=np.float32)
+        return self._bm25.get_scores(words, weight_mask=mask)
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def tokenize(texts: list[str], stemmer: Stemmer.Stemmer) -> list[list[str]]:
+    return bm25s.tokenize(texts, stopwords=STOPWORDS, stemmer=stemmer, return_ids=False, show_progress=False)
+
+
+class FactRetriever:
+    """Picks a turn's facts. `facts()` may run on any thread; `refresh()` on the watcher's."""
+
+    def __init__(self, lore: LoreLibrary | None = None, grounding: Grounding = Grounding()):
+        self.lore, self.grounding = lore, grounding
+        self._stemmer = Stemmer.Stemmer("english")
+        self._lock = threading.Lock()  # the stemmer and the caches are not shared across threads unguarded
+        self._lore_index: tuple[LoreSnapshot, _Index] | None = None
+        self._knowledge: OrderedDict[str, _Index] = OrderedDict()  # by character version, LRU
+        self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.reload()
+
+    def reload(self) -> None:
+        """Rescans the lore folder and rebuilds the index if it changed (the characters watcher calls it)."""
+        if self.lore is not None:
+            self.lore.reload()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rebuilds the lore index when the lore changed (after `LoreLibrary.reload()`)."""
+        if self.lore is None:
+            return
+        snapshot = self.lore.snapshot()
+        if self._lore_index is not None and self._lore_index[0].version == snapshot.version:
+            return
+        index = _Index([e.text for e in snapshot.entries], Stemmer.Stemmer("english"))
+        with self._lock:
+            self._lore_index = (snapshot, index)
+            self._masks.clear()
+
+    def facts(self, character: Character, line: str, recent: str = "") -> tuple[str, ...]:
+        """The facts for this turn, best first: at most max_facts, max_chars in all."""
+        with self._lock:
+            words = self._words(line)
+            context = self._words(recent)
+            ranked: list[tuple[float, int, str]] = []
+            own = self._knowledge_index(character)
+            for i, s in enumerate(own.scores(words) + 0.3 * own.scores(context)):
+                ranked.append((float(s), 0, character.knowledge[i]))  # tie-break 0: knowledge before lore
+            if self._lore_index is not None:
+                snapshot, index = self._lore_index
+                mask = self._mask(character, snapshot)
+                if mask.any():
+                    scores = index.scores(words, mask) + 0.3 * index.scores(context, mask)
+                    top = np.argsort(-scores, kind="stable")[: self.grounding.max_facts]
+                    ranked += [(float(scores[i]), 1, snapshot.entries[i].text) for i in top if scores[i] > 0]
+        ranked.sort(key=lambda r: (-r[0], r[1]))
+        out, used = [], 0
+        for _, _, text in ranked:
+            if len(out) == self.grounding.max_facts:
+                break
+            if used + len(text) <= self.grounding.max_chars and text not in out:
+                out.append(text)
+                used += len(text)
+        return tuple(out)
+
+    def for_turn(self, character: Character, history: Sequence[Turn], line: str) -> tuple[str, ...]:
+        """The facts for the player's line, with the last exchange with this character as context."""
+        last = recent_turns(character, history)[-1:]
+        return self.facts(character, line, " ".join(f"{t.player_line} {t.npc_line}" for t in last))
+
+    def recall(self, character: Character, history: Sequence[Turn], line: str) -> tuple[str, ...]:
+        """Long-term memory: the earlier exchanges with this character that left the prompt's window
+        (memory.max_turns) and share words with the line, oldest first, as lines for the prompt."""
+        own = [t for t in history if t.character_id == character.id]
+        window = character.memory.max_turns
+        old = own[: len(own) - window] if window else own
+        if not old or self.grounding.max_memories == 0:
+            return ()
+        with self._lock:
+            words = self._words(line)
+            scores = _Index([f"{t.player_line} {t.npc_line}" for t in old], self._stemmer).scores(words)
+        best = sorted(i for i in np.argsort(-scores, kind="stable")[: self.grounding.max_memories] if scores[i] > 0)
+        cut = self.grounding.memory_chars
+        return tuple(f'The player said "{_clip(old[i].player_line, cut)}" and you answered '
+                     f'"{_clip(old[i].npc_line, cut)}"' for i in best)
+
+    def in_scope(self, character: Character) -> list[str]:
+        """Every lore entry the character may be given (for `npc chat /lore` and the scope tests)."""
+        if self._lore_index is None:
+            return []
+        snapshot = self._lore_index[0]
+        return [e.text for e in snapshot.entries if e.scope.admits(character)]
+
+    def _words(self, text: str) -> list[str]:
+        return tokenize([text], self._stemmer)[0] if text.strip() else []
+
+    def _knowledge_index(self, character: Character) -> _Index:
+        index = self._knowledge.get(character.version)
+        if index is None:
+            index = self._knowledge[character.version] = _Index(list(character.knowledge), self._stemmer)
+            if len(self._knowledge) > 256:
+                self._knowledge.popitem(last=False)
+        self._knowledge.move_to_end(character.version)
+        return index
+
+    def _mask(self, character: Character, snapshot: LoreSnapshot) -> np.ndarray:
+        """1.0 where the character's scope admits the entry, else 0.0 (bm25s multiplies the scores by it)."""
+        key = (character.id, character.factions, character.places)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = np.fromiter((e.scope.admits(character) for e in snapshot.entries), dtype=np.float32,
+                               count=len(snapshot.entries))
+            self._masks[key] = mask
+            if len(self._masks) > 1024:
+                self._masks.popitem(last=False)
+        return mask

@@ -1,0 +1,41 @@
+"""An Engine that records the prompts Dialogue.talk submits and answers each with a fixed reply: for tests of what
+the dialogue layer builds and does around a reply (prompts, sessions, relationships), without a model."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from sidecar.config import EngineConfig
+from sidecar.engine.api import EngineEvent, RequestStream
+
+
+@dataclass
+class RecordingEngine:
+    """Takes every prompt Dialogue.talk submits; streams `reply` (the model's raw text: label, line, action
+    lines) as one delta and ends."""
+
+    tokenizer: object
+    reply: str = "[x] Hm."
+    name: str = "recording"
+    constrained_decoding: bool = True
+    prompts: list = None
+
+    def __post_init__(self):
+        self.config = EngineConfig()
+        self.model = SimpleNamespace(tokenizer=self.tokenizer)
+        self.prompts = []
+
+    def queue_full(self) -> bool:
+        return False
+
+    def submit(self, prompt_ids, adapter, sampling, *, choices=None, timings=None, request_id=None):
+        self.prompts.append(list(prompt_ids))
+        queue: asyncio.Queue = asyncio.Queue()
+        rid = f"r{len(self.prompts)}"
+        queue.put_nowait(EngineEvent("started", rid, prompt_tokens=len(prompt_ids)))
+        ids = tuple(self.tokenizer.encode_literal(self.reply))
+        queue.put_nowait(EngineEvent("delta", rid, text=self.reply, token_ids=ids))
+        queue.put_nowait(EngineEvent("finished", rid, text=self.reply, token_ids=ids, finish_reason="stop"))
+        return RequestStream(rid, queue, lambda _: None)
