@@ -27,6 +27,8 @@ RPCS = {
     "ExportSession": (False, False, "ExportSessionRequest", "SessionState"),
     "ImportSession": (False, False, "ImportSessionRequest", "ImportSessionResponse"),
     "GetServerInfo": (False, False, "GetServerInfoRequest", "ServerInfo"),
+    "GetRelationships": (False, False, "GetRelationshipsRequest", "RelationshipsResponse"),
+    "SetRelationship": (False, False, "SetRelationshipRequest", "RelationshipsResponse"),
 }
 
 
@@ -59,7 +61,7 @@ def test_relative_imports():
         rewrite("import npc.v1.a_pb2\n", ["npc", "v1"], ["npc"])
 
 
-def test_service_has_the_six_rpcs():
+def test_service_has_its_rpcs():
     service = pb.DESCRIPTOR.services_by_name["NpcDialogue"]
     assert service.full_name == "npc.v1.NpcDialogue"
     assert pb.DESCRIPTOR.name == DIALOGUE and pb.DESCRIPTOR.package == "npc.v1"

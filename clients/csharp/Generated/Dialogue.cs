@@ -7153,6 +7153,9 @@ namespace Npc.V1 {
     /// <summary>Field number for the "character_id" field.</summary>
     public const int CharacterIdFieldNumber = 1;
     private string characterId_ = "";
+    /// <summary>
+    /// The character whose value it is.
+    /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public string CharacterId {
@@ -7165,6 +7168,9 @@ namespace Npc.V1 {
     /// <summary>Field number for the "name" field.</summary>
     public const int NameFieldNumber = 2;
     private string name_ = "";
+    /// <summary>
+    /// The relationship's name (Relationship.name).
+    /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public string Name {
@@ -7177,6 +7183,9 @@ namespace Npc.V1 {
     /// <summary>Field number for the "value" field.</summary>
     public const int ValueFieldNumber = 3;
     private long value_;
+    /// <summary>
+    /// The value; a character whose range has changed since gets it clamped to the new range.
+    /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public long Value {
@@ -7793,6 +7802,9 @@ namespace Npc.V1 {
 
   }
 
+  /// <summary>
+  /// Which character's relationships to read, in which session.
+  /// </summary>
   public sealed partial class GetRelationshipsRequest : pb::IMessage<GetRelationshipsRequest>
   #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
       , pb::IBufferMessage
@@ -8025,6 +8037,9 @@ namespace Npc.V1 {
 
   }
 
+  /// <summary>
+  /// One relationship value to set or move.
+  /// </summary>
   public sealed partial class SetRelationshipRequest : pb::IMessage<SetRelationshipRequest>
   #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
       , pb::IBufferMessage
@@ -8078,6 +8093,9 @@ namespace Npc.V1 {
     /// <summary>Field number for the "session_id" field.</summary>
     public const int SessionIdFieldNumber = 1;
     private string sessionId_ = "";
+    /// <summary>
+    /// The session (as in TalkRequest.session_id). Required; created if the server does not hold it.
+    /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public string SessionId {
@@ -8090,6 +8108,9 @@ namespace Npc.V1 {
     /// <summary>Field number for the "character_id" field.</summary>
     public const int CharacterIdFieldNumber = 2;
     private string characterId_ = "";
+    /// <summary>
+    /// The character. Required.
+    /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public string CharacterId {
@@ -8451,6 +8472,9 @@ namespace Npc.V1 {
     private static readonly pb::FieldCodec<global::Npc.V1.Relationship> _repeated_relationships_codec
         = pb::FieldCodec.ForMessage(10, global::Npc.V1.Relationship.Parser);
     private readonly pbc::RepeatedField<global::Npc.V1.Relationship> relationships_ = new pbc::RepeatedField<global::Npc.V1.Relationship>();
+    /// <summary>
+    /// One per declared relationship, with its current value (the start value where none was set).
+    /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public pbc::RepeatedField<global::Npc.V1.Relationship> Relationships {
@@ -8580,6 +8604,9 @@ namespace Npc.V1 {
 
   }
 
+  /// <summary>
+  /// One relationship of a character with the player of a session.
+  /// </summary>
   public sealed partial class Relationship : pb::IMessage<Relationship>
   #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
       , pb::IBufferMessage
@@ -8647,6 +8674,9 @@ namespace Npc.V1 {
     /// <summary>Field number for the "value" field.</summary>
     public const int ValueFieldNumber = 2;
     private long value_;
+    /// <summary>
+    /// The current value, within min_value..max_value.
+    /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public long Value {
@@ -8659,6 +8689,9 @@ namespace Npc.V1 {
     /// <summary>Field number for the "min_value" field.</summary>
     public const int MinValueFieldNumber = 3;
     private long minValue_;
+    /// <summary>
+    /// The range the character declares.
+    /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public long MinValue {
@@ -8671,6 +8704,9 @@ namespace Npc.V1 {
     /// <summary>Field number for the "max_value" field.</summary>
     public const int MaxValueFieldNumber = 4;
     private long maxValue_;
+    /// <summary>
+    /// The top of the range.
+    /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public long MaxValue {
@@ -8698,6 +8734,9 @@ namespace Npc.V1 {
     /// <summary>Field number for the "tier_text" field.</summary>
     public const int TierTextFieldNumber = 6;
     private string tierText_ = "";
+    /// <summary>
+    /// The tier's line of text (what the prompt tells the character about the player).
+    /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public string TierText {
