@@ -465,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":  # (serve sets its own) stdout is the command's output: `npc eval --json`
+        from sidecar.server.logs import configure_logging
+
+        configure_logging("warning", json_lines=False)
     try:
         return args.run(args)
     except UserError as e:

@@ -81,12 +81,17 @@ def test_check_lists_each_problem(tmp_path):
     (root / "bad" / "character.yaml").write_text("id: bad\nname: B\npersona: p\nmood: grumpy\n")
     (root / "worse").mkdir()
     (root / "worse" / "character.yaml").write_text("id: worse\nname: W\npersona: p\nadapter: ../../elsewhere\n")
+    (root / "lore").mkdir()
+    (root / "lore" / "world.yaml").write_text("places: [highmoor]\n")  # the oracle's whisperwood is not declared
+    (root / "lore" / "town.yaml").write_text("scope: {places: [highmor]}\nentries: [The well is dry.]\n")
     bad = subprocess.run([NPC, "check", str(root)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
     lines = bad.stdout.strip().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 4, lines
     assert "bad/character.yaml" in lines[0] and "mood" in lines[0]
-    assert "worse/character.yaml" in lines[1] and "adapter" in lines[1]
+    assert "oracle/character.yaml: places: 'whisperwood' is not declared in lore/world.yaml" in lines[1]
+    assert "worse/character.yaml" in lines[2] and "adapter" in lines[2]
+    assert "lore/town.yaml: scope.places: unknown place 'highmor'" in lines[3]
 
 
 def test_python_client_example(server):

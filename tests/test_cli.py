@@ -96,3 +96,15 @@ def test_unknown_weight_format():
     _assert_user_error(npc("generate", "--weights", "int3", "hi"), "--weights", "int3")
 
 
+
+
+def test_stdout_holds_only_the_commands_output(tmp_path):
+    """Library log lines (the lore loader's "lore file loaded") go to stderr: `npc eval --json | jq` and
+    scripts reading a command's stdout must see only its output. The retrieval bench loads the sample lore."""
+    run = npc("bench", "--scenario", "retrieval", "--entries", "200", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(tmp_path / f"retrieval.{ext}") for ext in ("json", "md", "png")]
+    assert "lore file loaded" not in run.stderr  # below the commands' warning level
+    data = json.loads((tmp_path / "retrieval.json").read_text())
+    assert data["entries"] == 200 and data["p95_ms"] > 0 and set(data["recall_stemmed"]) == {
+        "blacksmith", "elara", "oracle", "quartermaster"}
