@@ -53,7 +53,6 @@ class _Index:
 
     def __init__(self, texts: list[str], stemmer: Stemmer.Stemmer):
         self.size = len(texts)
-        self._stemmer = stemmer
         self._bm25 = bm25s.BM25()
         if texts:
             self._bm25.index(tokenize(texts, stemmer), show_progress=False)
