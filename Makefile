@@ -67,8 +67,20 @@ bench: setup
 	$(BIN)/npc bench --scenario decode --out docs/bench
 	$(BIN)/npc bench --scenario multi-npc --out docs/bench --json docs/bench/multi_npc_run.json
 
+# llama.cpp (the `peers` extra) for the instruction sets this CPU reports, never AMX: the default
+# -march=native build turns on ggml's AMX kernels, and that build crashed (SIGSEGV) on a Xeon whose VM
+# does not let it use them (docs/benchmarks.md). A CMAKE_ARGS of the caller's wins. --no-cache-dir:
+# a wheel pip cached from another build of the same version would skip these flags.
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+ggml_option = -DGGML_$(2)=$(if $(filter $(1),$(CPU_FLAGS)),ON,OFF)
+PEER_CMAKE_ARGS := -DGGML_NATIVE=OFF $(call ggml_option,avx,AVX) $(call ggml_option,avx2,AVX2) \
+	$(call ggml_option,fma,FMA) $(call ggml_option,f16c,F16C) $(call ggml_option,bmi2,BMI2) \
+	$(call ggml_option,avx512f,AVX512) $(call ggml_option,avx512_vbmi,AVX512_VBMI) \
+	$(call ggml_option,avx512_vnni,AVX512_VNNI) $(call ggml_option,avx512_bf16,AVX512_BF16) \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+
 peers: setup
-	$(BIN)/pip install --quiet -e '.[peers]'
+	CMAKE_ARGS="$${CMAKE_ARGS:-$(PEER_CMAKE_ARGS)}" $(BIN)/pip install --quiet --no-cache-dir -e '.[peers]'
 
 
 clean:

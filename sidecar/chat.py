@@ -6,7 +6,8 @@ the NPC takes (`  -> sell_item(item="iron sword")`).
 Commands: /characters, /switch ID, /reset, /world key=value (key= removes it; /world alone shows
 them), /entity list=a,b,c (the game's entity lists: what the NPC's actions may name), /allow
 NAME,... (/allow all; /allow none), /lore and /memory (what the last prompt gave the character to answer
-from), /rel NAME=VALUE (/rel NAME+N, /rel NAME-N; /rel alone shows them), /seed N (/seed off), /stats,
+from), /rel NAME=VALUE (/rel NAME+N, /rel NAME-N; /rel alone shows them), /scene ID ID "situation"
+(characters talking among themselves, watched line by line), /seed N (/seed off), /stats,
 /export FILE, /help, /quit. Line
 editing and history come from prompt_toolkit when the terminal is interactive; piped input works too.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -36,6 +38,8 @@ HELP = """commands:
   /lore              the facts the last prompt gave the character (its knowledge and lore in its scope)
   /memory            earlier exchanges the last prompt brought back (long-term memory)
   /rel trust=40      set a relationship (/rel trust+5, /rel trust-5; /rel shows them)
+  /scene A B "what"  watch characters talk among themselves, e.g.
+                     /scene blacksmith elara "A storm keeps them both in the tavern." (add a number: lines)
   /seed N            reproducible replies (/seed off: random again)
   /stats             timings and token counts of the last reply
   /export FILE       save this session as JSON (ImportSession takes it back)
@@ -118,6 +122,50 @@ class Chat:
             self.say()
             self.say(f"!! {e.code().name}: {e.details()}")
 
+    async def scene(self, arg: str) -> None:
+        """/scene ID ID... "situation" [LINES]: the scene streams line by line, into this chat's session."""
+        try:
+            words = shlex.split(arg)
+        except ValueError as e:
+            self.say(f"!! /scene: {e}")
+            return
+        lines = int(words.pop()) if len(words) > 3 and words[-1].isdigit() else 0
+        if len(words) < 3:
+            self.say('!! usage: /scene ID ID [ID...] "situation" [LINES]')
+            return
+        cast, situation = words[:-1], words[-1]
+        options = pb.GenerationOptions(seed=self.seed) if self.seed is not None else None
+        call = self.client.scene(cast, situation, session_id=self.session_id, world=self.world, max_lines=lines,
+                                 options=options)
+        try:
+            async for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "started":
+                    self.say(f"-- scene {event.started.scene_id}: {', '.join(event.started.names)}")
+                elif kind == "finished":
+                    self.say(f"-- the scene is over ({event.finished.lines} lines)")
+                else:
+                    self._scene_line(event.line)
+        except asyncio.CancelledError:
+            call.cancel()
+            self.say(" [scene stopped]")
+            raise
+        except grpc.aio.AioRpcError as e:
+            self.say(f"!! {e.code().name}: {e.details()}")
+
+    def _scene_line(self, line: pb.SceneLine) -> None:
+        kind = line.event.WhichOneof("event")
+        if kind == "started":
+            self.say(f"{self.names.get(line.character_id, line.character_id)}: ", end="")
+        elif kind == "emotion":
+            self.say(f"[{line.event.emotion.label}] ", end="")
+        elif kind == "delta":
+            self.say(line.event.delta.text, end="")
+        elif kind == "action":
+            self.say(f"\n  -> {format_action(line.event.action)}", end="")
+        elif kind == "finished":
+            self.say()
+
     async def command(self, line: str) -> bool:
         cmd, _, arg = line.partition(" ")
         arg = arg.strip()
@@ -155,6 +203,8 @@ class Chat:
             self.say("\n".join(f"  - {x}" for x in items) or f"-- the last prompt had no {what}")
         elif cmd == "/rel":
             await self._relationships(arg)
+        elif cmd == "/scene":
+            await self.scene(arg)
         elif cmd == "/seed":
             self._seed(arg)
         elif cmd == "/stats":

@@ -186,6 +186,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _bench_reliability(args)
     if args.scenario == "retrieval":
         return _bench_retrieval(args)
+    if args.scenario == "scenes":
+        return _bench_scenes(args)
+    if args.scenario == "warm-ttft":
+        return _bench_warm_ttft(args)
     from sidecar.bench.decode import DecodeBenchConfig, run_decode_bench
 
     formats = tuple(args.formats.split(","))
@@ -262,6 +266,35 @@ def _bench_retrieval(args: argparse.Namespace) -> int:
     if args.entries < 1:
         raise UserError("--entries: must be at least 1")
     run_retrieval_bench(RetrievalConfig(characters, entries=args.entries, out_dir=Path(args.out)),
+                        command="npc bench " + " ".join(sys.argv[2:]))
+    return 0
+
+
+def _bench_scenes(args: argparse.Namespace) -> int:
+    """K scenes of three NPCs at once against the same scenes one after another (issue 17)."""
+    from sidecar.bench.scenes import ScenesConfig, run_scenes_bench
+
+    characters = Path(args.characters)
+    if not characters.is_dir():
+        raise UserError(f"--characters: folder {characters} not found")
+    if args.lines < 1 or args.tokens < 1:
+        raise UserError("--lines and --tokens: must be at least 1")
+    cfg = ScenesConfig(characters, ks=_int_list("--n", args.n or "1,4,8"), lines=args.lines, tokens=args.tokens,
+                       out_dir=Path(args.out))
+    run_scenes_bench(cfg, command="npc bench " + " ".join(sys.argv[2:]))
+    return 0
+
+
+def _bench_warm_ttft(args: argparse.Namespace) -> int:
+    """A session's first line (cold) against its next ones (warm), facts block included (issue 16)."""
+    from sidecar.bench.warm_ttft import WarmTtftConfig, run_warm_ttft_bench
+
+    characters = Path(args.characters)
+    if not characters.is_dir():
+        raise UserError(f"--characters: folder {characters} not found")
+    if args.turns < 2 or args.tokens < 1:
+        raise UserError("--turns: must be at least 2 (one cold, one warm); --tokens: at least 1")
+    run_warm_ttft_bench(WarmTtftConfig(characters, turns=args.turns, tokens=args.tokens, out_dir=Path(args.out)),
                         command="npc bench " + " ".join(sys.argv[2:]))
     return 0
 
@@ -410,14 +443,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (reports, not tests)")
     b.add_argument("--scenario", choices=["decode", "multi-npc", "constrained", "load", "faults",
-                                                "retrieval"], default="decode")
+                                                "retrieval", "scenes", "warm-ttft"], default="decode")
     b.add_argument("--model")
     b.add_argument("--peers", help="comma-separated peers to compare against: llama.cpp,hf-peft (multi-npc) "
                                    "or llama.cpp (decode); 'none' for none; default: every installed one")
     b.add_argument("--out", default="docs/bench", help="folder for the JSON, Markdown and PNG report")
-    b.add_argument("--n", help="multi-npc: NPC counts (default 1,4,8,16,32); constrained: one NPC count (default 8)")
+    b.add_argument("--n", help="multi-npc: NPC counts (default 1,4,8,16,32); constrained: one NPC count (default 8); "
+                               "scenes: scene counts (default 1,4,8)")
     b.add_argument("--tokens", type=int, default=64,
-                   help="multi-npc: new tokens per NPC; constrained: each turn's text budget")
+                   help="multi-npc: new tokens per NPC; constrained: each turn's text budget; scenes: each line's")
+    b.add_argument("--lines", type=int, default=6, help="scenes: lines per scene (default 6)")
+    b.add_argument("--turns", type=int, default=6, help="warm-ttft: questions per character (default 6)")
     b.add_argument("--rounds", type=int, default=5,
                    help="constrained: timed rounds of one free and one constrained run (the median is reported)")
     b.add_argument("--warm-prefix", action="store_true",
@@ -443,8 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=int, default=64, help="decode: prompt length")
     b.add_argument("--entries", type=int, default=10_000, help="retrieval: random lore entries")
     b.add_argument("--characters", default="characters",
-                   help="load, faults, retrieval: characters to serve (load, faults: copied to a temp folder "
-                        "first; default ./characters)")
+                   help="load, faults, retrieval, scenes, warm-ttft: characters to serve (load, faults: copied to "
+                        "a temp folder first; default ./characters)")
     b.add_argument("--clients", type=int, help="load, faults: clients talking at once (default 64 / 16)")
     b.add_argument("--duration", type=float,
                    help="load: seconds measured after the warm-up (default 300); faults: seconds of the edit, "

@@ -117,6 +117,21 @@ class NpcClient:
                 finished = event.finished
         return started, "".join(text), finished
 
+    def scene(self, character_ids: Iterable[str], situation: str, session_id: str = "",
+              world: Mapping[str, str] | None = None, max_lines: int = 0,
+              options: pb.GenerationOptions | None = None, timeout: float | None = None,
+              entities: Mapping[str, Iterable[str]] | None = None,
+              allowed_actions: Iterable[str] = ()) -> grpc.aio.UnaryStreamCall:
+        """Characters talking among themselves (StartScene): iterate it; `call.cancel()` ends the scene.
+        Events: started (the scene's id), then line events (`event.line.index`, `.character_id`, and
+        `.event`: a Talk event of that line), then finished. `max_lines` 0: the server's default (6)."""
+        request = pb.SceneRequest(character_ids=list(character_ids), situation=situation, session_id=session_id,
+                                  world=dict(world or {}), max_lines=max_lines, options=options)
+        for name, values in (entities or {}).items():
+            request.entities[name].values.extend(values)
+        request.allowed_actions.names.extend(allowed_actions)
+        return self._stub.StartScene(request, timeout=timeout or self.timeout, metadata=self._metadata)
+
     async def list_characters(self) -> list[pb.Character]:
         reply = await self._stub.ListCharacters(pb.ListCharactersRequest(), timeout=self.timeout,
                                                 metadata=self._metadata)

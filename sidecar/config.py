@@ -116,6 +116,8 @@ class RequestLimits:
     max_entity_lists: int = 16  # lists in TalkRequest.entities
     max_entity_values: int = 64  # values in one list
     max_entity_chars: int = 64  # characters in one value
+    max_scene_characters: int = 6  # SceneRequest.character_ids
+    max_scene_lines: int = 24  # SceneRequest.max_lines
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -14,18 +14,20 @@ from sidecar.engine.api import EngineEvent, RequestStream
 @dataclass
 class RecordingEngine:
     """Takes every prompt Dialogue.talk submits; streams `reply` (the model's raw text: label, line, action
-    lines) as one delta and ends."""
+    lines) as one delta and ends. `replies`, when given, are used in turn instead (then `reply` again)."""
 
     tokenizer: object
     reply: str = "[x] Hm."
     name: str = "recording"
     constrained_decoding: bool = True
     prompts: list = None
+    replies: list = None
 
     def __post_init__(self):
         self.config = EngineConfig()
         self.model = SimpleNamespace(tokenizer=self.tokenizer)
         self.prompts = []
+        self.replies = list(self.replies or [])
 
     def queue_full(self) -> bool:
         return False
@@ -35,7 +37,8 @@ class RecordingEngine:
         queue: asyncio.Queue = asyncio.Queue()
         rid = f"r{len(self.prompts)}"
         queue.put_nowait(EngineEvent("started", rid, prompt_tokens=len(prompt_ids)))
-        ids = tuple(self.tokenizer.encode_literal(self.reply))
-        queue.put_nowait(EngineEvent("delta", rid, text=self.reply, token_ids=ids))
-        queue.put_nowait(EngineEvent("finished", rid, text=self.reply, token_ids=ids, finish_reason="stop"))
+        reply = self.replies.pop(0) if self.replies else self.reply
+        ids = tuple(self.tokenizer.encode_literal(reply))
+        queue.put_nowait(EngineEvent("delta", rid, text=reply, token_ids=ids))
+        queue.put_nowait(EngineEvent("finished", rid, text=reply, token_ids=ids, finish_reason="stop"))
         return RequestStream(rid, queue, lambda _: None)

@@ -59,6 +59,13 @@ def test_chat_streams_a_reply_in_a_terminal(server, tmp_path):
         child.expect("talking to The Oracle of Vell")
         child.sendline(f"/export {tmp_path / 'session.json'}")
         child.expect("1 turn")
+        child.sendline('/scene blacksmith oracle "Two old friends argue about the weather by the forge." 2')
+        child.expect(r"-- scene scene-\w+: Brynja Emberforge, The Oracle of Vell")
+        child.expect(r"Brynja Emberforge: \[(gruff|proud|annoyed|amused|sad)\] \S")
+        child.expect(r"The Oracle of Vell: \[\w+\] \S")
+        child.expect(r"-- the scene is over \(2 lines\)")
+        child.sendline('/scene blacksmith "no one else"')
+        child.expect("!! usage: /scene ID ID")
         child.sendline("/quit")
         child.expect(pexpect.EOF)
     finally:

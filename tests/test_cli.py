@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.sidecar_process import REPO
 from tests.tiny import tiny_gguf
 
 
@@ -108,3 +110,36 @@ def test_stdout_holds_only_the_commands_output(tmp_path):
     data = json.loads((tmp_path / "retrieval.json").read_text())
     assert data["entries"] == 200 and data["p95_ms"] > 0 and set(data["recall_stemmed"]) == {
         "blacksmith", "elara", "oracle", "quartermaster"}
+
+
+def test_scenes_bench_writes_its_report(tmp_path):
+    """`npc bench --scenario scenes`, tiny: one scene of three sample characters, together and alone."""
+    characters = tmp_path / "characters"
+    for cid in ("blacksmith", "elara", "oracle"):
+        shutil.copytree(REPO / "characters" / cid, characters / cid)
+    run = npc("bench", "--scenario", "scenes", "--n", "1", "--lines", "3", "--tokens", "4",
+              "--characters", str(characters), "--out", str(tmp_path / "out"))
+    assert run.returncode == 0, run.stderr
+    data = json.loads((tmp_path / "out" / "scenes.json").read_text())
+    (result,) = data["runs"]
+    assert result["k"] == 1 and data["server_errors"] == 0
+    for how in ("together", "one_after_another"):
+        assert result[how]["lines"] == 3 and result[how]["lines_per_s"] > 0 and result[how]["handoff_p50_ms"] > 0
+    assert (tmp_path / "out" / "scenes.png").stat().st_size > 0
+    bad = npc("bench", "--scenario", "scenes", "--lines", "0", "--characters", str(characters))
+    _assert_user_error(bad, "--lines")
+
+
+def test_warm_ttft_bench_sees_the_prefix_cache_serve_the_next_line(tmp_path):
+    """`npc bench --scenario warm-ttft`, tiny: the session's second line reuses the first's persona and
+    history from the prefix cache although the facts block changes between them."""
+    characters = tmp_path / "characters"
+    shutil.copytree(REPO / "characters" / "blacksmith", characters / "blacksmith")
+    run = npc("bench", "--scenario", "warm-ttft", "--turns", "2", "--tokens", "4", "--characters", str(characters),
+              "--out", str(tmp_path / "out"))
+    assert run.returncode == 0, run.stderr
+    data = json.loads((tmp_path / "out" / "warm_ttft.json").read_text())
+    first, second = data["turns"]["blacksmith"]
+    assert first["cached_tokens"] == 0 and first["facts"] > 0 and second["facts"] > 0
+    # The persona block and the first exchange are served from the cache: all but the facts and the new line.
+    assert second["cached_tokens"] > first["prompt_tokens"] // 2, (first, second)

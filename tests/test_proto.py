@@ -29,6 +29,7 @@ RPCS = {
     "GetServerInfo": (False, False, "GetServerInfoRequest", "ServerInfo"),
     "GetRelationships": (False, False, "GetRelationshipsRequest", "RelationshipsResponse"),
     "SetRelationship": (False, False, "SetRelationshipRequest", "RelationshipsResponse"),
+    "StartScene": (False, True, "SceneRequest", "SceneEvent"),
 }
 
 
@@ -166,13 +167,18 @@ ISSUE_15_FIELDS = {
 }
 
 
-def test_issue_15_fields_have_the_agreed_numbers_and_types():
+def _declared(table: dict) -> dict:
+    """Each "Message.field" of `table` as the proto declares it: (number, type, label)."""
     found = {}
-    for name in ISSUE_15_FIELDS:
+    for name in table:
         message, field = name.split(".")
         f = pb.DESCRIPTOR.message_types_by_name[message].fields_by_name[field]
         found[name] = (f.number, f.type, "repeated" if f.is_repeated else "optional")
-    assert found == ISSUE_15_FIELDS
+    return found
+
+
+def test_issue_15_fields_have_the_agreed_numbers_and_types():
+    assert _declared(ISSUE_15_FIELDS) == ISSUE_15_FIELDS
     assert pb.TalkRequest.DESCRIPTOR.fields_by_name["entities"].message_type.GetOptions().map_entry
     assert pb.TalkRequest.DESCRIPTOR.fields_by_name["entities"].message_type.fields_by_name["value"].message_type \
         == pb.EntityList.DESCRIPTOR
@@ -181,6 +187,41 @@ def test_issue_15_fields_have_the_agreed_numbers_and_types():
     assert [f.name for f in oneof.fields] == ["started", "delta", "finished", "emotion", "action"]
     assert [f.name for f in pb.ActionArgument.DESCRIPTOR.oneofs_by_name["value"].fields] == [
         "string_value", "int_value", "bool_value"]
+
+
+# Scenes (issue 17): numbers and types fixed once shipped.
+ISSUE_17_FIELDS = {
+    "Turn.scene_id": (8, _T.TYPE_STRING, "optional"),
+    "SessionState.scenes": (6, _T.TYPE_MESSAGE, "repeated"),
+    "SceneState.scene_id": (1, _T.TYPE_STRING, "optional"),
+    "SceneState.situation": (2, _T.TYPE_STRING, "optional"),
+    "SceneState.character_ids": (3, _T.TYPE_STRING, "repeated"),
+    "RequestLimits.max_scene_characters": (12, _T.TYPE_INT32, "optional"),
+    "RequestLimits.max_scene_lines": (13, _T.TYPE_INT32, "optional"),
+    "SceneRequest.character_ids": (1, _T.TYPE_STRING, "repeated"),
+    "SceneRequest.situation": (2, _T.TYPE_STRING, "optional"),
+    "SceneRequest.session_id": (3, _T.TYPE_STRING, "optional"),
+    "SceneRequest.world": (4, _T.TYPE_MESSAGE, "repeated"),  # a map
+    "SceneRequest.max_lines": (5, _T.TYPE_INT32, "optional"),
+    "SceneRequest.options": (6, _T.TYPE_MESSAGE, "optional"),
+    "SceneRequest.entities": (7, _T.TYPE_MESSAGE, "repeated"),  # a map
+    "SceneRequest.allowed_actions": (8, _T.TYPE_MESSAGE, "optional"),
+    "SceneStarted.scene_id": (1, _T.TYPE_STRING, "optional"),
+    "SceneStarted.character_ids": (2, _T.TYPE_STRING, "repeated"),
+    "SceneStarted.names": (3, _T.TYPE_STRING, "repeated"),
+    "SceneLine.index": (1, _T.TYPE_UINT32, "optional"),
+    "SceneLine.character_id": (2, _T.TYPE_STRING, "optional"),
+    "SceneLine.event": (3, _T.TYPE_MESSAGE, "optional"),
+    "SceneFinished.reason": (1, _T.TYPE_ENUM, "optional"),
+    "SceneFinished.lines": (2, _T.TYPE_UINT32, "optional"),
+}
+
+
+def test_issue_17_fields_have_the_agreed_numbers_and_types():
+    assert _declared(ISSUE_17_FIELDS) == ISSUE_17_FIELDS
+    assert [f.name for f in pb.SceneEvent.DESCRIPTOR.oneofs_by_name["event"].fields] == [
+        "started", "line", "finished"]
+    assert pb.SceneLine.DESCRIPTOR.fields_by_name["event"].message_type == pb.TalkEvent.DESCRIPTOR
 
 
 def test_the_talk_rpc_documents_every_event_in_order(tmp_path: Path):

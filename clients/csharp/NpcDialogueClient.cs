@@ -145,18 +145,52 @@ namespace Npc.Client
             }
         }
 
-        private async IAsyncEnumerable<TalkEvent> TalkCore(
-            TalkRequest request, TimeSpan? timeout, [EnumeratorCancellation] CancellationToken cancellationToken)
+        private IAsyncEnumerable<TalkEvent> TalkCore(
+            TalkRequest request, TimeSpan? timeout, CancellationToken cancellationToken)
         {
             if (request == null)
             {
                 throw new ArgumentNullException(nameof(request));
             }
+            return StreamCore(options => _stub.Talk(request, options), timeout ?? TalkTimeout,
+                "The NPC reply was cancelled.", cancellationToken);
+        }
+
+        // ------------------------------------------------------------------------------------
+        // Scenes
+
+        /// <summary>
+        /// A scene: characters talking among themselves while the player is elsewhere (StartScene in
+        /// dialogue.proto). One <c>Started</c> (the scene's id and the names of its characters); then a
+        /// <c>Line</c> for every event of every line, in order (<c>Line.Index</c>, <c>Line.CharacterId</c>,
+        /// and <c>Line.Event</c>: that line's Started, Emotion, Delta, Action or Finished, as a Talk sends
+        /// them); then one <c>Finished</c> (how many lines were said).
+        /// </summary>
+        /// <remarks>
+        /// No deadline unless <paramref name="timeout"/> gives one (a scene takes a while). Cancelling
+        /// <paramref name="cancellationToken"/> or leaving the <c>await foreach</c> early stops the scene
+        /// within one engine step; the lines already said stay in the session. A TalkAsync to one of the
+        /// scene's characters with the scene's session id is the player stepping in.
+        /// </remarks>
+        public IAsyncEnumerable<SceneEvent> StartSceneAsync(
+            SceneRequest request, TimeSpan? timeout = null, CancellationToken cancellationToken = default)
+        {
+            if (request == null)
+            {
+                throw new ArgumentNullException(nameof(request));
+            }
+            return StreamCore(options => _stub.StartScene(request, options), timeout ?? Timeout.InfiniteTimeSpan,
+                "The scene was cancelled.", cancellationToken);
+        }
+
+        private async IAsyncEnumerable<TEvent> StreamCore<TEvent>(
+            Func<CallOptions, AsyncServerStreamingCall<TEvent>> start, TimeSpan timeout, string cancelledMessage,
+            [EnumeratorCancellation] CancellationToken cancellationToken)
+        {
             cancellationToken.ThrowIfCancellationRequested();
             // Disposing the call (end of the using scope) cancels it if it is still running.
-            using AsyncServerStreamingCall<TalkEvent> call =
-                _stub.Talk(request, Options(timeout ?? TalkTimeout, cancellationToken));
-            IAsyncStreamReader<TalkEvent> stream = call.ResponseStream;
+            using AsyncServerStreamingCall<TEvent> call = start(Options(timeout, cancellationToken));
+            IAsyncStreamReader<TEvent> stream = call.ResponseStream;
             while (true)
             {
                 bool more;
@@ -166,7 +200,7 @@ namespace Npc.Client
                 }
                 catch (RpcException e) when (e.StatusCode == StatusCode.Cancelled && cancellationToken.IsCancellationRequested)
                 {
-                    throw new OperationCanceledException("The NPC reply was cancelled.", e, cancellationToken);
+                    throw new OperationCanceledException(cancelledMessage, e, cancellationToken);
                 }
                 if (!more)
                 {

@@ -10,6 +10,10 @@ Layout of the messages, chosen for the engine's prefix cache (KV keyed by adapte
                earlier exchanges that bear on it          and exchanges older than the window
     user       the player's line, verbatim
 
+A scene line (dialogue/scene.py) has the same constant part, then the scene's situation and cast;
+the speaker's own earlier lines are assistant messages, the others' lines since it last spoke one
+user message ("Name: line", one per line).
+
 The facts sit next to the line they answer: a 135M model uses what is close to the question (and
 the sample adapters are trained on that layout, with facts that vary, so that they copy from it
 rather than from memory). Placed after the history, they also leave the persona + history prefix
@@ -22,7 +26,7 @@ Tokenizer.encode_chat keeps every message content literal, `<|im_end|>` included
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sidecar.dialogue.characters import Character
@@ -67,6 +71,7 @@ FACTS_HEADING = "What you know that bears on this:"
 MEMORY_HEADING = "What you remember from earlier that bears on this:"
 EMOTION_GUIDANCE = "Begin each reply with how you feel, in brackets, one of: "
 ACTION_GUIDANCE = "When you do something, add one line per action after your words, only as written here:\n"
+SCENE_OPENING = "(The scene begins. You speak first.)"
 
 
 def npc_message(character: Character, turn: Turn) -> str:
@@ -76,11 +81,12 @@ def npc_message(character: Character, turn: Turn) -> str:
 
 
 def recent_turns(character: Character, history: Sequence[Turn]) -> list[Turn]:
-    """The turns the prompt may carry: this character's, the last memory.max_turns of them.
+    """The turns the prompt may carry: this character's with the player, the last memory.max_turns of them.
 
-    Turns with another character are left out: they are another NPC's words, not this one's.
+    Turns with another character are left out: they are another NPC's words, not this one's; so are
+    scene lines (they come back as memories).
     """
-    own = [t for t in history if t.character_id == character.id]
+    own = [t for t in history if t.character_id == character.id and not t.scene_id]
     keep = character.memory.max_turns
     return own[-keep:] if keep else []
 
@@ -96,17 +102,54 @@ def build_messages(character: Character, history: Sequence[Turn], player_line: s
     `memories`: exchanges that left the window and bear on it (FactRetriever.recall);
     `relationships`: where the character stands with the player (relationships.prompt_lines; None: the
     start values, as in a new session)."""
-    system = system_prefix(character)
-    situation = []
-    if player_name.strip():
-        situation.append(f"You are talking to {_one_line(player_name)}.")
+    lead = [f"You are talking to {_one_line(player_name)}."] if player_name.strip() else []
+    if relationships is None:
+        relationships = prompt_lines(current_values(character.relationships, {}))
+    standing = ["How you stand with the player:\n" + "\n".join(f"- {_one_line(r)}" for r in relationships)
+                ] if relationships else []
+    messages = _opening(character, lead, world, standing, fmt, style_examples)
+    for turn in history:
+        if turn.character_id == character.id and not turn.scene_id:
+            messages += [ChatMessage("user", turn.player_line), ChatMessage("assistant", npc_message(character, turn))]
+    return messages + _grounding(facts, memories) + [ChatMessage("user", player_line)]
+
+
+def build_scene_messages(character: Character, names: Mapping[str, str], situation: str, lines: Sequence[Turn],
+                         world: Mapping[str, str] | None = None, style_examples: bool = True,
+                         fmt: ReplyFormat | None = None, facts: Sequence[str] = (),
+                         memories: Sequence[str] = (), player_line: str = "",
+                         player_name: str = "") -> list[ChatMessage]:
+    """The prompt of `character`'s next line in a scene: `names` maps the cast's ids to their names, `lines`
+    are the scene's lines so far (trim them first: fit_scene_to_budget); a line with a player_line is the
+    player stepping in, and `player_line` makes this one an answer to the player."""
+    others = [_one_line(n) for cid, n in names.items() if cid != character.id]
+    cast = ", ".join(others[:-1]) + " and " + others[-1] if len(others) > 1 else others[0]
+    scene = [f"You are in a scene with {cast}; the player is not part of it. {_one_line(situation)}"]
+    messages = _opening(character, scene, world, [], fmt, style_examples)
+    heard: list[str] = []  # the others' lines since this character last spoke
+    for line in lines:
+        if line.player_line:
+            heard.append(f"{_one_line(line.player_name) or 'The player'}: {line.player_line}")
+        if line.character_id == character.id:
+            messages += [ChatMessage("user", "\n".join(heard) or SCENE_OPENING),
+                         ChatMessage("assistant", npc_message(character, line))]
+            heard = []
+        else:
+            heard.append(f"{_one_line(names.get(line.character_id, line.character_id))}: {line.npc_line}")
+    if player_line:
+        heard.append(f"{_one_line(player_name) or 'The player'}: {player_line}")
+    return messages + _grounding(facts, memories) + [ChatMessage("user", "\n".join(heard) or SCENE_OPENING)]
+
+
+def _opening(character: Character, lead: list[str], world: Mapping[str, str] | None, standing: list[str],
+             fmt: ReplyFormat | None, style_examples: bool) -> list[ChatMessage]:
+    """The system message (the constant part, then this turn's: who is there, world facts, standing,
+    the game's lists, unavailable actions) and the style examples."""
+    situation = list(lead)
     if world:
         situation.append("Right now:\n" + "\n".join(f"- {_one_line(k)}: {_one_line(v)}"
                                                     for k, v in sorted(world.items())))
-    if relationships is None:
-        relationships = prompt_lines(current_values(character.relationships, {}))
-    if relationships:
-        situation.append("How you stand with the player:\n" + "\n".join(f"- {_one_line(r)}" for r in relationships))
+    situation += standing
     if fmt is not None and fmt.entities:
         situation.append("At hand:\n" + "\n".join(f"- {name}: {', '.join(values)}"
                                                     for name, values in sorted(fmt.entities.items())))
@@ -114,21 +157,20 @@ def build_messages(character: Character, history: Sequence[Turn], player_line: s
         unavailable = [a.name for a in character.actions if a not in fmt.actions]
         if unavailable:
             situation.append("You cannot do now: " + ", ".join(unavailable) + ".")
+    system = system_prefix(character)
     if situation:
         system += "\n\n" + "\n".join(situation)
     messages = [ChatMessage("system", system)]
     if style_examples:
         for ex in character.style_examples:
             messages += [ChatMessage("user", ex.player), ChatMessage("assistant", ex.npc)]
-    for turn in history:
-        if turn.character_id == character.id:
-            messages += [ChatMessage("user", turn.player_line), ChatMessage("assistant", npc_message(character, turn))]
-    grounding = [f"{heading}\n" + "\n".join(f"- {_one_line(x)}" for x in items)
-                 for heading, items in ((FACTS_HEADING, facts), (MEMORY_HEADING, memories)) if items]
-    if grounding:
-        messages.append(ChatMessage("system", "\n\n".join(grounding)))
-    messages.append(ChatMessage("user", player_line))
     return messages
+
+
+def _grounding(facts: Sequence[str], memories: Sequence[str]) -> list[ChatMessage]:
+    blocks = [f"{heading}\n" + "\n".join(f"- {_one_line(x)}" for x in items)
+              for heading, items in ((FACTS_HEADING, facts), (MEMORY_HEADING, memories)) if items]
+    return [ChatMessage("system", "\n\n".join(blocks))] if blocks else []
 
 
 def fit_to_budget(tokenizer: Tokenizer, character: Character, history: Sequence[Turn], player_line: str,
@@ -143,10 +185,31 @@ def fit_to_budget(tokenizer: Tokenizer, character: Character, history: Sequence[
     """
     turns = recent_turns(character, history)
 
+    def build(kept: Sequence[Turn], examples: bool) -> list[ChatMessage]:
+        return build_messages(character, kept, player_line, world, player_name, examples, fmt, facts, memories,
+                              relationships)
+
+    return _longest_fitting(tokenizer, character, turns, build, max_prompt_tokens, player_line, "player_line")
+
+
+def fit_scene_to_budget(tokenizer: Tokenizer, character: Character, names: Mapping[str, str], situation: str,
+                        lines: Sequence[Turn], world: Mapping[str, str] | None = None, *, max_prompt_tokens: int,
+                        fmt: ReplyFormat | None = None, facts: Sequence[str] = (), memories: Sequence[str] = (),
+                        player_line: str = "", player_name: str = "") -> Prompt:
+    """The scene's most recent lines that fit, as fit_to_budget does for a player's turn."""
+
+    def build(kept: Sequence[Turn], examples: bool) -> list[ChatMessage]:
+        return build_scene_messages(character, names, situation, kept, world, examples, fmt, facts, memories,
+                                    player_line, player_name)
+
+    return _longest_fitting(tokenizer, character, lines, build, max_prompt_tokens, situation, "situation")
+
+
+def _longest_fitting(tokenizer: Tokenizer, character: Character, turns: Sequence[Turn],
+                     build: Callable[[Sequence[Turn], bool], list[ChatMessage]], max_prompt_tokens: int,
+                     line: str, line_field: str) -> Prompt:
     def attempt(n: int, examples: bool = True) -> Prompt:
-        kept = turns[len(turns) - n:] if n else []
-        messages = build_messages(character, kept, player_line, world, player_name, examples, fmt, facts, memories,
-                                  relationships)
+        messages = build(turns[len(turns) - n:] if n else [], examples)
         return Prompt(tuple(messages), tokenizer.encode_chat(messages), n, len(turns) - n, examples)
 
     best = attempt(len(turns))
@@ -156,7 +219,8 @@ def fit_to_budget(tokenizer: Tokenizer, character: Character, history: Sequence[
     if len(bare.token_ids) > max_prompt_tokens:
         bare = attempt(0, examples=False)
         if len(bare.token_ids) > max_prompt_tokens:
-            raise PromptTooLong(_too_long(tokenizer, character, player_line, len(bare.token_ids), max_prompt_tokens))
+            raise PromptTooLong(_too_long(tokenizer, character, line, line_field, len(bare.token_ids),
+                                          max_prompt_tokens))
         return bare
     lo, hi = 0, len(turns) - 1  # attempt(lo) fits, attempt(len(turns)) does not; token counts grow with n
     best = bare
@@ -170,11 +234,11 @@ def fit_to_budget(tokenizer: Tokenizer, character: Character, history: Sequence[
     return best
 
 
-def _too_long(tokenizer: Tokenizer, character: Character, player_line: str, need: int, budget: int) -> str:
+def _too_long(tokenizer: Tokenizer, character: Character, line: str, line_field: str, need: int, budget: int) -> str:
     persona = len(tokenizer.encode_literal(system_prefix(character)))
-    line = len(tokenizer.encode_literal(player_line))
-    return (f"player_line: the prompt needs {need} tokens but the budget is {budget} "
-            f"(player_line: {line} tokens; character {character.id!r} persona: {persona}; "
+    tokens = len(tokenizer.encode_literal(line))
+    return (f"{line_field}: the prompt needs {need} tokens but the budget is {budget} "
+            f"({line_field}: {tokens} tokens; character {character.id!r} persona: {persona}; "
             "the rest is the facts, world facts and the chat template)")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import bm25s
@@ -24,7 +24,7 @@ import Stemmer
 from sidecar.dialogue.characters import Character
 from sidecar.dialogue.lore import LoreLibrary, LoreSnapshot
 from sidecar.dialogue.prompt import recent_turns
-from sidecar.dialogue.sessions import Turn
+from sidecar.dialogue.sessions import SceneRecord, Turn
 
 # Lucene's English list (bm25s') and the words every player question is made of.
 STOPWORDS = sorted({
@@ -133,21 +133,35 @@ class FactRetriever:
         last = recent_turns(character, history)[-1:]
         return self.facts(character, line, " ".join(f"{t.player_line} {t.npc_line}" for t in last))
 
-    def recall(self, character: Character, history: Sequence[Turn], line: str) -> tuple[str, ...]:
+    def recall(self, character: Character, history: Sequence[Turn], line: str,
+               scenes: Mapping[str, SceneRecord] | None = None, names: Mapping[str, str] | None = None,
+               current_scene: str = "") -> tuple[str, ...]:
         """Long-term memory: the earlier exchanges with this character that left the prompt's window
-        (memory.max_turns) and share words with the line, oldest first, as lines for the prompt."""
-        own = [t for t in history if t.character_id == character.id]
+        (memory.max_turns), and the lines of the `scenes` it was in (but `current_scene`, whose lines the
+        prompt holds), that share words with the line; oldest first, as lines for the prompt. `names`
+        maps character ids to names (a scene line says who spoke)."""
+        own = [t for t in history if t.character_id == character.id and not t.scene_id]
         window = character.memory.max_turns
         old = own[: len(own) - window] if window else own
-        if not old or self.grounding.max_memories == 0:
+        scenes, names, cut = scenes or {}, names or {}, self.grounding.memory_chars
+        candidates = []  # (text to match, line for the prompt), oldest first
+        old_ids = {id(t) for t in old}
+        for t in history:
+            if id(t) in old_ids:
+                candidates.append((f"{t.player_line} {t.npc_line}", f'The player said "{_clip(t.player_line, cut)}" '
+                                                                       f'and you answered "{_clip(t.npc_line, cut)}"'))
+            elif t.scene_id and t.scene_id != current_scene and t.scene_id in scenes \
+                    and character.id in scenes[t.scene_id].character_ids:
+                who = "you" if t.character_id == character.id else names.get(t.character_id, t.character_id)
+                where = _clip(scenes[t.scene_id].situation, 80)
+                candidates.append((t.npc_line, f'In a scene ({where}), {who} said "{_clip(t.npc_line, cut)}"'))
+        if not candidates or self.grounding.max_memories == 0:
             return ()
         with self._lock:
             words = self._words(line)
-            scores = _Index([f"{t.player_line} {t.npc_line}" for t in old], self._stemmer).scores(words)
+            scores = _Index([text for text, _ in candidates], self._stemmer).scores(words)
         best = sorted(i for i in np.argsort(-scores, kind="stable")[: self.grounding.max_memories] if scores[i] > 0)
-        cut = self.grounding.memory_chars
-        return tuple(f'The player said "{_clip(old[i].player_line, cut)}" and you answered '
-                     f'"{_clip(old[i].npc_line, cut)}"' for i in best)
+        return tuple(candidates[i][1] for i in best)
 
     def in_scope(self, character: Character) -> list[str]:
         """Every lore entry the character may be given (for `npc chat /lore` and the scope tests)."""

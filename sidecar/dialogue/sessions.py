@@ -1,9 +1,11 @@
 """Conversation history per session, bounded, exportable to a game's save file.
 
-A session holds the player's turns with every character under that id; each character's prompt
-uses only its own turns (prompt.recent_turns). Only finished replies enter the history (the
-server calls append_turn after Finished, never after a cancel). The store is used from the
-server's one asyncio loop, so it takes no locks.
+A session holds the player's turns with every character under that id, and the lines of the scenes
+played in it (a scene line is a Turn with a `scene_id` and no player line; the scene's situation and
+cast are kept once, as a SceneRecord). Each character's prompt uses only its own turns with the
+player (prompt.recent_turns); scene lines come back as memories (retrieval.py). Only finished
+replies enter the history (the server calls append_turn after Finished, never after a cancel).
+The store is used from the server's one asyncio loop, so it takes no locks.
 
 The export dict mirrors proto npc.v1 SessionState / Turn field names, with `format` for
 `format_version`, so the servicer converts field by field and error paths read the same.
@@ -58,6 +60,16 @@ class Turn:
     character_version: str = ""  # the version that spoke npc_line; "" = unknown
     emotion: str = ""  # the label the NPC wrote before npc_line ("" = none)
     actions: tuple[Action, ...] = ()  # what the NPC did after it
+    scene_id: str = ""  # the scene this line was said in ("" = an exchange with the player)
+
+
+@dataclass(frozen=True)
+class SceneRecord:
+    """A scene played in a session (dialogue/scene.py): what its lines were about and who was there."""
+
+    scene_id: str
+    situation: str
+    character_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,7 @@ class _Session:
     updated_unix_ms: int = 0
     # (character id, relationship name) -> value; what was never set has the character's start value
     relationships: dict[tuple[str, str], int] = field(default_factory=dict)
+    scenes: dict[str, SceneRecord] = field(default_factory=dict)  # by scene id, in the order they began
 
 
 class SessionStore:
@@ -111,6 +124,24 @@ class SessionStore:
         self._record({"op": "turn", "session_id": session_id, "updated_unix_ms": session.updated_unix_ms,
                       "turn": turn_dict(turn)})
         self._evict()
+
+    def add_scene(self, session_id: str, scene: SceneRecord) -> None:
+        """Records that a scene began (before its first line), creating the session."""
+        check_session_id(session_id)
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = self._sessions[session_id] = _Session()
+        self._sessions.move_to_end(session_id)
+        if len(session.scenes) >= MAX_SCENES:  # the oldest scene's record goes; its lines stay as plain lines
+            del session.scenes[next(iter(session.scenes))]
+        session.scenes[scene.scene_id] = scene
+        self._record({"op": "scene", "session_id": session_id, "scene": scene_dict(scene)})
+        self._evict()
+
+    def scenes(self, session_id: str) -> dict[str, SceneRecord]:
+        """The scenes of a session by id ({} for a session the store does not hold)."""
+        session = self._sessions.get(session_id)
+        return dict(session.scenes) if session is not None else {}
 
     def relationships(self, session_id: str, character_id: str) -> dict[str, int]:
         """The values set in this session for the character ({} for a session the store does not hold)."""
@@ -152,6 +183,7 @@ class SessionStore:
             forgotten = len(session.turns) - len(kept)
             session.turns = kept
             session.relationships = {k: v for k, v in session.relationships.items() if k[0] != character_id}
+            session.scenes = _scenes_with_lines(session.scenes, kept)
         # Recorded once done, like every change: a compaction it triggers must snapshot the store without it.
         self._record({"op": "reset", "session_id": session_id, "character_id": character_id or None})
         return forgotten
@@ -164,7 +196,8 @@ class SessionStore:
             raise UnknownSession(f"session_id: unknown session {_show(session_id)}")
         turns = [t for t in session.turns if not character_id or t.character_id == character_id]
         relationships = {k: v for k, v in session.relationships.items() if not character_id or k[0] == character_id}
-        return _export(session_id, session.updated_unix_ms, turns, relationships)
+        scenes = _scenes_with_lines(session.scenes, turns) if character_id else session.scenes
+        return _export(session_id, session.updated_unix_ms, turns, relationships, scenes)
 
     def import_(self, data: Any, session_id: str | None = None, *, overwrite: bool = True,
                 where: str = "session", format_field: str = "format") -> ImportResult:
@@ -193,7 +226,8 @@ class SessionStore:
     def snapshot(self) -> list[SessionSnapshot]:
         """The whole store, least recently used first, copied cheaply (Turns are immutable): another thread
         can turn it into records while the store changes (session_file.py compacts off the event loop)."""
-        return [(sid, s.updated_unix_ms, tuple(s.turns), dict(s.relationships)) for sid, s in self._sessions.items()]
+        return [(sid, s.updated_unix_ms, tuple(s.turns), dict(s.relationships), dict(s.scenes))
+                for sid, s in self._sessions.items()]
 
     def apply(self, record: Any) -> None:
         """Replays one change record (from on_change); raises SessionError for a malformed one."""
@@ -215,6 +249,9 @@ class SessionStore:
                     raise SessionError(f"record.updated_unix_ms: must be a whole number >= 0, got {_show(updated)}")
                 cid, name, value = _parse_relationship(record, "record")
                 self.set_relationship(record.get("session_id"), cid, name, value, updated)
+            elif op == "scene":
+                _no_unknown(record, {"op", "session_id", "scene"}, "record")
+                self.add_scene(record.get("session_id"), _parse_scene(record.get("scene"), "record.scene"))
             elif op == "reset":
                 _no_unknown(record, {"op", "session_id", "character_id"}, "record")
                 self.reset(record.get("session_id"), record.get("character_id"), missing_ok=True)
@@ -222,7 +259,8 @@ class SessionStore:
                 _no_unknown(record, {"op", "session"}, "record")
                 self.import_(record.get("session"), where="record.session")
             else:
-                raise SessionError(f"record.op: must be 'turn', 'relationship', 'reset' or 'put', got {_show(op)}")
+                raise SessionError("record.op: must be 'turn', 'relationship', 'scene', 'reset' or 'put', "
+                                   f"got {_show(op)}")
         finally:
             self.on_change = hook
 
@@ -237,8 +275,8 @@ class SessionStore:
             log.info("session evicted", session_id=sid, turns=len(session.turns), max_sessions=self.max_sessions)
 
 
-# (session id, updated_unix_ms, turns, relationship values)
-SessionSnapshot = tuple[str, int, tuple[Turn, ...], dict[tuple[str, str], int]]
+# (session id, updated_unix_ms, turns, relationship values, scenes)
+SessionSnapshot = tuple[str, int, tuple[Turn, ...], dict[tuple[str, str], int], dict[str, SceneRecord]]
 
 
 def put_record(entry: SessionSnapshot) -> dict[str, Any]:
@@ -247,11 +285,22 @@ def put_record(entry: SessionSnapshot) -> dict[str, Any]:
 
 
 def _export(session_id: str, updated_unix_ms: int, turns: Iterable[Turn],
-            relationships: dict[tuple[str, str], int]) -> dict[str, Any]:
+            relationships: dict[tuple[str, str], int], scenes: dict[str, SceneRecord]) -> dict[str, Any]:
     return {"format": EXPORT_FORMAT, "session_id": session_id, "updated_unix_ms": updated_unix_ms,
             "turns": [turn_dict(t) for t in turns],
             "relationships": [{"character_id": cid, "name": name, "value": value}
-                              for (cid, name), value in sorted(relationships.items())]}
+                              for (cid, name), value in sorted(relationships.items())],
+            "scenes": [scene_dict(s) for s in scenes.values()]}
+
+
+def scene_dict(scene: SceneRecord) -> dict[str, Any]:
+    return {"scene_id": scene.scene_id, "situation": scene.situation, "character_ids": list(scene.character_ids)}
+
+
+def _scenes_with_lines(scenes: dict[str, SceneRecord], turns: Iterable[Turn]) -> dict[str, SceneRecord]:
+    """The scenes that still have a line among `turns`."""
+    used = {t.scene_id for t in turns if t.scene_id}
+    return {sid: s for sid, s in scenes.items() if sid in used}
 
 
 def turn_dict(turn: Turn) -> dict[str, Any]:
@@ -268,8 +317,11 @@ def check_session_id(session_id: Any, field_name: str = "session_id") -> None:
 
 # Turn field -> longest allowed value. character_id is checked against the id pattern as well.
 _TURN_FIELDS = {"character_id": 64, "player_line": MAX_LINE, "npc_line": MAX_LINE, "player_name": MAX_PLAYER_NAME,
-                "character_version": 64, "emotion": 64}
-_OPTIONAL = {"player_name", "character_version", "emotion"}  # missing or null: ""
+                "character_version": 64, "emotion": 64, "scene_id": 64}
+_OPTIONAL = {"player_name", "character_version", "emotion", "scene_id"}  # missing or null: ""
+MAX_SCENES = 64  # scene records per session (the oldest goes first)
+MAX_SCENE_CHARACTERS = 64  # in one stored scene record (the request limit is lower: config.RequestLimits)
+MAX_SITUATION = 2000
 MAX_TURN_ACTIONS = 16
 MAX_RELATIONSHIP_VALUES = 4096  # per session: every character's, 8 each at most
 
@@ -280,7 +332,7 @@ def parse_export(data: Any, max_turns: int, where: str = "session", *,
     input names it: `where` is its path, `format_field` its name for `format`."""
     if not isinstance(data, dict):
         raise SessionError(f"{where}: must be an object, got {type(data).__name__}")
-    _no_unknown(data, {"format", "session_id", "updated_unix_ms", "turns", "relationships"}, where)
+    _no_unknown(data, {"format", "session_id", "updated_unix_ms", "turns", "relationships", "scenes"}, where)
     fmt = data.get("format")
     if fmt != EXPORT_FORMAT or isinstance(fmt, bool):
         raise SessionError(f"{where}.{format_field}: must be {EXPORT_FORMAT}, got {_show(fmt)}")
@@ -303,8 +355,32 @@ def parse_export(data: Any, max_turns: int, where: str = "session", *,
             _no_unknown(raw, {"character_id", "name", "value"}, f"{where}.relationships[{i}]")
         cid, name, value = _parse_relationship(raw, f"{where}.relationships[{i}]")
         relationships[cid, name] = value
+    raw_scenes = data.get("scenes") or []
+    if not isinstance(raw_scenes, list) or len(raw_scenes) > MAX_SCENES:
+        raise SessionError(f"{where}.scenes: must be a list of at most {MAX_SCENES} scenes")
+    scenes = {}
+    for i, raw in enumerate(raw_scenes):
+        scene = _parse_scene(raw, f"{where}.scenes[{i}]")
+        scenes[scene.scene_id] = scene
     return sid, _Session([_parse_turn(raw, f"{where}.turns[{i}]") for i, raw in enumerate(raw_turns)], updated,
-                         relationships)
+                         relationships, scenes)
+
+
+def _parse_scene(raw: Any, where: str) -> SceneRecord:
+    if not isinstance(raw, dict):
+        raise SessionError(f"{where}: must be an object, got {type(raw).__name__}")
+    _no_unknown(raw, {"scene_id", "situation", "character_ids"}, where)
+    scene_id, situation, cast = raw.get("scene_id"), raw.get("situation"), raw.get("character_ids")
+    if not isinstance(scene_id, str) or not ID_PATTERN.fullmatch(scene_id):
+        raise SessionError(f"{where}.scene_id: must match [a-z0-9_-]{{1,64}}, got {_show(scene_id)}")
+    if not isinstance(situation, str) or len(situation) > MAX_SITUATION:
+        raise SessionError(f"{where}.situation: must be a string of at most {MAX_SITUATION} characters")
+    if not isinstance(cast, list) or not 1 <= len(cast) <= MAX_SCENE_CHARACTERS:
+        raise SessionError(f"{where}.character_ids: must be a list of 1 to {MAX_SCENE_CHARACTERS} ids")
+    for i, cid in enumerate(cast):
+        if not isinstance(cid, str) or not ID_PATTERN.fullmatch(cid):
+            raise SessionError(f"{where}.character_ids[{i}]: must match [a-z0-9_-]{{1,64}}, got {_show(cid)}")
+    return SceneRecord(scene_id, situation, tuple(cast))
 
 
 def _parse_relationship(raw: Any, where: str) -> tuple[str, str, int]:

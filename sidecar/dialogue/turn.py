@@ -12,6 +12,7 @@ then cancels. Nothing here knows protobuf or HTTP; errors are exceptions the edg
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ import structlog
 from sidecar.config import RequestLimits
 from sidecar.dialogue.actions import Action, check_allowed, check_entities
 from sidecar.dialogue.characters import Character, Generation
-from sidecar.dialogue.prompt import fit_to_budget
+from sidecar.dialogue.prompt import Prompt, fit_to_budget
 from sidecar.dialogue.registry import CharacterRegistry
 from sidecar.dialogue.relationships import RelationshipValue, current_values, effect_changes, prompt_lines
 from sidecar.dialogue.reply_format import Emotion, Rejected, ReplyFormat, ReplyParser, Text, reply_format
@@ -121,6 +122,34 @@ class TurnFinished:
     relationships: tuple[RelationshipValue, ...] = ()  # after the reply's actions; () without a session
 
 
+@dataclass
+class Reply:
+    """What one reply has produced so far (Dialogue.stream_reply fills it)."""
+
+    parser: ReplyParser
+    log: Any  # structlog logger bound to the reply
+    finished: EngineEvent | None = None  # the engine's last event, once the reply ended
+
+    @property
+    def completed(self) -> bool:
+        """Ended by the model or a limit (not cancelled): it enters the session."""
+        return self.finished is not None and self.finished.finish_reason in ("stop", "length")
+
+    def finished_event(self, timings: Timings, relationships: tuple[RelationshipValue, ...] = ()) -> TurnFinished:
+        """The reply's TurnFinished, logged."""
+        finished, parser = self.finished, self.parser
+        assert finished is not None  # every engine stream ends with "finished" or "error"
+        emotion, actions = parser.emotion, tuple(parser.actions)  # what the game was sent, also when cut short
+        ms = timings.ms()
+        self.log.info("reply", reason=finished.finish_reason, prompt_tokens=finished.prompt_tokens,
+                      cached_tokens=finished.cached_tokens, completion_tokens=finished.completion_tokens,
+                      first_token_ms=round(ms["first_token_ms"], 1), total_ms=round(ms["total_ms"], 1),
+                      emotion=emotion or None, actions=[a.name for a in actions] or None)
+        return TurnFinished(finished.finish_reason or "stop", parser.text, finished.token_ids, finished.prompt_tokens,
+                            finished.completion_tokens, finished.cached_tokens, emotion=emotion, actions=actions,
+                            relationships=relationships, **ms)
+
+
 class BadRelationship(UserError):
     """A relationship name the character does not declare, or a value out of its range (INVALID_ARGUMENT)."""
 
@@ -194,6 +223,10 @@ class Dialogue:
         """A character's serving version and its adapter; raises UnknownCharacter / CharacterUnavailable."""
         return self.registry.get_serving(character_id)
 
+    def names(self) -> dict[str, str]:
+        """Every known character's name by id (a remembered scene line says who spoke)."""
+        return {s.id: s.name for s in self.registry.list() if s.name}
+
     def submit(self, prompt_ids: Sequence[int], adapter: AdapterRef | None, sampling: SamplingParams, *,
                choices: Sequence[Sequence[int]] | None = None, timings: Timings | None = None,
                reply_id: str | None = None) -> Request:
@@ -224,53 +257,71 @@ class Dialogue:
         if self.engine.queue_full():  # cheap, before building the prompt; submit() still decides
             raise QueueFull("the queue is full; retry after a short backoff")
         character, adapter = self.serving(talk.character_id)  # this version serves the whole reply
-        text = sampling_params(talk, character.generation, self.limits)
-        fmt = replace(self.reply_format(character, talk), text_max_tokens=text.max_tokens)
-        # max_tokens is the text's; the emotion and the actions get room of their own (within the limit a
-        # remote backend's HTTP edge holds requests to)
-        sampling = fmt.sampling(text, self.limits.max_tokens)
-        if not self.engine.constrained_decoding:  # (TensorRT-LLM) the format is only asked for, then parsed
-            sampling = replace(sampling, grammar=None)
+        fmt, sampling = self.reply_plan(character, talk, talk.entities, talk.allowed_actions)
         history = (*(self.sessions.history(talk.session_id) if talk.session_id else ()), *talk.history)
         facts = self.retriever.for_turn(character, history, talk.player_line)
-        memories = self.retriever.recall(character, history, talk.player_line)
+        scenes = self.sessions.scenes(talk.session_id) if talk.session_id else {}
+        memories = self.retriever.recall(character, history, talk.player_line, scenes, self.names() if scenes else {})
         standing = prompt_lines(self._relationships(character, talk.session_id))
         prompt = fit_to_budget(self.engine.model.tokenizer, character, history, talk.player_line, talk.world,
                                talk.player_name, max_prompt_tokens=self.engine.config.max_seq_len - sampling.max_tokens,
                                fmt=fmt, facts=facts, memories=memories, relationships=standing)
         reply_log = log.bind(character=character.id, version=character.version, session=talk.session_id or None)
-        finished: EngineEvent | None = None
-        parser = fmt.parser()
+        reply = Reply(fmt.parser(), reply_log)
+        async with contextlib.aclosing(self.stream_reply(character, adapter, prompt, sampling, fmt, timings, reply,
+                                                         facts, memories)) as events:
+            async for event in events:
+                yield event
+        yield self._finish(talk, character, reply, timings)
+
+    def reply_plan(self, character: Character, options: Any, entities: dict[str, tuple[str, ...]],
+                   allowed_actions: tuple[str, ...] | None) -> tuple[ReplyFormat, SamplingParams]:
+        """A reply's format (what it may hold) and sampling: `options` has TalkInput's generation fields."""
+        text = sampling_params(options, character.generation, self.limits)
+        fmt = replace(self.reply_format(character, entities, allowed_actions), text_max_tokens=text.max_tokens)
+        # max_tokens is the text's; the emotion and the actions get room of their own (within the limit a
+        # remote backend's HTTP edge holds requests to)
+        sampling = fmt.sampling(text, self.limits.max_tokens)
+        if not self.engine.constrained_decoding:  # (TensorRT-LLM) the format is only asked for, then parsed
+            sampling = replace(sampling, grammar=None)
+        return fmt, sampling
+
+    async def stream_reply(self, character: Character, adapter: AdapterRef | None, prompt: Prompt,
+                           sampling: SamplingParams, fmt: ReplyFormat, timings: Timings, reply: Reply,
+                           facts: tuple[str, ...] = (), memories: tuple[str, ...] = ()) -> AsyncIterator[TurnEvent]:
+        """One reply's events but the last (TurnStarted, TurnEmotion, TurnDelta*, TurnAction*); what it ended
+        with is left in `reply`. Close it (contextlib.aclosing) to cancel the reply."""
+        parser = reply.parser
         request = self.submit(prompt.token_ids, adapter, sampling, timings=timings)
         self._open_turns += 1
         try:
             async for event in request.events():
                 if event.kind == "started":
-                    reply_log = reply_log.bind(request_id=event.request_id)
+                    reply.log = reply.log.bind(request_id=event.request_id)
                     yield TurnStarted(event.request_id, character.version, event.prompt_tokens, event.cached_tokens,
                                       prompt.history_turns, facts, memories)
                 elif event.kind == "delta":
                     had_text = parser.text_tokens
-                    parts = self._turn_events(parser.push(event.text, tokens=len(event.token_ids)), reply_log)
+                    parts = self._turn_events(parser.push(event.text, tokens=len(event.token_ids)), reply.log)
                     if fmt.structured and not had_text and parser.text_tokens:
                         # The engine's first delta was the emotion; the game's first token is the line's.
                         timings.first_text = time.perf_counter()
                     for part in parts:
                         yield part
                 elif event.kind == "error":
-                    reply_log.warning("reply failed", error=event.error, internal=event.internal)
+                    reply.log.warning("reply failed", error=event.error, internal=event.internal)
                     raise ReplyFailed(f"character {character.id!r}: {event.error}", event.internal)
                 else:
                     finished = event
                     if finished.finish_reason == "stop" and parser.text_cut:
                         finished = replace(finished, finish_reason="length")
+                    reply.finished = finished
                     if finished.finish_reason in ("stop", "length"):
-                        for part in self._turn_events(parser.finish(finished.finish_reason), reply_log):
+                        for part in self._turn_events(parser.finish(finished.finish_reason), reply.log):
                             yield part
-            yield self._finish(talk, character, parser, finished, timings, reply_log)
         except (GeneratorExit, asyncio.CancelledError):  # the edge closed the turn: its client went away
-            if finished is None:
-                reply_log.info("reply cancelled by the client")
+            if reply.finished is None:
+                reply.log.info("reply cancelled by the client")
             raise
         finally:
             request.close()
@@ -307,8 +358,10 @@ class Dialogue:
         stored = self.sessions.relationships(session_id, character.id) if session_id else {}
         return current_values(character.relationships, stored)
 
-    def _apply_effects(self, character: Character, session_id: str, actions: Sequence[Action]) -> None:
-        """Actions whose effects name a relationship ("trust: +5") change it, clamped to its range."""
+    def apply_effects(self, character: Character, session_id: str,
+                      actions: Sequence[Action]) -> tuple[RelationshipValue, ...]:
+        """Actions whose effects name a relationship ("trust: +5") change it, clamped to its range; returns
+        the values after."""
         specs = {s.name: s for s in character.actions}
         for action in actions:
             spec = specs.get(action.name)
@@ -317,17 +370,19 @@ class Dialogue:
             for name, change in effect_changes(character.relationships, spec.effects).items():
                 now = {v.name: v for v in self._relationships(character, session_id)}[name]
                 self.sessions.set_relationship(session_id, character.id, name, now.spec.clamp(now.value + change))
+        return self._relationships(character, session_id)
 
-    def reply_format(self, character: Character, talk: TalkInput) -> ReplyFormat:
-        """What this turn's reply may hold; raises UserError for entities or allowed actions out of bounds."""
+    def reply_format(self, character: Character, entities: dict[str, tuple[str, ...]],
+                     allowed_actions: tuple[str, ...] | None) -> ReplyFormat:
+        """What a reply may hold; raises UserError for entities or allowed actions out of bounds."""
         limits, tok = self.limits, self.engine.model.tokenizer
-        entities = check_entities(talk.entities, max_lists=limits.max_entity_lists,
+        entities = check_entities(entities, max_lists=limits.max_entity_lists,
                                   max_values=limits.max_entity_values, max_chars=limits.max_entity_chars,
                                   special_tokens=tok.special_tokens,
                                   spellable=tok.can_write)
         allowed = None
-        if talk.allowed_actions is not None:
-            allowed = check_allowed(character.actions, talk.allowed_actions, character.id)
+        if allowed_actions is not None:
+            allowed = check_allowed(character.actions, allowed_actions, character.id)
         return reply_format(character.emotions, character.actions, entities, allowed)
 
     @staticmethod
@@ -344,23 +399,12 @@ class Dialogue:
                 events.append(TurnAction(part))
         return events
 
-    def _finish(self, talk: TalkInput, character: Character, parser: ReplyParser, finished: EngineEvent | None,
-                timings: Timings, reply_log: Any) -> TurnFinished:
+    def _finish(self, talk: TalkInput, character: Character, reply: Reply, timings: Timings) -> TurnFinished:
         """After the reply: the session write and the log line."""
-        assert finished is not None  # every engine stream ends with "finished" or "error"
-        completed = finished.finish_reason in ("stop", "length")
-        emotion, actions = parser.emotion, tuple(parser.actions)  # what the game was sent, also when cut short
         relationships: tuple[RelationshipValue, ...] = ()
-        if completed and talk.session_id:
-            self.sessions.append_turn(talk.session_id, Turn(character.id, talk.player_line, parser.text,
-                                                            talk.player_name, character.version, emotion, actions))
-            self._apply_effects(character, talk.session_id, actions)
-            relationships = self._relationships(character, talk.session_id)
-        ms = timings.ms()
-        reply_log.info("reply", reason=finished.finish_reason, prompt_tokens=finished.prompt_tokens,
-                       cached_tokens=finished.cached_tokens, completion_tokens=finished.completion_tokens,
-                       first_token_ms=round(ms["first_token_ms"], 1), total_ms=round(ms["total_ms"], 1),
-                       emotion=emotion or None, actions=[a.name for a in actions] or None)
-        return TurnFinished(finished.finish_reason or "stop", parser.text, finished.token_ids, finished.prompt_tokens,
-                            finished.completion_tokens, finished.cached_tokens, emotion=emotion, actions=actions,
-                            relationships=relationships, **ms)
+        if reply.completed and talk.session_id:
+            self.sessions.append_turn(talk.session_id, Turn(character.id, talk.player_line, reply.parser.text,
+                                                            talk.player_name, character.version, reply.parser.emotion,
+                                                            tuple(reply.parser.actions)))
+            relationships = self.apply_effects(character, talk.session_id, reply.parser.actions)
+        return reply.finished_event(timings, relationships)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from sidecar.config import RequestLimits
 from sidecar.dialogue.characters import ID_PATTERN
+from sidecar.dialogue.scene import SceneInput
 from sidecar.dialogue.sessions import check_session_id as check_stored_session_id
 from sidecar.dialogue.turn import TalkInput
 from sidecar.errors import UserError
@@ -51,26 +52,48 @@ def parse_talk(req: pb.TalkRequest, limits: RequestLimits) -> TalkInput:
         raise InvalidArgument("player_line: required (not empty, not only whitespace)")
     _max_len("player_line", line, limits.max_line_chars)
     _max_len("player_name", req.player_name, limits.max_name_chars)
-    if len(req.world) > limits.max_world_entries:
-        raise InvalidArgument(f"world: {len(req.world)} entries; the limit is {limits.max_world_entries}")
-    for key, value in req.world.items():
+    _check_world(req.world, limits)
+    # Entity lists and allowed action names are checked by the turn (dialogue/actions.py), which knows
+    # the character and the model's control tokens (sizes first, before any value is looked at).
+    entities = {name: tuple(values.values) for name, values in req.entities.items()}
+    allowed = tuple(req.allowed_actions.names) if req.HasField("allowed_actions") else None
+    return TalkInput(req.character_id, req.session_id, line, dict(req.world), req.player_name,
+                     **_generation(req.options, limits), entities=entities, allowed_actions=allowed)
+
+
+def parse_scene(req: pb.SceneRequest, limits: RequestLimits) -> SceneInput:
+    """Sizes and formats; the cast, the line budget and the actions are checked by dialogue/scene.py."""
+    if len(req.character_ids) > limits.max_scene_characters:
+        raise InvalidArgument(f"character_ids: {len(req.character_ids)} ids; the limit is "
+                              f"{limits.max_scene_characters}")
+    for i, cid in enumerate(req.character_ids):
+        check_character_id(cid, f"character_ids[{i}]")
+    check_session_id(req.session_id, required=False)
+    _max_len("situation", req.situation, limits.max_line_chars)
+    _check_world(req.world, limits)
+    return SceneInput(tuple(req.character_ids), req.situation, req.session_id, dict(req.world), req.max_lines,
+                      {name: tuple(values.values) for name, values in req.entities.items()},
+                      tuple(req.allowed_actions.names), **_generation(req.options, limits))
+
+
+def _check_world(world: dict[str, str], limits: RequestLimits) -> None:
+    if len(world) > limits.max_world_entries:
+        raise InvalidArgument(f"world: {len(world)} entries; the limit is {limits.max_world_entries}")
+    for key, value in world.items():
         if not key.strip():
             raise InvalidArgument("world: keys must not be empty")
         _max_len(f"world[{_show(key[:32])}] key", key, limits.max_world_key_chars)
         _max_len(f"world[{_show(key[:32])}]", value, limits.max_world_value_chars)
 
-    o = req.options
+
+def _generation(o: pb.GenerationOptions, limits: RequestLimits) -> dict:
+    """GenerationOptions as TalkInput's (and SceneInput's) fields."""
     check_whole_number("options.max_tokens", o.max_tokens, 0, limits.max_tokens, " (the character's default)")
     top_k = check_whole_number("options.top_k", o.top_k, 0, 2**31 - 1, " (no limit)") if o.HasField("top_k") else None
-    stops = check_stops("options.stop", list(o.stop), limits)
-    # Entity lists and allowed action names are checked by the turn (dialogue/actions.py), which knows
-    # the character and the model's control tokens (sizes first, before any value is looked at).
-    entities = {name: tuple(values.values) for name, values in req.entities.items()}
-    allowed = tuple(req.allowed_actions.names) if req.HasField("allowed_actions") else None
-    return TalkInput(req.character_id, req.session_id, line, dict(req.world), req.player_name, o.max_tokens,
-                     _sampling_option(o, "temperature"), _sampling_option(o, "top_p"), top_k,
-                     _sampling_option(o, "repetition_penalty"), o.seed if o.HasField("seed") else None, stops,
-                     entities=entities, allowed_actions=allowed)
+    return {"max_tokens": o.max_tokens, "temperature": _sampling_option(o, "temperature"),
+            "top_p": _sampling_option(o, "top_p"), "top_k": top_k,
+            "repetition_penalty": _sampling_option(o, "repetition_penalty"),
+            "seed": o.seed if o.HasField("seed") else None, "stop": check_stops("options.stop", list(o.stop), limits)}
 
 
 def check_sampling_number(field: str, name: str, value: object) -> float:

@@ -17,6 +17,7 @@ import structlog
 from sidecar.dialogue.actions import Action, ActionSpec, action_from_dict
 from sidecar.dialogue.registry import CharacterStatus, CharacterUnavailable, LoadState, UnknownCharacter
 from sidecar.dialogue.relationships import RelationshipValue
+from sidecar.dialogue.scene import SceneEvent, SceneFinished, Scenes, SceneStarted
 from sidecar.dialogue.sessions import SessionExists, UnknownSession
 from sidecar.dialogue.turn import (
     Dialogue,
@@ -32,7 +33,7 @@ from sidecar.engine.api import AdapterError, BackendUnavailable, QueueFull
 from sidecar.errors import UserError
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from sidecar.pb.npc.v1 import dialogue_pb2_grpc as pb_grpc
-from sidecar.server.requests import check_character_id, check_session_id, parse_talk
+from sidecar.server.requests import check_character_id, check_session_id, parse_scene, parse_talk
 
 log = structlog.get_logger("sidecar.server")
 
@@ -64,18 +65,33 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 class DialogueService(pb_grpc.NpcDialogueServicer):
     def __init__(self, dialogue: Dialogue):
         self.dialogue = dialogue
+        self.scenes = Scenes(dialogue)
         self.engine, self.sessions, self.limits = dialogue.engine, dialogue.sessions, dialogue.limits
 
     async def Talk(self, request: pb.TalkRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TalkEvent]:
         received = time.perf_counter()  # Timings are measured from here, as the proto says
         try:
             talk = parse_talk(request, self.limits)
+            # A character in a scene of this session answers the player there (the player steps in).
+            scene = self.scenes.running(talk.session_id, talk.character_id) if talk.session_id else None
+            turn_events = self.scenes.step_in(scene, talk, received) if scene else self.dialogue.talk(talk, received)
             # aclosing: a client that cancels or disconnects closes the turn at once, which cancels its reply.
-            async with contextlib.aclosing(self.dialogue.talk(talk, received)) as turn:
+            async with contextlib.aclosing(turn_events) as turn:
                 async for event in turn:
                     yield talk_event(event)
         except (*REFUSALS, ReplyFailed) as exc:
             await self._refuse(context, "Talk", exc, character=request.character_id[:64])  # bounded log line
+
+    async def StartScene(self, request: pb.SceneRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SceneEvent]:
+        try:
+            scene = parse_scene(request, self.limits)
+            # aclosing: a client that cancels closes the scene at once, which cancels the line being said.
+            async with contextlib.aclosing(self.scenes.play(scene)) as events:
+                async for event in events:
+                    yield scene_event(event)
+        except (*REFUSALS, ReplyFailed) as exc:
+            await self._refuse(context, "StartScene", exc, characters=",".join(request.character_ids[:8])[:200])
 
     # --- characters, sessions, server ---------------------------------------------------------
 
@@ -104,7 +120,8 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
         return pb.SessionState(format_version=data["format"], session_id=data["session_id"],
                                updated_unix_ms=data["updated_unix_ms"],
                                turns=[turn_pb(turn) for turn in data["turns"]],
-                               relationships=[pb.RelationshipState(**r) for r in data["relationships"]])
+                               relationships=[pb.RelationshipState(**r) for r in data["relationships"]],
+                               scenes=[pb.SceneState(**s) for s in data["scenes"]])
 
     async def ImportSession(self, request: pb.ImportSessionRequest,
                             context: grpc.aio.ServicerContext) -> pb.ImportSessionResponse:
@@ -115,10 +132,13 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
             data = {"format": s.format_version, "session_id": s.session_id, "updated_unix_ms": s.updated_unix_ms,
                     "turns": [{"character_id": t.character_id, "player_line": t.player_line, "npc_line": t.npc_line,
                                "player_name": t.player_name, "character_version": t.character_version,
-                               "emotion": t.emotion, "actions": [action_dict(a) for a in t.actions]}
+                               "emotion": t.emotion, "actions": [action_dict(a) for a in t.actions],
+                               "scene_id": t.scene_id}
                               for t in s.turns],
                     "relationships": [{"character_id": r.character_id, "name": r.name, "value": r.value}
-                                      for r in s.relationships]}
+                                      for r in s.relationships],
+                    "scenes": [{"scene_id": c.scene_id, "situation": c.situation,
+                                "character_ids": list(c.character_ids)} for c in s.scenes]}
             result = self.sessions.import_(data, overwrite=request.overwrite, where="state",
                                            format_field="format_version")
         except UserError as exc:
@@ -185,6 +205,16 @@ def talk_event(event: TurnEvent) -> pb.TalkEvent:
         timings=pb.Timings(queue_ms=event.queue_ms, first_token_ms=event.first_token_ms, total_ms=event.total_ms),
         emotion=event.emotion, actions=[action_pb(a) for a in event.actions],
         relationships=[relationship_pb(r) for r in event.relationships]))
+
+
+def scene_event(event: SceneEvent) -> pb.SceneEvent:
+    if isinstance(event, SceneStarted):
+        return pb.SceneEvent(started=pb.SceneStarted(scene_id=event.scene_id, character_ids=event.character_ids,
+                                                     names=event.names))
+    if isinstance(event, SceneFinished):
+        return pb.SceneEvent(finished=pb.SceneFinished(reason=FINISH_REASONS[event.reason], lines=event.lines))
+    return pb.SceneEvent(line=pb.SceneLine(index=event.index, character_id=event.character_id,
+                                           event=talk_event(event.event)))
 
 
 def relationship_pb(value: RelationshipValue) -> pb.Relationship:

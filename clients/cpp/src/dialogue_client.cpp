@@ -135,8 +135,29 @@ struct Call {
   }
 };
 
-// The body of a call's worker thread. It owns the callbacks and releases them before marking the
-// call ended, so whatever they hold is gone once Wait() returns or the worker is joined.
+// The last step of a call's worker thread, after its callbacks are released (so whatever they held
+// is gone once Wait() returns or the worker is joined).
+void MarkEnded(Call& call) {
+  std::lock_guard<std::mutex> lock(call.mu);
+  call.ended = true;
+  call.ended_cv.notify_all();
+}
+
+// After a stream's last event: on_finished with its Finished event when the call ended OK with one,
+// else on_error.
+template <class Event, class Done>
+void EndStream(grpc::ClientReader<Event>& reader, bool got_finished, const Done& finished,
+               const std::function<void(const Done&)>& on_finished, const std::function<void(const Error&)>& on_error,
+               const char* missing) {
+  const grpc::Status status = reader.Finish();
+  if (status.ok() && got_finished) {
+    if (on_finished) on_finished(finished);
+  } else if (on_error) {
+    on_error(status.ok() ? Error{grpc::StatusCode::UNKNOWN, missing} : ToError(status));
+  }
+}
+
+// The body of a Talk call's worker thread. It owns the callbacks.
 void RunTalk(const std::shared_ptr<Stub>& stub, const std::shared_ptr<Call>& call, const v1::TalkRequest& request,
              TalkCallbacks callbacks) {
   {
@@ -166,18 +187,42 @@ void RunTalk(const std::shared_ptr<Stub>& stub, const std::shared_ptr<Call>& cal
           break;
       }
     }
-    const grpc::Status status = reader->Finish();
-    if (status.ok() && got_finished) {
-      if (callbacks.on_finished) callbacks.on_finished(finished);
-    } else if (callbacks.on_error) {
-      callbacks.on_error(status.ok() ? Error{grpc::StatusCode::UNKNOWN, "the reply ended without a Finished event"}
-                                     : ToError(status));
-    }
+    EndStream(*reader, got_finished, finished, callbacks.on_finished, callbacks.on_error,
+              "the reply ended without a Finished event");
   }
   callbacks = TalkCallbacks();
-  std::lock_guard<std::mutex> lock(call->mu);
-  call->ended = true;
-  call->ended_cv.notify_all();
+  MarkEnded(*call);
+}
+
+// The body of a StartScene call's worker thread, as RunTalk.
+void RunScene(const std::shared_ptr<Stub>& stub, const std::shared_ptr<Call>& call, const v1::SceneRequest& request,
+              SceneCallbacks callbacks) {
+  {
+    std::unique_ptr<grpc::ClientReader<v1::SceneEvent>> reader = stub->StartScene(&call->context, request);
+    v1::SceneEvent event;
+    v1::SceneFinished finished;
+    bool got_finished = false;
+    while (reader->Read(&event)) {
+      switch (event.event_case()) {
+        case v1::SceneEvent::kStarted:
+          if (callbacks.on_started) callbacks.on_started(event.started());
+          break;
+        case v1::SceneEvent::kLine:
+          if (callbacks.on_line) callbacks.on_line(event.line());
+          break;
+        case v1::SceneEvent::kFinished:
+          finished.Swap(event.mutable_finished());
+          got_finished = true;
+          break;
+        default:  // an event a newer server added: ignored, as the proto asks
+          break;
+      }
+    }
+    EndStream(*reader, got_finished, finished, callbacks.on_finished, callbacks.on_error,
+              "the scene ended without a Finished event");
+  }
+  callbacks = SceneCallbacks();
+  MarkEnded(*call);
 }
 
 void JoinOrDetach(std::thread& worker) {
@@ -227,6 +272,33 @@ struct NpcDialogueClient::Impl {
     return ended;
   }
 
+  // Starts a streaming call on a worker thread of its own running `body`; its id, or 0 (on_error with
+  // CANCELLED at once) while the client is being destroyed.
+  using Body = std::function<void(const std::shared_ptr<Stub>&, const std::shared_ptr<Call>&)>;
+  CallId Launch(std::chrono::milliseconds deadline, const std::function<void(const Error&)>& on_error, Body body) {
+    auto call = std::make_shared<Call>();
+    Prepare(call->context, deadline);
+    std::vector<std::shared_ptr<Call>> ended;
+    CallId id = 0;
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      if (closing) {  // a call started from a callback while the client is being destroyed
+        lock.unlock();
+        if (on_error) on_error(Error{grpc::StatusCode::CANCELLED, "the client is shutting down"});
+        return 0;
+      }
+      ended = TakeEndedLocked();
+      id = next_id++;
+      // The worker holds what it needs (stub, call, the body with its request and callbacks), never
+      // the client. It starts under mu, so Cancel/Wait/the destructor see the call with its thread.
+      call->worker = std::thread([stub = stub, call, body = std::move(body)]() mutable { body(stub, call); });
+      call->worker_id = call->worker.get_id();
+      calls.emplace(id, std::move(call));
+    }
+    for (auto& old : ended) JoinOrDetach(old->worker);  // they have ended: this returns at once
+    return id;
+  }
+
   template <class Response, class Request, class Method>
   Result<Response> Unary(Method method, const Request& request, std::chrono::milliseconds deadline) {
     grpc::ClientContext context;
@@ -261,29 +333,22 @@ NpcDialogueClient::~NpcDialogueClient() {
 
 CallId NpcDialogueClient::Talk(const v1::TalkRequest& request, TalkCallbacks callbacks,
                                std::chrono::milliseconds deadline) {
-  auto call = std::make_shared<Call>();
-  impl_->Prepare(call->context, deadline);
-  std::vector<std::shared_ptr<Call>> ended;
-  CallId id = 0;
-  {
-    std::unique_lock<std::mutex> lock(impl_->mu);
-    if (impl_->closing) {  // Talk() from a callback while the client is being destroyed
-      lock.unlock();
-      if (callbacks.on_error) callbacks.on_error(Error{grpc::StatusCode::CANCELLED, "the client is shutting down"});
-      return 0;
-    }
-    ended = impl_->TakeEndedLocked();
-    id = impl_->next_id++;
-    // The worker holds what it needs (stub, call, a copy of the request, the callbacks), never the
-    // client. It starts under mu, so Cancel/Wait/the destructor see the call with its thread.
-    call->worker = std::thread([stub = impl_->stub, call, request, callbacks = std::move(callbacks)]() mutable {
-      RunTalk(stub, call, request, std::move(callbacks));
-    });
-    call->worker_id = call->worker.get_id();
-    impl_->calls.emplace(id, std::move(call));
-  }
-  for (auto& old : ended) JoinOrDetach(old->worker);  // they have ended: this returns at once
-  return id;
+  auto on_error = callbacks.on_error;
+  return impl_->Launch(deadline, on_error,
+                       [request, callbacks = std::move(callbacks)](const std::shared_ptr<Stub>& stub,
+                                                                   const std::shared_ptr<Call>& call) mutable {
+                         RunTalk(stub, call, request, std::move(callbacks));
+                       });
+}
+
+CallId NpcDialogueClient::StartScene(const v1::SceneRequest& request, SceneCallbacks callbacks,
+                                     std::chrono::milliseconds deadline) {
+  auto on_error = callbacks.on_error;
+  return impl_->Launch(deadline == std::chrono::milliseconds::zero() ? kNoDeadline : deadline, on_error,
+                       [request, callbacks = std::move(callbacks)](const std::shared_ptr<Stub>& stub,
+                                                                   const std::shared_ptr<Call>& call) mutable {
+                         RunScene(stub, call, request, std::move(callbacks));
+                       });
 }
 
 CallId NpcDialogueClient::Talk(const v1::TalkRequest& request, std::function<void(const std::string&)> on_delta,

@@ -507,6 +507,58 @@ int main(int argc, char** argv) {
     client.ResetSession(session);
   }
 
+  // --- a scene: the character and another one talk among themselves, two lines ---
+  std::string other;
+  for (const auto& c : characters.value) {
+    if (c.id() != character && c.serving() && other.empty()) other = c.id();
+  }
+  if (!other.empty()) {
+    npc::v1::SceneRequest request;
+    request.add_character_ids(character);
+    request.add_character_ids(other);
+    request.set_situation("Two old acquaintances meet on the road at dusk.");
+    request.set_session_id(session);
+    request.set_max_lines(2);
+    request.mutable_options()->set_max_tokens(6);
+    request.mutable_options()->set_temperature(0.0f);
+    std::mutex mu;
+    std::vector<std::string> seen;  // "started", "<index>:<speaker>:<event>", "finished:<lines>", "error"
+    npc::v1::SceneStarted started;
+    npc::SceneCallbacks callbacks;
+    callbacks.on_started = [&](const npc::v1::SceneStarted& s) {
+      std::lock_guard<std::mutex> lock(mu);
+      started = s;
+      seen.push_back("started");
+    };
+    callbacks.on_line = [&](const npc::v1::SceneLine& line) {
+      std::lock_guard<std::mutex> lock(mu);
+      const char* kind = line.event().has_started() ? "started" : line.event().has_finished() ? "finished" : "other";
+      seen.push_back(std::to_string(line.index()) + ":" + line.character_id() + ":" + kind);
+    };
+    callbacks.on_finished = [&](const npc::v1::SceneFinished& f) {
+      std::lock_guard<std::mutex> lock(mu);
+      seen.push_back("finished:" + std::to_string(f.lines()));
+    };
+    callbacks.on_error = [&](const npc::Error& e) {
+      std::lock_guard<std::mutex> lock(mu);
+      seen.push_back("error " + Describe(e));
+    };
+    const auto id = client.StartScene(request, std::move(callbacks));
+    Check(client.Wait(id, g_wait), "StartScene ends");
+    std::lock_guard<std::mutex> lock(mu);
+    const std::vector<std::string> expected_edges = {"started", "0:" + character + ":started",
+                                                     "1:" + other + ":finished", "finished:2"};
+    const bool ordered = seen.size() >= 6 && seen[0] == expected_edges[0] && seen[1] == expected_edges[1] &&
+                         seen[seen.size() - 2] == expected_edges[2] && seen.back() == expected_edges[3];
+    Check(ordered && started.names_size() == 2, "StartScene: started, line 0 by " + character + ", line 1 by " +
+          other + ", finished with 2 lines", Joined(seen));
+    auto saved = client.ExportSession(session);
+    Check(saved.ok() && saved.value.scenes_size() == 1 && saved.value.turns_size() == 2 &&
+              saved.value.turns(1).scene_id() == started.scene_id(),
+          "ExportSession has the scene and its 2 lines", Describe(saved.error));
+    client.ResetSession(session);
+  }
+
   // --- errors surface as code + message ---
   {
     Probe probe;

@@ -81,64 +81,87 @@ namespace Npc.V1 {
             "b25faWQYASABKAkSFAoMY2hhcmFjdGVyX2lkGAIgASgJIi8KFFJlc2V0U2Vz",
             "c2lvblJlc3BvbnNlEhcKD2ZvcmdvdHRlbl90dXJucxgBIAEoBSJAChRFeHBv",
             "cnRTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhQKDGNoYXJh",
-            "Y3Rlcl9pZBgCIAEoCSKiAQoMU2Vzc2lvblN0YXRlEhYKDmZvcm1hdF92ZXJz",
+            "Y3Rlcl9pZBgCIAEoCSLGAQoMU2Vzc2lvblN0YXRlEhYKDmZvcm1hdF92ZXJz",
             "aW9uGAEgASgFEhIKCnNlc3Npb25faWQYAiABKAkSGwoFdHVybnMYAyADKAsy",
             "DC5ucGMudjEuVHVybhIXCg91cGRhdGVkX3VuaXhfbXMYBCABKAMSMAoNcmVs",
-            "YXRpb25zaGlwcxgFIAMoCzIZLm5wYy52MS5SZWxhdGlvbnNoaXBTdGF0ZSJG",
-            "ChFSZWxhdGlvbnNoaXBTdGF0ZRIUCgxjaGFyYWN0ZXJfaWQYASABKAkSDAoE",
-            "bmFtZRgCIAEoCRINCgV2YWx1ZRgDIAEoAyKlAQoEVHVybhIUCgxjaGFyYWN0",
-            "ZXJfaWQYASABKAkSEwoLcGxheWVyX2xpbmUYAiABKAkSEAoIbnBjX2xpbmUY",
-            "AyABKAkSEwoLcGxheWVyX25hbWUYBCABKAkSGQoRY2hhcmFjdGVyX3ZlcnNp",
-            "b24YBSABKAkSDwoHZW1vdGlvbhgGIAEoCRIfCgdhY3Rpb25zGAcgAygLMg4u",
-            "bnBjLnYxLkFjdGlvbiJDChdHZXRSZWxhdGlvbnNoaXBzUmVxdWVzdBISCgpz",
-            "ZXNzaW9uX2lkGAEgASgJEhQKDGNoYXJhY3Rlcl9pZBgCIAEoCSKMAQoWU2V0",
-            "UmVsYXRpb25zaGlwUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhQKDGNo",
-            "YXJhY3Rlcl9pZBgCIAEoCRIMCgRuYW1lGAMgASgJEhIKBXZhbHVlGAQgASgD",
-            "SACIAQESEgoFZGVsdGEYBSABKANIAYgBAUIICgZfdmFsdWVCCAoGX2RlbHRh",
-            "IkQKFVJlbGF0aW9uc2hpcHNSZXNwb25zZRIrCg1yZWxhdGlvbnNoaXBzGAEg",
-            "AygLMhQubnBjLnYxLlJlbGF0aW9uc2hpcCJyCgxSZWxhdGlvbnNoaXASDAoE",
-            "bmFtZRgBIAEoCRINCgV2YWx1ZRgCIAEoAxIRCgltaW5fdmFsdWUYAyABKAMS",
-            "EQoJbWF4X3ZhbHVlGAQgASgDEgwKBHRpZXIYBSABKAkSEQoJdGllcl90ZXh0",
-            "GAYgASgJIk4KFEltcG9ydFNlc3Npb25SZXF1ZXN0EiMKBXN0YXRlGAEgASgL",
-            "MhQubnBjLnYxLlNlc3Npb25TdGF0ZRIRCglvdmVyd3JpdGUYAiABKAgiOAoV",
-            "SW1wb3J0U2Vzc2lvblJlc3BvbnNlEg0KBXR1cm5zGAEgASgFEhAKCHJlcGxh",
-            "Y2VkGAIgASgIIhYKFEdldFNlcnZlckluZm9SZXF1ZXN0ItEDCgpTZXJ2ZXJJ",
-            "bmZvEg0KBW1vZGVsGAEgASgJEg8KB3dlaWdodHMYAiABKAkSDwoHYmFja2Vu",
-            "ZBgDIAEoCRIRCgltYXhfYmF0Y2gYBCABKAUSGAoQYWN0aXZlX3NlcXVlbmNl",
-            "cxgFIAEoBRIYChB3YWl0aW5nX3JlcXVlc3RzGAYgASgFEhkKEXJlc2lkZW50",
-            "X2FkYXB0ZXJzGAcgASgFEg8KB3ZlcnNpb24YCCABKAkSHQoVbWF4X3Jlc2lk",
-            "ZW50X2FkYXB0ZXJzGAkgASgFEhMKC21heF93YWl0aW5nGAogASgFEhYKDmNv",
-            "bnRleHRfdG9rZW5zGAsgASgFEhgKEG1heF90b2tlbnNfbGltaXQYDCABKAUS",
-            "EAoIc2Vzc2lvbnMYDSABKAUSFAoMbWF4X3Nlc3Npb25zGA4gASgFEg4KBmRl",
-            "dmljZRgPIAEoCRIZChFtYXhfc2Vzc2lvbl90dXJucxgQIAEoBRIlCgZsaW1p",
-            "dHMYESABKAsyFS5ucGMudjEuUmVxdWVzdExpbWl0cxIaChJwcmVmaXhfY2Fj",
-            "aGVfYnl0ZXMYEiABKAMSIwobcHJlZml4X2NhY2hlX2NhcGFjaXR5X2J5dGVz",
-            "GBMgASgDIqsCCg1SZXF1ZXN0TGltaXRzEhYKDm1heF9saW5lX2NoYXJzGAEg",
-            "ASgFEhYKDm1heF9uYW1lX2NoYXJzGAIgASgFEhkKEW1heF93b3JsZF9lbnRy",
-            "aWVzGAMgASgFEhsKE21heF93b3JsZF9rZXlfY2hhcnMYBCABKAUSHQoVbWF4",
-            "X3dvcmxkX3ZhbHVlX2NoYXJzGAUgASgFEhgKEG1heF9zdG9wX3N0cmluZ3MY",
-            "BiABKAUSFgoObWF4X3N0b3BfY2hhcnMYByABKAUSEgoKbWF4X3Rva2VucxgI",
-            "IAEoBRIYChBtYXhfZW50aXR5X2xpc3RzGAkgASgFEhkKEW1heF9lbnRpdHlf",
-            "dmFsdWVzGAogASgFEhgKEG1heF9lbnRpdHlfY2hhcnMYCyABKAUqfAoMRmlu",
-            "aXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJG",
-            "SU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBAC",
-            "EhsKF0ZJTklTSF9SRUFTT05fQ0FOQ0VMTEVEEAMqbAoPQ2hhcmFjdGVyU3Rh",
-            "dHVzEiAKHENIQVJBQ1RFUl9TVEFUVVNfVU5TUEVDSUZJRUQQABIaChZDSEFS",
-            "QUNURVJfU1RBVFVTX1JFQURZEAESGwoXQ0hBUkFDVEVSX1NUQVRVU19GQUlM",
-            "RUQQAjLXBAoLTnBjRGlhbG9ndWUSMAoEVGFsaxITLm5wYy52MS5UYWxrUmVx",
-            "dWVzdBoRLm5wYy52MS5UYWxrRXZlbnQwARJPCg5MaXN0Q2hhcmFjdGVycxId",
-            "Lm5wYy52MS5MaXN0Q2hhcmFjdGVyc1JlcXVlc3QaHi5ucGMudjEuTGlzdENo",
-            "YXJhY3RlcnNSZXNwb25zZRJJCgxSZXNldFNlc3Npb24SGy5ucGMudjEuUmVz",
-            "ZXRTZXNzaW9uUmVxdWVzdBocLm5wYy52MS5SZXNldFNlc3Npb25SZXNwb25z",
-            "ZRJDCg1FeHBvcnRTZXNzaW9uEhwubnBjLnYxLkV4cG9ydFNlc3Npb25SZXF1",
-            "ZXN0GhQubnBjLnYxLlNlc3Npb25TdGF0ZRJMCg1JbXBvcnRTZXNzaW9uEhwu",
-            "bnBjLnYxLkltcG9ydFNlc3Npb25SZXF1ZXN0Gh0ubnBjLnYxLkltcG9ydFNl",
-            "c3Npb25SZXNwb25zZRJBCg1HZXRTZXJ2ZXJJbmZvEhwubnBjLnYxLkdldFNl",
-            "cnZlckluZm9SZXF1ZXN0GhIubnBjLnYxLlNlcnZlckluZm8SUgoQR2V0UmVs",
-            "YXRpb25zaGlwcxIfLm5wYy52MS5HZXRSZWxhdGlvbnNoaXBzUmVxdWVzdBod",
-            "Lm5wYy52MS5SZWxhdGlvbnNoaXBzUmVzcG9uc2USUAoPU2V0UmVsYXRpb25z",
-            "aGlwEh4ubnBjLnYxLlNldFJlbGF0aW9uc2hpcFJlcXVlc3QaHS5ucGMudjEu",
-            "UmVsYXRpb25zaGlwc1Jlc3BvbnNlQgmqAgZOcGMuVjFiBnByb3RvMw=="));
+            "YXRpb25zaGlwcxgFIAMoCzIZLm5wYy52MS5SZWxhdGlvbnNoaXBTdGF0ZRIi",
+            "CgZzY2VuZXMYBiADKAsyEi5ucGMudjEuU2NlbmVTdGF0ZSJGChFSZWxhdGlv",
+            "bnNoaXBTdGF0ZRIUCgxjaGFyYWN0ZXJfaWQYASABKAkSDAoEbmFtZRgCIAEo",
+            "CRINCgV2YWx1ZRgDIAEoAyK3AQoEVHVybhIUCgxjaGFyYWN0ZXJfaWQYASAB",
+            "KAkSEwoLcGxheWVyX2xpbmUYAiABKAkSEAoIbnBjX2xpbmUYAyABKAkSEwoL",
+            "cGxheWVyX25hbWUYBCABKAkSGQoRY2hhcmFjdGVyX3ZlcnNpb24YBSABKAkS",
+            "DwoHZW1vdGlvbhgGIAEoCRIfCgdhY3Rpb25zGAcgAygLMg4ubnBjLnYxLkFj",
+            "dGlvbhIQCghzY2VuZV9pZBgIIAEoCSJICgpTY2VuZVN0YXRlEhAKCHNjZW5l",
+            "X2lkGAEgASgJEhEKCXNpdHVhdGlvbhgCIAEoCRIVCg1jaGFyYWN0ZXJfaWRz",
+            "GAMgAygJIkMKF0dldFJlbGF0aW9uc2hpcHNSZXF1ZXN0EhIKCnNlc3Npb25f",
+            "aWQYASABKAkSFAoMY2hhcmFjdGVyX2lkGAIgASgJIowBChZTZXRSZWxhdGlv",
+            "bnNoaXBSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSFAoMY2hhcmFjdGVy",
+            "X2lkGAIgASgJEgwKBG5hbWUYAyABKAkSEgoFdmFsdWUYBCABKANIAIgBARIS",
+            "CgVkZWx0YRgFIAEoA0gBiAEBQggKBl92YWx1ZUIICgZfZGVsdGEiRAoVUmVs",
+            "YXRpb25zaGlwc1Jlc3BvbnNlEisKDXJlbGF0aW9uc2hpcHMYASADKAsyFC5u",
+            "cGMudjEuUmVsYXRpb25zaGlwInIKDFJlbGF0aW9uc2hpcBIMCgRuYW1lGAEg",
+            "ASgJEg0KBXZhbHVlGAIgASgDEhEKCW1pbl92YWx1ZRgDIAEoAxIRCgltYXhf",
+            "dmFsdWUYBCABKAMSDAoEdGllchgFIAEoCRIRCgl0aWVyX3RleHQYBiABKAki",
+            "TgoUSW1wb3J0U2Vzc2lvblJlcXVlc3QSIwoFc3RhdGUYASABKAsyFC5ucGMu",
+            "djEuU2Vzc2lvblN0YXRlEhEKCW92ZXJ3cml0ZRgCIAEoCCI4ChVJbXBvcnRT",
+            "ZXNzaW9uUmVzcG9uc2USDQoFdHVybnMYASABKAUSEAoIcmVwbGFjZWQYAiAB",
+            "KAgiFgoUR2V0U2VydmVySW5mb1JlcXVlc3Qi0QMKClNlcnZlckluZm8SDQoF",
+            "bW9kZWwYASABKAkSDwoHd2VpZ2h0cxgCIAEoCRIPCgdiYWNrZW5kGAMgASgJ",
+            "EhEKCW1heF9iYXRjaBgEIAEoBRIYChBhY3RpdmVfc2VxdWVuY2VzGAUgASgF",
+            "EhgKEHdhaXRpbmdfcmVxdWVzdHMYBiABKAUSGQoRcmVzaWRlbnRfYWRhcHRl",
+            "cnMYByABKAUSDwoHdmVyc2lvbhgIIAEoCRIdChVtYXhfcmVzaWRlbnRfYWRh",
+            "cHRlcnMYCSABKAUSEwoLbWF4X3dhaXRpbmcYCiABKAUSFgoOY29udGV4dF90",
+            "b2tlbnMYCyABKAUSGAoQbWF4X3Rva2Vuc19saW1pdBgMIAEoBRIQCghzZXNz",
+            "aW9ucxgNIAEoBRIUCgxtYXhfc2Vzc2lvbnMYDiABKAUSDgoGZGV2aWNlGA8g",
+            "ASgJEhkKEW1heF9zZXNzaW9uX3R1cm5zGBAgASgFEiUKBmxpbWl0cxgRIAEo",
+            "CzIVLm5wYy52MS5SZXF1ZXN0TGltaXRzEhoKEnByZWZpeF9jYWNoZV9ieXRl",
+            "cxgSIAEoAxIjChtwcmVmaXhfY2FjaGVfY2FwYWNpdHlfYnl0ZXMYEyABKAMi",
+            "4gIKDVJlcXVlc3RMaW1pdHMSFgoObWF4X2xpbmVfY2hhcnMYASABKAUSFgoO",
+            "bWF4X25hbWVfY2hhcnMYAiABKAUSGQoRbWF4X3dvcmxkX2VudHJpZXMYAyAB",
+            "KAUSGwoTbWF4X3dvcmxkX2tleV9jaGFycxgEIAEoBRIdChVtYXhfd29ybGRf",
+            "dmFsdWVfY2hhcnMYBSABKAUSGAoQbWF4X3N0b3Bfc3RyaW5ncxgGIAEoBRIW",
+            "Cg5tYXhfc3RvcF9jaGFycxgHIAEoBRISCgptYXhfdG9rZW5zGAggASgFEhgK",
+            "EG1heF9lbnRpdHlfbGlzdHMYCSABKAUSGQoRbWF4X2VudGl0eV92YWx1ZXMY",
+            "CiABKAUSGAoQbWF4X2VudGl0eV9jaGFycxgLIAEoBRIcChRtYXhfc2NlbmVf",
+            "Y2hhcmFjdGVycxgMIAEoBRIXCg9tYXhfc2NlbmVfbGluZXMYDSABKAUilQMK",
+            "DFNjZW5lUmVxdWVzdBIVCg1jaGFyYWN0ZXJfaWRzGAEgAygJEhEKCXNpdHVh",
+            "dGlvbhgCIAEoCRISCgpzZXNzaW9uX2lkGAMgASgJEi4KBXdvcmxkGAQgAygL",
+            "Mh8ubnBjLnYxLlNjZW5lUmVxdWVzdC5Xb3JsZEVudHJ5EhEKCW1heF9saW5l",
+            "cxgFIAEoBRIqCgdvcHRpb25zGAYgASgLMhkubnBjLnYxLkdlbmVyYXRpb25P",
+            "cHRpb25zEjQKCGVudGl0aWVzGAcgAygLMiIubnBjLnYxLlNjZW5lUmVxdWVz",
+            "dC5FbnRpdGllc0VudHJ5Ei8KD2FsbG93ZWRfYWN0aW9ucxgIIAEoCzIWLm5w",
+            "Yy52MS5BbGxvd2VkQWN0aW9ucxosCgpXb3JsZEVudHJ5EgsKA2tleRgBIAEo",
+            "CRINCgV2YWx1ZRgCIAEoCToCOAEaQwoNRW50aXRpZXNFbnRyeRILCgNrZXkY",
+            "ASABKAkSIQoFdmFsdWUYAiABKAsyEi5ucGMudjEuRW50aXR5TGlzdDoCOAEi",
+            "jAEKClNjZW5lRXZlbnQSJwoHc3RhcnRlZBgBIAEoCzIULm5wYy52MS5TY2Vu",
+            "ZVN0YXJ0ZWRIABIhCgRsaW5lGAIgASgLMhEubnBjLnYxLlNjZW5lTGluZUgA",
+            "EikKCGZpbmlzaGVkGAMgASgLMhUubnBjLnYxLlNjZW5lRmluaXNoZWRIAEIH",
+            "CgVldmVudCJGCgxTY2VuZVN0YXJ0ZWQSEAoIc2NlbmVfaWQYASABKAkSFQoN",
+            "Y2hhcmFjdGVyX2lkcxgCIAMoCRINCgVuYW1lcxgDIAMoCSJSCglTY2VuZUxp",
+            "bmUSDQoFaW5kZXgYASABKA0SFAoMY2hhcmFjdGVyX2lkGAIgASgJEiAKBWV2",
+            "ZW50GAMgASgLMhEubnBjLnYxLlRhbGtFdmVudCJECg1TY2VuZUZpbmlzaGVk",
+            "EiQKBnJlYXNvbhgBIAEoDjIULm5wYy52MS5GaW5pc2hSZWFzb24SDQoFbGlu",
+            "ZXMYAiABKA0qfAoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5T",
+            "UEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hf",
+            "UkVBU09OX0xFTkdUSBACEhsKF0ZJTklTSF9SRUFTT05fQ0FOQ0VMTEVEEAMq",
+            "bAoPQ2hhcmFjdGVyU3RhdHVzEiAKHENIQVJBQ1RFUl9TVEFUVVNfVU5TUEVD",
+            "SUZJRUQQABIaChZDSEFSQUNURVJfU1RBVFVTX1JFQURZEAESGwoXQ0hBUkFD",
+            "VEVSX1NUQVRVU19GQUlMRUQQAjKRBQoLTnBjRGlhbG9ndWUSMAoEVGFsaxIT",
+            "Lm5wYy52MS5UYWxrUmVxdWVzdBoRLm5wYy52MS5UYWxrRXZlbnQwARJPCg5M",
+            "aXN0Q2hhcmFjdGVycxIdLm5wYy52MS5MaXN0Q2hhcmFjdGVyc1JlcXVlc3Qa",
+            "Hi5ucGMudjEuTGlzdENoYXJhY3RlcnNSZXNwb25zZRJJCgxSZXNldFNlc3Np",
+            "b24SGy5ucGMudjEuUmVzZXRTZXNzaW9uUmVxdWVzdBocLm5wYy52MS5SZXNl",
+            "dFNlc3Npb25SZXNwb25zZRJDCg1FeHBvcnRTZXNzaW9uEhwubnBjLnYxLkV4",
+            "cG9ydFNlc3Npb25SZXF1ZXN0GhQubnBjLnYxLlNlc3Npb25TdGF0ZRJMCg1J",
+            "bXBvcnRTZXNzaW9uEhwubnBjLnYxLkltcG9ydFNlc3Npb25SZXF1ZXN0Gh0u",
+            "bnBjLnYxLkltcG9ydFNlc3Npb25SZXNwb25zZRJBCg1HZXRTZXJ2ZXJJbmZv",
+            "EhwubnBjLnYxLkdldFNlcnZlckluZm9SZXF1ZXN0GhIubnBjLnYxLlNlcnZl",
+            "ckluZm8SUgoQR2V0UmVsYXRpb25zaGlwcxIfLm5wYy52MS5HZXRSZWxhdGlv",
+            "bnNoaXBzUmVxdWVzdBodLm5wYy52MS5SZWxhdGlvbnNoaXBzUmVzcG9uc2US",
+            "UAoPU2V0UmVsYXRpb25zaGlwEh4ubnBjLnYxLlNldFJlbGF0aW9uc2hpcFJl",
+            "cXVlc3QaHS5ucGMudjEuUmVsYXRpb25zaGlwc1Jlc3BvbnNlEjgKClN0YXJ0",
+            "U2NlbmUSFC5ucGMudjEuU2NlbmVSZXF1ZXN0GhIubnBjLnYxLlNjZW5lRXZl",
+            "bnQwAUIJqgIGTnBjLlYxYgZwcm90bzM="));
       descriptor = pbr::FileDescriptor.FromGeneratedCode(descriptorData,
           new pbr::FileDescriptor[] { },
           new pbr::GeneratedClrTypeInfo(new[] {typeof(global::Npc.V1.FinishReason), typeof(global::Npc.V1.CharacterStatus), }, null, new pbr::GeneratedClrTypeInfo[] {
@@ -163,9 +186,10 @@ namespace Npc.V1 {
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ResetSessionRequest), global::Npc.V1.ResetSessionRequest.Parser, new[]{ "SessionId", "CharacterId" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ResetSessionResponse), global::Npc.V1.ResetSessionResponse.Parser, new[]{ "ForgottenTurns" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ExportSessionRequest), global::Npc.V1.ExportSessionRequest.Parser, new[]{ "SessionId", "CharacterId" }, null, null, null, null),
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.SessionState), global::Npc.V1.SessionState.Parser, new[]{ "FormatVersion", "SessionId", "Turns", "UpdatedUnixMs", "Relationships" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.SessionState), global::Npc.V1.SessionState.Parser, new[]{ "FormatVersion", "SessionId", "Turns", "UpdatedUnixMs", "Relationships", "Scenes" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.RelationshipState), global::Npc.V1.RelationshipState.Parser, new[]{ "CharacterId", "Name", "Value" }, null, null, null, null),
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Turn), global::Npc.V1.Turn.Parser, new[]{ "CharacterId", "PlayerLine", "NpcLine", "PlayerName", "CharacterVersion", "Emotion", "Actions" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Turn), global::Npc.V1.Turn.Parser, new[]{ "CharacterId", "PlayerLine", "NpcLine", "PlayerName", "CharacterVersion", "Emotion", "Actions", "SceneId" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.SceneState), global::Npc.V1.SceneState.Parser, new[]{ "SceneId", "Situation", "CharacterIds" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.GetRelationshipsRequest), global::Npc.V1.GetRelationshipsRequest.Parser, new[]{ "SessionId", "CharacterId" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.SetRelationshipRequest), global::Npc.V1.SetRelationshipRequest.Parser, new[]{ "SessionId", "CharacterId", "Name", "Value", "Delta" }, new[]{ "Value", "Delta" }, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.RelationshipsResponse), global::Npc.V1.RelationshipsResponse.Parser, new[]{ "Relationships" }, null, null, null, null),
@@ -174,7 +198,12 @@ namespace Npc.V1 {
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ImportSessionResponse), global::Npc.V1.ImportSessionResponse.Parser, new[]{ "Turns", "Replaced" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.GetServerInfoRequest), global::Npc.V1.GetServerInfoRequest.Parser, null, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ServerInfo), global::Npc.V1.ServerInfo.Parser, new[]{ "Model", "Weights", "Backend", "MaxBatch", "ActiveSequences", "WaitingRequests", "ResidentAdapters", "Version", "MaxResidentAdapters", "MaxWaiting", "ContextTokens", "MaxTokensLimit", "Sessions", "MaxSessions", "Device", "MaxSessionTurns", "Limits", "PrefixCacheBytes", "PrefixCacheCapacityBytes" }, null, null, null, null),
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.RequestLimits), global::Npc.V1.RequestLimits.Parser, new[]{ "MaxLineChars", "MaxNameChars", "MaxWorldEntries", "MaxWorldKeyChars", "MaxWorldValueChars", "MaxStopStrings", "MaxStopChars", "MaxTokens", "MaxEntityLists", "MaxEntityValues", "MaxEntityChars" }, null, null, null, null)
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.RequestLimits), global::Npc.V1.RequestLimits.Parser, new[]{ "MaxLineChars", "MaxNameChars", "MaxWorldEntries", "MaxWorldKeyChars", "MaxWorldValueChars", "MaxStopStrings", "MaxStopChars", "MaxTokens", "MaxEntityLists", "MaxEntityValues", "MaxEntityChars", "MaxSceneCharacters", "MaxSceneLines" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.SceneRequest), global::Npc.V1.SceneRequest.Parser, new[]{ "CharacterIds", "Situation", "SessionId", "World", "MaxLines", "Options", "Entities", "AllowedActions" }, null, null, null, new pbr::GeneratedClrTypeInfo[] { null, null, }),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.SceneEvent), global::Npc.V1.SceneEvent.Parser, new[]{ "Started", "Line", "Finished" }, new[]{ "Event" }, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.SceneStarted), global::Npc.V1.SceneStarted.Parser, new[]{ "SceneId", "CharacterIds", "Names" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.SceneLine), global::Npc.V1.SceneLine.Parser, new[]{ "Index", "CharacterId", "Event" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.SceneFinished), global::Npc.V1.SceneFinished.Parser, new[]{ "Reason", "Lines" }, null, null, null, null)
           }));
     }
     #endregion
@@ -6808,6 +6837,7 @@ namespace Npc.V1 {
       turns_ = other.turns_.Clone();
       updatedUnixMs_ = other.updatedUnixMs_;
       relationships_ = other.relationships_.Clone();
+      scenes_ = other.scenes_.Clone();
       _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
     }
 
@@ -6892,6 +6922,21 @@ namespace Npc.V1 {
       get { return relationships_; }
     }
 
+    /// <summary>Field number for the "scenes" field.</summary>
+    public const int ScenesFieldNumber = 6;
+    private static readonly pb::FieldCodec<global::Npc.V1.SceneState> _repeated_scenes_codec
+        = pb::FieldCodec.ForMessage(50, global::Npc.V1.SceneState.Parser);
+    private readonly pbc::RepeatedField<global::Npc.V1.SceneState> scenes_ = new pbc::RepeatedField<global::Npc.V1.SceneState>();
+    /// <summary>
+    /// The scenes whose lines are among `turns` (at most 64 per session: the oldest scene's record
+    /// goes first, and its lines are then kept as lines no character remembers).
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<global::Npc.V1.SceneState> Scenes {
+      get { return scenes_; }
+    }
+
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public override bool Equals(object other) {
@@ -6912,6 +6957,7 @@ namespace Npc.V1 {
       if(!turns_.Equals(other.turns_)) return false;
       if (UpdatedUnixMs != other.UpdatedUnixMs) return false;
       if(!relationships_.Equals(other.relationships_)) return false;
+      if(!scenes_.Equals(other.scenes_)) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
 
@@ -6924,6 +6970,7 @@ namespace Npc.V1 {
       hash ^= turns_.GetHashCode();
       if (UpdatedUnixMs != 0L) hash ^= UpdatedUnixMs.GetHashCode();
       hash ^= relationships_.GetHashCode();
+      hash ^= scenes_.GetHashCode();
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
       }
@@ -6956,6 +7003,7 @@ namespace Npc.V1 {
         output.WriteInt64(UpdatedUnixMs);
       }
       relationships_.WriteTo(output, _repeated_relationships_codec);
+      scenes_.WriteTo(output, _repeated_scenes_codec);
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -6980,6 +7028,7 @@ namespace Npc.V1 {
         output.WriteInt64(UpdatedUnixMs);
       }
       relationships_.WriteTo(ref output, _repeated_relationships_codec);
+      scenes_.WriteTo(ref output, _repeated_scenes_codec);
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -7001,6 +7050,7 @@ namespace Npc.V1 {
         size += 1 + pb::CodedOutputStream.ComputeInt64Size(UpdatedUnixMs);
       }
       size += relationships_.CalculateSize(_repeated_relationships_codec);
+      size += scenes_.CalculateSize(_repeated_scenes_codec);
       if (_unknownFields != null) {
         size += _unknownFields.CalculateSize();
       }
@@ -7024,6 +7074,7 @@ namespace Npc.V1 {
         UpdatedUnixMs = other.UpdatedUnixMs;
       }
       relationships_.Add(other.relationships_);
+      scenes_.Add(other.scenes_);
       _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
     }
 
@@ -7059,6 +7110,10 @@ namespace Npc.V1 {
             relationships_.AddEntriesFrom(input, _repeated_relationships_codec);
             break;
           }
+          case 50: {
+            scenes_.AddEntriesFrom(input, _repeated_scenes_codec);
+            break;
+          }
         }
       }
     #endif
@@ -7092,6 +7147,10 @@ namespace Npc.V1 {
           }
           case 42: {
             relationships_.AddEntriesFrom(ref input, _repeated_relationships_codec);
+            break;
+          }
+          case 50: {
+            scenes_.AddEntriesFrom(ref input, _repeated_scenes_codec);
             break;
           }
         }
@@ -7377,7 +7436,8 @@ namespace Npc.V1 {
   }
 
   /// <summary>
-  /// One exchange: what the player said to a character and what the character answered.
+  /// One exchange: what the player said to a character and what the character answered; or one
+  /// line of a scene (scene_id set), said by character_id to the others.
   /// </summary>
   public sealed partial class Turn : pb::IMessage<Turn>
   #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
@@ -7420,6 +7480,7 @@ namespace Npc.V1 {
       characterVersion_ = other.characterVersion_;
       emotion_ = other.emotion_;
       actions_ = other.actions_.Clone();
+      sceneId_ = other.sceneId_;
       _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
     }
 
@@ -7535,6 +7596,22 @@ namespace Npc.V1 {
       get { return actions_; }
     }
 
+    /// <summary>Field number for the "scene_id" field.</summary>
+    public const int SceneIdFieldNumber = 8;
+    private string sceneId_ = "";
+    /// <summary>
+    /// The scene this line was said in (SceneStarted.scene_id; SessionState.scenes describes it).
+    /// Empty: an exchange with the player. A scene line has an empty player_line.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string SceneId {
+      get { return sceneId_; }
+      set {
+        sceneId_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public override bool Equals(object other) {
@@ -7557,6 +7634,7 @@ namespace Npc.V1 {
       if (CharacterVersion != other.CharacterVersion) return false;
       if (Emotion != other.Emotion) return false;
       if(!actions_.Equals(other.actions_)) return false;
+      if (SceneId != other.SceneId) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
 
@@ -7571,6 +7649,7 @@ namespace Npc.V1 {
       if (CharacterVersion.Length != 0) hash ^= CharacterVersion.GetHashCode();
       if (Emotion.Length != 0) hash ^= Emotion.GetHashCode();
       hash ^= actions_.GetHashCode();
+      if (SceneId.Length != 0) hash ^= SceneId.GetHashCode();
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
       }
@@ -7614,6 +7693,10 @@ namespace Npc.V1 {
         output.WriteString(Emotion);
       }
       actions_.WriteTo(output, _repeated_actions_codec);
+      if (SceneId.Length != 0) {
+        output.WriteRawTag(66);
+        output.WriteString(SceneId);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -7649,6 +7732,10 @@ namespace Npc.V1 {
         output.WriteString(Emotion);
       }
       actions_.WriteTo(ref output, _repeated_actions_codec);
+      if (SceneId.Length != 0) {
+        output.WriteRawTag(66);
+        output.WriteString(SceneId);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -7678,6 +7765,9 @@ namespace Npc.V1 {
         size += 1 + pb::CodedOutputStream.ComputeStringSize(Emotion);
       }
       size += actions_.CalculateSize(_repeated_actions_codec);
+      if (SceneId.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(SceneId);
+      }
       if (_unknownFields != null) {
         size += _unknownFields.CalculateSize();
       }
@@ -7709,6 +7799,9 @@ namespace Npc.V1 {
         Emotion = other.Emotion;
       }
       actions_.Add(other.actions_);
+      if (other.SceneId.Length != 0) {
+        SceneId = other.SceneId;
+      }
       _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
     }
 
@@ -7750,6 +7843,10 @@ namespace Npc.V1 {
           }
           case 58: {
             actions_.AddEntriesFrom(input, _repeated_actions_codec);
+            break;
+          }
+          case 66: {
+            SceneId = input.ReadString();
             break;
           }
         }
@@ -7795,6 +7892,274 @@ namespace Npc.V1 {
             actions_.AddEntriesFrom(ref input, _repeated_actions_codec);
             break;
           }
+          case 66: {
+            SceneId = input.ReadString();
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
+  /// A scene played in a session: what it was about and who was in it.
+  /// </summary>
+  public sealed partial class SceneState : pb::IMessage<SceneState>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<SceneState> _parser = new pb::MessageParser<SceneState>(() => new SceneState());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<SceneState> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[24]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneState() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneState(SceneState other) : this() {
+      sceneId_ = other.sceneId_;
+      situation_ = other.situation_;
+      characterIds_ = other.characterIds_.Clone();
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneState Clone() {
+      return new SceneState(this);
+    }
+
+    /// <summary>Field number for the "scene_id" field.</summary>
+    public const int SceneIdFieldNumber = 1;
+    private string sceneId_ = "";
+    /// <summary>
+    /// SceneStarted.scene_id: [a-z0-9_-], 1-64 characters.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string SceneId {
+      get { return sceneId_; }
+      set {
+        sceneId_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "situation" field.</summary>
+    public const int SituationFieldNumber = 2;
+    private string situation_ = "";
+    /// <summary>
+    /// SceneRequest.situation.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string Situation {
+      get { return situation_; }
+      set {
+        situation_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "character_ids" field.</summary>
+    public const int CharacterIdsFieldNumber = 3;
+    private static readonly pb::FieldCodec<string> _repeated_characterIds_codec
+        = pb::FieldCodec.ForString(26);
+    private readonly pbc::RepeatedField<string> characterIds_ = new pbc::RepeatedField<string>();
+    /// <summary>
+    /// SceneRequest.character_ids, in speaking order.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<string> CharacterIds {
+      get { return characterIds_; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as SceneState);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(SceneState other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if (SceneId != other.SceneId) return false;
+      if (Situation != other.Situation) return false;
+      if(!characterIds_.Equals(other.characterIds_)) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      if (SceneId.Length != 0) hash ^= SceneId.GetHashCode();
+      if (Situation.Length != 0) hash ^= Situation.GetHashCode();
+      hash ^= characterIds_.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      if (SceneId.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(SceneId);
+      }
+      if (Situation.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(Situation);
+      }
+      characterIds_.WriteTo(output, _repeated_characterIds_codec);
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      if (SceneId.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(SceneId);
+      }
+      if (Situation.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(Situation);
+      }
+      characterIds_.WriteTo(ref output, _repeated_characterIds_codec);
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      if (SceneId.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(SceneId);
+      }
+      if (Situation.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(Situation);
+      }
+      size += characterIds_.CalculateSize(_repeated_characterIds_codec);
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(SceneState other) {
+      if (other == null) {
+        return;
+      }
+      if (other.SceneId.Length != 0) {
+        SceneId = other.SceneId;
+      }
+      if (other.Situation.Length != 0) {
+        Situation = other.Situation;
+      }
+      characterIds_.Add(other.characterIds_);
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            SceneId = input.ReadString();
+            break;
+          }
+          case 18: {
+            Situation = input.ReadString();
+            break;
+          }
+          case 26: {
+            characterIds_.AddEntriesFrom(input, _repeated_characterIds_codec);
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            SceneId = input.ReadString();
+            break;
+          }
+          case 18: {
+            Situation = input.ReadString();
+            break;
+          }
+          case 26: {
+            characterIds_.AddEntriesFrom(ref input, _repeated_characterIds_codec);
+            break;
+          }
         }
       }
     }
@@ -7819,7 +8184,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[24]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[25]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -8055,7 +8420,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[25]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[26]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -8437,7 +8802,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[26]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[27]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -8621,7 +8986,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[27]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[28]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -9016,7 +9381,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[28]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[29]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -9262,7 +9627,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[29]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[30]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -9497,7 +9862,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[30]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[31]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -9652,7 +10017,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[31]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[32]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -10580,7 +10945,7 @@ namespace Npc.V1 {
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public static pbr::MessageDescriptor Descriptor {
-      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[32]; }
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[33]; }
     }
 
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
@@ -10611,6 +10976,8 @@ namespace Npc.V1 {
       maxEntityLists_ = other.maxEntityLists_;
       maxEntityValues_ = other.maxEntityValues_;
       maxEntityChars_ = other.maxEntityChars_;
+      maxSceneCharacters_ = other.maxSceneCharacters_;
+      maxSceneLines_ = other.maxSceneLines_;
       _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
     }
 
@@ -10785,6 +11152,36 @@ namespace Npc.V1 {
       }
     }
 
+    /// <summary>Field number for the "max_scene_characters" field.</summary>
+    public const int MaxSceneCharactersFieldNumber = 12;
+    private int maxSceneCharacters_;
+    /// <summary>
+    /// SceneRequest.character_ids
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int MaxSceneCharacters {
+      get { return maxSceneCharacters_; }
+      set {
+        maxSceneCharacters_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "max_scene_lines" field.</summary>
+    public const int MaxSceneLinesFieldNumber = 13;
+    private int maxSceneLines_;
+    /// <summary>
+    /// SceneRequest.max_lines
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int MaxSceneLines {
+      get { return maxSceneLines_; }
+      set {
+        maxSceneLines_ = value;
+      }
+    }
+
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public override bool Equals(object other) {
@@ -10811,6 +11208,8 @@ namespace Npc.V1 {
       if (MaxEntityLists != other.MaxEntityLists) return false;
       if (MaxEntityValues != other.MaxEntityValues) return false;
       if (MaxEntityChars != other.MaxEntityChars) return false;
+      if (MaxSceneCharacters != other.MaxSceneCharacters) return false;
+      if (MaxSceneLines != other.MaxSceneLines) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
 
@@ -10829,6 +11228,8 @@ namespace Npc.V1 {
       if (MaxEntityLists != 0) hash ^= MaxEntityLists.GetHashCode();
       if (MaxEntityValues != 0) hash ^= MaxEntityValues.GetHashCode();
       if (MaxEntityChars != 0) hash ^= MaxEntityChars.GetHashCode();
+      if (MaxSceneCharacters != 0) hash ^= MaxSceneCharacters.GetHashCode();
+      if (MaxSceneLines != 0) hash ^= MaxSceneLines.GetHashCode();
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
       }
@@ -10891,6 +11292,14 @@ namespace Npc.V1 {
         output.WriteRawTag(88);
         output.WriteInt32(MaxEntityChars);
       }
+      if (MaxSceneCharacters != 0) {
+        output.WriteRawTag(96);
+        output.WriteInt32(MaxSceneCharacters);
+      }
+      if (MaxSceneLines != 0) {
+        output.WriteRawTag(104);
+        output.WriteInt32(MaxSceneLines);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -10945,6 +11354,14 @@ namespace Npc.V1 {
         output.WriteRawTag(88);
         output.WriteInt32(MaxEntityChars);
       }
+      if (MaxSceneCharacters != 0) {
+        output.WriteRawTag(96);
+        output.WriteInt32(MaxSceneCharacters);
+      }
+      if (MaxSceneLines != 0) {
+        output.WriteRawTag(104);
+        output.WriteInt32(MaxSceneLines);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -10987,6 +11404,12 @@ namespace Npc.V1 {
       }
       if (MaxEntityChars != 0) {
         size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxEntityChars);
+      }
+      if (MaxSceneCharacters != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxSceneCharacters);
+      }
+      if (MaxSceneLines != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxSceneLines);
       }
       if (_unknownFields != null) {
         size += _unknownFields.CalculateSize();
@@ -11032,6 +11455,12 @@ namespace Npc.V1 {
       }
       if (other.MaxEntityChars != 0) {
         MaxEntityChars = other.MaxEntityChars;
+      }
+      if (other.MaxSceneCharacters != 0) {
+        MaxSceneCharacters = other.MaxSceneCharacters;
+      }
+      if (other.MaxSceneLines != 0) {
+        MaxSceneLines = other.MaxSceneLines;
       }
       _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
     }
@@ -11092,6 +11521,14 @@ namespace Npc.V1 {
             MaxEntityChars = input.ReadInt32();
             break;
           }
+          case 96: {
+            MaxSceneCharacters = input.ReadInt32();
+            break;
+          }
+          case 104: {
+            MaxSceneLines = input.ReadInt32();
+            break;
+          }
         }
       }
     #endif
@@ -11149,6 +11586,1602 @@ namespace Npc.V1 {
           }
           case 88: {
             MaxEntityChars = input.ReadInt32();
+            break;
+          }
+          case 96: {
+            MaxSceneCharacters = input.ReadInt32();
+            break;
+          }
+          case 104: {
+            MaxSceneLines = input.ReadInt32();
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
+  /// Characters talking among themselves (NpcDialogue.StartScene).
+  /// </summary>
+  public sealed partial class SceneRequest : pb::IMessage<SceneRequest>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<SceneRequest> _parser = new pb::MessageParser<SceneRequest>(() => new SceneRequest());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<SceneRequest> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[34]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneRequest() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneRequest(SceneRequest other) : this() {
+      characterIds_ = other.characterIds_.Clone();
+      situation_ = other.situation_;
+      sessionId_ = other.sessionId_;
+      world_ = other.world_.Clone();
+      maxLines_ = other.maxLines_;
+      options_ = other.options_ != null ? other.options_.Clone() : null;
+      entities_ = other.entities_.Clone();
+      allowedActions_ = other.allowedActions_ != null ? other.allowedActions_.Clone() : null;
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneRequest Clone() {
+      return new SceneRequest(this);
+    }
+
+    /// <summary>Field number for the "character_ids" field.</summary>
+    public const int CharacterIdsFieldNumber = 1;
+    private static readonly pb::FieldCodec<string> _repeated_characterIds_codec
+        = pb::FieldCodec.ForString(10);
+    private readonly pbc::RepeatedField<string> characterIds_ = new pbc::RepeatedField<string>();
+    /// <summary>
+    /// Who takes part, in speaking order: 2 to ServerInfo.limits.max_scene_characters distinct
+    /// character ids. Unknown: NOT_FOUND; never loaded: FAILED_PRECONDITION.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<string> CharacterIds {
+      get { return characterIds_; }
+    }
+
+    /// <summary>Field number for the "situation" field.</summary>
+    public const int SituationFieldNumber = 2;
+    private string situation_ = "";
+    /// <summary>
+    /// What the scene is about, in a sentence or two, e.g. "Two merchants at the market argue
+    /// about the price of salt." Every speaker's prompt carries it. Required, 1-2000 characters.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string Situation {
+      get { return situation_; }
+      set {
+        situation_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "session_id" field.</summary>
+    public const int SessionIdFieldNumber = 3;
+    private string sessionId_ = "";
+    /// <summary>
+    /// The session whose memory the scene enters (as in TalkRequest.session_id). Empty: the scene
+    /// is not remembered.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string SessionId {
+      get { return sessionId_; }
+      set {
+        sessionId_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "world" field.</summary>
+    public const int WorldFieldNumber = 4;
+    private static readonly pbc::MapField<string, string>.Codec _map_world_codec
+        = new pbc::MapField<string, string>.Codec(pb::FieldCodec.ForString(10, ""), pb::FieldCodec.ForString(18, ""), 34);
+    private readonly pbc::MapField<string, string> world_ = new pbc::MapField<string, string>();
+    /// <summary>
+    /// Facts about the world during the scene, as in TalkRequest.world.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::MapField<string, string> World {
+      get { return world_; }
+    }
+
+    /// <summary>Field number for the "max_lines" field.</summary>
+    public const int MaxLinesFieldNumber = 5;
+    private int maxLines_;
+    /// <summary>
+    /// How many lines the scene has in all. 0: 6. At most ServerInfo.limits.max_scene_lines.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int MaxLines {
+      get { return maxLines_; }
+      set {
+        maxLines_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "options" field.</summary>
+    public const int OptionsFieldNumber = 6;
+    private global::Npc.V1.GenerationOptions options_;
+    /// <summary>
+    /// Generation settings of every line, as in TalkRequest.options (each speaker's own character
+    /// defaults fill what is unset). With a seed, line i uses seed + i.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public global::Npc.V1.GenerationOptions Options {
+      get { return options_; }
+      set {
+        options_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "entities" field.</summary>
+    public const int EntitiesFieldNumber = 7;
+    private static readonly pbc::MapField<string, global::Npc.V1.EntityList>.Codec _map_entities_codec
+        = new pbc::MapField<string, global::Npc.V1.EntityList>.Codec(pb::FieldCodec.ForString(10, ""), pb::FieldCodec.ForMessage(18, global::Npc.V1.EntityList.Parser), 58);
+    private readonly pbc::MapField<string, global::Npc.V1.EntityList> entities_ = new pbc::MapField<string, global::Npc.V1.EntityList>();
+    /// <summary>
+    /// The game's lists during the scene, as in TalkRequest.entities.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::MapField<string, global::Npc.V1.EntityList> Entities {
+      get { return entities_; }
+    }
+
+    /// <summary>Field number for the "allowed_actions" field.</summary>
+    public const int AllowedActionsFieldNumber = 8;
+    private global::Npc.V1.AllowedActions allowedActions_;
+    /// <summary>
+    /// Which actions the speakers may take. Unset or empty: none (a character's actions are written
+    /// for its dealings with the player). Each name must be an action of at least one character of
+    /// the scene; a speaker may take those of the names that are its own.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public global::Npc.V1.AllowedActions AllowedActions {
+      get { return allowedActions_; }
+      set {
+        allowedActions_ = value;
+      }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as SceneRequest);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(SceneRequest other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if(!characterIds_.Equals(other.characterIds_)) return false;
+      if (Situation != other.Situation) return false;
+      if (SessionId != other.SessionId) return false;
+      if (!World.Equals(other.World)) return false;
+      if (MaxLines != other.MaxLines) return false;
+      if (!object.Equals(Options, other.Options)) return false;
+      if (!Entities.Equals(other.Entities)) return false;
+      if (!object.Equals(AllowedActions, other.AllowedActions)) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      hash ^= characterIds_.GetHashCode();
+      if (Situation.Length != 0) hash ^= Situation.GetHashCode();
+      if (SessionId.Length != 0) hash ^= SessionId.GetHashCode();
+      hash ^= World.GetHashCode();
+      if (MaxLines != 0) hash ^= MaxLines.GetHashCode();
+      if (options_ != null) hash ^= Options.GetHashCode();
+      hash ^= Entities.GetHashCode();
+      if (allowedActions_ != null) hash ^= AllowedActions.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      characterIds_.WriteTo(output, _repeated_characterIds_codec);
+      if (Situation.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(Situation);
+      }
+      if (SessionId.Length != 0) {
+        output.WriteRawTag(26);
+        output.WriteString(SessionId);
+      }
+      world_.WriteTo(output, _map_world_codec);
+      if (MaxLines != 0) {
+        output.WriteRawTag(40);
+        output.WriteInt32(MaxLines);
+      }
+      if (options_ != null) {
+        output.WriteRawTag(50);
+        output.WriteMessage(Options);
+      }
+      entities_.WriteTo(output, _map_entities_codec);
+      if (allowedActions_ != null) {
+        output.WriteRawTag(66);
+        output.WriteMessage(AllowedActions);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      characterIds_.WriteTo(ref output, _repeated_characterIds_codec);
+      if (Situation.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(Situation);
+      }
+      if (SessionId.Length != 0) {
+        output.WriteRawTag(26);
+        output.WriteString(SessionId);
+      }
+      world_.WriteTo(ref output, _map_world_codec);
+      if (MaxLines != 0) {
+        output.WriteRawTag(40);
+        output.WriteInt32(MaxLines);
+      }
+      if (options_ != null) {
+        output.WriteRawTag(50);
+        output.WriteMessage(Options);
+      }
+      entities_.WriteTo(ref output, _map_entities_codec);
+      if (allowedActions_ != null) {
+        output.WriteRawTag(66);
+        output.WriteMessage(AllowedActions);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      size += characterIds_.CalculateSize(_repeated_characterIds_codec);
+      if (Situation.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(Situation);
+      }
+      if (SessionId.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(SessionId);
+      }
+      size += world_.CalculateSize(_map_world_codec);
+      if (MaxLines != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeInt32Size(MaxLines);
+      }
+      if (options_ != null) {
+        size += 1 + pb::CodedOutputStream.ComputeMessageSize(Options);
+      }
+      size += entities_.CalculateSize(_map_entities_codec);
+      if (allowedActions_ != null) {
+        size += 1 + pb::CodedOutputStream.ComputeMessageSize(AllowedActions);
+      }
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(SceneRequest other) {
+      if (other == null) {
+        return;
+      }
+      characterIds_.Add(other.characterIds_);
+      if (other.Situation.Length != 0) {
+        Situation = other.Situation;
+      }
+      if (other.SessionId.Length != 0) {
+        SessionId = other.SessionId;
+      }
+      world_.Add(other.world_);
+      if (other.MaxLines != 0) {
+        MaxLines = other.MaxLines;
+      }
+      if (other.options_ != null) {
+        if (options_ == null) {
+          Options = new global::Npc.V1.GenerationOptions();
+        }
+        Options.MergeFrom(other.Options);
+      }
+      entities_.Add(other.entities_);
+      if (other.allowedActions_ != null) {
+        if (allowedActions_ == null) {
+          AllowedActions = new global::Npc.V1.AllowedActions();
+        }
+        AllowedActions.MergeFrom(other.AllowedActions);
+      }
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            characterIds_.AddEntriesFrom(input, _repeated_characterIds_codec);
+            break;
+          }
+          case 18: {
+            Situation = input.ReadString();
+            break;
+          }
+          case 26: {
+            SessionId = input.ReadString();
+            break;
+          }
+          case 34: {
+            world_.AddEntriesFrom(input, _map_world_codec);
+            break;
+          }
+          case 40: {
+            MaxLines = input.ReadInt32();
+            break;
+          }
+          case 50: {
+            if (options_ == null) {
+              Options = new global::Npc.V1.GenerationOptions();
+            }
+            input.ReadMessage(Options);
+            break;
+          }
+          case 58: {
+            entities_.AddEntriesFrom(input, _map_entities_codec);
+            break;
+          }
+          case 66: {
+            if (allowedActions_ == null) {
+              AllowedActions = new global::Npc.V1.AllowedActions();
+            }
+            input.ReadMessage(AllowedActions);
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            characterIds_.AddEntriesFrom(ref input, _repeated_characterIds_codec);
+            break;
+          }
+          case 18: {
+            Situation = input.ReadString();
+            break;
+          }
+          case 26: {
+            SessionId = input.ReadString();
+            break;
+          }
+          case 34: {
+            world_.AddEntriesFrom(ref input, _map_world_codec);
+            break;
+          }
+          case 40: {
+            MaxLines = input.ReadInt32();
+            break;
+          }
+          case 50: {
+            if (options_ == null) {
+              Options = new global::Npc.V1.GenerationOptions();
+            }
+            input.ReadMessage(Options);
+            break;
+          }
+          case 58: {
+            entities_.AddEntriesFrom(ref input, _map_entities_codec);
+            break;
+          }
+          case 66: {
+            if (allowedActions_ == null) {
+              AllowedActions = new global::Npc.V1.AllowedActions();
+            }
+            input.ReadMessage(AllowedActions);
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
+  /// One event of a scene (NpcDialogue.StartScene gives the order).
+  /// </summary>
+  public sealed partial class SceneEvent : pb::IMessage<SceneEvent>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<SceneEvent> _parser = new pb::MessageParser<SceneEvent>(() => new SceneEvent());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<SceneEvent> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[35]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneEvent() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneEvent(SceneEvent other) : this() {
+      switch (other.EventCase) {
+        case EventOneofCase.Started:
+          Started = other.Started.Clone();
+          break;
+        case EventOneofCase.Line:
+          Line = other.Line.Clone();
+          break;
+        case EventOneofCase.Finished:
+          Finished = other.Finished.Clone();
+          break;
+      }
+
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneEvent Clone() {
+      return new SceneEvent(this);
+    }
+
+    /// <summary>Field number for the "started" field.</summary>
+    public const int StartedFieldNumber = 1;
+    /// <summary>
+    /// First event: the scene is accepted.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public global::Npc.V1.SceneStarted Started {
+      get { return eventCase_ == EventOneofCase.Started ? (global::Npc.V1.SceneStarted) event_ : null; }
+      set {
+        event_ = value;
+        eventCase_ = value == null ? EventOneofCase.None : EventOneofCase.Started;
+      }
+    }
+
+    /// <summary>Field number for the "line" field.</summary>
+    public const int LineFieldNumber = 2;
+    /// <summary>
+    /// One event of one line.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public global::Npc.V1.SceneLine Line {
+      get { return eventCase_ == EventOneofCase.Line ? (global::Npc.V1.SceneLine) event_ : null; }
+      set {
+        event_ = value;
+        eventCase_ = value == null ? EventOneofCase.None : EventOneofCase.Line;
+      }
+    }
+
+    /// <summary>Field number for the "finished" field.</summary>
+    public const int FinishedFieldNumber = 3;
+    /// <summary>
+    /// Last event of a scene that ran to its end (or that the server stopped).
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public global::Npc.V1.SceneFinished Finished {
+      get { return eventCase_ == EventOneofCase.Finished ? (global::Npc.V1.SceneFinished) event_ : null; }
+      set {
+        event_ = value;
+        eventCase_ = value == null ? EventOneofCase.None : EventOneofCase.Finished;
+      }
+    }
+
+    private object event_;
+    /// <summary>Enum of possible cases for the "event" oneof.</summary>
+    public enum EventOneofCase {
+      None = 0,
+      Started = 1,
+      Line = 2,
+      Finished = 3,
+    }
+    private EventOneofCase eventCase_ = EventOneofCase.None;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public EventOneofCase EventCase {
+      get { return eventCase_; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void ClearEvent() {
+      eventCase_ = EventOneofCase.None;
+      event_ = null;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as SceneEvent);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(SceneEvent other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if (!object.Equals(Started, other.Started)) return false;
+      if (!object.Equals(Line, other.Line)) return false;
+      if (!object.Equals(Finished, other.Finished)) return false;
+      if (EventCase != other.EventCase) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      if (eventCase_ == EventOneofCase.Started) hash ^= Started.GetHashCode();
+      if (eventCase_ == EventOneofCase.Line) hash ^= Line.GetHashCode();
+      if (eventCase_ == EventOneofCase.Finished) hash ^= Finished.GetHashCode();
+      hash ^= (int) eventCase_;
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      if (eventCase_ == EventOneofCase.Started) {
+        output.WriteRawTag(10);
+        output.WriteMessage(Started);
+      }
+      if (eventCase_ == EventOneofCase.Line) {
+        output.WriteRawTag(18);
+        output.WriteMessage(Line);
+      }
+      if (eventCase_ == EventOneofCase.Finished) {
+        output.WriteRawTag(26);
+        output.WriteMessage(Finished);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      if (eventCase_ == EventOneofCase.Started) {
+        output.WriteRawTag(10);
+        output.WriteMessage(Started);
+      }
+      if (eventCase_ == EventOneofCase.Line) {
+        output.WriteRawTag(18);
+        output.WriteMessage(Line);
+      }
+      if (eventCase_ == EventOneofCase.Finished) {
+        output.WriteRawTag(26);
+        output.WriteMessage(Finished);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      if (eventCase_ == EventOneofCase.Started) {
+        size += 1 + pb::CodedOutputStream.ComputeMessageSize(Started);
+      }
+      if (eventCase_ == EventOneofCase.Line) {
+        size += 1 + pb::CodedOutputStream.ComputeMessageSize(Line);
+      }
+      if (eventCase_ == EventOneofCase.Finished) {
+        size += 1 + pb::CodedOutputStream.ComputeMessageSize(Finished);
+      }
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(SceneEvent other) {
+      if (other == null) {
+        return;
+      }
+      switch (other.EventCase) {
+        case EventOneofCase.Started:
+          if (Started == null) {
+            Started = new global::Npc.V1.SceneStarted();
+          }
+          Started.MergeFrom(other.Started);
+          break;
+        case EventOneofCase.Line:
+          if (Line == null) {
+            Line = new global::Npc.V1.SceneLine();
+          }
+          Line.MergeFrom(other.Line);
+          break;
+        case EventOneofCase.Finished:
+          if (Finished == null) {
+            Finished = new global::Npc.V1.SceneFinished();
+          }
+          Finished.MergeFrom(other.Finished);
+          break;
+      }
+
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            global::Npc.V1.SceneStarted subBuilder = new global::Npc.V1.SceneStarted();
+            if (eventCase_ == EventOneofCase.Started) {
+              subBuilder.MergeFrom(Started);
+            }
+            input.ReadMessage(subBuilder);
+            Started = subBuilder;
+            break;
+          }
+          case 18: {
+            global::Npc.V1.SceneLine subBuilder = new global::Npc.V1.SceneLine();
+            if (eventCase_ == EventOneofCase.Line) {
+              subBuilder.MergeFrom(Line);
+            }
+            input.ReadMessage(subBuilder);
+            Line = subBuilder;
+            break;
+          }
+          case 26: {
+            global::Npc.V1.SceneFinished subBuilder = new global::Npc.V1.SceneFinished();
+            if (eventCase_ == EventOneofCase.Finished) {
+              subBuilder.MergeFrom(Finished);
+            }
+            input.ReadMessage(subBuilder);
+            Finished = subBuilder;
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            global::Npc.V1.SceneStarted subBuilder = new global::Npc.V1.SceneStarted();
+            if (eventCase_ == EventOneofCase.Started) {
+              subBuilder.MergeFrom(Started);
+            }
+            input.ReadMessage(subBuilder);
+            Started = subBuilder;
+            break;
+          }
+          case 18: {
+            global::Npc.V1.SceneLine subBuilder = new global::Npc.V1.SceneLine();
+            if (eventCase_ == EventOneofCase.Line) {
+              subBuilder.MergeFrom(Line);
+            }
+            input.ReadMessage(subBuilder);
+            Line = subBuilder;
+            break;
+          }
+          case 26: {
+            global::Npc.V1.SceneFinished subBuilder = new global::Npc.V1.SceneFinished();
+            if (eventCase_ == EventOneofCase.Finished) {
+              subBuilder.MergeFrom(Finished);
+            }
+            input.ReadMessage(subBuilder);
+            Finished = subBuilder;
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
+  /// The scene is accepted: sent once, first.
+  /// </summary>
+  public sealed partial class SceneStarted : pb::IMessage<SceneStarted>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<SceneStarted> _parser = new pb::MessageParser<SceneStarted>(() => new SceneStarted());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<SceneStarted> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[36]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneStarted() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneStarted(SceneStarted other) : this() {
+      sceneId_ = other.sceneId_;
+      characterIds_ = other.characterIds_.Clone();
+      names_ = other.names_.Clone();
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneStarted Clone() {
+      return new SceneStarted(this);
+    }
+
+    /// <summary>Field number for the "scene_id" field.</summary>
+    public const int SceneIdFieldNumber = 1;
+    private string sceneId_ = "";
+    /// <summary>
+    /// The scene's id in the session (Turn.scene_id, SceneState.scene_id).
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string SceneId {
+      get { return sceneId_; }
+      set {
+        sceneId_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "character_ids" field.</summary>
+    public const int CharacterIdsFieldNumber = 2;
+    private static readonly pb::FieldCodec<string> _repeated_characterIds_codec
+        = pb::FieldCodec.ForString(18);
+    private readonly pbc::RepeatedField<string> characterIds_ = new pbc::RepeatedField<string>();
+    /// <summary>
+    /// SceneRequest.character_ids.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<string> CharacterIds {
+      get { return characterIds_; }
+    }
+
+    /// <summary>Field number for the "names" field.</summary>
+    public const int NamesFieldNumber = 3;
+    private static readonly pb::FieldCodec<string> _repeated_names_codec
+        = pb::FieldCodec.ForString(26);
+    private readonly pbc::RepeatedField<string> names_ = new pbc::RepeatedField<string>();
+    /// <summary>
+    /// Their names (Character.name), in the same order.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public pbc::RepeatedField<string> Names {
+      get { return names_; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as SceneStarted);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(SceneStarted other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if (SceneId != other.SceneId) return false;
+      if(!characterIds_.Equals(other.characterIds_)) return false;
+      if(!names_.Equals(other.names_)) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      if (SceneId.Length != 0) hash ^= SceneId.GetHashCode();
+      hash ^= characterIds_.GetHashCode();
+      hash ^= names_.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      if (SceneId.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(SceneId);
+      }
+      characterIds_.WriteTo(output, _repeated_characterIds_codec);
+      names_.WriteTo(output, _repeated_names_codec);
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      if (SceneId.Length != 0) {
+        output.WriteRawTag(10);
+        output.WriteString(SceneId);
+      }
+      characterIds_.WriteTo(ref output, _repeated_characterIds_codec);
+      names_.WriteTo(ref output, _repeated_names_codec);
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      if (SceneId.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(SceneId);
+      }
+      size += characterIds_.CalculateSize(_repeated_characterIds_codec);
+      size += names_.CalculateSize(_repeated_names_codec);
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(SceneStarted other) {
+      if (other == null) {
+        return;
+      }
+      if (other.SceneId.Length != 0) {
+        SceneId = other.SceneId;
+      }
+      characterIds_.Add(other.characterIds_);
+      names_.Add(other.names_);
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 10: {
+            SceneId = input.ReadString();
+            break;
+          }
+          case 18: {
+            characterIds_.AddEntriesFrom(input, _repeated_characterIds_codec);
+            break;
+          }
+          case 26: {
+            names_.AddEntriesFrom(input, _repeated_names_codec);
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 10: {
+            SceneId = input.ReadString();
+            break;
+          }
+          case 18: {
+            characterIds_.AddEntriesFrom(ref input, _repeated_characterIds_codec);
+            break;
+          }
+          case 26: {
+            names_.AddEntriesFrom(ref input, _repeated_names_codec);
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
+  /// One event of one line of the scene.
+  /// </summary>
+  public sealed partial class SceneLine : pb::IMessage<SceneLine>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<SceneLine> _parser = new pb::MessageParser<SceneLine>(() => new SceneLine());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<SceneLine> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[37]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneLine() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneLine(SceneLine other) : this() {
+      index_ = other.index_;
+      characterId_ = other.characterId_;
+      event_ = other.event_ != null ? other.event_.Clone() : null;
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneLine Clone() {
+      return new SceneLine(this);
+    }
+
+    /// <summary>Field number for the "index" field.</summary>
+    public const int IndexFieldNumber = 1;
+    private uint index_;
+    /// <summary>
+    /// Which line: 0 for the first.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public uint Index {
+      get { return index_; }
+      set {
+        index_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "character_id" field.</summary>
+    public const int CharacterIdFieldNumber = 2;
+    private string characterId_ = "";
+    /// <summary>
+    /// Who says it.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public string CharacterId {
+      get { return characterId_; }
+      set {
+        characterId_ = pb::ProtoPreconditions.CheckNotNull(value, "value");
+      }
+    }
+
+    /// <summary>Field number for the "event" field.</summary>
+    public const int EventFieldNumber = 3;
+    private global::Npc.V1.TalkEvent event_;
+    /// <summary>
+    /// The line's event, as a Talk would send it: started, emotion, delta, action or finished.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public global::Npc.V1.TalkEvent Event {
+      get { return event_; }
+      set {
+        event_ = value;
+      }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as SceneLine);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(SceneLine other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if (Index != other.Index) return false;
+      if (CharacterId != other.CharacterId) return false;
+      if (!object.Equals(Event, other.Event)) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      if (Index != 0) hash ^= Index.GetHashCode();
+      if (CharacterId.Length != 0) hash ^= CharacterId.GetHashCode();
+      if (event_ != null) hash ^= Event.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      if (Index != 0) {
+        output.WriteRawTag(8);
+        output.WriteUInt32(Index);
+      }
+      if (CharacterId.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(CharacterId);
+      }
+      if (event_ != null) {
+        output.WriteRawTag(26);
+        output.WriteMessage(Event);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      if (Index != 0) {
+        output.WriteRawTag(8);
+        output.WriteUInt32(Index);
+      }
+      if (CharacterId.Length != 0) {
+        output.WriteRawTag(18);
+        output.WriteString(CharacterId);
+      }
+      if (event_ != null) {
+        output.WriteRawTag(26);
+        output.WriteMessage(Event);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      if (Index != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeUInt32Size(Index);
+      }
+      if (CharacterId.Length != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeStringSize(CharacterId);
+      }
+      if (event_ != null) {
+        size += 1 + pb::CodedOutputStream.ComputeMessageSize(Event);
+      }
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(SceneLine other) {
+      if (other == null) {
+        return;
+      }
+      if (other.Index != 0) {
+        Index = other.Index;
+      }
+      if (other.CharacterId.Length != 0) {
+        CharacterId = other.CharacterId;
+      }
+      if (other.event_ != null) {
+        if (event_ == null) {
+          Event = new global::Npc.V1.TalkEvent();
+        }
+        Event.MergeFrom(other.Event);
+      }
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 8: {
+            Index = input.ReadUInt32();
+            break;
+          }
+          case 18: {
+            CharacterId = input.ReadString();
+            break;
+          }
+          case 26: {
+            if (event_ == null) {
+              Event = new global::Npc.V1.TalkEvent();
+            }
+            input.ReadMessage(Event);
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 8: {
+            Index = input.ReadUInt32();
+            break;
+          }
+          case 18: {
+            CharacterId = input.ReadString();
+            break;
+          }
+          case 26: {
+            if (event_ == null) {
+              Event = new global::Npc.V1.TalkEvent();
+            }
+            input.ReadMessage(Event);
+            break;
+          }
+        }
+      }
+    }
+    #endif
+
+  }
+
+  /// <summary>
+  /// The scene has ended.
+  /// </summary>
+  public sealed partial class SceneFinished : pb::IMessage<SceneFinished>
+  #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      , pb::IBufferMessage
+  #endif
+  {
+    private static readonly pb::MessageParser<SceneFinished> _parser = new pb::MessageParser<SceneFinished>(() => new SceneFinished());
+    private pb::UnknownFieldSet _unknownFields;
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pb::MessageParser<SceneFinished> Parser { get { return _parser; } }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public static pbr::MessageDescriptor Descriptor {
+      get { return global::Npc.V1.DialogueReflection.Descriptor.MessageTypes[38]; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    pbr::MessageDescriptor pb::IMessage.Descriptor {
+      get { return Descriptor; }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneFinished() {
+      OnConstruction();
+    }
+
+    partial void OnConstruction();
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneFinished(SceneFinished other) : this() {
+      reason_ = other.reason_;
+      lines_ = other.lines_;
+      _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public SceneFinished Clone() {
+      return new SceneFinished(this);
+    }
+
+    /// <summary>Field number for the "reason" field.</summary>
+    public const int ReasonFieldNumber = 1;
+    private global::Npc.V1.FinishReason reason_ = global::Npc.V1.FinishReason.Unspecified;
+    /// <summary>
+    /// STOP: max_lines lines were said. CANCELLED: the server stopped the scene (shutting down).
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public global::Npc.V1.FinishReason Reason {
+      get { return reason_; }
+      set {
+        reason_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "lines" field.</summary>
+    public const int LinesFieldNumber = 2;
+    private uint lines_;
+    /// <summary>
+    /// How many lines finished (and entered the session, with a session_id).
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public uint Lines {
+      get { return lines_; }
+      set {
+        lines_ = value;
+      }
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override bool Equals(object other) {
+      return Equals(other as SceneFinished);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool Equals(SceneFinished other) {
+      if (ReferenceEquals(other, null)) {
+        return false;
+      }
+      if (ReferenceEquals(other, this)) {
+        return true;
+      }
+      if (Reason != other.Reason) return false;
+      if (Lines != other.Lines) return false;
+      return Equals(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override int GetHashCode() {
+      int hash = 1;
+      if (Reason != global::Npc.V1.FinishReason.Unspecified) hash ^= Reason.GetHashCode();
+      if (Lines != 0) hash ^= Lines.GetHashCode();
+      if (_unknownFields != null) {
+        hash ^= _unknownFields.GetHashCode();
+      }
+      return hash;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public override string ToString() {
+      return pb::JsonFormatter.ToDiagnosticString(this);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void WriteTo(pb::CodedOutputStream output) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      output.WriteRawMessage(this);
+    #else
+      if (Reason != global::Npc.V1.FinishReason.Unspecified) {
+        output.WriteRawTag(8);
+        output.WriteEnum((int) Reason);
+      }
+      if (Lines != 0) {
+        output.WriteRawTag(16);
+        output.WriteUInt32(Lines);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(output);
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalWriteTo(ref pb::WriteContext output) {
+      if (Reason != global::Npc.V1.FinishReason.Unspecified) {
+        output.WriteRawTag(8);
+        output.WriteEnum((int) Reason);
+      }
+      if (Lines != 0) {
+        output.WriteRawTag(16);
+        output.WriteUInt32(Lines);
+      }
+      if (_unknownFields != null) {
+        _unknownFields.WriteTo(ref output);
+      }
+    }
+    #endif
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int CalculateSize() {
+      int size = 0;
+      if (Reason != global::Npc.V1.FinishReason.Unspecified) {
+        size += 1 + pb::CodedOutputStream.ComputeEnumSize((int) Reason);
+      }
+      if (Lines != 0) {
+        size += 1 + pb::CodedOutputStream.ComputeUInt32Size(Lines);
+      }
+      if (_unknownFields != null) {
+        size += _unknownFields.CalculateSize();
+      }
+      return size;
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(SceneFinished other) {
+      if (other == null) {
+        return;
+      }
+      if (other.Reason != global::Npc.V1.FinishReason.Unspecified) {
+        Reason = other.Reason;
+      }
+      if (other.Lines != 0) {
+        Lines = other.Lines;
+      }
+      _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
+    }
+
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void MergeFrom(pb::CodedInputStream input) {
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+      input.ReadRawMessage(this);
+    #else
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, input);
+            break;
+          case 8: {
+            Reason = (global::Npc.V1.FinishReason) input.ReadEnum();
+            break;
+          }
+          case 16: {
+            Lines = input.ReadUInt32();
+            break;
+          }
+        }
+      }
+    #endif
+    }
+
+    #if !GOOGLE_PROTOBUF_REFSTRUCT_COMPATIBILITY_MODE
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    void pb::IBufferMessage.InternalMergeFrom(ref pb::ParseContext input) {
+      uint tag;
+      while ((tag = input.ReadTag()) != 0) {
+        switch(tag) {
+          default:
+            _unknownFields = pb::UnknownFieldSet.MergeFieldFrom(_unknownFields, ref input);
+            break;
+          case 8: {
+            Reason = (global::Npc.V1.FinishReason) input.ReadEnum();
+            break;
+          }
+          case 16: {
+            Lines = input.ReadUInt32();
             break;
           }
         }

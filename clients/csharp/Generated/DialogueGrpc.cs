@@ -56,6 +56,8 @@
 //                        control-token strings (e.g. "<|im_end|>"), and only characters the
 //                        model's tokenizer can write
 //   allowed_actions      every name one of the character's actions (Character.actions)
+//   SceneRequest         character_ids: 2-6 distinct ids [max_scene_characters]; situation
+//                        1-2000 characters [max_line_chars]; max_lines 0-24 [max_scene_lines]
 //   SessionState.turns   at most ServerInfo.max_session_turns; player_line and npc_line 0-20000
 //                        characters each
 #pragma warning disable 0414, 1591, 8981, 0612
@@ -147,6 +149,10 @@ namespace Npc.V1 {
     static readonly grpc::Marshaller<global::Npc.V1.RelationshipsResponse> __Marshaller_npc_v1_RelationshipsResponse = grpc::Marshallers.Create(__Helper_SerializeMessage, context => __Helper_DeserializeMessage(context, global::Npc.V1.RelationshipsResponse.Parser));
     [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
     static readonly grpc::Marshaller<global::Npc.V1.SetRelationshipRequest> __Marshaller_npc_v1_SetRelationshipRequest = grpc::Marshallers.Create(__Helper_SerializeMessage, context => __Helper_DeserializeMessage(context, global::Npc.V1.SetRelationshipRequest.Parser));
+    [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+    static readonly grpc::Marshaller<global::Npc.V1.SceneRequest> __Marshaller_npc_v1_SceneRequest = grpc::Marshallers.Create(__Helper_SerializeMessage, context => __Helper_DeserializeMessage(context, global::Npc.V1.SceneRequest.Parser));
+    [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+    static readonly grpc::Marshaller<global::Npc.V1.SceneEvent> __Marshaller_npc_v1_SceneEvent = grpc::Marshallers.Create(__Helper_SerializeMessage, context => __Helper_DeserializeMessage(context, global::Npc.V1.SceneEvent.Parser));
 
     [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
     static readonly grpc::Method<global::Npc.V1.TalkRequest, global::Npc.V1.TalkEvent> __Method_Talk = new grpc::Method<global::Npc.V1.TalkRequest, global::Npc.V1.TalkEvent>(
@@ -211,6 +217,14 @@ namespace Npc.V1 {
         "SetRelationship",
         __Marshaller_npc_v1_SetRelationshipRequest,
         __Marshaller_npc_v1_RelationshipsResponse);
+
+    [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+    static readonly grpc::Method<global::Npc.V1.SceneRequest, global::Npc.V1.SceneEvent> __Method_StartScene = new grpc::Method<global::Npc.V1.SceneRequest, global::Npc.V1.SceneEvent>(
+        grpc::MethodType.ServerStreaming,
+        __ServiceName,
+        "StartScene",
+        __Marshaller_npc_v1_SceneRequest,
+        __Marshaller_npc_v1_SceneEvent);
 
     /// <summary>Service descriptor</summary>
     public static global::Google.Protobuf.Reflection.ServiceDescriptor Descriptor
@@ -800,6 +814,74 @@ namespace Npc.V1 {
       public virtual grpc::AsyncUnaryCall<global::Npc.V1.RelationshipsResponse> SetRelationshipAsync(global::Npc.V1.SetRelationshipRequest request, grpc::CallOptions options)
       {
         return CallInvoker.AsyncUnaryCall(__Method_SetRelationship, null, options, request);
+      }
+      /// <summary>
+      /// Characters talk among themselves while the player is elsewhere: a market quarrel, tavern
+      /// gossip. The server runs their lines in turn (character_ids[0] first, then each in the order
+      /// given, round and round) until max_lines lines are said; each speaker sees what the others
+      /// said, under its own adapter, persona, knowledge and lore scope. Events: `started` (the scene's
+      /// id), then for each line its speaker's events in Talk's order (started, emotion, delta...,
+      /// action..., finished), each wrapped in a SceneLine with the line's index and speaker, then
+      /// `finished`. Many scenes and Talk calls run at once and share the model's batch; a scene
+      /// sends one line at a time to the model, so a player's reply never waits behind more than the
+      /// line each scene is saying.
+      ///
+      /// Memory: with a session_id, every finished line is added to the session (a Turn with
+      /// scene_id set and no player_line) and the scene's situation and cast are kept
+      /// (SessionState.scenes); later, what was said comes back to each character that was in the
+      /// scene when the player's line refers to it (Started.memories), and the scene is part of
+      /// ExportSession. Cancelling the call stops the scene within one engine step; lines already
+      /// finished stay in the session.
+      ///
+      /// Errors: INVALID_ARGUMENT (fewer than 2 or more than max_scene_characters ids, an id twice,
+      /// an empty situation, max_lines out of range, an allowed action no character of the scene
+      /// has, other fields as in Talk), NOT_FOUND (an unknown character_id), FAILED_PRECONDITION (a
+      /// character that never loaded), RESOURCE_EXHAUSTED (the queue is full when the scene starts;
+      /// later lines wait for room instead), UNAUTHENTICATED, CANCELLED, DEADLINE_EXCEEDED,
+      /// UNAVAILABLE.
+      /// </summary>
+      /// <param name="request">The request to send to the server.</param>
+      /// <param name="headers">The initial metadata to send with the call. This parameter is optional.</param>
+      /// <param name="deadline">An optional deadline for the call. The call will be cancelled if deadline is hit.</param>
+      /// <param name="cancellationToken">An optional token for canceling the call.</param>
+      /// <returns>The call object.</returns>
+      [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+      public virtual grpc::AsyncServerStreamingCall<global::Npc.V1.SceneEvent> StartScene(global::Npc.V1.SceneRequest request, grpc::Metadata headers = null, global::System.DateTime? deadline = null, global::System.Threading.CancellationToken cancellationToken = default(global::System.Threading.CancellationToken))
+      {
+        return StartScene(request, new grpc::CallOptions(headers, deadline, cancellationToken));
+      }
+      /// <summary>
+      /// Characters talk among themselves while the player is elsewhere: a market quarrel, tavern
+      /// gossip. The server runs their lines in turn (character_ids[0] first, then each in the order
+      /// given, round and round) until max_lines lines are said; each speaker sees what the others
+      /// said, under its own adapter, persona, knowledge and lore scope. Events: `started` (the scene's
+      /// id), then for each line its speaker's events in Talk's order (started, emotion, delta...,
+      /// action..., finished), each wrapped in a SceneLine with the line's index and speaker, then
+      /// `finished`. Many scenes and Talk calls run at once and share the model's batch; a scene
+      /// sends one line at a time to the model, so a player's reply never waits behind more than the
+      /// line each scene is saying.
+      ///
+      /// Memory: with a session_id, every finished line is added to the session (a Turn with
+      /// scene_id set and no player_line) and the scene's situation and cast are kept
+      /// (SessionState.scenes); later, what was said comes back to each character that was in the
+      /// scene when the player's line refers to it (Started.memories), and the scene is part of
+      /// ExportSession. Cancelling the call stops the scene within one engine step; lines already
+      /// finished stay in the session.
+      ///
+      /// Errors: INVALID_ARGUMENT (fewer than 2 or more than max_scene_characters ids, an id twice,
+      /// an empty situation, max_lines out of range, an allowed action no character of the scene
+      /// has, other fields as in Talk), NOT_FOUND (an unknown character_id), FAILED_PRECONDITION (a
+      /// character that never loaded), RESOURCE_EXHAUSTED (the queue is full when the scene starts;
+      /// later lines wait for room instead), UNAUTHENTICATED, CANCELLED, DEADLINE_EXCEEDED,
+      /// UNAVAILABLE.
+      /// </summary>
+      /// <param name="request">The request to send to the server.</param>
+      /// <param name="options">The options for the call.</param>
+      /// <returns>The call object.</returns>
+      [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]
+      public virtual grpc::AsyncServerStreamingCall<global::Npc.V1.SceneEvent> StartScene(global::Npc.V1.SceneRequest request, grpc::CallOptions options)
+      {
+        return CallInvoker.AsyncServerStreamingCall(__Method_StartScene, null, options, request);
       }
       /// <summary>Creates a new instance of client from given <c>ClientBaseConfiguration</c>.</summary>
       [global::System.CodeDom.Compiler.GeneratedCode("grpc_csharp_plugin", null)]

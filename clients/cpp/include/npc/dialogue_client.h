@@ -99,6 +99,17 @@ struct TalkCallbacks {
   std::function<void(const v1::Action& action)> on_action;
 };
 
+// The callbacks of one StartScene call (characters talking among themselves), on the call's worker
+// thread like Talk's: on_started once, then on_line for every event of every line in stream order
+// (line.index(), line.character_id(), and line.event(): the line's started, emotion, delta, action
+// and finished events, as a Talk sends them), then exactly one of on_finished or on_error.
+struct SceneCallbacks {
+  std::function<void(const v1::SceneStarted& started)> on_started;
+  std::function<void(const v1::SceneLine& line)> on_line;
+  std::function<void(const v1::SceneFinished& finished)> on_finished;
+  std::function<void(const Error& error)> on_error;
+};
+
 // Adds `values` to the request's entities list `name` (creating the list, also when `values` is
 // empty), e.g. AddEntities(request, "stock", {"iron sword", "steel axe"}): the values an enum
 // argument declared `from: stock` may take in this reply. The server checks the limits (at most 16
@@ -148,6 +159,12 @@ class NpcDialogueClient {
               std::function<void(const v1::Finished& finished)> on_finished,
               std::function<void(const Error& error)> on_error,
               std::chrono::milliseconds deadline = std::chrono::milliseconds::zero());
+
+  // Starts a scene (see StartScene in dialogue.proto) and returns at once; Cancel(id) stops it within
+  // one engine step. A talk to one of its characters in the scene's session (Talk with the same
+  // session_id) is the player stepping in. deadline: 0 = none (a scene takes a while).
+  CallId StartScene(const v1::SceneRequest& request, SceneCallbacks callbacks,
+                    std::chrono::milliseconds deadline = std::chrono::milliseconds::zero());
 
   // Cancels one call (ClientContext::TryCancel): it ends with on_error(CANCELLED) soon after,
   // unless it had already ended. Returns whether the call was still running. Does not wait.

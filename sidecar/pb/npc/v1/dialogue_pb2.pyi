@@ -289,18 +289,20 @@ class ExportSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., character_id: _Optional[str] = ...) -> None: ...
 
 class SessionState(_message.Message):
-    __slots__ = ("format_version", "session_id", "turns", "updated_unix_ms", "relationships")
+    __slots__ = ("format_version", "session_id", "turns", "updated_unix_ms", "relationships", "scenes")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     RELATIONSHIPS_FIELD_NUMBER: _ClassVar[int]
+    SCENES_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     session_id: str
     turns: _containers.RepeatedCompositeFieldContainer[Turn]
     updated_unix_ms: int
     relationships: _containers.RepeatedCompositeFieldContainer[RelationshipState]
-    def __init__(self, format_version: _Optional[int] = ..., session_id: _Optional[str] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., updated_unix_ms: _Optional[int] = ..., relationships: _Optional[_Iterable[_Union[RelationshipState, _Mapping]]] = ...) -> None: ...
+    scenes: _containers.RepeatedCompositeFieldContainer[SceneState]
+    def __init__(self, format_version: _Optional[int] = ..., session_id: _Optional[str] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., updated_unix_ms: _Optional[int] = ..., relationships: _Optional[_Iterable[_Union[RelationshipState, _Mapping]]] = ..., scenes: _Optional[_Iterable[_Union[SceneState, _Mapping]]] = ...) -> None: ...
 
 class RelationshipState(_message.Message):
     __slots__ = ("character_id", "name", "value")
@@ -313,7 +315,7 @@ class RelationshipState(_message.Message):
     def __init__(self, character_id: _Optional[str] = ..., name: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
 
 class Turn(_message.Message):
-    __slots__ = ("character_id", "player_line", "npc_line", "player_name", "character_version", "emotion", "actions")
+    __slots__ = ("character_id", "player_line", "npc_line", "player_name", "character_version", "emotion", "actions", "scene_id")
     CHARACTER_ID_FIELD_NUMBER: _ClassVar[int]
     PLAYER_LINE_FIELD_NUMBER: _ClassVar[int]
     NPC_LINE_FIELD_NUMBER: _ClassVar[int]
@@ -321,6 +323,7 @@ class Turn(_message.Message):
     CHARACTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     EMOTION_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    SCENE_ID_FIELD_NUMBER: _ClassVar[int]
     character_id: str
     player_line: str
     npc_line: str
@@ -328,7 +331,18 @@ class Turn(_message.Message):
     character_version: str
     emotion: str
     actions: _containers.RepeatedCompositeFieldContainer[Action]
-    def __init__(self, character_id: _Optional[str] = ..., player_line: _Optional[str] = ..., npc_line: _Optional[str] = ..., player_name: _Optional[str] = ..., character_version: _Optional[str] = ..., emotion: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ...) -> None: ...
+    scene_id: str
+    def __init__(self, character_id: _Optional[str] = ..., player_line: _Optional[str] = ..., npc_line: _Optional[str] = ..., player_name: _Optional[str] = ..., character_version: _Optional[str] = ..., emotion: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., scene_id: _Optional[str] = ...) -> None: ...
+
+class SceneState(_message.Message):
+    __slots__ = ("scene_id", "situation", "character_ids")
+    SCENE_ID_FIELD_NUMBER: _ClassVar[int]
+    SITUATION_FIELD_NUMBER: _ClassVar[int]
+    CHARACTER_IDS_FIELD_NUMBER: _ClassVar[int]
+    scene_id: str
+    situation: str
+    character_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, scene_id: _Optional[str] = ..., situation: _Optional[str] = ..., character_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetRelationshipsRequest(_message.Message):
     __slots__ = ("session_id", "character_id")
@@ -437,7 +451,7 @@ class ServerInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch: _Optional[int] = ..., active_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., version: _Optional[str] = ..., max_resident_adapters: _Optional[int] = ..., max_waiting: _Optional[int] = ..., context_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., max_session_turns: _Optional[int] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_capacity_bytes: _Optional[int] = ...) -> None: ...
 
 class RequestLimits(_message.Message):
-    __slots__ = ("max_line_chars", "max_name_chars", "max_world_entries", "max_world_key_chars", "max_world_value_chars", "max_stop_strings", "max_stop_chars", "max_tokens", "max_entity_lists", "max_entity_values", "max_entity_chars")
+    __slots__ = ("max_line_chars", "max_name_chars", "max_world_entries", "max_world_key_chars", "max_world_value_chars", "max_stop_strings", "max_stop_chars", "max_tokens", "max_entity_lists", "max_entity_values", "max_entity_chars", "max_scene_characters", "max_scene_lines")
     MAX_LINE_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_NAME_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_WORLD_ENTRIES_FIELD_NUMBER: _ClassVar[int]
@@ -449,6 +463,8 @@ class RequestLimits(_message.Message):
     MAX_ENTITY_LISTS_FIELD_NUMBER: _ClassVar[int]
     MAX_ENTITY_VALUES_FIELD_NUMBER: _ClassVar[int]
     MAX_ENTITY_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCENE_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCENE_LINES_FIELD_NUMBER: _ClassVar[int]
     max_line_chars: int
     max_name_chars: int
     max_world_entries: int
@@ -460,4 +476,78 @@ class RequestLimits(_message.Message):
     max_entity_lists: int
     max_entity_values: int
     max_entity_chars: int
-    def __init__(self, max_line_chars: _Optional[int] = ..., max_name_chars: _Optional[int] = ..., max_world_entries: _Optional[int] = ..., max_world_key_chars: _Optional[int] = ..., max_world_value_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_chars: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_entity_lists: _Optional[int] = ..., max_entity_values: _Optional[int] = ..., max_entity_chars: _Optional[int] = ...) -> None: ...
+    max_scene_characters: int
+    max_scene_lines: int
+    def __init__(self, max_line_chars: _Optional[int] = ..., max_name_chars: _Optional[int] = ..., max_world_entries: _Optional[int] = ..., max_world_key_chars: _Optional[int] = ..., max_world_value_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_chars: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_entity_lists: _Optional[int] = ..., max_entity_values: _Optional[int] = ..., max_entity_chars: _Optional[int] = ..., max_scene_characters: _Optional[int] = ..., max_scene_lines: _Optional[int] = ...) -> None: ...
+
+class SceneRequest(_message.Message):
+    __slots__ = ("character_ids", "situation", "session_id", "world", "max_lines", "options", "entities", "allowed_actions")
+    class WorldEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class EntitiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: EntityList
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[EntityList, _Mapping]] = ...) -> None: ...
+    CHARACTER_IDS_FIELD_NUMBER: _ClassVar[int]
+    SITUATION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WORLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_LINES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    ENTITIES_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    character_ids: _containers.RepeatedScalarFieldContainer[str]
+    situation: str
+    session_id: str
+    world: _containers.ScalarMap[str, str]
+    max_lines: int
+    options: GenerationOptions
+    entities: _containers.MessageMap[str, EntityList]
+    allowed_actions: AllowedActions
+    def __init__(self, character_ids: _Optional[_Iterable[str]] = ..., situation: _Optional[str] = ..., session_id: _Optional[str] = ..., world: _Optional[_Mapping[str, str]] = ..., max_lines: _Optional[int] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., entities: _Optional[_Mapping[str, EntityList]] = ..., allowed_actions: _Optional[_Union[AllowedActions, _Mapping]] = ...) -> None: ...
+
+class SceneEvent(_message.Message):
+    __slots__ = ("started", "line", "finished")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    started: SceneStarted
+    line: SceneLine
+    finished: SceneFinished
+    def __init__(self, started: _Optional[_Union[SceneStarted, _Mapping]] = ..., line: _Optional[_Union[SceneLine, _Mapping]] = ..., finished: _Optional[_Union[SceneFinished, _Mapping]] = ...) -> None: ...
+
+class SceneStarted(_message.Message):
+    __slots__ = ("scene_id", "character_ids", "names")
+    SCENE_ID_FIELD_NUMBER: _ClassVar[int]
+    CHARACTER_IDS_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    scene_id: str
+    character_ids: _containers.RepeatedScalarFieldContainer[str]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, scene_id: _Optional[str] = ..., character_ids: _Optional[_Iterable[str]] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SceneLine(_message.Message):
+    __slots__ = ("index", "character_id", "event")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CHARACTER_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    character_id: str
+    event: TalkEvent
+    def __init__(self, index: _Optional[int] = ..., character_id: _Optional[str] = ..., event: _Optional[_Union[TalkEvent, _Mapping]] = ...) -> None: ...
+
+class SceneFinished(_message.Message):
+    __slots__ = ("reason", "lines")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    reason: FinishReason
+    lines: int
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., lines: _Optional[int] = ...) -> None: ...

@@ -88,6 +88,11 @@ class NpcDialogueStub:
                 request_serializer=npc_dot_v1_dot_dialogue__pb2.SetRelationshipRequest.SerializeToString,
                 response_deserializer=npc_dot_v1_dot_dialogue__pb2.RelationshipsResponse.FromString,
                 _registered_method=True)
+        self.StartScene = channel.unary_stream(
+                '/npc.v1.NpcDialogue/StartScene',
+                request_serializer=npc_dot_v1_dot_dialogue__pb2.SceneRequest.SerializeToString,
+                response_deserializer=npc_dot_v1_dot_dialogue__pb2.SceneEvent.FromString,
+                _registered_method=True)
 
 
 class NpcDialogueServicer:
@@ -235,6 +240,35 @@ class NpcDialogueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartScene(self, request, context):
+        """Characters talk among themselves while the player is elsewhere: a market quarrel, tavern
+        gossip. The server runs their lines in turn (character_ids[0] first, then each in the order
+        given, round and round) until max_lines lines are said; each speaker sees what the others
+        said, under its own adapter, persona, knowledge and lore scope. Events: `started` (the scene's
+        id), then for each line its speaker's events in Talk's order (started, emotion, delta...,
+        action..., finished), each wrapped in a SceneLine with the line's index and speaker, then
+        `finished`. Many scenes and Talk calls run at once and share the model's batch; a scene
+        sends one line at a time to the model, so a player's reply never waits behind more than the
+        line each scene is saying.
+
+        Memory: with a session_id, every finished line is added to the session (a Turn with
+        scene_id set and no player_line) and the scene's situation and cast are kept
+        (SessionState.scenes); later, what was said comes back to each character that was in the
+        scene when the player's line refers to it (Started.memories), and the scene is part of
+        ExportSession. Cancelling the call stops the scene within one engine step; lines already
+        finished stay in the session.
+
+        Errors: INVALID_ARGUMENT (fewer than 2 or more than max_scene_characters ids, an id twice,
+        an empty situation, max_lines out of range, an allowed action no character of the scene
+        has, other fields as in Talk), NOT_FOUND (an unknown character_id), FAILED_PRECONDITION (a
+        character that never loaded), RESOURCE_EXHAUSTED (the queue is full when the scene starts;
+        later lines wait for room instead), UNAUTHENTICATED, CANCELLED, DEADLINE_EXCEEDED,
+        UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NpcDialogueServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -277,6 +311,11 @@ def add_NpcDialogueServicer_to_server(servicer, server):
                     servicer.SetRelationship,
                     request_deserializer=npc_dot_v1_dot_dialogue__pb2.SetRelationshipRequest.FromString,
                     response_serializer=npc_dot_v1_dot_dialogue__pb2.RelationshipsResponse.SerializeToString,
+            ),
+            'StartScene': grpc.unary_stream_rpc_method_handler(
+                    servicer.StartScene,
+                    request_deserializer=npc_dot_v1_dot_dialogue__pb2.SceneRequest.FromString,
+                    response_serializer=npc_dot_v1_dot_dialogue__pb2.SceneEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -509,6 +548,33 @@ class NpcDialogue:
             '/npc.v1.NpcDialogue/SetRelationship',
             npc_dot_v1_dot_dialogue__pb2.SetRelationshipRequest.SerializeToString,
             npc_dot_v1_dot_dialogue__pb2.RelationshipsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartScene(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/npc.v1.NpcDialogue/StartScene',
+            npc_dot_v1_dot_dialogue__pb2.SceneRequest.SerializeToString,
+            npc_dot_v1_dot_dialogue__pb2.SceneEvent.FromString,
             options,
             channel_credentials,
             insecure,
