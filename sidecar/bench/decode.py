@@ -2,13 +2,19 @@
 
 Every row of a batch decodes the same prompt (uniform lengths), so this measures the model's
 step cost, not scheduling. llama.cpp (llama-cpp-python, optional `peers` extra) runs the same
-GGUF single-stream in the same run: absolute figures drift on a shared machine, ratios less.
+GGUF single-stream in the same run: absolute figures drift on a shared machine, ratios less. It runs
+in a process of its own: a build that crashes (llama.cpp's AMX kernels on a VM that does not enable
+AMX died with SIGSEGV) is a failed row of the report, never a dead benchmark.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,15 +64,27 @@ def _torch_decode_rate(model: LlamaModel, prompt: list[int], batch: int, steps: 
     return statistics.median(rates)
 
 
-def _llama_cpp_rate(model_path: Path, prompt: list[int], steps: int, repeats: int) -> float | None:
+def run_isolated(fn: Callable, *args) -> tuple[object, str]:
+    """fn(*args) in a fresh process (spawned: nothing of this one's threads or libraries), as (result, "")
+    or (None, what went wrong) when that process died or raised."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result(), ""
+        except BrokenProcessPool:
+            return None, "its process died (a crash in native code)"
+        except Exception as e:  # the peer's failure is a row of the report, whatever it is
+            return None, f"{type(e).__name__}: {e}"
+
+
+def _llama_cpp_rate(model_path: Path, prompt: list[int], steps: int, repeats: int, threads: int) -> float | None:
     """Single-stream greedy decode tokens/s of llama.cpp on the same GGUF, or None if not installed."""
     try:
         import llama_cpp
         import numpy as np
     except ImportError:
         return None
-    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=len(prompt) + steps + 8, n_threads=torch.get_num_threads(),
-                          n_threads_batch=torch.get_num_threads(), logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=len(prompt) + steps + 8, n_threads=threads,
+                          n_threads_batch=threads, logits_all=True, verbose=False)
     rates = []
     for _ in range(repeats):
         llm.reset()
@@ -95,10 +113,11 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
             results[fmt][batch] = _torch_decode_rate(model, prompt, batch, cfg.steps, cfg.repeats)
             bar.update()
         del model
-    peer = None
+    peer, peer_error = None, ""
     if cfg.peers:
         bar.set_postfix_str("llama.cpp")
-        peer = _llama_cpp_rate(cfg.model, prompt, cfg.steps, cfg.repeats)
+        peer, peer_error = run_isolated(_llama_cpp_rate, cfg.model, prompt, cfg.steps, cfg.repeats,
+                                        torch.get_num_threads())
         bar.update()
     bar.close()
 
@@ -107,8 +126,11 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
         "prompt_tokens": cfg.prompt_tokens, "steps": cfg.steps, "repeats": cfg.repeats,
         "tokens_per_s": {f: {str(b): round(r, 1) for b, r in rs.items()} for f, rs in results.items()},
         "llama_cpp_single_stream": None if peer is None else round(peer, 1),
+        "llama_cpp_error": peer_error or None,
     }
     md = _markdown(cfg, results, peer, data["machine"])
+    if peer_error:
+        md += f"\n\nllama.cpp (the `peers` extra) failed: {peer_error}. Rebuild it with `make peers`."
     write_report(cfg.out_dir, "decode", data, md, lambda path: _plot(path, cfg, results, peer))
     print(md)
     return data
