@@ -125,6 +125,9 @@ def test_scenes_bench_writes_its_report(tmp_path):
     assert result["k"] == 1 and data["server_errors"] == 0
     for how in ("together", "one_after_another"):
         assert result[how]["lines"] == 3 and result[how]["lines_per_s"] > 0 and result[how]["handoff_p50_ms"] > 0
+    # A player talked beside the scenes, and alone: three first-token times each.
+    assert len(result["together"]["player_first_token_ms"]) == 3 and len(data["player_first_token_ms_idle"]) == 3
+    assert min(result["together"]["player_first_token_ms"] + data["player_first_token_ms_idle"]) > 0
     assert (tmp_path / "out" / "scenes.png").stat().st_size > 0
     bad = npc("bench", "--scenario", "scenes", "--lines", "0", "--characters", str(characters))
     _assert_user_error(bad, "--lines")

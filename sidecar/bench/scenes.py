@@ -80,10 +80,35 @@ async def _play(address: str, cast: tuple[str, ...], situation: str, cfg: Scenes
     return result
 
 
-async def _run(address: str, scenes: list[tuple[tuple[str, ...], str]], cfg: ScenesConfig, together: bool) -> dict:
+PLAYER_LINES = ["Good evening. Any news today?", "What do you sell?", "Is the road north safe?"]
+
+
+async def _player(address: str, character: str, delay: float) -> list[float]:
+    """A player talking to `character` (no session) after `delay` s, three lines one after another: the
+    time to each reply's first token (the server's Timings), so a player's wait beside scenes shows."""
+    from sidecar.client import NpcClient
+    from sidecar.pb.npc.v1 import dialogue_pb2 as pb
+
+    await asyncio.sleep(delay)
+    waits = []
+    async with NpcClient(address) as client:
+        for line in PLAYER_LINES:
+            _, _, finished = await client.say(character, line, options=pb.GenerationOptions(max_tokens=16,
+                                                                                           temperature=0.0))
+            waits.append(finished.timings.first_token_ms)
+    return waits
+
+
+async def _run(address: str, scenes: list[tuple[tuple[str, ...], str]], cfg: ScenesConfig, together: bool,
+               player: str = "") -> dict:
     start = time.perf_counter()
+    waits: list[float] = []
     if together:
-        results = await asyncio.gather(*(_play(address, cast, s, cfg) for cast, s in scenes))
+        jobs = [_play(address, cast, s, cfg) for cast, s in scenes]
+        if player:  # the player speaks up once the scenes are under way
+            *results, waits = await asyncio.gather(*jobs, _player(address, player, 2.0))
+        else:
+            results = await asyncio.gather(*jobs)
     else:
         results = [await _play(address, cast, s, cfg) for cast, s in scenes]
     wall = time.perf_counter() - start
@@ -92,7 +117,8 @@ async def _run(address: str, scenes: list[tuple[tuple[str, ...], str]], cfg: Sce
     return {"wall_s": wall, "lines": lines, "tokens": tokens, "lines_per_s": lines / wall,
             "tokens_per_s": tokens / wall,
             "handoff_p50_ms": statistics.median(handoffs) if handoffs else 0.0,
-            "handoff_p95_ms": handoffs[min(len(handoffs) - 1, int(0.95 * len(handoffs)))] if handoffs else 0.0}
+            "handoff_p95_ms": handoffs[min(len(handoffs) - 1, int(0.95 * len(handoffs)))] if handoffs else 0.0,
+            "player_first_token_ms": waits}
 
 
 def _scenes(casts: list[tuple[str, ...]], evening: str) -> list[tuple[tuple[str, ...], str]]:
@@ -111,12 +137,20 @@ def run_scenes_bench(cfg: ScenesConfig, command: str) -> dict:
             runs = []
             # Warm-up (model, kernels, personas) on a situation no measured scene has: no run finds its lines cached.
             asyncio.run(_run(server.address, [(tuple(ids[:3]), WARM_UP)], cfg, True))
+            # The player's lines, once to warm their prompts (every later time they are cached, so what
+            # differs beside the scenes is the wait), then with nothing else running.
+            asyncio.run(_player(server.address, ids[-1], 0.0))
+            idle = asyncio.run(_player(server.address, ids[-1], 0.0))
             for k in cfg.ks:
                 casts = [tuple(ids[(i + j) % len(ids)] for j in range(3)) for i in range(k)]
                 # Each way of running gets its own evening: greedy lines of the same prompts would otherwise
                 # come from the prefix cache the second time. Only the persona blocks are shared (warm).
                 together = asyncio.run(_run(server.address, _scenes(casts, f"first evening of K={k}"), cfg, True))
                 alone = asyncio.run(_run(server.address, _scenes(casts, f"second evening of K={k}"), cfg, False))
+                # Once more at once, with a player talking beside the scenes: only the player's wait is kept.
+                beside = asyncio.run(_run(server.address, _scenes(casts, f"third evening of K={k}"), cfg, True,
+                                          player=ids[-1]))
+                together["player_first_token_ms"] = beside["player_first_token_ms"]
                 runs.append({"k": k, "together": together, "one_after_another": alone,
                              "lines_per_s_ratio": together["lines_per_s"] / alone["lines_per_s"]})
                 print(f"K={k}: {together['lines_per_s']:.2f} lines/s together, {alone['lines_per_s']:.2f} "
@@ -125,7 +159,8 @@ def run_scenes_bench(cfg: ScenesConfig, command: str) -> dict:
         finally:
             server.stop()
     data = {"machine": machine_description(), "command": command, "characters": ids, "lines_per_scene": cfg.lines,
-            "tokens_per_line": cfg.tokens, "runs": runs, "server_errors": len(errors)}
+            "tokens_per_line": cfg.tokens, "runs": runs, "player_first_token_ms_idle": idle,
+            "server_errors": len(errors)}
     rows = [[r["k"], f"{r['together']['lines_per_s']:.2f}", f"{r['one_after_another']['lines_per_s']:.2f}",
              f"{r['lines_per_s_ratio']:.2f}x", f"{r['together']['tokens_per_s']:.1f}",
              f"{r['one_after_another']['tokens_per_s']:.1f}",
@@ -140,6 +175,11 @@ def run_scenes_bench(cfg: ScenesConfig, command: str) -> dict:
         markdown_table(["K", "lines/s together", "lines/s one after another", "ratio", "tokens/s together",
                         "tokens/s one after another", "hand-off p50 / p95 ms together",
                         "hand-off p50 / p95 ms one after another"], rows),
+        f"A player beside the scenes (a third run of the K scenes at once; three lines to {ids[-1]}, 16 tokens "
+        "each, starting 2 s in): time to first token "
+        + ", ".join(f"K={r['k']}: {statistics.median(r['together']['player_first_token_ms']):.0f} ms"
+                    for r in runs if r["together"]["player_first_token_ms"])
+        + f" (median), against {statistics.median(idle):.0f} ms with nothing else running.",
         f"Server log errors during the run: {len(errors)}.",
     ])
 
