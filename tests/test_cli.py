@@ -108,7 +108,7 @@ def test_stdout_holds_only_the_commands_output(tmp_path):
     assert run.stdout.split() == [str(tmp_path / f"retrieval.{ext}") for ext in ("json", "md", "png")]
     assert "lore file loaded" not in run.stderr  # below the commands' warning level
     data = json.loads((tmp_path / "retrieval.json").read_text())
-    assert data["entries"] == 200 and data["p95_ms"] > 0 and set(data["recall_stemmed"]) == {
+    assert data["entries"] == 200 and data["p95_ms"] > 0 and set(data["recall"]) == {
         "blacksmith", "elara", "oracle", "quartermaster"}
 
 

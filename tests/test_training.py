@@ -139,7 +139,9 @@ def test_a_line_brings_its_own_facts(tmp_path, tokenizer):
                       for c in read_dialogue(folder / "dialogue.jsonl"))
     assert "What you know that bears on this:\n- The farrier is Old Hale, by the mill.\nuser\nWho shoes" in own
     assert "A sword costs" not in own  # the line's facts only
-    assert "Old Hale" not in retrieved and "A sword costs 40 gold" in retrieved  # the character's knowledge
+    block = retrieved.split("What you know that bears on this:\n")[1].split("\nuser\n")[0]
+    assert "Old Hale" not in block and block.count("- ") >= 3  # what would be retrieved: the character's knowledge
+    assert all(line[2:] in character.knowledge for line in block.splitlines())
 
 
 def test_bad_facts_field_names_the_line(tmp_path):

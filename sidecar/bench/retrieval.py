@@ -9,8 +9,8 @@ a line of 6-14 words, half of them taken from an entry, and `FactRetriever.for_t
 the last exchange as context. The times are per turn on one thread; the index build is timed once.
 
 Recall: for every question of the sample characters' facts.jsonl that names the fact it targets, whether
-that knowledge line is in the facts block (the sample world's own lore included), with the Snowball
-stemmer (what the sidecar uses) and without (the same BM25 on plain words).
+that knowledge line is in the facts block and whether it is first (the sample world's own lore included),
+as served (sentence vectors + BM25) and with BM25 alone (`Grounding(meaning_weight=0)`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from sidecar.bench.report import machine_description, markdown_table, targets_table, write_report
 from sidecar.dialogue.characters import Character, load_character
 from sidecar.dialogue.lore import LORE_FOLDER, WORLD_FILE, LoreLibrary
-from sidecar.dialogue.retrieval import FactRetriever
+from sidecar.dialogue.retrieval import FactRetriever, Grounding
 from sidecar.dialogue.sessions import Turn
 from sidecar.figures import pyplot
 
@@ -71,24 +71,18 @@ def _latency(retriever: FactRetriever, characters: list[Character], texts: list[
     return times
 
 
-def _recall(root: Path, stem: bool) -> dict[str, float]:
-    """Share of facts.jsonl questions whose target knowledge line is in the facts block."""
+def _recall(root: Path, grounding: Grounding) -> dict[str, tuple[float, float]]:
+    """Share of facts.jsonl questions whose target knowledge line is in the facts block, and first in it."""
     out = {}
     for folder in sorted(p for p in root.iterdir() if (p / "facts.jsonl").is_file()):
         character = load_character(folder)
-        retriever = FactRetriever(LoreLibrary(root / LORE_FOLDER))
-        if not stem:
-            retriever._stemmer = _NoStem()
+        retriever = FactRetriever(LoreLibrary(root / LORE_FOLDER), grounding)
         questions = [json.loads(x) for x in (folder / "facts.jsonl").read_text().splitlines() if x.strip()]
         targeted = [q for q in questions if isinstance(q.get("fact"), int)]
-        hits = sum(character.knowledge[q["fact"]] in retriever.facts(character, q["question"]) for q in targeted)
-        out[character.id] = hits / len(targeted) if targeted else float("nan")
+        blocks = [(character.knowledge[q["fact"]], retriever.facts(character, q["question"])) for q in targeted]
+        n = len(targeted) or float("nan")
+        out[character.id] = (sum(t in b for t, b in blocks) / n, sum(b[:1] == (t,) for t, b in blocks) / n)
     return out
-
-
-class _NoStem:
-    def stemWords(self, words):  # noqa: N802 (PyStemmer's name)
-        return list(words)
 
 
 def run_retrieval_bench(cfg: RetrievalConfig, command: str) -> dict:
@@ -113,10 +107,11 @@ def run_retrieval_bench(cfg: RetrievalConfig, command: str) -> dict:
     data = {"machine": machine_description(), "command": command, "entries": len(library.snapshot().entries),
             "turns": cfg.turns, "load_s": loaded, "index_s": indexed,
             "p50_ms": q[49], "p95_ms": q[94], "p99_ms": q[98], "max_ms": times[-1],
-            "recall_stemmed": _recall(cfg.characters, True), "recall_plain": _recall(cfg.characters, False)}
+            "recall": _recall(cfg.characters, Grounding()),
+            "recall_words_only": _recall(cfg.characters, Grounding(meaning_weight=0.0))}
     met = data["p95_ms"] <= P95_TARGET_MS
-    rows = [[cid, f"{data['recall_stemmed'][cid]:.2f}", f"{data['recall_plain'][cid]:.2f}"]
-            for cid in data["recall_stemmed"]]
+    rows = [[cid, *(f"{x:.2f}" for x in data["recall"][cid]), *(f"{x:.2f}" for x in data["recall_words_only"][cid])]
+            for cid in data["recall"]]
     markdown = "\n\n".join([
         "# Fact retrieval (`npc bench --scenario retrieval`)",
         f"`{command}` on {data['machine'].get('cpu', 'this machine')}.",
@@ -126,8 +121,10 @@ def run_retrieval_bench(cfg: RetrievalConfig, command: str) -> dict:
                        [[data["entries"], cfg.turns, f"{loaded:.2f}", f"{indexed:.2f}", f"{data['p50_ms']:.3f}",
                          f"{data['p95_ms']:.3f}", f"{data['p99_ms']:.3f}", f"{data['max_ms']:.3f}"]]),
         "Recall: share of each sample character's facts.jsonl questions whose target knowledge line is in "
-        "the facts block (the sample lore included).",
-        markdown_table(["character", "stemmed (served)", "plain words"], rows),
+        "the facts block, and first in it (the sample lore included); served (sentence vectors + BM25) and "
+        "BM25 alone.",
+        markdown_table(["character", "in block (served)", "first (served)", "in block (BM25 alone)",
+                        "first (BM25 alone)"], rows),
     ])
 
     def plot(path: Path) -> None:

@@ -1,13 +1,14 @@
-"""Which facts a turn's prompt carries: the character's knowledge and the lore in its scope, ranked by
-BM25 (bm25s, with a Snowball stemmer) against the player's line and the last exchange.
+"""Which facts a turn's prompt carries: the character's knowledge and the lore in its scope, ranked against
+the player's line and the last exchange by two signals added together: the cosine of their sentence
+vectors (embeddings.py: matches "smithy" to "forge") and BM25 (bm25s with a Snowball stemmer: exact
+names and numbers), scaled so the best word match of the turn adds BM25_WEIGHT.
 
 Chosen by measurement (docs/design-notes.md, "Grounding"): an entry out of the character's scope
-gets weight 0 before ranking, so it can never be picked; the lore index is built off the event
-loop (`refresh()`, on the characters watcher's thread) and a turn only scores (well under a
+gets weight 0 before ranking, so it can never be picked; the lore index (BM25 and vectors) is built
+off the event loop (`refresh()`, on the characters watcher's thread) and a turn only scores (about a
 millisecond at 10,000 entries). The character's own knowledge is a small index of its own per
-character version; its entries fill the block even when no word matches (they are what the
-character knows best, and a player's wording often shares no word with the file's), lore entries
-only when they match.
+character version; its entries fill the block even when nothing matches (they are what the
+character knows best), lore entries only when their relevance reaches LORE_MIN.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import Stemmer
 
 from sidecar.dialogue.characters import Character
+from sidecar.dialogue.embeddings import Embedder, shared_embedder
 from sidecar.dialogue.lore import LoreLibrary, LoreSnapshot
 from sidecar.dialogue.prompt import recent_turns
 from sidecar.dialogue.sessions import SceneRecord, Turn
@@ -36,6 +38,11 @@ STOPWORDS = sorted({
     "one", "its", "been", "am", "were", "hey", "oh", "ok",
 })
 
+BM25_WEIGHT = 0.5  # what the turn's best word match adds to a cosine (unrelated texts ~0.06, a paraphrase ~0.4)
+LORE_MIN = 0.35  # the relevance a lore entry needs to enter the block (~ the 95th percentile of unrelated pairs)
+MEMORY_MIN = 0.35  # ... and an earlier exchange to come back as a memory
+CONTEXT_WEIGHT = 0.3  # the last exchange steers, the player's line decides
+
 
 @dataclass(frozen=True)
 class Grounding:
@@ -44,23 +51,28 @@ class Grounding:
 
     max_facts: int = 5
     max_chars: int = 600
+    meaning_weight: float = 1.0  # of the sentence vectors' cosine against BM25 (0: words only, for comparison)
     max_memories: int = 2
     memory_chars: int = 160  # of each side of a remembered exchange
 
 
 class _Index:
-    """BM25 over a fixed list of texts."""
+    """BM25 and sentence vectors over a fixed list of texts."""
 
-    def __init__(self, texts: list[str], stemmer: Stemmer.Stemmer):
+    def __init__(self, texts: list[str], stemmer: Stemmer.Stemmer, embedder: Embedder | None = None):
         self.size = len(texts)
         self._bm25 = bm25s.BM25()
         if texts:
             self._bm25.index(tokenize(texts, stemmer), show_progress=False)
+        self.vectors = embedder.embed(texts) if embedder is not None else None
 
     def scores(self, words: list[str], mask: np.ndarray | None = None) -> np.ndarray:
         if not self.size or not words:
             return np.zeros(self.size, dtype=np.float32)
         return self._bm25.get_scores(words, weight_mask=mask)
+
+    def cosines(self, vector: np.ndarray) -> np.ndarray:
+        return self.vectors @ vector
 
 
 def _clip(text: str, limit: int) -> str:
@@ -78,6 +90,7 @@ class FactRetriever:
     def __init__(self, lore: LoreLibrary | None = None, grounding: Grounding = Grounding()):
         self.lore, self.grounding = lore, grounding
         self._stemmer = Stemmer.Stemmer("english")
+        self._embedder = shared_embedder()
         self._lock = threading.Lock()  # the stemmer and the caches are not shared across threads unguarded
         self._lore_index: tuple[LoreSnapshot, _Index] | None = None
         self._knowledge: OrderedDict[str, _Index] = OrderedDict()  # by character version, LRU
@@ -97,28 +110,37 @@ class FactRetriever:
         snapshot = self.lore.snapshot()
         if self._lore_index is not None and self._lore_index[0].version == snapshot.version:
             return
-        index = _Index([e.text for e in snapshot.entries], Stemmer.Stemmer("english"))
+        index = _Index([e.text for e in snapshot.entries], Stemmer.Stemmer("english"), self._embedder)
         with self._lock:
             self._lore_index = (snapshot, index)
             self._masks.clear()
 
     def facts(self, character: Character, line: str, recent: str = "") -> tuple[str, ...]:
         """The facts for this turn, best first: at most max_facts, max_chars in all."""
+        vectors = self._embedder.embed([line, recent])
         with self._lock:
-            words = self._words(line)
-            context = self._words(recent)
-            ranked: list[tuple[float, int, str]] = []
+            words, context = self._words(line), self._words(recent)
             own = self._knowledge_index(character)
-            for i, s in enumerate(own.scores(words) + 0.3 * own.scores(context)):
-                ranked.append((float(s), 0, character.knowledge[i]))  # tie-break 0: knowledge before lore
+            own_words = own.scores(words) + CONTEXT_WEIGHT * own.scores(context)
+            own_meaning = own.cosines(vectors[0]) + CONTEXT_WEIGHT * own.cosines(vectors[1])
+            lore_words = lore_meaning = np.zeros(0, dtype=np.float32)
             if self._lore_index is not None:
                 snapshot, index = self._lore_index
                 mask = self._mask(character, snapshot)
                 if mask.any():
-                    scores = index.scores(words, mask) + 0.3 * index.scores(context, mask)
-                    top = np.argsort(-scores, kind="stable")[: self.grounding.max_facts]
-                    ranked += [(float(scores[i]), 1, snapshot.entries[i].text) for i in top if scores[i] > 0]
-        ranked.sort(key=lambda r: (-r[0], r[1]))
+                    lore_words = index.scores(words, mask) + CONTEXT_WEIGHT * index.scores(context, mask)
+                    lore_meaning = np.where(mask > 0, index.cosines(vectors[0])
+                                            + CONTEXT_WEIGHT * index.cosines(vectors[1]), -np.inf)
+        # One scale for both pools: the turn's best word match, wherever it is, adds BM25_WEIGHT.
+        best_match = max(float(own_words.max(initial=0.0)), float(lore_words.max(initial=0.0))) or 1.0
+        meaning = self.grounding.meaning_weight
+        ranked = [(float(r), 0, text) for r, text in
+                  zip(meaning * own_meaning + BM25_WEIGHT * own_words / best_match, character.knowledge, strict=True)]
+        if lore_meaning.size:
+            relevance = meaning * lore_meaning + BM25_WEIGHT * lore_words / best_match
+            top = np.argsort(-relevance, kind="stable")[: self.grounding.max_facts]
+            ranked += [(float(relevance[i]), 1, snapshot.entries[i].text) for i in top if relevance[i] >= LORE_MIN]
+        ranked.sort(key=lambda r: (-r[0], r[1]))  # ties: knowledge before lore
         out, used = [], 0
         for _, _, text in ranked:
             if len(out) == self.grounding.max_facts:
@@ -157,11 +179,16 @@ class FactRetriever:
                 candidates.append((t.npc_line, f'In a scene ({where}), {who} said "{_clip(t.npc_line, cut)}"'))
         if not candidates or self.grounding.max_memories == 0:
             return ()
+        candidates = list({shown: (text, shown) for text, shown in candidates}.values())  # a line said twice: once
+        texts = [text for text, _ in candidates]
+        vectors = self._embedder.embed([line, *texts])
         with self._lock:
             words = self._words(line)
-            scores = _Index([text for text, _ in candidates], self._stemmer).scores(words)
-        best = sorted(i for i in np.argsort(-scores, kind="stable")[: self.grounding.max_memories] if scores[i] > 0)
-        return tuple(candidates[i][1] for i in best)
+            matches = _Index(texts, self._stemmer).scores(words)
+        relevance = (self.grounding.meaning_weight * (vectors[1:] @ vectors[0])
+                     + BM25_WEIGHT * matches / (float(matches.max(initial=0.0)) or 1.0))
+        top = np.argsort(-relevance, kind="stable")[: self.grounding.max_memories]
+        return tuple(candidates[i][1] for i in sorted(i for i in top if relevance[i] >= MEMORY_MIN))
 
     def in_scope(self, character: Character) -> list[str]:
         """Every lore entry the character may be given (for `npc chat /lore` and the scope tests)."""
@@ -176,7 +203,8 @@ class FactRetriever:
     def _knowledge_index(self, character: Character) -> _Index:
         index = self._knowledge.get(character.version)
         if index is None:
-            index = self._knowledge[character.version] = _Index(list(character.knowledge), self._stemmer)
+            index = self._knowledge[character.version] = _Index(list(character.knowledge), self._stemmer,
+                                                                 self._embedder)
             if len(self._knowledge) > 256:
                 self._knowledge.popitem(last=False)
         self._knowledge.move_to_end(character.version)
