@@ -27,13 +27,16 @@ class RecordingEngine:
         self.config = EngineConfig()
         self.model = SimpleNamespace(tokenizer=self.tokenizer)
         self.prompts = []
+        self.background = []  # each request's Engine.submit(background=...)
+        self.full = False  # what queue_full() says
         self.replies = list(self.replies or [])
 
     def queue_full(self) -> bool:
-        return False
+        return self.full
 
-    def submit(self, prompt_ids, adapter, sampling, *, choices=None, timings=None, request_id=None):
+    def submit(self, prompt_ids, adapter, sampling, *, choices=None, timings=None, request_id=None, background=False):
         self.prompts.append(list(prompt_ids))
+        self.background.append(background)
         queue: asyncio.Queue = asyncio.Queue()
         rid = f"r{len(self.prompts)}"
         queue.put_nowait(EngineEvent("started", rid, prompt_tokens=len(prompt_ids)))

@@ -218,6 +218,31 @@ def test_scoring_requests_take_no_place_in_the_queue(base, tokenizer):
     assert engine.scheduler.waiting_replies == 1
 
 
+def test_a_players_reply_goes_before_the_scene_lines_waiting(base, tokenizer):
+    """Background replies (scene lines) wait behind players' replies: a player waits for the line being
+    prefilled or decoded, not for every scene's next line (issue 17's fairness)."""
+    engine = LLMEngine(base, EngineConfig(max_batch=1))
+    ids = prompt(tokenizer, LINES[0])
+    done: list[str] = []
+
+    def add(name: str, background: bool) -> None:
+        def emit(event: EngineEvent) -> None:
+            if event.kind == "finished":
+                done.append(name)
+
+        engine.add(engine.make_sequence(ids, None, SamplingParams(max_tokens=2, ignore_eos=True), emit,
+                                        background=background))
+
+    add("scene-a", True)
+    engine.step()  # scene-a has the batch's one place
+    for name, background in (("scene-b", True), ("scene-c", True), ("player-1", False), ("scene-d", True),
+                             ("player-2", False)):
+        add(name, background)
+    while engine.has_work():
+        engine.step()
+    assert done == ["scene-a", "player-1", "player-2", "scene-b", "scene-c", "scene-d"]
+
+
 def test_engine_rejects_bad_requests(base):
     from sidecar.errors import UserError
 

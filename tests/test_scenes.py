@@ -20,6 +20,7 @@ from sidecar.dialogue.registry import CharacterRegistry, UnknownCharacter
 from sidecar.dialogue.scene import BadScene, SceneFinished, SceneInput, SceneLine, Scenes, SceneStarted
 from sidecar.dialogue.sessions import SessionStore
 from sidecar.dialogue.turn import Dialogue, TalkInput, TurnFinished, TurnStarted
+from sidecar.engine.api import QueueFull
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from tests.recording_engine import RecordingEngine
 from tests.sidecar_process import REPO, SidecarProcess, copy_characters, write_character
@@ -318,6 +319,10 @@ def test_the_player_steps_in_between_two_lines(tmp_path, tokenizer):
             async def step_in():
                 return [e async for e in scenes.step_in(running, talk)]
 
+            engine.full = True  # a full queue refuses the player at once, not after the line being said
+            with pytest.raises(QueueFull):
+                await anext(scenes.step_in(running, talk))
+            engine.full = False
             task = asyncio.create_task(step_in())
             await asyncio.sleep(0.01)
             assert len(engine.prompts) == 1  # the player waits for the line being said
@@ -336,4 +341,5 @@ def test_the_player_steps_in_between_two_lines(tmp_path, tokenizer):
     turns = dialogue.sessions.history("s")
     assert [(t.character_id, t.player_line) for t in turns] == [
         ("blacksmith", ""), ("elara", "Is the ford safe?"), ("elara", ""), ("blacksmith", "")]
+    assert engine.background == [True, False, True, True]  # scene lines let the player's answer go first
     assert len({t.scene_id for t in turns}) == 1 and scenes.running("s", "elara") is None  # over: not running

@@ -261,7 +261,7 @@ class TensorRtLlmEngine(Engine):
 
     def submit(self, prompt_ids: Sequence[int], adapter: AdapterRef | None, sampling: SamplingParams, *,
                request_id: str | None = None, choices: Sequence[Sequence[int]] | None = None,
-               timings: Timings | None = None) -> RequestStream:
+               timings: Timings | None = None, background: bool = False) -> RequestStream:
         """Queues a request; raises QueueFull or UserError as AsyncEngine.submit does (engine/admission.py).
 
         With `choices`, nothing is generated: each candidate continuation is scored from the

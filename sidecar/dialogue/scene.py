@@ -177,6 +177,8 @@ class Scenes:
         dialogue = self.dialogue
         if not dialogue.accepting:
             raise ShuttingDown("the sidecar is shutting down")
+        if dialogue.engine.queue_full():  # refused now rather than after waiting for the floor
+            raise QueueFull("the queue is full; retry after a short backoff")
         async with run.floor:
             character, adapter = dialogue.serving(talk.character_id)
             fmt, sampling = dialogue.reply_plan(character, talk, talk.entities, talk.allowed_actions)
@@ -191,9 +193,7 @@ class Scenes:
                     yield event
             relationships = ()
             if reply.completed:
-                turn = Turn(character.id, talk.player_line, reply.parser.text, talk.player_name, character.version,
-                            reply.parser.emotion, tuple(reply.parser.actions), scene_id=run.record.scene_id)
-                self._keep(run, turn)
+                turn = self._keep(run, character, reply, talk)
                 relationships = dialogue.apply_effects(character, talk.session_id, turn.actions)
             yield reply.finished_event(timings, relationships)
 
@@ -215,7 +215,7 @@ class Scenes:
         while True:  # a line after the first waits for room rather than ending the scene
             try:
                 events = dialogue.stream_reply(character, adapter, prompt, sampling, fmt, timings, reply, facts,
-                                               memories)
+                                               memories, background=True)
                 first = await anext(events)
                 break
             except QueueFull:
@@ -228,18 +228,21 @@ class Scenes:
             async for event in events:
                 yield event
         if reply.completed:
-            turn = Turn(character.id, "", reply.parser.text, "", character.version, reply.parser.emotion,
-                        tuple(reply.parser.actions), scene_id=run.record.scene_id)
-            self._keep(run, turn)
+            self._keep(run, character, reply)
         yield reply.finished_event(timings)
 
-    def _keep(self, run: _Running, turn: Turn) -> None:
-        """A finished line joins the scene, and the session (the scene's record with its first line)."""
+    def _keep(self, run: _Running, character: Character, reply: Reply, talk: TalkInput | None = None) -> Turn:
+        """A finished line (an answer to `talk`, if given) joins the scene, and the session (the scene's record
+        with its first line)."""
+        turn = Turn(character.id, talk.player_line if talk else "", reply.parser.text,
+                    talk.player_name if talk else "", character.version, reply.parser.emotion,
+                    tuple(reply.parser.actions), scene_id=run.record.scene_id)
         if run.scene.session_id:
             if not run.lines:
                 self.dialogue.sessions.add_scene(run.scene.session_id, run.record)
             self.dialogue.sessions.append_turn(run.scene.session_id, turn)
         run.lines.append(turn)
+        return turn
 
     def _prompt(self, run: _Running, character: Character, sampling: SamplingParams, fmt: ReplyFormat,
                 facts: tuple[str, ...], talk: TalkInput | None = None) -> tuple[Prompt, tuple[str, ...]]:

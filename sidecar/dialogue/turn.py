@@ -16,7 +16,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -186,7 +186,19 @@ def reply_token_cap(limits: RequestLimits, generation: Generation | None) -> int
     return min(limits.max_tokens, character_limit or limits.max_tokens)
 
 
-def sampling_params(talk: TalkInput, defaults: Generation, limits: RequestLimits) -> SamplingParams:
+class GenerationOptions(Protocol):
+    """A request's generation fields, as TalkInput and SceneInput both carry them (None / 0: the character's)."""
+
+    max_tokens: int
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    repetition_penalty: float | None
+    seed: int | None
+    stop: tuple[str, ...]
+
+
+def sampling_params(talk: GenerationOptions, defaults: Generation, limits: RequestLimits) -> SamplingParams:
     """The request's options over the character's `generation` section (its max_tokens_limit caps the reply)."""
     return SamplingParams(
         max_tokens=min(talk.max_tokens or defaults.max_tokens, reply_token_cap(limits, defaults)),
@@ -229,12 +241,13 @@ class Dialogue:
 
     def submit(self, prompt_ids: Sequence[int], adapter: AdapterRef | None, sampling: SamplingParams, *,
                choices: Sequence[Sequence[int]] | None = None, timings: Timings | None = None,
-               reply_id: str | None = None) -> Request:
+               reply_id: str | None = None, background: bool = False) -> Request:
         """Sends one engine request, tracked for the shutdown under `reply_id` (the reply it belongs to) or
         its own id. Raises ShuttingDown, QueueFull or UserError at once."""
         if not self.accepting and reply_id is None:
             raise ShuttingDown("the sidecar is shutting down")
-        stream = self.engine.submit(prompt_ids, adapter, sampling, choices=choices, timings=timings)
+        stream = self.engine.submit(prompt_ids, adapter, sampling, choices=choices, timings=timings,
+                                    background=background)
         return Request(self.in_flight, reply_id or stream.request_id, stream)
 
     def cancel_all(self) -> int:
@@ -274,9 +287,9 @@ class Dialogue:
                 yield event
         yield self._finish(talk, character, reply, timings)
 
-    def reply_plan(self, character: Character, options: Any, entities: dict[str, tuple[str, ...]],
+    def reply_plan(self, character: Character, options: GenerationOptions, entities: dict[str, tuple[str, ...]],
                    allowed_actions: tuple[str, ...] | None) -> tuple[ReplyFormat, SamplingParams]:
-        """A reply's format (what it may hold) and sampling: `options` has TalkInput's generation fields."""
+        """A reply's format (what it may hold) and sampling."""
         text = sampling_params(options, character.generation, self.limits)
         fmt = replace(self.reply_format(character, entities, allowed_actions), text_max_tokens=text.max_tokens)
         # max_tokens is the text's; the emotion and the actions get room of their own (within the limit a
@@ -288,11 +301,13 @@ class Dialogue:
 
     async def stream_reply(self, character: Character, adapter: AdapterRef | None, prompt: Prompt,
                            sampling: SamplingParams, fmt: ReplyFormat, timings: Timings, reply: Reply,
-                           facts: tuple[str, ...] = (), memories: tuple[str, ...] = ()) -> AsyncIterator[TurnEvent]:
+                           facts: tuple[str, ...] = (), memories: tuple[str, ...] = (),
+                           background: bool = False) -> AsyncIterator[TurnEvent]:
         """One reply's events but the last (TurnStarted, TurnEmotion, TurnDelta*, TurnAction*); what it ended
-        with is left in `reply`. Close it (contextlib.aclosing) to cancel the reply."""
+        with is left in `reply`. Close it (contextlib.aclosing) to cancel the reply. `background`: a scene's
+        line, which lets players' replies go first (Engine.submit)."""
         parser = reply.parser
-        request = self.submit(prompt.token_ids, adapter, sampling, timings=timings)
+        request = self.submit(prompt.token_ids, adapter, sampling, timings=timings, background=background)
         self._open_turns += 1
         try:
             async for event in request.events():

@@ -228,9 +228,11 @@ class Engine(Protocol):
 
     def submit(self, prompt_ids: Sequence[int], adapter: AdapterRef | None, sampling: SamplingParams, *,
                request_id: str | None = None, choices: Sequence[Sequence[int]] | None = None,
-               timings: Timings | None = None) -> RequestStream:
+               timings: Timings | None = None, background: bool = False) -> RequestStream:
         """Queues a request (from the event loop's thread). Raises QueueFull when max_waiting replies
-        wait, UserError for bad input (engine/admission.py: alike on every backend)."""
+        wait, UserError for bad input (engine/admission.py: alike on every backend).
+        `background`: a reply no player is waiting for (a scene's line); it waits behind every other reply
+        for a place in the batch (where the backend schedules; a remote has no such field)."""
         ...
 
     def cancel(self, request_id: str) -> bool:

@@ -81,9 +81,9 @@ class AsyncEngine(Engine):
 
     def submit(self, prompt_ids: Sequence[int], adapter: AdapterRef | None, sampling: SamplingParams, *,
                request_id: str | None = None, choices: Sequence[Sequence[int]] | None = None,
-               timings: Timings | None = None) -> RequestStream:
-        """Queues a request. Raises QueueFull when max_waiting replies are queued (admission.check_queue),
-        UserError for bad input.
+               timings: Timings | None = None, background: bool = False) -> RequestStream:
+        """Queues a request (`background`: see Engine.submit). Raises QueueFull when max_waiting replies are
+        queued (admission.check_queue), UserError for bad input.
 
         With `choices` the request scores those continuations instead of generating (LLMEngine.make_sequence).
         """
@@ -96,7 +96,7 @@ class AsyncEngine(Engine):
                     self._live.pop(event.request_id, None)
             self._outbox.append((loop, queue, event))
 
-        seq = self.core.make_sequence(prompt_ids, adapter, sampling, emit, request_id, choices, timings)
+        seq = self.core.make_sequence(prompt_ids, adapter, sampling, emit, request_id, choices, timings, background)
         with self._lock:
             check_queue(self._waiting_replies(), self.config.max_waiting, scoring=seq.scoring,
                         stopping=self._stopping)

@@ -52,7 +52,8 @@ class LLMEngine:
 
     def make_sequence(self, prompt: Sequence[int], adapter: AdapterRef | None, params: SamplingParams,
                       emit: Callable[[EngineEvent], None], request_id: str | None = None,
-                      choices: Sequence[Sequence[int]] | None = None, timings: Timings | None = None) -> Seq:
+                      choices: Sequence[Sequence[int]] | None = None, timings: Timings | None = None,
+                      background: bool = False) -> Seq:
         """Validates a request; raises UserError naming the problem.
 
         With `choices`, nothing is generated: the prompt is prefilled, each candidate continuation is
@@ -75,7 +76,8 @@ class LLMEngine:
         out = RequestOutput(request_id, len(prompt), params, min(params.max_tokens, room + len(forced)),
                             tok.detokenizer(), tok.eos_ids, timings or Timings(), forced=forced)
         return Seq(request_id, [*prompt, *forced], adapter, params, emit, out,
-                   choices=tuple(tuple(c) for c in choices) if choices else None, matcher=matcher)
+                   choices=tuple(tuple(c) for c in choices) if choices else None, matcher=matcher,
+                   background=background)
 
     def add(self, seq: Seq) -> None:
         self.scheduler.add(seq)  # raises QueueFull

@@ -46,12 +46,18 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queues a sequence; raises QueueFull (admission.check_queue). Scoring a finished reply (its
-        emotion) completes a conversation already served: it goes first."""
+        emotion) completes a conversation already served: it goes first. A player's reply goes before the
+        background ones (scene lines): a player waits for at most the line being prefilled, not for every
+        scene's next line."""
         check_queue(self.waiting_replies, self.config.max_waiting, scoring=seq.scoring)
         if seq.scoring:
             self.waiting.appendleft(seq)
             return
-        self.waiting.append(seq)
+        first_background = next((i for i, s in enumerate(self.waiting) if s.background), None)
+        if seq.background or first_background is None:
+            self.waiting.append(seq)
+        else:
+            self.waiting.insert(first_background, seq)
         self.waiting_replies += 1
 
     def has_work(self) -> bool:

@@ -35,6 +35,7 @@ class Sequence:
     cached_tokens: int = 0  # ...of which came from the prefix cache
     cancelled: bool = False
     matcher: Any = None  # llguidance.LLMatcher of a constrained reply (engine/grammar.py); None = free
+    background: bool = False  # nobody waits on it (a scene's line): queued behind the other replies
     sampler: Sampler = field(init=False)
 
     def __post_init__(self) -> None:

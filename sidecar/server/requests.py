@@ -55,10 +55,9 @@ def parse_talk(req: pb.TalkRequest, limits: RequestLimits) -> TalkInput:
     _check_world(req.world, limits)
     # Entity lists and allowed action names are checked by the turn (dialogue/actions.py), which knows
     # the character and the model's control tokens (sizes first, before any value is looked at).
-    entities = {name: tuple(values.values) for name, values in req.entities.items()}
     allowed = tuple(req.allowed_actions.names) if req.HasField("allowed_actions") else None
     return TalkInput(req.character_id, req.session_id, line, dict(req.world), req.player_name,
-                     **_generation(req.options, limits), entities=entities, allowed_actions=allowed)
+                     **_generation(req.options, limits), entities=_entities(req.entities), allowed_actions=allowed)
 
 
 def parse_scene(req: pb.SceneRequest, limits: RequestLimits) -> SceneInput:
@@ -72,8 +71,12 @@ def parse_scene(req: pb.SceneRequest, limits: RequestLimits) -> SceneInput:
     _max_len("situation", req.situation, limits.max_line_chars)
     _check_world(req.world, limits)
     return SceneInput(tuple(req.character_ids), req.situation, req.session_id, dict(req.world), req.max_lines,
-                      {name: tuple(values.values) for name, values in req.entities.items()},
-                      tuple(req.allowed_actions.names), **_generation(req.options, limits))
+                      _entities(req.entities), tuple(req.allowed_actions.names), **_generation(req.options, limits))
+
+
+def _entities(entities) -> dict[str, tuple[str, ...]]:
+    """The game's lists (map<string, Values>) as the dialogue layer takes them."""
+    return {name: tuple(values.values) for name, values in entities.items()}
 
 
 def _check_world(world: dict[str, str], limits: RequestLimits) -> None:
