@@ -44,6 +44,35 @@ def test_int4_from_q4_0_is_exact():
     assert torch.equal(layer.dequantized(), _reference(source))
 
 
+def _random_q4_k(rows: int, cols: int, seed: int) -> SourceTensor:
+    """Q4_K blocks with random codes, 6-bit scales and mins, and f16 d / dmin of a real model's size."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows * cols // 256, 144), dtype=np.uint8)
+    for lo in (0, 2):  # d, dmin
+        blocks[:, lo:lo + 2] = rng.uniform(1e-4, 2e-3, size=(len(blocks), 1)).astype(np.float16).view(np.uint8)
+    return SourceTensor("w", "Q4_K", (rows, cols), blocks.reshape(rows, -1))
+
+
+def test_int4_from_q4_k_is_repacked_not_requantized():
+    """Each 32-value sub-block of Q4_K is an affine 4-bit group: codes and scales carried over as they are.
+    The kernel's zero point (8 * scale - dmin * m) is the one rounding left: a weight is gguf-py's or
+    one ulp from it."""
+    source = _random_q4_k(64, 512, seed=5)
+    ref = _reference(source).reshape(64, 512)
+    layer = build_linear([source], "int4", torch.float32)
+    assert isinstance(layer, Int4Linear)
+    got = layer.dequantized()
+    ulp = torch.from_numpy(np.spacing(np.abs(ref.numpy())))
+    assert ((got - ref).abs() <= ulp).all()
+    assert (got == ref).float().mean() > 0.995
+    # Re-quantizing the dequantized weights instead (what a Q4_K tensor used to get) loses far more.
+    requantized = Int4Linear.quantize(ref, torch.float32).dequantized()
+    assert (requantized - ref).abs().max() > 1000 * (got - ref).abs().max()
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0))
+    expected = x.double() @ ref.double().t()
+    assert (layer(x).double() - expected).abs().max() < 1e-4
+
+
 def test_fused_projection_stacks_parts_in_order(checkpoint):
     parts = [checkpoint.tensor(f"layers.0.{n}") for n in ("q", "k", "v")]
     layer = build_linear(parts, "int4", torch.float32)

@@ -2,8 +2,8 @@
 
 CPU kernels (torch 2.13):
 - int4: `_weight_int4pack_mm_for_cpu`, grouped affine, w = (q - 8) * scale + zero, group 32.
-  GGUF Q4_1 (w = d*q + m) and Q4_0 (w = d*(q - 8)) blocks map onto it exactly, so a 4-bit
-  GGUF is repacked, never re-quantized.
+  GGUF Q4_1 (w = d*q + m), Q4_0 (w = d*(q - 8)) and Q4_K (each 32-value sub-block w = d*sc*q - dmin*m)
+  blocks map onto it, so a 4-bit GGUF is repacked, never re-quantized.
 - int8: `_weight_int8pack_mm`, symmetric per output channel.
 Both are fast only with bf16 activations (fp32 activations are 7-30x slower), so the quantized
 formats compute in bf16; fp32 activations still work and are what the exactness tests use.
@@ -19,10 +19,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf.quants import Q4_K
 
 from sidecar.model.checkpoint import SourceTensor
 
 INT4_GROUP = 32
+QK_K, Q4_K_BYTES = 256, 144  # a K-quant super-block: values, and bytes of a Q4_K one
 COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
 
 
@@ -153,6 +155,34 @@ def q4_blocks_to_int4(source: SourceTensor) -> tuple[torch.Tensor, torch.Tensor,
     return torch.from_numpy(codes.astype(np.int32)), torch.from_numpy(d), torch.from_numpy(zero)
 
 
+def q4_k_blocks_to_int4(source: SourceTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scale, zero) of a Q4_K tensor in the int4 kernel's convention, with no second rounding.
+
+    Q4_K super-block (144 bytes, 256 values): f16 d, f16 dmin, 12 bytes of 6-bit (sc, m) pairs for its
+    eight 32-value sub-blocks, 128 bytes of nibbles; w = (d * sc) * q - dmin * m, so each sub-block is
+    one affine 4-bit group: scale = d * sc and the codes are kept as they are (d * sc and dmin * m are
+    exact in fp32: 11 + 6 bits). zero = 8 * scale - dmin * m is the one value the kernel's convention
+    makes us compute; it can round, and then a weight of that group differs from gguf-py's by one ulp
+    (about 0.15% of groups on random blocks; tests/test_quant.py). Nibbles: bytes 32j..32j+31 hold
+    sub-block 2j in their low nibbles and 2j + 1 in their high ones.
+    """
+    rows, cols = source.shape
+    blocks = source.raw_blocks().reshape(rows * (cols // QK_K), Q4_K_BYTES)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16])
+    scale = d * sc.astype(np.float32)
+    low = dmin * m.astype(np.float32)
+    nibbles = blocks[:, 16:].reshape(-1, 4, 1, 32)
+    codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=2).reshape(rows, cols)
+    groups = (rows, cols // INT4_GROUP)
+    return (torch.from_numpy(codes.astype(np.int32)), torch.from_numpy(scale.reshape(groups)),
+            torch.from_numpy((np.float32(8) * scale - low).reshape(groups)))
+
+
+REPACKED_INT4 = {"Q4_0": q4_blocks_to_int4, "Q4_1": q4_blocks_to_int4, "Q4_K": q4_k_blocks_to_int4}
+
+
 def build_linear(parts: list[SourceTensor], fmt: str, dtype: torch.dtype | None = None,
                  device: str = "cpu") -> Linear:
     """One linear layer from one or more stored matrices stacked along `out` (fused q/k/v, gate/up).
@@ -165,8 +195,8 @@ def build_linear(parts: list[SourceTensor], fmt: str, dtype: torch.dtype | None 
     on_cuda = torch.device(device).type == "cuda"
     int4_fits = Int4Linear.fits_cuda(out_features, in_features) if on_cuda else in_features % INT4_GROUP == 0
     if fmt == "int4" and int4_fits:
-        if all(p.kind in ("Q4_0", "Q4_1") for p in parts):
-            decoded = [q4_blocks_to_int4(p) for p in parts]
+        if all(p.kind in REPACKED_INT4 for p in parts):
+            decoded = [REPACKED_INT4[p.kind](p) for p in parts]
             codes, scales, zeros = (torch.cat([d[i] for d in decoded]) for i in range(3))
             return Int4Linear(codes, scales, zeros, dtype, device)
         return Int4Linear.quantize(_stacked_float(parts), dtype, device)
