@@ -437,6 +437,48 @@ def test_unreachable_remote_fails_at_start(pair):
     assert done.returncode == 2 and "--remote-url: cannot reach" in done.stderr
 
 
+@contextmanager
+def _llama_cpp_server(model: Path) -> Iterator[str]:
+    """llama-cpp-python's OpenAI-compatible server (the `peers` extra) on `model`. Yields its URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+                               "--port", str(port), "--n_threads", "1", "--n_ctx", "2048"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail("llama-cpp-python's server did not start")
+                time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_a_remote_that_takes_only_text_prompts_is_named_at_start(tmp_path, model_path):
+    """llama.cpp's OpenAI-compatible server as `pip install llama-cpp-python[server]` has it (0.3.36) refuses
+    a prompt of token ids (HTTP 500, a validation error), which the remote backend needs: `npc serve` says
+    so at start, once, rather than failing every turn. (What else differs: sidecar/backends/remote.py.)"""
+    pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] is the `peers` extra")
+    root = tmp_path / "characters"
+    write_character(root, "guard", "You are a guard.")
+    npc = Path(sys.executable).with_name("npc")
+    with _llama_cpp_server(model_path) as url:
+        done = subprocess.run([str(npc), "serve", "--listen", "127.0.0.1:0", "--characters", str(root),
+                               "--backend", "remote", "--remote-url", url], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "failed a one-token request whose prompt is token ids" in done.stderr, done.stderr
+    assert "Input should be a valid string" in done.stderr  # the remote's own words
+
+
 def test_remote_model_names_are_checked(pair):
     """--remote-model must be listed (else no start); an adapter the remote lacks is a warning at start
     and FAILED_PRECONDITION for that character's replies (the remote's 404), the others unharmed."""

@@ -36,7 +36,18 @@ Run here: against a second `npc serve --openai-listen` process (sidecar/server/o
 on the same characters, tests/test_backend_remote.py: dialogue over the remote-backed gRPC
 socket, greedy replies equal to the serving process's own, cancel stopping the remote, 429,
 unreachable remote, emotion scoring.
-Not run: vLLM, trtllm-serve, llama.cpp's llama-server (none can be installed here). What this
+Run here against a server we did not write: llama-cpp-python 0.3.36's (`python -m llama_cpp.server`,
+the `peers` extra) on the same GGUF, 2026-12-06. It differs where this module depends on the remote:
+- prompts: `prompt` must be text (or a list of texts); a list of token ids is refused with HTTP 500
+  (a pydantic validation error). `connect()` now sends one 1-token request at start, so such a
+  remote is named then, with its message (tests/test_backend_remote.py); nothing else was tried.
+- echo log-probabilities (emotion scoring): returned, but one position late: for "Hello, my name is"
+  the value given for " name" (-21.1) is what follows " name" (its top_logprobs list " is" at -0.01).
+- adapters: one model (and at most one LoRA, `lora_path`, fixed at load) per model entry; several
+  entries are several copies of the weights; no per-request adapter within one batch.
+- no token ids in the stream (the text path would apply), and its grammar field is `grammar` (GBNF),
+  not vLLM's `structured_outputs` (Lark), so replies would not be constrained.
+Not run: vLLM, trtllm-serve, llama.cpp's own C++ llama-server (none can be installed here). What this
 module assumes of them was read, not tried: vLLM's CompletionRequest (vllm/entrypoints/openai/
 completion/protocol.py) takes `prompt` as a list of token ids, `echo` with `max_tokens: 0` as
 scoring without generating (prompt logprobs = `logprobs`), `return_token_ids`, `top_k`,
@@ -149,6 +160,7 @@ class RemoteEngine(Engine):
             limit = card.get("max_model_len")
             if isinstance(limit, int) and 1 < limit < config.max_seq_len:
                 config = replace(config, max_seq_len=limit)  # prompts are budgeted to what the remote holds
+            await _check_token_prompts(session, remote, base_model, base.tokenizer.encode_literal("Hi"))
         except BaseException:
             await session.close()
             raise
@@ -174,7 +186,7 @@ class RemoteEngine(Engine):
 
     def submit(self, prompt_ids: Sequence[int], adapter: AdapterRef | None, sampling: SamplingParams, *,
                request_id: str | None = None, choices: Sequence[Sequence[int]] | None = None,
-               timings: Timings | None = None) -> RequestStream:
+               timings: Timings | None = None, background: bool = False) -> RequestStream:
         """Queues a request; raises QueueFull or UserError as AsyncEngine.submit does (engine/admission.py).
         The stream may also raise QueueFull / BackendUnavailable: the remote's own refusals come later."""
         model = self.model_for(adapter)
@@ -303,6 +315,25 @@ async def _read_usage(chunks: AsyncIterator[dict], reply: ReplyEvents) -> bool:
             return True
     except (TimeoutError, RuntimeError, BackendUnavailable, aiohttp.ClientError, OSError):
         return False  # the reply itself is complete: only the count is missing
+
+
+async def _check_token_prompts(session: aiohttp.ClientSession, remote: RemoteConfig, model: str,
+                               prompt: list[int]) -> None:
+    """One token generated from a prompt of token ids, at start: a remote that takes only text
+    (llama-cpp-python's server answers 500 with a validation error) is named then, not at every turn."""
+    url = remote.base_url + "/v1/completions"
+    body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
+    try:
+        async with session.post(url, json=body) as r:
+            if r.status in (200, 429):
+                return  # it takes token ids (429: busy, and alive)
+            problem = await refusal(r, model)
+    except (aiohttp.ClientError, OSError, TimeoutError) as e:
+        raise UserError(f"--remote-url: POST {url} failed ({type(e).__name__}: {e})") from None
+    raise UserError(f"--remote-url: {url} failed a one-token request whose prompt is token ids ({problem}). The "
+                    "remote backend sends token ids so that the prompt is exactly the sidecar's and player text "
+                    "stays literal: serve the model with vLLM, llama.cpp's llama-server or `npc serve "
+                    "--openai-listen`")
 
 
 async def _list_models(session: aiohttp.ClientSession, remote: RemoteConfig) -> list[dict]:
