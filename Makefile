@@ -75,7 +75,7 @@ CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
 ggml_option = -DGGML_$(2)=$(if $(filter $(1),$(CPU_FLAGS)),ON,OFF)
 PEER_CMAKE_ARGS := -DGGML_NATIVE=OFF $(call ggml_option,avx,AVX) $(call ggml_option,avx2,AVX2) \
 	$(call ggml_option,fma,FMA) $(call ggml_option,f16c,F16C) $(call ggml_option,bmi2,BMI2) \
-	$(call ggml_option,avx512f,AVX512) $(call ggml_option,avx512_vbmi,AVX512_VBMI) \
+	$(call ggml_option,avx512f,AVX512) $(call ggml_option,avx512vbmi,AVX512_VBMI) \
 	$(call ggml_option,avx512_vnni,AVX512_VNNI) $(call ggml_option,avx512_bf16,AVX512_BF16) \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
