@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from sidecar.config import BACKENDS, WEIGHT_FORMATS, ModelConfig, resolve_model_path
@@ -133,6 +134,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _cmd_check_model(args: argparse.Namespace) -> int:
+    from sidecar.check_model import check_model
+
+    report = check_model(resolve_model_path(args.file), args.weights, args.device)
+    if args.json:
+        print(json.dumps({**asdict(report), "path": str(report.path)}))
+    else:
+        print("\n".join(report.lines()))
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from sidecar.training.train import TrainConfig, train_character
 
@@ -194,10 +206,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     formats = tuple(args.formats.split(","))
     for f in formats:
-        if f not in WEIGHT_FORMATS or f == "auto":
-            raise UserError(f"--formats: unknown format {f!r}; choose from int4,int8,bf16,fp32")
+        if f not in WEIGHT_FORMATS:
+            raise UserError(f"--formats: unknown format {f!r}; choose from {','.join(WEIGHT_FORMATS)}")
+    model = resolve_model_path(args.model)
+    if args.model_shape:  # a random-weight Q4_K_M GGUF of that shape, written once under --workdir
+        from sidecar.bench.random_gguf import ensure_random_gguf
+        from sidecar.bench.random_model import SHAPES
+
+        if args.model:
+            raise UserError("--model and --model-shape exclude each other: a shape means a random-weight model")
+        if args.model_shape not in SHAPES:
+            raise UserError(f"--model-shape: unknown shape {args.model_shape!r}; choose from {', '.join(SHAPES)}")
+        model = ensure_random_gguf(Path(args.workdir), args.model_shape)
+    named = {"name": f"decode-{args.model_shape}-q4_k_m", "title": f"random {args.model_shape} Q4_K_M"} \
+        if args.model_shape else {}
     cfg = DecodeBenchConfig(
-        model=resolve_model_path(args.model), formats=formats,
+        **named, model=model, formats=formats,
         batches=_int_list("--batches", args.batches or "1,8,32"), steps=args.steps, repeats=args.repeats,
         prompt_tokens=args.prompt_tokens, peers=args.peers != "none", out_dir=Path(args.out),
     )
@@ -410,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check only the YAML files, not the adapter weights")
     k.set_defaults(run=_cmd_check)
 
+    m = sub.add_parser("check-model", help="what a model file is, what it becomes in memory, how fast it decodes here")
+    m.add_argument("file", nargs="?", help="a GGUF file or Hugging Face folder (default: the embedded model)")
+    m.add_argument("--weights", default="auto",
+                   help="format in memory: auto (per stored kind) | int4 | int8 | bf16 | fp32")
+    m.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+    m.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    m.set_defaults(run=_cmd_check_model)
+
     t = sub.add_parser("train", help="train a character's persona adapter from its dialogue.jsonl (PEFT LoRA)")
     t.add_argument("character_dir")
     t.add_argument("--model", help="base model (default: the embedded one; must be what the sidecar serves)")
@@ -463,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-npc: cpu (default), cuda or cuda:N; on a GPU the report is gpu.{json,md,png}")
     b.add_argument("--model-shape",
                    help="multi-npc: benchmark a random-weight model of this shape (llama-3.2-1b, tiny), written "
-                        "once under --workdir; excludes --model")
+                        "once under --workdir; decode: a random Q4_K_M GGUF of it; excludes --model")
     b.add_argument("--weights", choices=WEIGHT_FORMATS,
                    help="multi-npc: our weight format (default: auto on the CPU, bf16 on a GPU)")
     b.add_argument("--workdir", default="/tmp/npc-bench-multi",
@@ -472,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-npc: seconds one (system, N) run may take before it is killed (default: no limit)")
     b.add_argument("--time-budget", type=float,
                    help="multi-npc: seconds for all runs together; later runs are skipped (default: no limit)")
-    b.add_argument("--formats", default="int4,int8,bf16,fp32", help="decode: weight formats")
+    b.add_argument("--formats", default="int4,int8,bf16,fp32",
+                   help="decode: weight formats (auto: each stored kind as the server would load it)")
     b.add_argument("--batches", help="decode: batch sizes (default 1,8,32)")
     b.add_argument("--steps", type=int, default=32, help="decode: steps timed per repeat")
     b.add_argument("--repeats", type=int, default=3, help="decode: repeats (the median is reported)")

@@ -75,6 +75,10 @@ def bad_files(tmp_path_factory, model_path: Path) -> dict[str, Path]:
     tiny_gguf(files["falcon"], "F32", arch="falcon")
     files["iq4"] = d / "iq4.gguf"
     tiny_gguf(files["iq4"], "F32", embed_kind="IQ4_NL")
+    files["contradicts"] = d / "contradicts.gguf"
+    tiny_gguf(files["contradicts"], "F32", stated_ffn_length=384)
+    files["no_template"] = d / "base.gguf"
+    tiny_gguf(files["no_template"], "Q8_0")
     return files
 
 
@@ -84,9 +88,18 @@ def bad_files(tmp_path_factory, model_path: Path) -> dict[str, Path]:
     ("text", ["notes.gguf", "not a GGUF file"]),
     ("falcon", ["falcon.gguf", "unsupported architecture 'falcon'"]),
     ("iq4", ["iq4.gguf", "token_embd.weight", "unsupported type IQ4_NL"]),
+    ("contradicts", ["contradicts.gguf", "blk.0.ffn_gate.weight", "shape [512, 256], expected [384, 256]"]),
 ])
 def test_bad_model_files(bad_files, name, fragments):
     _assert_user_error(npc("generate", "--model", str(bad_files[name]), "hi"), *fragments)
+
+
+def test_serving_a_model_without_a_chat_template_is_refused_at_start(bad_files, tmp_path):
+    run = npc("serve", "--model", str(bad_files["no_template"]), "--listen", "127.0.0.1:0", "--characters",
+              str(tmp_path))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    last = run.stderr.strip().splitlines()[-1]  # after the loading log lines
+    assert "base.gguf" in last and "no chat template" in last, run.stderr
 
 
 def test_missing_model_file_via_environment(tmp_path):
@@ -146,3 +159,16 @@ def test_warm_ttft_bench_sees_the_prefix_cache_serve_the_next_line(tmp_path):
     assert first["cached_tokens"] == 0 and first["facts"] > 0 and second["facts"] > 0
     # The persona block and the first exchange are served from the cache: all but the facts and the new line.
     assert second["cached_tokens"] > first["prompt_tokens"] // 2, (first, second)
+
+
+def test_check_model_names_what_each_kind_becomes(tmp_path):
+    tiny_gguf(tmp_path / "qwen.gguf", "Q4_K", arch="qwen2", matrix_kinds={"down": "Q6_K"},
+              chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    run = npc("check-model", str(tmp_path / "qwen.gguf"))
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "architecture  qwen2" in out and "chat template: yes" in out
+    assert "Q4_K x13" in out and "Q6_K x2" in out and "F32 x" in out  # 6 Q4_K matrices a layer, and the embedding
+    assert "Q6_K -> int8 x2" in out and "Q4_K -> int4 x12" in out
+    rates = json.loads(npc("check-model", str(tmp_path / "qwen.gguf"), "--json").stdout)["decode_tokens_per_s"]
+    assert set(rates) == {"1", "8"} and all(r > 0 for r in rates.values())

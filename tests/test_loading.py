@@ -52,6 +52,22 @@ def test_other_sources_requantized_within_format_error(tmp_path, kind, weights, 
     assert ((got - ref).norm() / ref.norm()).item() < limit
 
 
+@pytest.mark.parametrize("kind", ["F32", "Q4_K", "Q8_0"])
+def test_qwen2_gguf_matches_transformers(tmp_path, kind):
+    """Qwen2: q/k/v biases, rows stored unpermuted, its own rope base and norm epsilon."""
+    hf = tiny_gguf(tmp_path / "m.gguf", kind, arch="qwen2")
+    config = load_checkpoint(tmp_path / "m.gguf").config
+    assert (config.architecture, config.qkv_bias, config.rope_theta) == ("qwen2", True, 1e6)
+    assert config.rms_eps == pytest.approx(1e-6)  # stored as float32
+    assert _compare(tmp_path / "m.gguf", hf) < 1e-5
+
+
+def test_qwen2_hugging_face_folder_matches_transformers(tmp_path):
+    hf = tiny_hf_folder(tmp_path, arch="qwen2")
+    assert load_checkpoint(tmp_path).config.qkv_bias
+    assert _compare(tmp_path, hf) < 1e-5
+
+
 def test_gguf_llama3_rope_frequencies(tmp_path):
     """Llama 3.1 GGUFs carry `rope_freqs.weight`; positions past the original context must match."""
     hf = tiny_gguf(tmp_path / "m.gguf", "F32", rope_parameters=LLAMA3_ROPE)
@@ -103,3 +119,94 @@ def test_embedded_model_config(checkpoint):
         30, 576, 1536, 9, 3, 64)
     assert (c.vocab_size, c.rope_theta, c.tie_embeddings, c.rope_scaling) == (49152, 100000.0, True, None)
     assert checkpoint.eos_ids == (2,)
+
+
+def test_qwen2_with_a_peft_adapter_matches_peft(tmp_path):
+    """A PEFT LoRA (every projection) on a Qwen2 file: our batched LoRA path against PEFT's forward."""
+    from peft import LoraConfig, get_peft_model
+
+    from sidecar.model.lora import LoraBatch, LoraSlots, load_peft_adapter
+
+    hf = tiny_gguf(tmp_path / "m.gguf", "F32", arch="qwen2")
+    torch.manual_seed(0)
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=modules, init_lora_weights=False,
+                                                lora_dropout=0.0)).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ckpt = load_checkpoint(tmp_path / "m.gguf")
+    slots = LoraSlots(ckpt.config, num_slots=2, dtype=torch.float32)
+    slots.load(1, load_peft_adapter(tmp_path / "adapter", ckpt.config))
+    model = LlamaModel.from_checkpoint(ckpt, "fp32")
+    ids = torch.from_numpy(np.random.default_rng(3).integers(0, VOCAB, size=(1, 40)))
+    ours = model.forward(ids, start=[0], rows=[0], cache=model.new_cache(1, 40), all_logits=True,
+                         lora=LoraBatch(slots, [1], 40))[0]
+    with torch.no_grad():
+        ref = peft_model(ids).logits[0]
+        with peft_model.disable_adapter():
+            plain = peft_model(ids).logits[0]
+    assert (ref - plain).abs().max() > 10 * (ours - ref).abs().max()  # the adapter matters, and matches
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_qwen2_decode_steps_and_greedy_match_transformers(tmp_path):
+    """Token by token through the K/V cache (biases on every cached key) against transformers' logits of
+    the whole sequence; then a greedy continuation (top-2 margins here are > 0.5: no near-ties)."""
+    hf = tiny_gguf(tmp_path / "m.gguf", "Q4_K", arch="qwen2")
+    model = LlamaModel.from_checkpoint(load_checkpoint(tmp_path / "m.gguf"), "fp32")
+    ids = torch.from_numpy(np.random.default_rng(5).integers(0, VOCAB, size=(1, 36)))
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+    cache = model.new_cache(1, 36)
+    model.forward(ids[:, :12], start=[0], rows=[0], cache=cache)
+    steps = torch.stack([model.forward(ids[:, p:p + 1], start=[p], rows=[0], cache=cache)[0] for p in range(12, 36)])
+    assert ((steps - ref[12:]).abs().max() / ref.abs().max()).item() < 1e-5
+    with torch.no_grad():
+        greedy = hf.generate(ids[:, :12], max_new_tokens=16, do_sample=False, eos_token_id=None)[0, 12:].tolist()
+    cache, ours = model.new_cache(1, 28), []
+    logits = model.forward(ids[:, :12], start=[0], rows=[0], cache=cache)
+    for step in range(16):
+        ours.append(int(logits.argmax(-1)))
+        logits = model.forward(torch.tensor([[ours[-1]]]), start=[12 + step], rows=[0], cache=cache)
+    assert ours == greedy
+
+
+def test_auto_keeps_each_kind_at_its_precision(tmp_path):
+    """A Q4_K_M-style file: Q4_K matrices become int4 repacked (the file's values to the last bit but the
+    ~0.1% of groups whose zero point rounds, tests/test_quant.py), Q6_K ones int8, and a fused q/k/v with
+    a Q6_K v takes int8 whole: nothing is stored in fewer bits than the file gives it."""
+    from sidecar.engine.base_model import describe_formats
+
+    hf = tiny_gguf(tmp_path / "m.gguf", "Q4_K", matrix_kinds={"v": "Q6_K", "down": "Q6_K"})
+    model = LlamaModel.from_checkpoint(load_checkpoint(tmp_path / "m.gguf"), "auto", torch.float32)
+    layer, ref = model.layers[0], hf.model.layers[0]
+    assert (layer.qkv.format, layer.o.format, layer.gate_up.format, layer.down.format) == ("int8", "int4", "int4",
+                                                                                            "int8")
+    assert model.weights == "int4+int8"
+    assert describe_formats(model) == ("Q4_K -> int4 x6, Q4_K -> int8 x4, Q4_K (output head) -> int8 x1, "
+                                       "Q6_K -> int8 x4")  # the head stays at 8 bits, as llama.cpp keeps it
+    o = ref.self_attn.o_proj.weight.detach()
+    assert ((layer.o.dequantized() - o).abs() > 1e-6 * o.abs().max()).float().mean() < 0.01
+    down = ref.mlp.down_proj.weight.detach()
+    assert ((layer.down.dequantized() - down).norm() / down.norm()).item() < 0.01  # int8 per channel
+
+
+def test_a_q4_k_m_file_matches_transformers_reading_it(tmp_path):
+    """The bench's random Q4_K_M file (llama.cpp's mix of Q4_K and Q6_K, Llama-3 tokenizer metadata) read by
+    transformers' own GGUF loader: the same logits at fp32, and the per-layer kinds llama.cpp would choose."""
+    from transformers import AutoModelForCausalLM
+
+    from sidecar.bench.random_gguf import write_random_gguf
+    from sidecar.bench.random_model import ModelShape, _llama3
+
+    shape = ModelShape("k-tiny", _llama3(1024, 256, 512, 8, 4, 2, 64), num_special=16)
+    path = write_random_gguf(tmp_path / "m.gguf", shape, progress=False)
+    ckpt = load_checkpoint(path)
+    v_kinds = [ckpt.tensor(f"layers.{i}.v").kind for i in range(8)]
+    assert v_kinds == ["Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q6_K"]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, 1024, size=(1, 24)))
+    model = LlamaModel.from_checkpoint(ckpt, "fp32")
+    ours = model.forward(ids, start=[0], rows=[0], cache=model.new_cache(1, 24), all_logits=True)[0]
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-4

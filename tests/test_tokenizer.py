@@ -116,3 +116,24 @@ def test_sentencepiece_gguf_vocab_matches_transformers(tmp_path):
         assert ids[0] == 1
         assert ids == ref(text)["input_ids"]
         assert ours.decode(ids[1:]) == " " + text  # the dummy prefix is a real space in generated text
+
+
+@pytest.mark.parametrize("arch,pre", [("qwen2", "qwen2"), ("llama", "llama-bpe")])
+def test_byte_level_families_match_transformers_gguf_conversion(tmp_path, arch, pre):
+    """Qwen2's and Llama 3's pre-tokenizers over a BPE vocabulary with merges, against transformers' own
+    reading of the same GGUF file (its converters carry their own split patterns): unicode, whitespace
+    runs, digits and control-token look-alikes. (SmolLM's is checked against its real tokenizer.json
+    above; transformers' GGUF reader does not know the "smollm" pre-tokenizer.)"""
+    from transformers import AutoTokenizer
+
+    from sidecar.engine.tokenizer import Tokenizer
+    from sidecar.model.checkpoint import load_checkpoint
+    from tests.tiny import tiny_gguf
+
+    tiny_gguf(tmp_path / "m.gguf", "F32", arch=arch, bpe_pre=pre)
+    ours = Tokenizer(load_checkpoint(tmp_path / "m.gguf"))
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in CORPUS + SPECIAL_ATTEMPTS + ["12345 678,901.5", "   ", "\n\n\t \n", "x  \n  y"]:
+        ids = ours.encode_literal(text)  # as player text is encoded: a control token's spelling stays text
+        assert ids == ref(text, add_special_tokens=False, split_special_tokens=True)["input_ids"], text
+        assert ours.decode(ids) == text

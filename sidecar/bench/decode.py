@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from sidecar.bench.report import machine_description, markdown_table, write_report
+from sidecar.engine.base_model import describe_formats
 from sidecar.figures import pyplot
 from sidecar.model.checkpoint import load_checkpoint
 from sidecar.model.llama import LlamaModel
@@ -40,6 +41,8 @@ class DecodeBenchConfig:
     prompt_tokens: int = 64
     peers: bool = True
     out_dir: Path = Path("docs/bench")
+    name: str = "decode"  # the report's file name
+    title: str = "SmolLM2-135M-Instruct Q4_1"  # what the plot says was decoded
 
 
 def _prompt_ids(tokenizer, n: int) -> list[int]:
@@ -105,8 +108,10 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
     results: dict[str, dict[int, float]] = {}
     jobs = [(f, b) for f in cfg.formats for b in cfg.batches]
     bar = tqdm(total=len(jobs) + (1 if cfg.peers else 0), desc="decode bench", unit="run")
+    became: dict[str, str] = {}
     for fmt in cfg.formats:
         model = LlamaModel.from_checkpoint(ckpt, fmt)
+        became[fmt] = describe_formats(model)
         results[fmt] = {}
         for batch in cfg.batches:
             bar.set_postfix_str(f"{fmt} batch {batch}")
@@ -127,24 +132,28 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
         "tokens_per_s": {f: {str(b): round(r, 1) for b, r in rs.items()} for f, rs in results.items()},
         "llama_cpp_single_stream": None if peer is None else round(peer, 1),
         "llama_cpp_error": peer_error or None,
+        "formats_became": became,
     }
     md = _markdown(cfg, results, peer, data["machine"])
+    md += "\n\nWhat each stored kind became: " + "; ".join(f"{f}: {b}" for f, b in became.items()) + "."
     if peer_error:
         md += f"\n\nllama.cpp (the `peers` extra) failed: {peer_error}. Rebuild it with `make peers`."
-    write_report(cfg.out_dir, "decode", data, md, lambda path: _plot(path, cfg, results, peer))
+    write_report(cfg.out_dir, cfg.name, data, md, lambda path: _plot(path, cfg, results, peer))
     print(md)
     return data
 
 
 def _markdown(cfg: DecodeBenchConfig, results: dict[str, dict[int, float]], peer: float | None, machine: dict) -> str:
-    compare = peer is not None and 1 in cfg.batches
-    header = ["weights"] + [f"batch {b}" for b in cfg.batches] + (["batch 1 vs llama.cpp"] if compare else [])
-    rows = [[f] + [f"{results[f][b]:.0f}" for b in cfg.batches] + ([f"{results[f][1] / peer:.2f}x"] if compare else [])
+    ratios = [b for b in cfg.batches if b in (1, 8)] if peer is not None else []
+    header = (["weights"] + [f"batch {b}" for b in cfg.batches]
+              + [f"batch {b} vs llama.cpp's one stream" for b in ratios])
+    rows = [[f] + [f"{results[f][b]:.0f}" for b in cfg.batches] + [f"{results[f][b] / peer:.2f}x" for b in ratios]
             for f in cfg.formats]
     if peer is not None:
         rows.append(["llama.cpp, same GGUF (one stream)"] + [f"{peer:.0f}" if b == 1 else "-" for b in cfg.batches]
-                    + (["1.00x"] if compare else []))
-    return (f"Decode tokens/s (all rows of a batch together; median of {cfg.repeats} x {cfg.steps} steps after a "
+                    + ["1.00x" if b == 1 else "-" for b in ratios])
+    return (f"Decode tokens/s of {cfg.model.name} (all rows of a batch together; median of {cfg.repeats} x "
+            f"{cfg.steps} steps after a "
             f"{cfg.prompt_tokens}-token prompt). Machine: {machine['cpu']}, {machine['cores']} cores, "
             f"torch {machine['torch']}, {machine['date']}.\n\n" + markdown_table(header, rows))
 
@@ -161,7 +170,7 @@ def _plot(path: Path, cfg: DecodeBenchConfig, results: dict[str, dict[int, float
     ax.set_xticks(list(cfg.batches), [str(b) for b in cfg.batches])
     ax.set_xlabel("batch size (sequences decoded together)")
     ax.set_ylabel("decode tokens/s (all sequences)")
-    ax.set_title("Decode throughput, SmolLM2-135M-Instruct Q4_1, CPU")
+    ax.set_title(f"Decode throughput, {cfg.title}, CPU")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

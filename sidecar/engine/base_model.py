@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from sidecar.config import ModelConfig
 from sidecar.engine.tokenizer import Tokenizer
 from sidecar.errors import UserError
-from sidecar.model.checkpoint import Checkpoint, load_checkpoint
+from sidecar.model.checkpoint import load_checkpoint
 from sidecar.model.llama import LlamaModel
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -23,16 +27,9 @@ class BaseModel:
         return self.model.weights
 
 
-def choose_weight_format(ckpt: Checkpoint) -> str:
-    """What `--weights auto` means for this checkpoint.
-
-    int4 decodes fastest on this kind of CPU at batch 1 and 8 (docs/benchmarks.md) and is exact
-    for 4-bit sources; an 8-bit or float source would lose precision at int4, so it gets int8.
-    """
-    kinds = {t.kind for name, t in ckpt.tensors.items() if name.startswith("layers.") and len(t.shape) == 2}
-    if kinds <= {"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K"}:
-        return "int4"
-    return "int8"
+def describe_formats(model: LlamaModel) -> str:
+    """What each stored kind became, for the startup log: "Q4_K -> int4 x154, Q6_K -> int8 x14, ..."."""
+    return ", ".join(f"{kind} -> {fmt} x{count}" for (kind, fmt), count in sorted(model.became.items()))
 
 
 def load_base_model(config: ModelConfig, progress: bool = False) -> BaseModel:
@@ -43,7 +40,7 @@ def load_base_model(config: ModelConfig, progress: bool = False) -> BaseModel:
     elif device.startswith("cuda"):
         weights = "bf16"  # a GPU has the memory and bf16 tensor cores; exact for any source format
     else:
-        weights = choose_weight_format(ckpt)
+        weights = "auto"  # per matrix: int4 for 4-bit sources, int8 for finer ones (quant.INT4_SOURCES)
     if device.startswith("cuda"):
         import torch
 
@@ -54,4 +51,6 @@ def load_base_model(config: ModelConfig, progress: bool = False) -> BaseModel:
             raise UserError(f"--weights int4 on {torch.cuda.get_device_name(device)}: torch's int4 GPU kernel needs "
                             "compute capability 8.0 or newer (Ampere); use --weights bf16")
     model = LlamaModel.from_checkpoint(ckpt, weights, progress=progress, device=device)
+    log.info("weights loaded", file=config.path.name, architecture=ckpt.config.architecture, weights=model.weights,
+             formats=describe_formats(model))
     return BaseModel(config.path, model, Tokenizer(ckpt))

@@ -26,6 +26,7 @@ SUPPORTED_KINDS = FLOAT_KINDS + QUANT_KINDS
 # Per layer: the canonical short names used everywhere below the loaders.
 LAYER_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 LAYER_NORMS = ("attn_norm", "ffn_norm")
+LAYER_BIASES = ("q_bias", "k_bias", "v_bias")  # only where config.qkv_bias (Qwen2)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ def required_tensors(config: LlamaConfig) -> list[str]:
     names = ["embed", "norm"] + ([] if config.tie_embeddings else ["head"])
     for i in range(config.num_layers):
         names += [f"layers.{i}.{m}" for m in LAYER_MATRICES + LAYER_NORMS]
+        if config.qkv_bias:
+            names += [f"layers.{i}.{b}" for b in LAYER_BIASES]
     return names
 
 
@@ -95,6 +98,7 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
         "o": (c.hidden_size, c.q_size), "gate": (c.intermediate_size, c.hidden_size),
         "up": (c.intermediate_size, c.hidden_size), "down": (c.hidden_size, c.intermediate_size),
         "attn_norm": (c.hidden_size,), "ffn_norm": (c.hidden_size,),
+        "q_bias": (c.q_size,), "k_bias": (c.kv_size,), "v_bias": (c.kv_size,),
     }
     shapes = {"embed": (c.vocab_size, c.hidden_size), "norm": (c.hidden_size,), "head": (c.vocab_size, c.hidden_size)}
     for i in range(c.num_layers):

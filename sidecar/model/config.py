@@ -1,4 +1,5 @@
-"""Hyper-parameters of a Llama-family model, read from GGUF metadata or a Hugging Face config.json."""
+"""Hyper-parameters of a Llama-family model (Llama, Mistral, SmolLM2, Qwen2), read from GGUF metadata or a
+Hugging Face config.json."""
 
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class LlamaConfig:
     max_position: int
     tie_embeddings: bool
     rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False  # Qwen2: q/k/v projections carry a bias
+    architecture: str = "llama"  # as the file names it (general.architecture / model_type), for reports
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",

@@ -1,8 +1,9 @@
 """GGUF -> Checkpoint: model config from metadata, tensors in Hugging Face layout, tokenizer vocab.
 
 Quantized tensors stay as raw GGML blocks (see checkpoint.SourceTensor); only their row order
-changes, to undo the q/k permutation llama.cpp applies for its RoPE kernel. After that the
-weights are in the Hugging Face layout, so PEFT adapters trained on HF models apply unchanged.
+changes, to undo the q/k permutation llama.cpp applies to "llama" files for its RoPE kernel ("qwen2"
+files keep the rotate-half layout and are stored as they are). After that the weights are in the
+Hugging Face layout, so PEFT adapters trained on HF models apply unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from sidecar.model.checkpoint import (
 from sidecar.model.config import LlamaConfig, RopeScaling
 from sidecar.model.vocab import GgufVocab
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+_PERMUTED_QK = ("llama",)  # llama.cpp's converter interleaves q/k rows for these (its "norm" RoPE)
 
 _GLOBAL_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "head"}
 _LAYER_NAMES = {
@@ -32,6 +34,7 @@ _LAYER_NAMES = {
     "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down",
     "attn_norm": "attn_norm", "ffn_norm": "ffn_norm",
 }
+_LAYER_BIASES = {"attn_q": "q_bias", "attn_k": "k_bias", "attn_v": "v_bias"}
 
 
 def _open(path: Path) -> GGUFReader:
@@ -88,12 +91,21 @@ def _config(reader: GGUFReader, path: Path, arch: str, tensors: dict[str, Any], 
                          or hidden // heads),
             rms_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
-            max_position=int(_field(reader, p + "context_length", 4096)),
+            max_position=_context(reader, p),
             tie_embeddings="output.weight" not in tensors,
             rope_scaling=_rope_scaling(reader, path, arch, tensors),
+            qkv_bias="blk.0.attn_q.bias" in tensors,
+            architecture=arch,
         )
     except ValueError as e:
         raise ModelFileError(path, f"inconsistent metadata: {e}") from None
+
+
+def _context(reader: GGUFReader, p: str) -> int:
+    """The context served: a declared sliding window caps it, so attention never needs the window (exact)."""
+    context = int(_field(reader, p + "context_length", 4096))
+    window = int(_field(reader, p + "attention.sliding_window", 0) or 0)
+    return min(context, window) if window > 0 else context
 
 
 def _vocab(reader: GGUFReader, path: Path) -> GgufVocab:
@@ -114,9 +126,10 @@ def _canonical_name(name: str) -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _LAYER_NAMES:
-        return f"layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}"
-    return None
+    if len(parts) != 4 or parts[0] != "blk":
+        return None
+    names = {"weight": _LAYER_NAMES, "bias": _LAYER_BIASES}.get(parts[3], {})
+    return f"layers.{int(parts[1])}.{names[parts[2]]}" if parts[2] in names else None
 
 
 def load_gguf(path: Path) -> Checkpoint:
@@ -144,10 +157,11 @@ def load_gguf(path: Path) -> Checkpoint:
 
     validate(path, config, tensors)
     # Undo llama.cpp's interleaved-pair RoPE layout so q/k rows are in the HF (rotate-half) order.
-    for i in range(config.num_layers):
-        q, k = f"layers.{i}.q", f"layers.{i}.k"
-        tensors[q] = tensors[q].take_rows(unpermute_rows(config.num_heads, config.head_dim))
-        tensors[k] = tensors[k].take_rows(unpermute_rows(config.num_kv_heads, config.head_dim))
+    for i in range(config.num_layers if arch in _PERMUTED_QK else 0):
+        for name, heads in (("q", config.num_heads), ("k", config.num_kv_heads)):
+            for stored in (f"layers.{i}.{name}", f"layers.{i}.{name}_bias"):
+                if stored in tensors:
+                    tensors[stored] = tensors[stored].take_rows(unpermute_rows(heads, config.head_dim))
 
     template = _field(reader, "tokenizer.chat_template")
     eos_ids = (vocab.eos_id,) if vocab.eos_id is not None else ()

@@ -18,12 +18,13 @@ from sidecar.model.checkpoint import Checkpoint, SourceTensor, validate
 from sidecar.model.config import LlamaConfig, RopeScaling
 from sidecar.model.vocab import HfTokenizerFiles
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _LAYER_NAMES = {
     "self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k", "self_attn.v_proj.weight": "v",
     "self_attn.o_proj.weight": "o", "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up",
     "mlp.down_proj.weight": "down", "input_layernorm.weight": "attn_norm",
     "post_attention_layernorm.weight": "ffn_norm",
+    "self_attn.q_proj.bias": "q_bias", "self_attn.k_proj.bias": "k_bias", "self_attn.v_proj.bias": "v_bias",
 }
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "head"}
 
@@ -58,11 +59,15 @@ def _config(cfg: dict[str, Any], path: Path, tied: bool) -> LlamaConfig:
     if model_type not in SUPPORTED_MODEL_TYPES:
         supported = ", ".join(SUPPORTED_MODEL_TYPES)
         raise ModelFileError(path, f"unsupported model_type {model_type!r} (supported: {supported})")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):  # Llama's attention_bias includes o_proj's
         raise ModelFileError(path, "attention_bias / mlp_bias are not supported")
     rope_theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
     try:
         heads = int(cfg["num_attention_heads"])
+        context = int(cfg.get("max_position_embeddings", 4096))
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        if window:  # served up to the window, where sliding-window attention equals full attention
+            context = min(context, int(window))
         return LlamaConfig(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=int(cfg["hidden_size"]),
@@ -73,9 +78,11 @@ def _config(cfg: dict[str, Any], path: Path, tied: bool) -> LlamaConfig:
             head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
             rms_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             rope_theta=float(rope_theta),
-            max_position=int(cfg.get("max_position_embeddings", 4096)),
+            max_position=context,
             tie_embeddings=tied,
             rope_scaling=_rope_scaling(cfg, path),
+            qkv_bias=model_type == "qwen2",
+            architecture=model_type,
         )
     except KeyError as e:
         raise ModelFileError(path, f"missing field {e.args[0]!r}") from None

@@ -1,13 +1,14 @@
 """Llama-family forward: prefill and batched decode over a static KV cache, with LoRA hooks.
 
-Covers SmolLM2, Llama 2/3.x and Mistral-style models: GQA, RoPE (rotate-half layout, optional
-Llama-3 / linear scaling), RMSNorm, SwiGLU, tied embeddings. q/k/v are one fused matmul and
+Covers SmolLM2, Llama 2/3.x, Mistral-style and Qwen2 models: GQA, RoPE (rotate-half layout, optional
+Llama-3 / linear scaling), RMSNorm, SwiGLU, tied embeddings, q/k/v biases (Qwen2). q/k/v are one fused matmul and
 gate/up another, because on a 2-core CPU the number of ops per step, not FLOPs, sets the pace
 at small batch.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sidecar.model.checkpoint import Checkpoint
+from sidecar.model.checkpoint import Checkpoint, SourceTensor
 from sidecar.model.config import LlamaConfig
 from sidecar.model.quant import COMPUTE_DTYPE, DenseLinear, Linear, build_linear
 
@@ -42,6 +43,7 @@ class LayerWeights:
     ffn_norm: torch.Tensor
     gate_up: Linear  # rows: gate (intermediate), up (intermediate)
     down: Linear
+    qkv_bias: torch.Tensor | None = None  # [q + 2 kv] (Qwen2)
 
 
 class KVCache:
@@ -94,7 +96,8 @@ class LlamaModel:
         self.embed = embed  # [vocab, hidden] in the compute dtype
         self.norm = norm
         self.head = head
-        self.weights = weights  # the weight format: int4 | int8 | bf16 | fp32
+        self.weights = weights  # the weight format: int4 | int8 | bf16 | fp32, or e.g. "int4+int8" from auto
+        self.became: dict[tuple[str, str], int] = {}  # (stored kind, format) -> matrices, for the startup log
         self.dtype = dtype  # activation dtype
         positions = torch.arange(config.max_position, dtype=torch.float32)
         angles = torch.outer(positions, config.inv_freq())  # [max_pos, head_dim / 2]
@@ -111,6 +114,13 @@ class LlamaModel:
         c = ckpt.config
         dtype = dtype or COMPUTE_DTYPE[weights]
         on_cpu = torch.device(device).type == "cpu"
+        became: Counter[tuple[str, str]] = Counter()  # (stored kind, format) -> matrices
+
+        def linear(parts: list[SourceTensor]) -> Linear:
+            built = build_linear(parts, weights, dtype, device)
+            became.update((p.kind, built.format) for p in parts)
+            return built
+
         layers = []
         for i in tqdm(range(c.num_layers), desc=f"loading {weights} weights", unit="layer", disable=not progress):
             def t(name: str, i: int = i):
@@ -118,23 +128,29 @@ class LlamaModel:
 
             layers.append(LayerWeights(
                 attn_norm=t("attn_norm").to_float().to(device=device, dtype=dtype),
-                qkv=build_linear([t("q"), t("k"), t("v")], weights, dtype, device),
-                o=build_linear([t("o")], weights, dtype, device),
+                qkv=linear([t("q"), t("k"), t("v")]),
+                o=linear([t("o")]),
                 ffn_norm=t("ffn_norm").to_float().to(device=device, dtype=dtype),
-                gate_up=build_linear([t("gate"), t("up")], weights, dtype, device),
-                down=build_linear([t("down")], weights, dtype, device),
+                gate_up=linear([t("gate"), t("up")]),
+                down=linear([t("down")]),
+                qkv_bias=torch.cat([t(b).to_float() for b in ("q_bias", "k_bias", "v_bias")]).to(
+                    device=device, dtype=dtype) if c.qkv_bias else None,
             ))
         embed = ckpt.tensor("embed").to_float().to(device=device, dtype=dtype)
         head_source = ckpt.tensor("embed" if c.tie_embeddings else "head")
         # The output head stays at 8 bits under int4 on the CPU, as llama.cpp keeps it: 4-bit
         # logits cost quality. A GPU has no int8 kernel; the head stays in the activation dtype.
-        head_format = weights if weights != "int4" else "int8" if on_cpu else "bf16"
+        head_format = weights if weights not in ("int4", "auto") else "int8" if on_cpu else "bf16"
         if head_format in ("fp32", "bf16") and c.tie_embeddings:
             head = DenseLinear(embed, device)  # tied: share the embedding table
         else:
             head = build_linear([head_source], head_format, dtype, device)
+        layer_formats = "+".join(sorted({f for _, f in became}))  # "int4+int8" from auto on a Q4_K_M file
+        became[(f"{head_source.kind} (output head)", head.format)] += 1
         norm = ckpt.tensor("norm").to_float().to(device=device, dtype=dtype)
-        return cls(c, layers, embed, norm, head, weights, dtype, device)
+        model = cls(c, layers, embed, norm, head, layer_formats if weights == "auto" else weights, dtype, device)
+        model.became = dict(became)
+        return model
 
     def new_cache(self, rows: int, max_len: int) -> KVCache:
         return KVCache(self.config, rows, max_len, self.dtype, self.device)
@@ -217,6 +233,8 @@ class LlamaModel:
         batch, steps, _ = x.shape
         heads, kv_heads, head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         qkv = layer.qkv(x)
+        if layer.qkv_bias is not None:
+            qkv = qkv + layer.qkv_bias
         if lora is not None:
             qkv = lora.apply(i, "qkv", x, qkv)
         qkv = qkv.view(batch, steps, heads + 2 * kv_heads, head_dim)

@@ -25,7 +25,13 @@ from sidecar.model.checkpoint import SourceTensor
 
 INT4_GROUP = 32
 QK_K, Q4_K_BYTES = 256, 144  # a K-quant super-block: values, and bytes of a Q4_K one
-COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
+COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16,
+                 "auto": torch.bfloat16}
+# `--weights auto` on a CPU, per matrix (docs/models.md): sources of 4 bits or fewer become int4 (Q4_0, Q4_1 and
+# Q4_K repacked exactly; Q2_K / Q3_K re-rounded onto int4's grid of 16 levels); 5 bits and more, floats
+# included, int8 per channel: never fewer bits than the file holds. A fused projection whose parts differ
+# (Q4_K_M's Q6_K attn_v beside Q4_K q and k) takes int8.
+INT4_SOURCES = ("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K")
 
 
 class DenseLinear:
@@ -34,6 +40,7 @@ class DenseLinear:
     def __init__(self, weight: torch.Tensor, device: str = "cpu"):
         self.weight = weight.to(device).contiguous()
         self.out_features, self.in_features = weight.shape
+        self.format = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weight.dtype, "fp32")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
@@ -44,6 +51,8 @@ class DenseLinear:
 
 class Int8Linear:
     """int8 weight [out, in] with one scale per output channel: W = q * scale[:, None]."""
+
+    format = "int8"
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
         self.qweight = qweight.contiguous()
@@ -72,6 +81,8 @@ class Int4Linear:
     `scales_and_zeros` is [in / 32, out, 2] in the activation dtype; `packed` is the CPU kernel's
     own layout of q.
     """
+
+    format = "int4"
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype,
                  device: str = "cpu"):
@@ -188,9 +199,12 @@ def build_linear(parts: list[SourceTensor], fmt: str, dtype: torch.dtype | None 
     """One linear layer from one or more stored matrices stacked along `out` (fused q/k/v, gate/up).
 
     `dtype` is the activation dtype; it defaults to the format's compute dtype. The weights are
-    prepared on the CPU and end on `device`.
+    prepared on the CPU and end on `device`. `fmt` "auto" picks int4 or int8 from the stored kinds
+    (INT4_SOURCES); the result's `format` says what it became.
     """
     dtype = dtype or COMPUTE_DTYPE[fmt]
+    if fmt == "auto":
+        fmt = "int4" if all(p.kind in INT4_SOURCES for p in parts) else "int8"
     out_features, in_features = sum(p.shape[0] for p in parts), parts[0].shape[1]
     on_cuda = torch.device(device).type == "cuda"
     int4_fits = Int4Linear.fits_cuda(out_features, in_features) if on_cuda else in_features % INT4_GROUP == 0

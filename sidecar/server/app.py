@@ -26,7 +26,7 @@ from sidecar.dialogue.retrieval import FactRetriever
 from sidecar.dialogue.session_file import SessionFile
 from sidecar.dialogue.sessions import SessionStore
 from sidecar.dialogue.turn import Dialogue
-from sidecar.errors import UserError
+from sidecar.errors import ModelFileError, UserError
 from sidecar.pb.npc.v1 import dialogue_pb2
 from sidecar.server.interceptors import BearerTokenAuth
 from sidecar.server.openai_http import OpenAiEndpoint
@@ -63,6 +63,10 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
         session_file.open(sessions)
     log.info("loading model", path=str(model_config.path), weights=model_config.weights, backend=backend)
     engine = await create_engine(backend, model_config, engine_config, remote)
+    if not engine.model.tokenizer.chat_template:  # every NPC prompt is built with it
+        await engine.shutdown()
+        raise ModelFileError(engine.model.path, "no chat template (tokenizer.chat_template): every NPC prompt is "
+                                                "built with the model's own template; use an instruct model's file")
     if server_config.limits.max_tokens >= engine.config.max_seq_len:
         await engine.shutdown()
         raise UserError(f"--limit max_tokens: must be below the context length ({engine.config.max_seq_len} tokens), "
