@@ -27,10 +27,10 @@ INT4_GROUP = 32
 QK_K, Q4_K_BYTES = 256, 144  # a K-quant super-block: values, and bytes of a Q4_K one
 COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16,
                  "auto": torch.bfloat16}
-# `--weights auto` on a CPU, per matrix (docs/models.md): sources of 4 bits or fewer become int4 (Q4_0, Q4_1 and
-# Q4_K repacked exactly; Q2_K / Q3_K re-rounded onto int4's grid of 16 levels); 5 bits and more, floats
-# included, int8 per channel: never fewer bits than the file holds. A fused projection whose parts differ
-# (Q4_K_M's Q6_K attn_v beside Q4_K q and k) takes int8.
+# `--weights auto` on a CPU, per matrix (docs/benchmarks.md, "What `--weights auto` picks"): sources of 4 bits
+# or fewer become int4 (Q4_0, Q4_1 and Q4_K repacked exactly; Q2_K / Q3_K re-rounded onto int4's grid of 16
+# levels); 5 bits and more, floats included, int8 per channel: never fewer bits than the file holds. A fused
+# projection whose parts differ (Q4_K_M's Q6_K attn_v beside Q4_K q and k) takes int8.
 INT4_SOURCES = ("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K")
 
 
