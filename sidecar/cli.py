@@ -91,7 +91,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           shutdown_grace_s=args.grace,
                           session_store=Path(args.session_store) if args.session_store else None,
                           max_session_turns=args.session_turns, limits=RequestLimits.parse(args.limit),
-                          openai_listen=args.openai_listen)
+                          openai_listen=args.openai_listen, fact_boost=args.fact_boost)
     engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting, cuda_graphs=args.cuda_graphs)
     model = ModelConfig(resolve_model_path(args.model), args.weights, args.device)
     remote = None
@@ -391,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change a request limit (repeatable): max_line_chars (2000), max_name_chars (64), "
                         "max_world_entries (32), max_world_key_chars (64), max_world_value_chars (500), "
                         "max_stop_strings (8), max_stop_chars (64), max_tokens (512)")
+    s.add_argument("--fact-boost", type=float, default=0.0, metavar="B",
+                   help="raise the tokens only a turn's facts bring by B logits (0-10; default 0, off): more facts "
+                        "stated, and more facts mixed up (docs/design-notes.md, \"Grounding\")")
     s.add_argument("--session-store", metavar="FILE",
                    help="keep sessions in FILE: every finished turn is written as it happens and restored at start "
                         "(default: memory only)")

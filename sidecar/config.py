@@ -206,6 +206,7 @@ class ServerConfig:
     session_store: Path | None = None  # sessions journaled to this file and restored at start; None: memory only
     limits: RequestLimits = RequestLimits()
     openai_listen: str | None = None  # HOST:PORT of the OpenAI-compatible HTTP endpoint; None: not served
+    fact_boost: float = 0.0  # logits added to the tokens only a turn's facts bring (dialogue/prompt.fact_bias; 0: off)
 
     def __post_init__(self) -> None:
         parse_listen("--listen", self.listen)
@@ -217,3 +218,5 @@ class ServerConfig:
             raise UserError(f"--grace: must be >= 0 seconds, got {self.shutdown_grace_s}")
         if self.max_sessions < 1 or self.max_session_turns < 1:
             raise UserError("max_sessions and max_session_turns must be at least 1")
+        if not 0 <= self.fact_boost <= 10:
+            raise UserError(f"--fact-boost: must be between 0 and 10, got {self.fact_boost}")

@@ -28,6 +28,7 @@ class RecordingEngine:
         self.model = SimpleNamespace(tokenizer=self.tokenizer)
         self.prompts = []
         self.background = []  # each request's Engine.submit(background=...)
+        self.sampling = []  # each request's SamplingParams
         self.full = False  # what queue_full() says
         self.replies = list(self.replies or [])
 
@@ -37,6 +38,7 @@ class RecordingEngine:
     def submit(self, prompt_ids, adapter, sampling, *, choices=None, timings=None, request_id=None, background=False):
         self.prompts.append(list(prompt_ids))
         self.background.append(background)
+        self.sampling.append(sampling)
         queue: asyncio.Queue = asyncio.Queue()
         rid = f"r{len(self.prompts)}"
         queue.put_nowait(EngineEvent("started", rid, prompt_tokens=len(prompt_ids)))

@@ -172,3 +172,7 @@ def test_check_model_names_what_each_kind_becomes(tmp_path):
     assert "Q6_K -> int8 x2" in out and "Q4_K -> int4 x12" in out
     rates = json.loads(npc("check-model", str(tmp_path / "qwen.gguf"), "--json").stdout)["decode_tokens_per_s"]
     assert set(rates) == {"1", "8"} and all(r > 0 for r in rates.values())
+
+
+def test_fact_boost_out_of_range_is_named():
+    _assert_user_error(npc("serve", "--fact-boost", "11", "--listen", "127.0.0.1:0"), "--fact-boost", "11")

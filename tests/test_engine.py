@@ -11,6 +11,7 @@ from sidecar.engine.api import AdapterRef, EngineEvent, QueueFull, SamplingParam
 from sidecar.engine.base_model import BaseModel
 from sidecar.engine.llm_engine import LLMEngine
 from sidecar.engine.tokenizer import ChatMessage
+from sidecar.errors import UserError
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 PERSONA = ("You are Brynja, the dwarven blacksmith of Greywater. You are gruff, proud of your craft, and you "
@@ -270,3 +271,29 @@ def test_int4_engine_batch_runs(models, tokenizer, model_path):
     ids = prompt(tokenizer, LINES[0])
     alone = models("int4").forward(torch.tensor([ids]), [0], [0], models("int4").new_cache(1, len(ids)))
     assert finished(events[0]).token_ids[0] == int(alone.argmax())
+
+
+def test_logit_bias_moves_only_its_own_row(base, tokenizer):
+    """A row's logit_bias is added before greedy choice: a bias that equals the gap between the top two tokens
+    plus a little flips the first choice to the runner-up; the other rows of the batch are untouched."""
+    from dataclasses import replace
+
+    ids = prompt(tokenizer, LINES[2])
+    logits = base.model.forward(torch.tensor([ids]), start=[0], rows=[0], cache=base.model.new_cache(1, len(ids)))[0]
+    top = logits.topk(2)
+    runner_up, gap = int(top.indices[1]), float(top.values[0] - top.values[1])
+    assert gap > 0.05  # no near-tie for float rounding to flip
+    biased = replace(GREEDY, max_tokens=1, logit_bias=((runner_up, gap + 0.5),))
+    plain = replace(GREEDY, max_tokens=1)
+    engine = LLMEngine(base, EngineConfig(max_batch=4, prefix_cache_mb=0))
+    events = [[], []]
+    engine.add(engine.make_sequence(ids, None, biased, events[0].append))
+    engine.add(engine.make_sequence(ids, None, plain, events[1].append))
+    while engine.has_work():
+        engine.step()
+    assert finished(events[0]).token_ids == (runner_up,)
+    assert finished(events[1]).token_ids == (int(top.indices[0]),)
+    with pytest.raises(UserError, match="logit_bias"):
+        engine.make_sequence(ids, None, replace(plain, logit_bias=((base.model.config.vocab_size, 1.0),)), print)
+    with pytest.raises(UserError, match="logit_bias"):
+        replace(plain, logit_bias=((5, float("inf")),))

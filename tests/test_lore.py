@@ -342,3 +342,38 @@ def test_long_term_memory_brings_back_what_left_the_window(tmp_path, tokenizer):
     # A line that refers to nothing old brings nothing back; a session without old turns has no memory block.
     assert "What you remember" not in asyncio.run(say("s", "How much is a sword?"))
     assert "What you remember" not in asyncio.run(say("fresh", "Do you remember my horse Clover?"))
+
+
+def test_a_turn_raises_the_tokens_only_its_facts_bring(tmp_path, tokenizer):
+    """prompt.fact_bias (`npc serve --fact-boost`): the price and the names in the facts block get
+    Grounding.fact_boost in the turn's sampling; a word the player or the persona already said does not, nor
+    does a control token; off by default."""
+    root = tmp_path / "characters"
+    shutil.copytree(REPO / "characters", root, ignore=shutil.ignore_patterns("adapter", "training", "*.jsonl"))
+    path = root / "blacksmith" / "character.yaml"
+    path.write_text("\n".join(x for x in path.read_text().splitlines() if not x.startswith("adapter:")))
+    engine = RecordingEngine(tokenizer)
+    line = "What does a sword cost here?"
+
+    def bias(grounding: Grounding) -> tuple:
+        retriever = FactRetriever(LoreLibrary(root / "lore"), grounding)
+        dialogue = Dialogue(engine, CharacterRegistry(root), SessionStore(), RequestLimits(), retriever)
+
+        async def run():
+            async for _ in dialogue.talk(TalkInput("blacksmith", "", line, world={}, player_name="")):
+                pass
+
+        asyncio.run(run())
+        return engine.sampling[-1].logit_bias
+
+    raised = bias(Grounding(fact_boost=2.0))
+    prompt = tokenizer.decode(engine.prompts[-1])
+    facts = prompt.split("What you know that bears on this:\n")[1].split("\nuser\n")[0]
+    assert "A sword costs 40 gold" in facts
+    pieces = {tokenizer.decode([token]) for token, _ in raised}
+    assert {"4", " Tor", "vik"} <= pieces and {b for _, b in raised} == {2.0}  # 40 gold; Torvik
+    assert not {" know", " bears"} & pieces  # the heading is no fact
+    assert all(piece in facts for piece in pieces)  # only what the facts say ...
+    spoken = set(tokenizer.encode_literal(line)) | tokenizer.special_ids
+    assert not spoken & {token for token, _ in raised}  # ... and not what the player said ("sword")
+    assert bias(Grounding()) == ()

@@ -27,7 +27,7 @@ Tokenizer.encode_chat keeps every message content literal, `<|im_end|>` included
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sidecar.dialogue.characters import Character
 from sidecar.dialogue.relationships import current_values, prompt_lines
@@ -171,6 +171,25 @@ def _grounding(facts: Sequence[str], memories: Sequence[str]) -> list[ChatMessag
     blocks = [f"{heading}\n" + "\n".join(f"- {_one_line(x)}" for x in items)
               for heading, items in ((FACTS_HEADING, facts), (MEMORY_HEADING, memories)) if items]
     return [ChatMessage("system", "\n\n".join(blocks))] if blocks else []
+
+
+def fact_bias(tokenizer: Tokenizer, messages: Sequence[ChatMessage], boost: float,
+              token_ids: Sequence[int] | None = None) -> tuple[tuple[int, float], ...]:
+    """The tokens only the facts block brings into the prompt (a price, a name, a place: those of the
+    prompt without it taken away, control tokens too), each to be raised by `boost` in the logits.
+
+    Given the right fact first, the small model still answers from habit about half the time; raising
+    the fact's own tokens makes copying from the block likelier, and mixing facts up too
+    (docs/design-notes.md, "Grounding": greedy fact accuracy 0.56 -> 0.68 on the four samples at 2.0,
+    sampled 0.53 -> 0.55). `npc serve --fact-boost`; off by default. `token_ids`: `messages` encoded, if known.
+    """
+    # The prompt with the block's heading but none of its lines: what only the facts bring is the difference.
+    plain = [replace(m, content=FACTS_HEADING) if m.content.startswith(FACTS_HEADING) else m for m in messages]
+    if boost == 0 or plain == list(messages):
+        return ()
+    ids = set(token_ids if token_ids is not None else tokenizer.encode_chat(messages))
+    only = ids - set(tokenizer.encode_chat(plain)) - set(tokenizer.special_ids)
+    return tuple((token, boost) for token in sorted(only))
 
 
 def fit_to_budget(tokenizer: Tokenizer, character: Character, history: Sequence[Turn], player_line: str,

@@ -23,7 +23,7 @@ import structlog
 from sidecar.config import RequestLimits
 from sidecar.dialogue.actions import Action, check_allowed, check_entities
 from sidecar.dialogue.characters import Character, Generation
-from sidecar.dialogue.prompt import Prompt, fit_to_budget
+from sidecar.dialogue.prompt import Prompt, fact_bias, fit_to_budget
 from sidecar.dialogue.registry import CharacterRegistry
 from sidecar.dialogue.relationships import RelationshipValue, current_values, effect_changes, prompt_lines
 from sidecar.dialogue.reply_format import Emotion, Rejected, ReplyFormat, ReplyParser, Text, reply_format
@@ -307,6 +307,9 @@ class Dialogue:
         with is left in `reply`. Close it (contextlib.aclosing) to cancel the reply. `background`: a scene's
         line, which lets players' replies go first (Engine.submit)."""
         parser = reply.parser
+        if facts:
+            sampling = replace(sampling, logit_bias=fact_bias(self.engine.model.tokenizer, prompt.messages,
+                                                              self.retriever.grounding.fact_boost, prompt.token_ids))
         request = self.submit(prompt.token_ids, adapter, sampling, timings=timings, background=background)
         self._open_turns += 1
         try:

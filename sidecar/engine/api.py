@@ -58,6 +58,9 @@ class SamplingParams:
     # Constrained decoding: the reply must match this Lark grammar (llguidance's dialect, `%json{...}`
     # embeds a JSON schema); engines whose `constrained_decoding` is False refuse it.
     grammar: str | None = None
+    # Added to the logits of these token ids at every step, before the grammar and sampling (OpenAI's
+    # logit_bias): the dialogue raises the tokens only a turn's facts bring (dialogue/prompt.fact_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -72,6 +75,8 @@ class SamplingParams:
             raise UserError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if any(not s for s in self.stop):
             raise UserError("stop strings must not be empty")
+        if any(token < 0 or not math.isfinite(bias) for token, bias in self.logit_bias):
+            raise UserError("logit_bias: token ids must be >= 0 and biases finite numbers")
         if self.grammar is not None and self.ignore_eos:
             raise UserError("a grammar decides where the reply ends: it cannot be combined with ignore_eos")
 

@@ -71,6 +71,9 @@ class LLMEngine:
         room = check_request([*prompt, *forced], choices, self.kv.cache.max_len, self.base.model.config.vocab_size)
         if adapter is not None and adapter.loaded is None:
             raise UserError(f"adapter {adapter.name!r}: not loaded (make refs with Engine.load_adapter)")
+        if any(token >= self.base.model.config.vocab_size for token, _ in params.logit_bias):
+            raise UserError(f"logit_bias: token ids must be below the vocabulary size "
+                            f"({self.base.model.config.vocab_size})")
         request_id = request_id or f"req-{next(_ids)}"
         tok = self.base.tokenizer
         out = RequestOutput(request_id, len(prompt), params, min(params.max_tokens, room + len(forced)),

@@ -114,6 +114,12 @@ class ModelRunner:
                       self.grammars.start_masks([s.matcher for s in constrained]))
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, masks: _Masks | None) -> list[int]:
+        biased = [b for b, s in enumerate(seqs) if s.params.logit_bias]
+        if biased:
+            logits = logits.float().clone()
+            for b in biased:
+                ids, values = zip(*seqs[b].params.logit_bias, strict=True)
+                logits[b, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
         rows = [b for b, s in enumerate(seqs) if masks is not None and id(s) in masks.index]
         if rows:  # the constrained rows' disallowed tokens go to -inf; free rows are left as they are
             bitmask = masks.bits.result()

@@ -161,6 +161,7 @@ class Tokenizer:
         self._literal = HfTokenizer.from_str(self._tok.to_str())
         self._literal.encode_special_tokens = True
         self.special_tokens = frozenset(special)
+        self.special_ids = frozenset(self._tok.token_to_id(s) for s in special)
         self._special_pattern = (
             re.compile("|".join(re.escape(s) for s in sorted(special, key=len, reverse=True))) if special else None
         )

@@ -22,7 +22,7 @@ from sidecar.backends import create_engine
 from sidecar.config import EngineConfig, ModelConfig, RemoteConfig, ServerConfig, parse_listen
 from sidecar.dialogue.lore import LORE_FOLDER, LoreLibrary
 from sidecar.dialogue.registry import CharacterRegistry
-from sidecar.dialogue.retrieval import FactRetriever
+from sidecar.dialogue.retrieval import FactRetriever, Grounding
 from sidecar.dialogue.session_file import SessionFile
 from sidecar.dialogue.sessions import SessionStore
 from sidecar.dialogue.turn import Dialogue
@@ -75,7 +75,8 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
     # Each character's adapter is validated against the base model before its version serves, and kept
     # in memory with it: a broken adapter keeps the last good version serving.
     # The lore beside the characters (characters/lore) is rescanned with them, on the same thread.
-    retriever = FactRetriever(LoreLibrary(server_config.characters / LORE_FOLDER))
+    retriever = FactRetriever(LoreLibrary(server_config.characters / LORE_FOLDER),
+                              Grounding(fact_boost=server_config.fact_boost))
     registry = CharacterRegistry(server_config.characters, adapter_loader=lambda c: engine.load_adapter(
         c.id, c.adapter_path, c.adapter_version or c.version, c.lora_scale), also_scan=retriever.reload)
     dialogue = Dialogue(engine, registry, sessions, server_config.limits, retriever)

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sidecar.dialogue.characters import Character
-from sidecar.dialogue.prompt import build_messages
+from sidecar.dialogue.prompt import build_messages, fact_bias
 from sidecar.dialogue.reply_format import reply_format
 from sidecar.dialogue.retrieval import FactRetriever
 from sidecar.engine.api import AdapterRef, SamplingParams
@@ -89,9 +89,10 @@ def score_facts(engine: OfflineEngine, character: Character, adapter: AdapterRef
         SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p, seed=s) for s in SEEDS]
     requests = []
     for q in questions:
-        ids = tok.encode_chat(build_messages(character, [], q.question, fmt=fmt,
-                                             facts=retriever.facts(character, q.question)))
-        requests += [Request(ids, adapter, fmt.sampling(p, 512)) for p in settings]
+        messages = build_messages(character, [], q.question, fmt=fmt, facts=retriever.facts(character, q.question))
+        ids = tok.encode_chat(messages)
+        bias = fact_bias(tok, messages, retriever.grounding.fact_boost, ids)  # as a served turn decodes
+        requests += [Request(ids, adapter, replace(fmt.sampling(p, 512), logit_bias=bias)) for p in settings]
     replies = [fmt.parse(event.text).text for event in engine.run(requests)]
     per = len(settings)
     right = [[answered(replies[i * per + j], q.answers) for j in range(per)] for i, q in enumerate(questions)]
