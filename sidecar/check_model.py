@@ -9,6 +9,7 @@ the server would give; the speed is the model's own forward step (prefill, then 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ def check_model(path: Path, weights: str = "auto", device: str = "cpu", batches:
     ckpt = load_checkpoint(path)
     base = load_base_model(ModelConfig(path, weights, device), progress=True)
     model, c = base.model, ckpt.config
-    parameters = sum(_numel(t.shape) for t in ckpt.tensors.values())
+    parameters = sum(math.prod(t.shape) for t in ckpt.tensors.values())
     tok = base.tokenizer
     return ModelCheck(
         path=Path(path), architecture=c.architecture, parameters=parameters, layers=c.num_layers,
@@ -78,13 +79,6 @@ def check_model(path: Path, weights: str = "auto", device: str = "cpu", batches:
         became=describe_formats(model), weights=model.weights, weight_bytes=_weight_bytes(model),
         kv_bytes_per_token=2 * c.num_layers * c.kv_size * torch.tensor([], dtype=model.dtype).element_size(),
         decode_tokens_per_s={b: _decode_rate(model, b, steps) for b in batches}, machine=machine_description())
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _weight_bytes(model: LlamaModel) -> int:

@@ -307,9 +307,10 @@ class Dialogue:
         with is left in `reply`. Close it (contextlib.aclosing) to cancel the reply. `background`: a scene's
         line, which lets players' replies go first (Engine.submit)."""
         parser = reply.parser
-        if facts:
-            sampling = replace(sampling, logit_bias=fact_bias(self.engine.model.tokenizer, prompt.messages,
-                                                              self.retriever.grounding.fact_boost, prompt.token_ids))
+        boost = self.retriever.grounding.fact_boost
+        if facts and boost:
+            sampling = replace(sampling, logit_bias=fact_bias(self.engine.model.tokenizer, prompt.messages, boost,
+                                                              prompt.token_ids))
         request = self.submit(prompt.token_ids, adapter, sampling, timings=timings, background=background)
         self._open_turns += 1
         try:

@@ -89,7 +89,8 @@ class _StepLayout:
 
 class LlamaModel:
     def __init__(self, config: LlamaConfig, layers: list[LayerWeights], embed: torch.Tensor, norm: torch.Tensor,
-                 head: Linear, weights: str, dtype: torch.dtype, device: str = "cpu"):
+                 head: Linear, weights: str, dtype: torch.dtype, device: str = "cpu",
+                 became: dict[tuple[str, str], int] | None = None):
         self.config = config
         self.device = torch.device(device)
         self.layers = layers
@@ -97,7 +98,7 @@ class LlamaModel:
         self.norm = norm
         self.head = head
         self.weights = weights  # the weight format: int4 | int8 | bf16 | fp32, or e.g. "int4+int8" from auto
-        self.became: dict[tuple[str, str], int] = {}  # (stored kind, format) -> matrices, for the startup log
+        self.became = became or {}  # (stored kind, format) -> matrices, for the startup log
         self.dtype = dtype  # activation dtype
         positions = torch.arange(config.max_position, dtype=torch.float32)
         angles = torch.outer(positions, config.inv_freq())  # [max_pos, head_dim / 2]
@@ -148,9 +149,8 @@ class LlamaModel:
         layer_formats = "+".join(sorted({f for _, f in became}))  # "int4+int8" from auto on a Q4_K_M file
         became[(f"{head_source.kind} (output head)", head.format)] += 1
         norm = ckpt.tensor("norm").to_float().to(device=device, dtype=dtype)
-        model = cls(c, layers, embed, norm, head, layer_formats if weights == "auto" else weights, dtype, device)
-        model.became = dict(became)
-        return model
+        return cls(c, layers, embed, norm, head, layer_formats if weights == "auto" else weights, dtype, device,
+                   dict(became))
 
     def new_cache(self, rows: int, max_len: int) -> KVCache:
         return KVCache(self.config, rows, max_len, self.dtype, self.device)
