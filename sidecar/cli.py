@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from sidecar.config import BACKENDS, WEIGHT_FORMATS, ModelConfig, resolve_model_path
+from sidecar.config import BACKENDS, FACT_CONTRAST, WEIGHT_FORMATS, ModelConfig, resolve_model_path
 from sidecar.errors import UserError
 
 
@@ -91,7 +91,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           shutdown_grace_s=args.grace,
                           session_store=Path(args.session_store) if args.session_store else None,
                           max_session_turns=args.session_turns, limits=RequestLimits.parse(args.limit),
-                          openai_listen=args.openai_listen, fact_boost=args.fact_boost)
+                          openai_listen=args.openai_listen, fact_boost=args.fact_boost,
+                          fact_contrast=_fact_contrast(args))
     engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting, cuda_graphs=args.cuda_graphs)
     model = ModelConfig(resolve_model_path(args.model), args.weights, args.device)
     remote = None
@@ -106,6 +107,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise UserError("--remote-url, --remote-model, --remote-adapter and --remote-timeout need --backend remote")
     asyncio.run(serve(server, model, engine, backend=args.backend, remote=remote))
     return 0
+
+
+def _fact_contrast(args: argparse.Namespace) -> float:
+    """--fact-contrast as given (refused where it cannot work), else the default where it can: the torch
+    backend with room for a reply's second row."""
+    able = args.backend == "torch" and args.max_batch >= 2
+    if args.fact_contrast is None:
+        return FACT_CONTRAST if able else 0.0
+    if args.fact_contrast and not able:
+        raise UserError(f"--fact-contrast: needs --backend torch and --max-batch 2 or more (a reply and its shadow "
+                        f"row), got --backend {args.backend} --max-batch {args.max_batch}; or --fact-contrast 0")
+    return args.fact_contrast
+
+
+def _add_grounding_flags(p: argparse.ArgumentParser) -> None:
+    """How replies lean on a turn's facts: `npc serve` decodes so, and `npc eval` scores replies decoded so."""
+    p.add_argument("--fact-contrast", type=float, metavar="W",
+                   help=f"decode each reply against its prompt without the facts, with weight W (0-4; default "
+                        f"{FACT_CONTRAST} on the torch backend with --max-batch 2 or more, else 0; 0 off): facts "
+                        "stated more often and mixed up less, for a second K/V row per reply (docs/design-notes.md, "
+                        "\"Grounding\")")
+    p.add_argument("--fact-boost", type=float, default=0.0, metavar="B",
+                   help="raise the tokens only a turn's facts bring by B logits (0-10; default 0, off): more facts "
+                        "stated, and more facts mixed up (docs/design-notes.md, \"Grounding\")")
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
@@ -160,9 +185,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from sidecar.config import ServerConfig
+    from sidecar.dialogue.retrieval import Grounding
     from sidecar.training.evaluate import evaluate_character
 
-    r = evaluate_character(Path(args.character_dir), resolve_model_path(args.model), args.weights, args.samples)
+    contrast = FACT_CONTRAST if args.fact_contrast is None else args.fact_contrast
+    served = ServerConfig(fact_boost=args.fact_boost, fact_contrast=contrast)  # checks the ranges
+    r = evaluate_character(Path(args.character_dir), resolve_model_path(args.model), args.weights, args.samples,
+                           grounding=Grounding(fact_boost=served.fact_boost, fact_contrast=served.fact_contrast))
     if args.json:
         print(json.dumps(r.to_json(), ensure_ascii=False))
         return 0
@@ -173,6 +203,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if r.facts is not None and r.facts_base is not None:
         print(f"  fact accuracy, sampled (greedy):   {r.facts.sampled:8.2f} ({r.facts.greedy:.2f}); "
               f"base model {r.facts_base.sampled:.2f} ({r.facts_base.greedy:.2f})")
+        print(f"  another fact stated instead:       {r.facts.mixed_sampled:8.2f} ({r.facts.mixed_greedy:.2f})")
     for s in r.samples:
         print(f"\n  player:    {s.player}\n  written:   {s.reference}\n  adapter:   {s.adapter}\n  base:      {s.base}")
     return 0
@@ -391,9 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change a request limit (repeatable): max_line_chars (2000), max_name_chars (64), "
                         "max_world_entries (32), max_world_key_chars (64), max_world_value_chars (500), "
                         "max_stop_strings (8), max_stop_chars (64), max_tokens (512)")
-    s.add_argument("--fact-boost", type=float, default=0.0, metavar="B",
-                   help="raise the tokens only a turn's facts bring by B logits (0-10; default 0, off): more facts "
-                        "stated, and more facts mixed up (docs/design-notes.md, \"Grounding\")")
+    _add_grounding_flags(s)
     s.add_argument("--session-store", metavar="FILE",
                    help="keep sessions in FILE: every finished turn is written as it happens and restored at start "
                         "(default: memory only)")
@@ -468,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("character_dir")
     _add_model_flags(e, device=False)
     e.add_argument("--samples", type=int, default=3, help="replies shown side by side")
+    _add_grounding_flags(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(run=_cmd_eval)
 

@@ -192,6 +192,11 @@ class RemoteConfig:
         return tuple(names)
 
 
+# How strongly a reply is decoded against its prompt without the facts (engine.api.Contrast): chosen by
+# `npc eval`'s fact accuracy on the samples (docs/design-notes.md, "Grounding").
+FACT_CONTRAST = 0.5
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """`npc serve`: where to listen, what to serve, how to stop."""
@@ -207,6 +212,7 @@ class ServerConfig:
     limits: RequestLimits = RequestLimits()
     openai_listen: str | None = None  # HOST:PORT of the OpenAI-compatible HTTP endpoint; None: not served
     fact_boost: float = 0.0  # logits added to the tokens only a turn's facts bring (dialogue/prompt.fact_bias; 0: off)
+    fact_contrast: float = FACT_CONTRAST  # weight of decoding against the prompt less the facts (engine.api.Contrast)
 
     def __post_init__(self) -> None:
         parse_listen("--listen", self.listen)
@@ -220,3 +226,5 @@ class ServerConfig:
             raise UserError("max_sessions and max_session_turns must be at least 1")
         if not 0 <= self.fact_boost <= 10:
             raise UserError(f"--fact-boost: must be between 0 and 10, got {self.fact_boost}")
+        if not 0 <= self.fact_contrast <= 4:
+            raise UserError(f"--fact-contrast: must be between 0 and 4, got {self.fact_contrast}")

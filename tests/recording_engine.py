@@ -20,6 +20,7 @@ class RecordingEngine:
     reply: str = "[x] Hm."
     name: str = "recording"
     constrained_decoding: bool = True
+    contrast_decoding: bool = True
     prompts: list = None
     replies: list = None
 

@@ -43,8 +43,10 @@ def characters(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def replies(characters) -> dict[tuple[str, str], tuple[pb.Started, str, pb.Finished]]:
     """(character, line) -> the server's greedy reply. fp32 weights, so that a second fp32 implementation can
-    match it token for token; all six Talks at once, so rows with and without the adapter share decode steps."""
-    server = SidecarProcess(characters, "--weights", "fp32")
+    match it token for token; all six Talks at once, so rows with and without the adapter share decode steps.
+    Plain decoding (--fact-contrast 0): decoding against the prompt without the facts has its own reference
+    (tests/test_engine.py)."""
+    server = SidecarProcess(characters, "--weights", "fp32", "--fact-contrast", "0")
     calls = [(cid, line) for cid in ("blacksmith", "plainsmith") for line in LINES]
 
     async def talk() -> list:

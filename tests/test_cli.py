@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sidecar.config import FACT_CONTRAST
 from tests.sidecar_process import REPO
 from tests.tiny import tiny_gguf
 
@@ -155,10 +156,14 @@ def test_warm_ttft_bench_sees_the_prefix_cache_serve_the_next_line(tmp_path):
               "--out", str(tmp_path / "out"))
     assert run.returncode == 0, run.stderr
     data = json.loads((tmp_path / "out" / "warm_ttft.json").read_text())
-    first, second = data["turns"]["blacksmith"]
-    assert first["cached_tokens"] == 0 and first["facts"] > 0 and second["facts"] > 0
-    # The persona block and the first exchange are served from the cache: all but the facts and the new line.
-    assert second["cached_tokens"] > first["prompt_tokens"] // 2, (first, second)
+    assert set(data["turns"]) == {str(w) for w in {0.0, FACT_CONTRAST}}  # with and without the shadow rows
+    for contrast, turns in data["turns"].items():
+        first, second = turns["blacksmith"]
+        assert first["facts"] > 0 and second["facts"] > 0
+        # Cold, nothing is cached; with a shadow (its prompt less the facts) prefilled first, the persona is.
+        assert first["cached_tokens"] == 0 if float(contrast) == 0 else first["cached_tokens"] >= 32
+        # The persona block and the first exchange are served from the cache: all but the facts and the new line.
+        assert second["cached_tokens"] > first["prompt_tokens"] // 2, (first, second)
 
 
 def test_check_model_names_what_each_kind_becomes(tmp_path):
@@ -176,3 +181,11 @@ def test_check_model_names_what_each_kind_becomes(tmp_path):
 
 def test_fact_boost_out_of_range_is_named():
     _assert_user_error(npc("serve", "--fact-boost", "11", "--listen", "127.0.0.1:0"), "--fact-boost", "11")
+
+
+def test_fact_contrast_out_of_range_or_where_it_cannot_work_is_named():
+    _assert_user_error(npc("serve", "--fact-contrast", "5", "--listen", "127.0.0.1:0"), "--fact-contrast", "5")
+    _assert_user_error(npc("serve", "--fact-contrast", "0.5", "--backend", "remote", "--remote-url", "http://x:1",
+                           "--listen", "127.0.0.1:0"), "--fact-contrast", "--backend remote")
+    _assert_user_error(npc("serve", "--fact-contrast", "0.5", "--max-batch", "1", "--listen", "127.0.0.1:0"),
+                       "--fact-contrast", "--max-batch 1")

@@ -297,3 +297,96 @@ def test_logit_bias_moves_only_its_own_row(base, tokenizer):
         engine.make_sequence(ids, None, replace(plain, logit_bias=((base.model.config.vocab_size, 1.0),)), print)
     with pytest.raises(UserError, match="logit_bias"):
         replace(plain, logit_bias=((5, float("inf")),))
+
+
+FACTS = "What you know that bears on this:\n- A sword costs 40 gold.\n- Torvik keeps the tavern by the north gate."
+
+
+def _contrast_reference(peft_model, adapter: str | None, with_ids: list[int], without_ids: list[int], weight: float,
+                        steps: int) -> list[int]:
+    """Greedy context-aware decoding the slow way: transformers + PEFT in float32, both prompts run whole at
+    every step, (1 + w) log p - w log q among the tokens with p >= 0.1 max p."""
+    import contextlib
+    import math
+
+    out: list[int] = []
+    for _ in range(steps):
+        with torch.no_grad(), (peft_model.disable_adapter() if adapter is None else contextlib.nullcontext()):
+            if adapter is not None:
+                peft_model.set_adapter(adapter)
+            logp = torch.log_softmax(peft_model(torch.tensor([with_ids + out])).logits[0, -1].double(), -1)
+            logq = torch.log_softmax(peft_model(torch.tensor([without_ids + out])).logits[0, -1].double(), -1)
+        mixed = ((1 + weight) * logp - weight * logq).masked_fill(logp < logp.max() + math.log(0.1), -math.inf)
+        out.append(int(mixed.argmax()))
+    return out
+
+
+def test_contrast_decodes_as_transformers_and_peft_do_it_the_slow_way(base, tokenizer, peft_reference):
+    """Contrasted replies (each with its shadow row) under different adapters and none, batched with a plain
+    reply in a batch too small to hold them all at once, each equal to the slow float32 loop; the plain reply
+    equals its solo run, and contrast changed what the replies say."""
+    from dataclasses import replace
+
+    from sidecar.engine.api import Contrast
+
+    adapters = refs(peft_reference, base)
+    line = "How much for a sword, and who keeps the tavern?"
+    with_ids = tokenizer.encode_chat([ChatMessage("system", PERSONA), ChatMessage("system", FACTS),
+                                      ChatMessage("user", line)])
+    without_ids = prompt(tokenizer, line)
+    contrasted = replace(GREEDY, contrast=Contrast(tuple(without_ids), weight=1.0))
+    engine = LLMEngine(base, EngineConfig(max_batch=4))
+    names = ["alpha", None, "beta"]
+    events = [[] for _ in range(4)]
+    for i, name in enumerate(names):
+        engine.add(engine.make_sequence(with_ids, adapters[name] if name else None, contrasted, events[i].append))
+    engine.add(engine.make_sequence(prompt(tokenizer, LINES[4]), adapters["gamma"], GREEDY, events[3].append))
+    most_rows = 0
+    while engine.has_work():
+        engine.step()
+        most_rows = max(most_rows, len(engine.kv.running))
+        assert len(engine.scheduler.active()) <= 3  # shadows are not replies of their own
+    assert most_rows == 4 and not engine.kv.running and engine.adapters.resident()  # all rows given back
+    # Cold, the first reply still prefills only its facts and line: its shadow left the persona in the cache.
+    assert events[0][0].kind == "started" and events[0][0].cached_tokens >= 32
+    peft_model, changed = peft_reference[0], 0
+    for i, name in enumerate(names):
+        expected = _contrast_reference(peft_model, name, with_ids, without_ids, 1.0, GREEDY.max_tokens)
+        assert list(finished(events[i]).token_ids) == expected, name
+        plain = run(LLMEngine(base, EngineConfig(max_batch=4)), [(with_ids, adapters[name] if name else None)])
+        changed += finished(plain[0]).token_ids != finished(events[i]).token_ids
+    assert changed >= 2  # the contrast bit (one random adapter repeats "A sword." either way)
+    alone = run(LLMEngine(base, EngineConfig(max_batch=4)), [(prompt(tokenizer, LINES[4]), adapters["gamma"])])
+    assert finished(events[3]).token_ids == finished(alone[0]).token_ids
+
+
+def test_contrast_bad_input_and_cancel_free_both_rows(base, tokenizer):
+    from dataclasses import replace
+
+    from sidecar.engine.api import Contrast
+
+    ids = prompt(tokenizer, LINES[0])
+    contrasted = replace(GREEDY, max_tokens=50, contrast=Contrast(tuple(prompt(tokenizer, LINES[1])), 0.5))
+    with pytest.raises(UserError, match="contrast: weight"):
+        Contrast((1, 2), 0.0)
+    with pytest.raises(UserError, match="contrast: prompt_without is empty"):
+        Contrast((), 0.5)
+    with pytest.raises(UserError, match="max_batch >= 2"):
+        LLMEngine(base, EngineConfig(max_batch=1)).make_sequence(ids, None, contrasted, print)
+    engine = LLMEngine(base, EngineConfig(max_batch=2, prefix_cache_mb=0))
+    with pytest.raises(UserError, match="choices"):
+        engine.make_sequence(ids, None, contrasted, print, choices=[[5]])
+    # Cancelled after its shadow's prompt went through (the reply's is next), and while both decode.
+    for steps_before_cancel in (1, 4):
+        events = []
+        seq = engine.make_sequence(ids, None, contrasted, events.append)
+        engine.add(seq)
+        for _ in range(steps_before_cancel):
+            engine.step()
+        assert (seq.shadow.status.value, len(engine.kv.running)) == (("prefilling", 0) if steps_before_cancel == 1
+                                                                      else ("running", 2))
+        engine.abort(seq)
+        while engine.has_work():
+            engine.step()
+        assert finished(events).finish_reason == "cancelled" and not engine.kv.running
+        assert seq.shadow.status.value == "finished" and engine.scheduler.prefilling is None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import RequestLimits
+from sidecar.config import FACT_CONTRAST, RequestLimits
 from sidecar.dialogue.characters import load_character
 from sidecar.dialogue.lore import LoreError, LoreLibrary, read_lore_file, read_world
 from sidecar.dialogue.registry import CharacterRegistry
@@ -344,29 +344,35 @@ def test_long_term_memory_brings_back_what_left_the_window(tmp_path, tokenizer):
     assert "What you remember" not in asyncio.run(say("fresh", "Do you remember my horse Clover?"))
 
 
+def _sample_characters(tmp_path) -> Path:
+    """The sample characters without their adapters (RecordingEngine has no model to check them against)."""
+    root = tmp_path / "characters"
+    shutil.copytree(REPO / "characters", root, ignore=shutil.ignore_patterns("adapter", "training", "*.jsonl"))
+    for path in root.glob("*/character.yaml"):
+        path.write_text("\n".join(x for x in path.read_text().splitlines() if not x.startswith("adapter:")))
+    return root
+
+
+def _turn_sampling(root: Path, engine, grounding: Grounding, line: str):
+    """The SamplingParams a blacksmith turn on `line` submits under `grounding`."""
+    retriever = FactRetriever(LoreLibrary(root / "lore"), grounding)
+    dialogue = Dialogue(engine, CharacterRegistry(root), SessionStore(), RequestLimits(), retriever)
+
+    async def run():
+        async for _ in dialogue.talk(TalkInput("blacksmith", "", line, world={}, player_name="")):
+            pass
+
+    asyncio.run(run())
+    return engine.sampling[-1]
+
+
 def test_a_turn_raises_the_tokens_only_its_facts_bring(tmp_path, tokenizer):
     """prompt.fact_bias (`npc serve --fact-boost`): the price and the names in the facts block get
     Grounding.fact_boost in the turn's sampling; a word the player or the persona already said does not, nor
     does a control token; off by default."""
-    root = tmp_path / "characters"
-    shutil.copytree(REPO / "characters", root, ignore=shutil.ignore_patterns("adapter", "training", "*.jsonl"))
-    path = root / "blacksmith" / "character.yaml"
-    path.write_text("\n".join(x for x in path.read_text().splitlines() if not x.startswith("adapter:")))
-    engine = RecordingEngine(tokenizer)
+    root, engine = _sample_characters(tmp_path), RecordingEngine(tokenizer)
     line = "What does a sword cost here?"
-
-    def bias(grounding: Grounding) -> tuple:
-        retriever = FactRetriever(LoreLibrary(root / "lore"), grounding)
-        dialogue = Dialogue(engine, CharacterRegistry(root), SessionStore(), RequestLimits(), retriever)
-
-        async def run():
-            async for _ in dialogue.talk(TalkInput("blacksmith", "", line, world={}, player_name="")):
-                pass
-
-        asyncio.run(run())
-        return engine.sampling[-1].logit_bias
-
-    raised = bias(Grounding(fact_boost=2.0))
+    raised = _turn_sampling(root, engine, Grounding(fact_boost=2.0), line).logit_bias
     prompt = tokenizer.decode(engine.prompts[-1])
     facts = prompt.split("What you know that bears on this:\n")[1].split("\nuser\n")[0]
     assert "A sword costs 40 gold" in facts
@@ -376,4 +382,22 @@ def test_a_turn_raises_the_tokens_only_its_facts_bring(tmp_path, tokenizer):
     assert all(piece in facts for piece in pieces)  # only what the facts say ...
     spoken = set(tokenizer.encode_literal(line)) | tokenizer.special_ids
     assert not spoken & {token for token, _ in raised}  # ... and not what the player said ("sword")
-    assert bias(Grounding()) == ()
+    assert _turn_sampling(root, engine, Grounding(), line).logit_bias == ()
+
+
+def test_a_turn_decodes_against_its_prompt_without_the_facts(tmp_path, tokenizer):
+    """`npc serve --fact-contrast W`: the turn's sampling carries the same prompt less the facts' message
+    (engine.api.Contrast, weight W), which shares everything before that message with the prompt (so the
+    prefix cache serves both) and still ends with the player's line; on by default, off at 0."""
+    root, engine = _sample_characters(tmp_path), RecordingEngine(tokenizer)
+    line = "What does a sword cost here?"
+    contrast = _turn_sampling(root, engine, Grounding(fact_contrast=0.5), line).contrast
+    prompt, without = tokenizer.decode(engine.prompts[-1]), tokenizer.decode(list(contrast.prompt_without))
+    assert contrast.weight == 0.5 and "A sword costs 40 gold" in prompt
+    assert "What you know" not in without and "40 gold" not in without
+    head = prompt.split("system\nWhat you know")[0]  # (decoded without the control tokens)
+    assert without == head + prompt[prompt.rindex("user\n" + line):]
+    assert _turn_sampling(root, engine, Grounding(), line).contrast.weight == FACT_CONTRAST
+    assert _turn_sampling(root, engine, Grounding(fact_contrast=0), line).contrast is None
+    engine.contrast_decoding = False  # a backend that cannot (remote, TensorRT-LLM): decoded plainly
+    assert _turn_sampling(root, engine, Grounding(fact_contrast=0.5), line).contrast is None

@@ -52,7 +52,7 @@ def _line(*turns: str, emotion: str = "gruff", actions: list | None = None, **ex
 def _character(root: Path, lines: list[str]) -> Path:
     folder = root / "smith"
     shutil.copytree(REPO / "characters" / "blacksmith", folder, ignore=shutil.ignore_patterns(
-        "adapter", "training", "dialogue.jsonl"))
+        "adapter", "training", "dialogue.jsonl", "facts.jsonl"))  # (the fact score: tests/test_facts.py)
     yaml = (folder / "character.yaml").read_text().replace("id: blacksmith", "id: smith")
     (folder / "character.yaml").write_text("\n".join(x for x in yaml.splitlines() if not x.startswith("adapter:")))
     (folder / "dialogue.jsonl").write_text("\n".join(lines) + "\n")

@@ -71,6 +71,8 @@ class LiveRequests:
         `score(live, prompt, candidates)` for a choices request."""
         if sampling.grammar is not None and not constrained:
             raise UserError("this backend does not constrain decoding to a grammar (the torch backend does)")
+        if sampling.contrast is not None:
+            raise UserError("this backend does not decode against a second prompt (contrast; the torch backend does)")
         room = check_request(prompt_ids, choices, max_len, vocab_size)
         prompt = list(prompt_ids)
         if choices is not None:

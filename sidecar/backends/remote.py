@@ -131,6 +131,7 @@ class RemoteEngine(Engine):
 
     name = "remote"
     constrained_decoding = True  # the grammar goes to the remote (openai_wire.completion_body)
+    contrast_decoding = False  # no OpenAI field for a second prompt: SamplingParams.contrast is refused (live.py)
 
     def __init__(self, model: ModelInfo, config: EngineConfig, remote: RemoteConfig, session: aiohttp.ClientSession,
                  base_model: str, listed: tuple[str, ...]):

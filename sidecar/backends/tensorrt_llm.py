@@ -225,6 +225,7 @@ class TensorRtLlmEngine(Engine):
 
     name = "tensorrt-llm"  # ServerInfo.backend
     constrained_decoding = False  # SamplingParams.grammar is refused (backends/live.py)
+    contrast_decoding = False  # SamplingParams.contrast is refused (backends/live.py)
 
     def __init__(self, model_path: Path, config: EngineConfig | None = None, *, max_cpu_loras: int | None = None,
                  llm_kwargs: dict[str, Any] | None = None, api: Any = None):

@@ -7,7 +7,9 @@ A real `npc serve` (bench/server_process.py) on the characters folder. For each 
 for), greedy, `--tokens` tokens each, one after another. The first line of each character is cold (nothing
 of it cached), the next ones warm. Reported per character: prompt tokens, tokens served from the prefix
 cache (Started.cached_prompt_tokens) and time to first token (Finished.timings.first_token_ms), first line
-against the median of the others.
+against the median of the others; and the whole reply's time (Finished.timings.total_ms). Each session runs
+once per `--fact-contrast` weight (0 and the default: what decoding against the prompt without the facts
+costs, in the same run).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from sidecar.bench.report import machine_description, markdown_table, write_report
 from sidecar.bench.server_process import BenchServer
+from sidecar.config import FACT_CONTRAST
 from sidecar.figures import pyplot
 
 
@@ -31,6 +34,7 @@ class WarmTtftConfig:
     turns: int = 6
     tokens: int = 16
     out_dir: Path = Path("docs/bench")
+    contrasts: tuple[float, ...] = tuple(sorted({0.0, FACT_CONTRAST}))  # npc serve --fact-contrast, each in turn
 
 
 async def _session(address: str, cid: str, questions: list[str], tokens: int) -> list[dict]:
@@ -44,7 +48,8 @@ async def _session(address: str, cid: str, questions: list[str], tokens: int) ->
                                                     options=pb.GenerationOptions(max_tokens=tokens, temperature=0.0))
             rows.append({"question": question, "prompt_tokens": started.prompt_tokens,
                          "cached_tokens": started.cached_prompt_tokens, "facts": len(started.facts),
-                         "history_turns": started.history_turns, "first_token_ms": finished.timings.first_token_ms})
+                         "history_turns": started.history_turns, "first_token_ms": finished.timings.first_token_ms,
+                         "total_ms": finished.timings.total_ms})
     return rows
 
 
@@ -60,36 +65,45 @@ def run_warm_ttft_bench(cfg: WarmTtftConfig, command: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="npc-bench-ttft-") as tmp:
         root = Path(tmp) / "characters"
         shutil.copytree(cfg.characters, root)
-        server = BenchServer.start(root, Path(tmp) / "server.log")
-        try:
-            results = {cid: asyncio.run(_session(server.address, cid, qs, cfg.tokens)) for cid, qs in questions.items()}
-        finally:
-            server.stop()
-    summary = {cid: {"cold_ms": rows[0]["first_token_ms"], "cold_prompt": rows[0]["prompt_tokens"],
-                     "cold_cached": rows[0]["cached_tokens"],
-                     "warm_ms": statistics.median(r["first_token_ms"] for r in rows[1:]),
-                     "warm_prompt": statistics.median(r["prompt_tokens"] for r in rows[1:]),
-                     "warm_cached": statistics.median(r["cached_tokens"] for r in rows[1:])}
-               for cid, rows in results.items() if len(rows) > 1}
+        results = {}
+        for contrast in cfg.contrasts:  # a fresh server each: nothing cached from the other weight
+            server = BenchServer.start(root, Path(tmp) / "server.log", "--fact-contrast", str(contrast))
+            try:
+                results[contrast] = {cid: asyncio.run(_session(server.address, cid, qs, cfg.tokens))
+                                     for cid, qs in questions.items()}
+            finally:
+                server.stop()
+    summary = {f"{cid} @ {contrast}": {
+        "cold_ms": rows[0]["first_token_ms"], "cold_prompt": rows[0]["prompt_tokens"],
+        "cold_cached": rows[0]["cached_tokens"],
+        "warm_ms": statistics.median(r["first_token_ms"] for r in rows[1:]),
+        "warm_prompt": statistics.median(r["prompt_tokens"] for r in rows[1:]),
+        "warm_cached": statistics.median(r["cached_tokens"] for r in rows[1:]),
+        "warm_total_ms": statistics.median(r["total_ms"] for r in rows[1:])}
+        for contrast, by_character in results.items() for cid, rows in by_character.items() if len(rows) > 1}
     data = {"machine": machine_description(), "command": command, "tokens": cfg.tokens, "summary": summary,
-            "turns": results}
-    table = [[cid, f"{s['cold_prompt']} / {s['cold_cached']}", f"{s['cold_ms']:.0f}",
+            "turns": {str(contrast): by_character for contrast, by_character in results.items()}}
+    table = [[*key.split(" @ "), f"{s['cold_prompt']} / {s['cold_cached']}", f"{s['cold_ms']:.0f}",
               f"{s['warm_prompt']:.0f} / {s['warm_cached']:.0f}", f"{s['warm_ms']:.0f}",
-              f"{s['warm_ms'] / s['cold_ms']:.2f}x"] for cid, s in summary.items()]
+              f"{s['warm_ms'] / s['cold_ms']:.2f}x", f"{s['warm_total_ms']:.0f}"] for key, s in summary.items()]
     markdown = "\n\n".join([
         "# Warm time to first token with the facts block (`npc bench --scenario warm-ttft`)",
         f"`{command}` on {data['machine'].get('cpu', 'this machine')}: per character one session of "
         f"{cfg.turns} questions from its facts.jsonl, greedy, {cfg.tokens} tokens each; the first line cold, "
-        "the others warm (median).",
-        markdown_table(["character", "first: prompt / cached tokens", "first: TTFT ms",
-                        "next (median): prompt / cached tokens", "next: TTFT ms", "next / first"], table),
+        "the others warm (median); once with `--fact-contrast 0` and once with each other weight listed (a "
+        "second K/V row per reply, its prompt less the facts).",
+        markdown_table(["character", "--fact-contrast", "first: prompt / cached tokens", "first: TTFT ms",
+                        "next (median): prompt / cached tokens", "next: TTFT ms", "next / first",
+                        "next: whole reply ms"], table),
     ])
 
     def plot(path: Path) -> None:
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4))
-        for cid, rows in results.items():
-            ax.plot(range(1, len(rows) + 1), [r["first_token_ms"] for r in rows], "o-", label=cid)
+        for contrast, by_character in results.items():
+            for cid, rows in by_character.items():
+                ax.plot(range(1, len(rows) + 1), [r["first_token_ms"] for r in rows], "o-" if contrast else "x--",
+                        label=f"{cid}, contrast {contrast}")
         ax.set_xlabel("line of the session")
         ax.set_ylabel("time to first token (ms)")
         ax.set_title("First line cold, then warm (facts block in every prompt)")

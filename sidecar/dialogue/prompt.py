@@ -33,6 +33,7 @@ from sidecar.dialogue.characters import Character
 from sidecar.dialogue.relationships import current_values, prompt_lines
 from sidecar.dialogue.reply_format import ReplyFormat, render_reply
 from sidecar.dialogue.sessions import Turn
+from sidecar.engine.api import Contrast, SamplingParams
 from sidecar.engine.tokenizer import ChatMessage, Tokenizer
 from sidecar.errors import UserError
 
@@ -173,23 +174,42 @@ def _grounding(facts: Sequence[str], memories: Sequence[str]) -> list[ChatMessag
     return [ChatMessage("system", "\n\n".join(blocks))] if blocks else []
 
 
-def fact_bias(tokenizer: Tokenizer, messages: Sequence[ChatMessage], boost: float,
-              token_ids: Sequence[int] | None = None) -> tuple[tuple[int, float], ...]:
-    """The tokens only the facts block brings into the prompt (a price, a name, a place: those of the
-    prompt without it taken away, control tokens too), each to be raised by `boost` in the logits.
+def grounded_sampling(tokenizer: Tokenizer, messages: Sequence[ChatMessage], token_ids: Sequence[int],
+                      sampling: SamplingParams, boost: float = 0.0, contrast: float = 0.0) -> SamplingParams:
+    """`sampling` for a prompt whose facts block should weigh more than the adapter's habits: its facts'
+    own tokens raised by `boost` (fact_bias), and/or each token decoded against the prompt without the
+    facts with weight `contrast` (engine.api.Contrast). Unchanged when the prompt carries no facts or
+    both are 0 (npc serve --fact-boost / --fact-contrast; docs/design-notes.md, "Grounding")."""
+    plain = [replace(m, content=FACTS_HEADING) if m.content.startswith(FACTS_HEADING) else m for m in messages]
+    if plain == list(messages):
+        return sampling
+    if boost:
+        sampling = replace(sampling, logit_bias=fact_bias(tokenizer, token_ids, plain, boost))
+    if contrast:
+        without = [m for m in (_without_facts(m) for m in messages) if m is not None]
+        sampling = replace(sampling, contrast=Contrast(tuple(tokenizer.encode_chat(without)), contrast))
+    return sampling
+
+
+def fact_bias(tokenizer: Tokenizer, token_ids: Sequence[int], plain: Sequence[ChatMessage],
+              boost: float) -> tuple[tuple[int, float], ...]:
+    """The tokens only the facts block brings into the prompt `token_ids` (a price, a name, a place:
+    those of `plain`, the prompt with the block's heading but none of its lines, taken away, control
+    tokens too), each to be raised by `boost` in the logits.
 
     Given the right fact first, the small model still answers from habit about half the time; raising
-    the fact's own tokens makes copying from the block likelier, and mixing facts up too
-    (docs/design-notes.md, "Grounding": greedy fact accuracy 0.56 -> 0.68 on the four samples at 2.0,
-    sampled 0.53 -> 0.55). `npc serve --fact-boost`; off by default. `token_ids`: `messages` encoded, if known.
+    the fact's own tokens makes copying from the block likelier, and mixing facts up too.
     """
-    # The prompt with the block's heading but none of its lines: what only the facts bring is the difference.
-    plain = [replace(m, content=FACTS_HEADING) if m.content.startswith(FACTS_HEADING) else m for m in messages]
-    if boost == 0 or plain == list(messages):
-        return ()
-    ids = set(token_ids if token_ids is not None else tokenizer.encode_chat(messages))
-    only = ids - set(tokenizer.encode_chat(plain)) - set(tokenizer.special_ids)
+    only = set(token_ids) - set(tokenizer.encode_chat(plain)) - set(tokenizer.special_ids)
     return tuple((token, boost) for token in sorted(only))
+
+
+def _without_facts(message: ChatMessage) -> ChatMessage | None:
+    """The grounding message less its facts (memories stay); None when nothing is left."""
+    if not message.content.startswith(FACTS_HEADING):
+        return message
+    rest = message.content.split("\n\n" + MEMORY_HEADING, 1)
+    return replace(message, content=MEMORY_HEADING + rest[1]) if len(rest) == 2 else None
 
 
 def fit_to_budget(tokenizer: Tokenizer, character: Character, history: Sequence[Turn], player_line: str,

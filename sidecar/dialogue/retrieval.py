@@ -22,6 +22,7 @@ import bm25s
 import numpy as np
 import Stemmer
 
+from sidecar.config import FACT_CONTRAST
 from sidecar.dialogue.characters import Character
 from sidecar.dialogue.embeddings import Embedder, shared_embedder
 from sidecar.dialogue.lore import LoreLibrary, LoreSnapshot
@@ -55,6 +56,7 @@ class Grounding:
     max_memories: int = 2
     memory_chars: int = 160  # of each side of a remembered exchange
     fact_boost: float = 0.0  # logits added to the tokens only the facts bring (prompt.fact_bias; 0: none)
+    fact_contrast: float = FACT_CONTRAST  # weight of decoding against the prompt less the facts (engine.api.Contrast)
 
 
 class _Index:

@@ -23,7 +23,7 @@ import structlog
 from sidecar.config import RequestLimits
 from sidecar.dialogue.actions import Action, check_allowed, check_entities
 from sidecar.dialogue.characters import Character, Generation
-from sidecar.dialogue.prompt import Prompt, fact_bias, fit_to_budget
+from sidecar.dialogue.prompt import Prompt, fit_to_budget, grounded_sampling
 from sidecar.dialogue.registry import CharacterRegistry
 from sidecar.dialogue.relationships import RelationshipValue, current_values, effect_changes, prompt_lines
 from sidecar.dialogue.reply_format import Emotion, Rejected, ReplyFormat, ReplyParser, Text, reply_format
@@ -307,10 +307,11 @@ class Dialogue:
         with is left in `reply`. Close it (contextlib.aclosing) to cancel the reply. `background`: a scene's
         line, which lets players' replies go first (Engine.submit)."""
         parser = reply.parser
-        boost = self.retriever.grounding.fact_boost
-        if facts and boost:
-            sampling = replace(sampling, logit_bias=fact_bias(self.engine.model.tokenizer, prompt.messages, boost,
-                                                              prompt.token_ids))
+        grounding = self.retriever.grounding
+        if facts:
+            sampling = grounded_sampling(self.engine.model.tokenizer, prompt.messages, prompt.token_ids, sampling,
+                                         grounding.fact_boost,
+                                         grounding.fact_contrast if self.engine.contrast_decoding else 0.0)
         request = self.submit(prompt.token_ids, adapter, sampling, timings=timings, background=background)
         self._open_turns += 1
         try:

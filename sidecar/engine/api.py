@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from sidecar.model.config import LlamaConfig
     from sidecar.model.lora import LoraAdapter
 
-__all__ = ["AdapterError", "AdapterRef", "BackendUnavailable", "Engine", "EngineEvent", "EngineStats", "GrammarError",
-           "ModelInfo", "QueueFull", "RequestStream", "SamplingParams", "Timings"]
+__all__ = ["AdapterError", "AdapterRef", "BackendUnavailable", "Contrast", "Engine", "EngineEvent", "EngineStats",
+           "GrammarError", "ModelInfo", "QueueFull", "RequestStream", "SamplingParams", "Timings"]
 
 
 class QueueFull(Exception):
@@ -43,6 +43,26 @@ class GrammarError(UserError):
 
 class BackendUnavailable(Exception):
     """The model server behind the sidecar cannot be reached or failed to answer (gRPC UNAVAILABLE)."""
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """Context-aware decoding (Shi et al. 2023): every token is chosen from
+    (1 + weight) x log p(token | prompt) - weight x log p(token | prompt_without), among the tokens at
+    least PLAUSIBLE x as likely as the best under the prompt. What the prompt holds beyond
+    `prompt_without` (a turn's facts) then counts for more than the adapter's habits. The torch engine
+    decodes `prompt_without` in a second K/V row beside the reply, under the same adapter."""
+
+    prompt_without: tuple[int, ...]
+    weight: float
+
+    PLAUSIBLE = 0.1  # Li et al. 2023's cut: a token the prompt itself finds unlikely is never promoted
+
+    def __post_init__(self) -> None:
+        if not self.prompt_without:
+            raise UserError("contrast: prompt_without is empty")
+        if not math.isfinite(self.weight) or not 0 < self.weight <= 4:
+            raise UserError(f"contrast: weight must be in (0, 4], got {self.weight}")
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,8 @@ class SamplingParams:
     # Added to the logits of these token ids at every step, before the grammar and sampling (OpenAI's
     # logit_bias): the dialogue raises the tokens only a turn's facts bring (dialogue/prompt.fact_bias).
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Decode against a second prompt (Contrast); engines that cannot take it refuse it at submit.
+    contrast: Contrast | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -223,6 +245,7 @@ class Engine(Protocol):
 
     name: str  # what ServerInfo.backend says: "torch-cpu", "torch-cuda", "remote", "tensorrt-llm"
     constrained_decoding: bool  # whether SamplingParams.grammar is honoured (else submit refuses it)
+    contrast_decoding: bool  # whether SamplingParams.contrast is honoured (else submit refuses it)
     config: EngineConfig  # limits; max_seq_len is what a prompt + reply may take on this backend
     model: ModelInfo
 

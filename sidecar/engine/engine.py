@@ -66,6 +66,7 @@ class AsyncEngine(Engine):
             model = self.base.model
             self.name = f"torch-{model.device}"
             self.constrained_decoding = True
+            self.contrast_decoding = self.config.max_batch >= 2  # a reply and its shadow row (LLMEngine.make_sequence)
             self.config = replace(self.config, max_seq_len=self.core.kv.cache.max_len)  # what a KV row holds
             self.model = ModelInfo(self.base.path, model.weights, str(model.device), self.base.tokenizer,
                                    model.config)

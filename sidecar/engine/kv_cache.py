@@ -2,10 +2,11 @@
 computed once (`PrefixCache`). The only module that moves K/V between rows.
 
 Rows: running sequences occupy rows 0..n-1 of the model's KVCache, in the order of the running
-list, so a decode step reads the cache as a view. One extra row at the end is the staging row
-where a new prompt is prefilled (and a scoring request's candidates are scored); when a reply's
-prefill completes it is copied into row n. When a sequence leaves, the last running row moves
-into its place.
+list, so a decode step reads the cache as a view. One extra row after them is the staging row
+where a new prompt is prefilled (and a scoring request's candidates are scored), and one more the
+shadow's staging row (a contrasted reply's second prompt, Sequence.shadow); when a reply's
+prefill completes it is copied into row n (its shadow into n + 1). When a sequence leaves, the last
+running row moves into its place.
 
 Prefix cache: after a prompt is prefilled, the K/V of its longest block-aligned prefix is saved,
 keyed by (adapter identity, tokens). A later prompt with the same adapter whose tokens start the
@@ -108,20 +109,33 @@ class KvRows:
     def __init__(self, cache: KVCache, max_batch: int, prefix: PrefixCache):
         self.cache, self.max_batch, self.prefix = cache, max_batch, prefix
         self.running: list[Sequence] = []  # running[i] holds row i
-        self.staging_row = max_batch
+        self.staging_row, self.shadow_row = max_batch, max_batch + 1
+
+    ROWS_BEYOND_BATCH = 2  # the staging rows: the cache holds max_batch + 2 rows
+
+    @property
+    def free_rows(self) -> int:
+        return self.max_batch - len(self.running)
 
     @property
     def full(self) -> bool:
-        return len(self.running) >= self.max_batch
+        return self.free_rows <= 0
+
+    def staging_row_of(self, seq: Sequence) -> int:
+        return self.shadow_row if seq.shadow_of is not None else self.staging_row
 
     def stage(self, seq: Sequence) -> int:
-        """Puts the longest cached prefix of seq's prompt into the staging row; returns its length."""
-        return self.prefix.lookup(seq.adapter_key, seq.prompt, self.cache, self.staging_row)
+        """Puts the longest cached prefix of seq's prompt into its staging row; returns its length."""
+        return self.prefix.lookup(seq.adapter_key, seq.prompt, self.cache, self.staging_row_of(seq))
+
+    def keep_prefix(self, seq: Sequence) -> None:
+        """The whole prompt is in its staging row: its block-aligned prefix goes to the prefix cache."""
+        self.prefix.insert(seq.adapter_key, seq.prompt, self.cache, self.staging_row_of(seq))
 
     def promote(self, seq: Sequence) -> None:
-        """The whole prompt is in the staging row: keep its prefix, give the sequence the next running row."""
-        self.prefix.insert(seq.adapter_key, seq.prompt, self.cache, self.staging_row)
-        self.cache.copy_row(self.staging_row, len(self.running), seq.num_computed)
+        """The whole prompt is in its staging row: keep its prefix, give the sequence the next running row."""
+        self.keep_prefix(seq)
+        self.cache.copy_row(self.staging_row_of(seq), len(self.running), seq.num_computed)
         self.running.append(seq)
 
     def release(self, seq: Sequence) -> None:

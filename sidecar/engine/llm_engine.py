@@ -27,11 +27,16 @@ from sidecar.model.lora import LoraSlots
 _ids = itertools.count()
 
 
+def _nobody(event: EngineEvent) -> None:
+    """A shadow's events: it never sends any (its reply speaks for both)."""
+
+
 class LLMEngine:
     def __init__(self, base: BaseModel, config: EngineConfig | None = None, progress: bool = False):
         self.base, self.config = base, config or EngineConfig()
         config, model = self.config, base.model
-        cache = model.new_cache(rows=config.max_batch + 1, max_len=min(config.max_seq_len, model.config.max_position))
+        cache = model.new_cache(rows=config.max_batch + KvRows.ROWS_BEYOND_BATCH,
+                                max_len=min(config.max_seq_len, model.config.max_position))
         self.kv = KvRows(cache, config.max_batch, PrefixCache(config.prefix_cache_mb * 2**20, config.prefix_block))
         # On CUDA the stacks start at rank 16: the Triton kernel pads smaller ranks to 16 anyway, and
         # growing the stacks means capturing the CUDA graphs again (a stall for every NPC).
@@ -40,7 +45,7 @@ class LLMEngine:
         self.adapters = AdapterCache(slots)
         self.scheduler = Scheduler(config, self.kv, self.adapters)
         self.grammars = Grammars(base.tokenizer, model.config.vocab_size)
-        self.runner = ModelRunner(model, cache, slots, self.kv.staging_row, config, self.grammars, progress)
+        self.runner = ModelRunner(model, cache, slots, self.kv.staging_row_of, config, self.grammars, progress)
         self.steps = 0
         self.snapshot = EngineStats()  # replaced after each step: what stats() reads from other threads
 
@@ -68,7 +73,16 @@ class LLMEngine:
             forced = matcher.compute_ff_tokens()
             if forced and not matcher.consume_tokens(forced):
                 raise UserError(f"grammar: {matcher.get_error()}")
-        room = check_request([*prompt, *forced], choices, self.kv.cache.max_len, self.base.model.config.vocab_size)
+        max_len, vocab = self.kv.cache.max_len, self.base.model.config.vocab_size
+        room = check_request([*prompt, *forced], choices, max_len, vocab)
+        shadow_prompt = None
+        if params.contrast is not None:
+            if choices is not None:
+                raise UserError("a scoring request (choices) takes no contrast")
+            if self.config.max_batch < 2:
+                raise UserError("contrast: a reply and its shadow need two rows of the batch (max_batch >= 2)")
+            shadow_prompt = [*params.contrast.prompt_without, *forced]
+            room = min(room, check_request(shadow_prompt, None, max_len, vocab))  # both rows hold the reply
         if adapter is not None and adapter.loaded is None:
             raise UserError(f"adapter {adapter.name!r}: not loaded (make refs with Engine.load_adapter)")
         if any(token >= self.base.model.config.vocab_size for token, _ in params.logit_bias):
@@ -78,9 +92,12 @@ class LLMEngine:
         tok = self.base.tokenizer
         out = RequestOutput(request_id, len(prompt), params, min(params.max_tokens, room + len(forced)),
                             tok.detokenizer(), tok.eos_ids, timings or Timings(), forced=forced)
-        return Seq(request_id, [*prompt, *forced], adapter, params, emit, out,
-                   choices=tuple(tuple(c) for c in choices) if choices else None, matcher=matcher,
-                   background=background)
+        seq = Seq(request_id, [*prompt, *forced], adapter, params, emit, out,
+                  choices=tuple(tuple(c) for c in choices) if choices else None, matcher=matcher,
+                  background=background)
+        if shadow_prompt is not None:
+            seq.shadow = Seq(f"{request_id}/contrast", shadow_prompt, None, params, _nobody, out, shadow_of=seq)
+        return seq
 
     def add(self, seq: Seq) -> None:
         self.scheduler.add(seq)  # raises QueueFull
@@ -109,7 +126,8 @@ class LLMEngine:
         for seq in plan.decode:  # all first: finishing one moves another's row, and the move copies num_computed
             seq.num_computed += 1
         for seq, token in zip(plan.decode, result.decode_tokens, strict=True):
-            self._accept(seq, token)
+            if seq.shadow_of is None:  # a shadow shares its reply's output: it has the token already
+                self._accept(seq, token)
         seq = plan.prefill
         if seq is None:
             return
@@ -117,8 +135,13 @@ class LLMEngine:
         if result.token_logprobs is not None:
             self.scheduler.finish(seq)
             seq.emit(seq.out.choice(result.token_logprobs))
+        elif result.shadow_logits is not None:
+            seq.first_logits = result.shadow_logits
+            self.scheduler.prefill_done(seq)
         elif result.first_token is not None:
             self.scheduler.prefill_done(seq)
+            if seq.shadow is not None:
+                seq.shadow.first_logits = None
             self._accept(seq, result.first_token)
 
     def _accept(self, seq: Seq, token: int) -> None:

@@ -3,11 +3,13 @@ graphs through CudaDecoder), prefill chunks, and the scoring of candidate contin
 
 `run(plan)` takes what the scheduler decided and returns token ids (or scores); it never changes
 a sequence or a row assignment. Rows: running sequence i decodes in KV row i, prompts go
-through the staging row (kv_cache.KvRows).
+through a staging row (kv_cache.KvRows). A contrasted reply's shadow decodes in a row of its own;
+its logits change the reply's choice and it takes the reply's token (SamplingParams.contrast).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ import torch
 
 from sidecar.config import EngineConfig
 from sidecar.engine.grammar import Grammars
-from sidecar.engine.sampler import sample_batch
+from sidecar.engine.sampler import contrasted, sample_batch
 from sidecar.engine.scheduler import StepPlan
 from sidecar.engine.sequence import Sequence
 from sidecar.model.cuda import triton_available
@@ -29,6 +31,7 @@ class StepResult:
     decode_tokens: list[int]  # one per plan.decode row
     first_token: int | None = None  # a reply whose prompt completed this step: its first token
     token_logprobs: list[list[float]] | None = None  # a scoring request that completed: each candidate's
+    shadow_logits: torch.Tensor | None = None  # a shadow whose prompt completed: the logits after it [V]
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,9 @@ class _Masks:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, cache: KVCache, slots: LoraSlots, staging_row: int, config: EngineConfig,
-                 grammars: Grammars, progress: bool = False):
-        self.model, self.cache, self.slots, self.staging_row = model, cache, slots, staging_row
+    def __init__(self, model: LlamaModel, cache: KVCache, slots: LoraSlots, staging_row_of: Callable[[Sequence], int],
+                 config: EngineConfig, grammars: Grammars, progress: bool = False):
+        self.model, self.cache, self.slots, self.staging_row_of = model, cache, slots, staging_row_of
         self.grammars = grammars
         # On a GPU with Triton, decode steps run through CudaDecoder (captured graphs unless turned off).
         self.cuda_decoder = None
@@ -57,10 +60,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepResult:
         seq = plan.prefill
-        sampled = [*plan.decode, *([seq] if plan.completes_prefill and not seq.scoring else [])]
+        replying = plan.completes_prefill and not seq.scoring and seq.shadow_of is None
+        sampled = [*(s for s in plan.decode if s.shadow_of is None), *([seq] if replying else [])]
         # The constrained rows' masks are computed on the grammar thread while the forwards run.
         masks = self._start_masks(sampled)
-        decode_tokens = self._sample(plan.decode, self._decode(plan.decode), masks) if plan.decode else []
+        decode_tokens = self._decode_step(plan.decode, masks) if plan.decode else []
         if seq is None:
             return StepResult(decode_tokens)
         lo, hi = plan.prefill_range
@@ -69,7 +73,23 @@ class ModelRunner:
             return StepResult(decode_tokens)
         if seq.choices is not None:
             return StepResult(decode_tokens, token_logprobs=self._score(seq, logits[0]))
-        return StepResult(decode_tokens, first_token=self._sample([seq], logits, masks)[0])
+        if seq.shadow_of is not None:
+            return StepResult(decode_tokens, shadow_logits=logits[0])
+        without = {0: seq.shadow.first_logits} if seq.shadow is not None else {}
+        return StepResult(decode_tokens, first_token=self._sample([seq], logits, masks, without)[0])
+
+    def _decode_step(self, seqs: list[Sequence], masks: _Masks | None) -> list[int]:
+        """One token per row of `seqs`: the replies sample theirs (against their shadows' rows where
+        contrasted), and each shadow is given its reply's."""
+        logits = self._decode(seqs)
+        replies = [i for i, s in enumerate(seqs) if s.shadow_of is None]
+        if len(replies) == len(seqs):
+            return self._sample(seqs, logits, masks)
+        row = {id(s): i for i, s in enumerate(seqs)}
+        without = {b: logits[row[id(seqs[i].shadow)]] for b, i in enumerate(replies) if seqs[i].shadow is not None}
+        tokens = dict(zip(replies, self._sample([seqs[i] for i in replies], logits[replies], masks, without),
+                          strict=True))
+        return [tokens[i] if s.shadow_of is None else tokens[row[id(s.shadow_of)]] for i, s in enumerate(seqs)]
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         slots = [s.slot for s in seqs]
@@ -81,9 +101,9 @@ class ModelRunner:
                                   cache=self.cache, lora=lora)
 
     def _forward(self, seq: Sequence, tokens: Seq[int], start: int, all_logits: bool = False) -> torch.Tensor:
-        """tokens at positions start.. of the staging row, under seq's adapter; logits [1, V] (or [1, T, V])."""
+        """tokens at positions start.. of seq's staging row, under seq's adapter; logits [1, V] (or [1, T, V])."""
         lora = LoraBatch(self.slots, [seq.slot], len(tokens)) if seq.slot >= 0 else None
-        return self.model.forward(torch.tensor([list(tokens)]), start=[start], rows=[self.staging_row],
+        return self.model.forward(torch.tensor([list(tokens)]), start=[start], rows=[self.staging_row_of(seq)],
                                   cache=self.cache, lora=lora, all_logits=all_logits)
 
     def _score(self, seq: Sequence, next_logits: torch.Tensor) -> list[list[float]]:
@@ -113,18 +133,22 @@ class ModelRunner:
         return _Masks({id(s): i for i, s in enumerate(constrained)},
                       self.grammars.start_masks([s.matcher for s in constrained]))
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, masks: _Masks | None) -> list[int]:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, masks: _Masks | None,
+                without: dict[int, torch.Tensor] | None = None) -> list[int]:
+        """Row b's token: its logit bias, then its grammar's mask, then its contrast with `without[b]` (the
+        logits of its shadow), then sampling."""
         biased = [b for b, s in enumerate(seqs) if s.params.logit_bias]
-        if biased:
-            logits = logits.float().clone()
-            for b in biased:
-                ids, values = zip(*seqs[b].params.logit_bias, strict=True)
-                logits[b, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
         rows = [b for b, s in enumerate(seqs) if masks is not None and id(s) in masks.index]
+        if biased or rows or without:
+            logits = logits.float().clone()
+        for b in biased:
+            ids, values = zip(*seqs[b].params.logit_bias, strict=True)
+            logits[b, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
         if rows:  # the constrained rows' disallowed tokens go to -inf; free rows are left as they are
             bitmask = masks.bits.result()
-            logits = logits.float().clone()
             logits[rows] = self.grammars.apply(logits[rows], bitmask[[masks.index[id(seqs[b])] for b in rows]])
+        for b, other in (without or {}).items():  # among the tokens the grammar allows
+            logits[b] = contrasted(logits[b], other, seqs[b].params.contrast)
         penalized = any(s.params.repetition_penalty != 1.0 for s in seqs)
         return sample_batch(logits, [s.sampler for s in seqs], [s.history() for s in seqs] if penalized
                             else [[]] * len(seqs))

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sidecar.engine.api import SamplingParams
+from sidecar.engine.api import Contrast, SamplingParams
 
 
 class Sampler:
@@ -51,6 +51,15 @@ def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         sorted_probs[outside] = 0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return probs.to(dtype)
+
+
+def contrasted(logits: torch.Tensor, without: torch.Tensor, contrast: Contrast) -> torch.Tensor:
+    """(1 + w) log p - w log q for the tokens with p >= PLAUSIBLE x max p, -inf for the rest; p from
+    `logits` (a token they hold at -inf, such as one the grammar forbids, stays there), q from `without`."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    logq = torch.log_softmax(without.float(), dim=-1)
+    mixed = (1 + contrast.weight) * logp - contrast.weight * logq
+    return mixed.masked_fill(logp < logp.max() + math.log(contrast.PLAUSIBLE), -math.inf)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, previous: Sequence[int], penalty: float) -> torch.Tensor:

@@ -3,7 +3,9 @@ and tells the clients (llm_engine.py); K/V rows belong to kv_cache.KvRows.
 
 Every step decodes every running sequence (so no NPC falls more than one step behind) and feeds
 at most one chunk of one new prompt through the model, so a long persona never freezes the
-others. A new sequence prefills in the staging row and joins the running rows when done.
+others. A new sequence prefills in the staging row and joins the running rows when done. A contrasted
+reply (SamplingParams.contrast) is admitted with its shadow, which prefills first in the shadow's staging
+row; both join the running rows together when the reply's prompt is in.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Scheduler:
         # AsyncEngine reads it from the event loop's thread without iterating a deque this thread changes.
         self.waiting_replies = 0
         self.prefilling: Sequence | None = None
+        self._staged: Sequence | None = None  # a contrasted reply staged after its shadow: announced next step
 
     @property
     def running(self) -> list[Sequence]:
@@ -65,7 +68,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         cancelled = self._drop_cancelled()
-        admitted = self._admit() if self.prefilling is None else None
+        admitted = self._admit() if self.prefilling is None else self._take_staged()
         seq = self.prefilling
         if seq is None:
             return StepPlan(list(self.running), None, cancelled=cancelled)
@@ -78,7 +81,7 @@ class Scheduler:
         """Starts prefilling the first waiting sequence whose adapter has a slot (others keep their
         place). A full batch admits only scoring requests: they never join the running rows."""
         for seq in list(self.waiting):
-            if self.kv.full and not seq.scoring:
+            if not seq.scoring and self.kv.free_rows < (2 if seq.shadow else 1):
                 continue
             if seq.adapter is not None:
                 acquired = self.adapters.acquire(seq.adapter)
@@ -86,34 +89,63 @@ class Scheduler:
                     continue  # every slot is pinned by a running sequence; retry next step
                 seq.slot, seq.adapter_key = acquired[0], f"{seq.adapter.name}:{acquired[1]}"
             self._unqueue(seq)
+            if seq.shadow is None:
+                self._stage(seq)
+                self.prefilling = seq
+                return seq
+            # The shadow's prompt goes through first; the reply is staged after it, so that it finds the prefix
+            # they share (persona, history) in the prefix cache and prefills only its facts and the line.
             seq.status = Status.PREFILLING
-            seq.cached_tokens = self.kv.stage(seq)
-            seq.num_computed = seq.cached_tokens
-            self.prefilling = seq
-            return seq
+            seq.shadow.slot, seq.shadow.adapter_key = seq.slot, seq.adapter_key  # the reply's pin serves both
+            self._stage(seq.shadow)
+            self.prefilling = seq.shadow
+            return None
         return None
 
+    def _take_staged(self) -> Sequence | None:
+        staged, self._staged = self._staged, None
+        return staged if staged is not None and staged.status == Status.PREFILLING else None
+
+    def _stage(self, seq: Sequence) -> None:
+        seq.status = Status.PREFILLING
+        seq.cached_tokens = self.kv.stage(seq)
+        seq.num_computed = seq.cached_tokens
+
     def prefill_done(self, seq: Sequence) -> None:
-        """A reply's whole prompt is in the staging row: it joins the running rows."""
-        self.kv.promote(seq)
+        """A whole prompt is in its staging row. A shadow's: its reply's prompt goes next. A reply's: it
+        joins the running rows (with its shadow)."""
+        if seq.shadow_of is not None:
+            self.kv.keep_prefix(seq)
+            self._stage(seq.shadow_of)
+            self.prefilling = self._staged = seq.shadow_of
+            return
+        for done in (seq.shadow, seq) if seq.shadow is not None else (seq,):
+            self.kv.promote(done)
+            done.status = Status.RUNNING
         self.prefilling = None
-        seq.status = Status.RUNNING
 
     def finish(self, seq: Sequence) -> None:
-        """Removes a sequence wherever it is and frees its row and its adapter pin."""
+        """Removes a reply (with its shadow) wherever it is and frees its rows and its adapter pin."""
+        shadow = seq.shadow
         if seq.status == Status.RUNNING:
             self.kv.release(seq)
-        elif seq is self.prefilling:
+        elif self.prefilling is not None and self.prefilling in (seq, shadow):
             self.prefilling = None
         elif seq.status == Status.WAITING:
             self._unqueue(seq)
+        if shadow is not None:
+            if shadow.status == Status.RUNNING:
+                self.kv.release(shadow)
+            shadow.status, shadow.first_logits = Status.FINISHED, None
         if seq.adapter is not None and seq.status in (Status.PREFILLING, Status.RUNNING):
             self.adapters.release(seq.adapter)
         seq.status = Status.FINISHED
 
     def active(self) -> list[Sequence]:
-        """The sequences of the current batch: running and prefilling."""
-        return [*self.running, *([self.prefilling] if self.prefilling else [])]
+        """The replies (and scoring requests) of the current batch: running and prefilling; shadows are
+        their replies' business."""
+        prefilling = self.prefilling.shadow_of or self.prefilling if self.prefilling else None
+        return [*(s for s in self.running if s.shadow_of is None), *([prefilling] if prefilling else [])]
 
     def _unqueue(self, seq: Sequence) -> None:
         self.waiting.remove(seq)

@@ -36,6 +36,12 @@ class Sequence:
     cancelled: bool = False
     matcher: Any = None  # llguidance.LLMatcher of a constrained reply (engine/grammar.py); None = free
     background: bool = False  # nobody waits on it (a scene's line): queued behind the other replies
+    # Context-aware decoding (SamplingParams.contrast): the reply's `shadow` decodes the prompt without
+    # the facts in a K/V row of its own, under the same adapter; it shares the reply's `out`, so it is
+    # fed the tokens the reply takes, and it never samples or emits. On a shadow, `shadow_of` is the reply.
+    shadow: Sequence | None = None
+    shadow_of: Sequence | None = None
+    first_logits: Any = None  # (a shadow's) logits after its prompt, held until the reply's prompt is in
     sampler: Sampler = field(init=False)
 
     def __post_init__(self) -> None:

@@ -76,7 +76,8 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, engine_c
     # in memory with it: a broken adapter keeps the last good version serving.
     # The lore beside the characters (characters/lore) is rescanned with them, on the same thread.
     retriever = FactRetriever(LoreLibrary(server_config.characters / LORE_FOLDER),
-                              Grounding(fact_boost=server_config.fact_boost))
+                              Grounding(fact_boost=server_config.fact_boost,
+                                        fact_contrast=server_config.fact_contrast))
     registry = CharacterRegistry(server_config.characters, adapter_loader=lambda c: engine.load_adapter(
         c.id, c.adapter_path, c.adapter_version or c.version, c.lora_scale), also_scan=retriever.reload)
     dialogue = Dialogue(engine, registry, sessions, server_config.limits, retriever)

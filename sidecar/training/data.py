@@ -36,7 +36,7 @@ from sidecar.dialogue.characters import Character
 from sidecar.dialogue.lore import LORE_FOLDER, LoreLibrary
 from sidecar.dialogue.prompt import build_messages
 from sidecar.dialogue.reply_format import ReplyFormat, render_reply, reply_format
-from sidecar.dialogue.retrieval import FactRetriever
+from sidecar.dialogue.retrieval import FactRetriever, Grounding
 from sidecar.dialogue.sessions import Turn
 from sidecar.engine.tokenizer import ChatMessage, Tokenizer
 from sidecar.errors import UserError
@@ -254,9 +254,9 @@ def _structured_tokens(tokenizer: Tokenizer, reply: list[int], npc: str, labelle
     return out
 
 
-def character_retriever(folder: Path) -> FactRetriever:
+def character_retriever(folder: Path, grounding: Grounding | None = None) -> FactRetriever:
     """What retrieves a character's facts when the sidecar serves `folder`'s characters folder."""
-    return FactRetriever(LoreLibrary(Path(folder).parent / LORE_FOLDER))
+    return FactRetriever(LoreLibrary(Path(folder).parent / LORE_FOLDER), grounding or Grounding())
 
 
 def split(conversations: list[Conversation], held_out: float, seed: int) -> tuple[list[Conversation],

@@ -25,9 +25,9 @@ from pathlib import Path
 from sidecar.config import ModelConfig
 from sidecar.dialogue.actions import Action
 from sidecar.dialogue.characters import Character, load_character
-from sidecar.dialogue.prompt import build_messages
+from sidecar.dialogue.prompt import build_messages, grounded_sampling
 from sidecar.dialogue.reply_format import ReplyFormat, reply_format
-from sidecar.dialogue.retrieval import FactRetriever
+from sidecar.dialogue.retrieval import FactRetriever, Grounding
 from sidecar.engine.api import AdapterRef, SamplingParams
 from sidecar.engine.offline import OfflineEngine, Request
 from sidecar.errors import UserError
@@ -129,7 +129,9 @@ class EvalResult:
 
 
 def evaluate_character(folder: Path, model_path: Path, weights: str = "auto", samples: int = 3,
-                       seed: int = 0) -> EvalResult:
+                       seed: int = 0, grounding: Grounding | None = None) -> EvalResult:
+    """Perplexity on the held-out conversations, fact accuracy, emotion and action labels; replies decoded
+    as `npc serve` with the same `grounding` (--fact-boost, --fact-contrast) decodes them."""
     character = load_character(folder)
     if character.adapter_path is None:
         raise UserError(f"{folder / 'character.yaml'}: adapter: not set; train one first (npc train {folder})")
@@ -148,7 +150,7 @@ def evaluate_character(folder: Path, model_path: Path, weights: str = "auto", sa
     with OfflineEngine(ModelConfig(model_path, weights)) as engine:
         adapter = engine.load_adapter(character.id, character.adapter_path, scale=character.lora_scale)
         tok = engine.tokenizer
-        retriever = character_retriever(folder)
+        retriever = character_retriever(folder, grounding)
         examples = [e for c in held for e in render(tok, character, c, engine.engine.model.shape.max_position,
                                                     retriever)]
         nll_a, nll_b = (_nll(engine, examples, lora) for lora in (adapter, None))
@@ -159,9 +161,10 @@ def evaluate_character(folder: Path, model_path: Path, weights: str = "auto", sa
         for conv in held[:samples]:
             player, reference = conv.exchanges[-1]
             fmt = conv.reply_format(character)
-            ids = tok.encode_chat(conv.prompt(character, len(conv.exchanges) - 1, retriever))
-            replies = engine.run([Request(ids, adapter, fmt.sampling(params, 512)),
-                                  Request(ids, None, fmt.sampling(params, 512))])
+            messages = conv.prompt(character, len(conv.exchanges) - 1, retriever)
+            ids = tok.encode_chat(messages)
+            sampling = _as_served(tok, messages, ids, fmt.sampling(params, 512), retriever.grounding)
+            replies = engine.run([Request(ids, adapter, sampling), Request(ids, None, sampling)])
             side_by_side.append(Sample(player, reference, *(_spoken(fmt, r.text) for r in replies)))
         result = EvalResult(character.id, len(held), count, math.exp(nll_a / count), math.exp(nll_b / count),
                             tuple(side_by_side))
@@ -182,6 +185,10 @@ def evaluate_character(folder: Path, model_path: Path, weights: str = "auto", sa
                    majority=majority, majority_label=majority_label, mood_labels=moods)
 
 
+def _as_served(tok, messages, ids: list[int], sampling: SamplingParams, grounding: Grounding) -> SamplingParams:
+    return grounded_sampling(tok, messages, ids, sampling, grounding.fact_boost, grounding.fact_contrast)
+
+
 def _spoken(fmt: ReplyFormat, raw: str) -> str:
     return fmt.parse(raw).text.strip()
 
@@ -194,8 +201,10 @@ def _decode_turns(engine: OfflineEngine, character: Character, turns: list[tuple
     requests, formats = [], []
     for conv, k in turns:
         fmt = conv.reply_format(character)
-        ids = tok.encode_chat(conv.prompt(character, k, retriever))
-        requests.append(Request(ids, adapter, fmt.sampling(SamplingParams(max_tokens=60), 512)))
+        messages = conv.prompt(character, k, retriever)
+        ids = tok.encode_chat(messages)
+        requests.append(Request(ids, adapter, _as_served(tok, messages, ids, fmt.sampling(SamplingParams(max_tokens=60),
+                                                                                          512), retriever.grounding)))
         formats.append(fmt)
     decoded = []
     for fmt, event in zip(formats, engine.run(requests), strict=True):
@@ -213,10 +222,12 @@ def _mood_labels(engine: OfflineEngine, character: Character, adapter: AdapterRe
     fmt = reply_format(character.emotions, character.actions, {}, None)
     requests = []
     for line in MOOD_PROBES:
-        ids = tok.encode_chat(build_messages(character, [], line, fmt=fmt, facts=retriever.facts(character, line)))
+        messages = build_messages(character, [], line, fmt=fmt, facts=retriever.facts(character, line))
+        ids = tok.encode_chat(messages)
         for seed in range(3):
             base = SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p, seed=seed)
-            requests.append(Request(ids, adapter, fmt.sampling(base, 512)))
+            requests.append(Request(ids, adapter, _as_served(tok, messages, ids, fmt.sampling(base, 512),
+                                                             retriever.grounding)))
     counts: Counter[str] = Counter()
     for event in engine.run(requests):
         counts[fmt.parse(event.text).emotion or "(none)"] += 1

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from sidecar.dialogue.characters import Character
-from sidecar.dialogue.prompt import build_messages, fact_bias
+from sidecar.dialogue.prompt import build_messages, grounded_sampling
 from sidecar.dialogue.reply_format import reply_format
 from sidecar.dialogue.retrieval import FactRetriever
 from sidecar.engine.api import AdapterRef, SamplingParams
@@ -47,9 +47,14 @@ class FactScores:
     greedy: float
     sampled: float
     wrong: tuple[tuple[str, str], ...]  # (question, greedy reply) for each greedy miss
+    # Share of replies that miss and state another question's answer instead ("Torvik closed last month"):
+    # what decoding toward the facts block risks (npc serve --fact-boost / --fact-contrast).
+    mixed_greedy: float = 0.0
+    mixed_sampled: float = 0.0
 
     def to_json(self) -> dict:
-        return {"greedy": self.greedy, "sampled": self.sampled, "wrong": [list(w) for w in self.wrong]}
+        return {"greedy": self.greedy, "sampled": self.sampled, "mixed_greedy": self.mixed_greedy,
+                "mixed_sampled": self.mixed_sampled, "wrong": [list(w) for w in self.wrong]}
 
 
 def read_facts(path: Path) -> list[FactQuestion]:
@@ -90,15 +95,21 @@ def score_facts(engine: OfflineEngine, character: Character, adapter: AdapterRef
     requests = []
     for q in questions:
         messages = build_messages(character, [], q.question, fmt=fmt, facts=retriever.facts(character, q.question))
-        ids = tok.encode_chat(messages)
-        bias = fact_bias(tok, messages, retriever.grounding.fact_boost, ids)  # as a served turn decodes
-        requests += [Request(ids, adapter, replace(fmt.sampling(p, 512), logit_bias=bias)) for p in settings]
+        ids, g = tok.encode_chat(messages), retriever.grounding
+        requests += [Request(ids, adapter, grounded_sampling(tok, messages, ids, fmt.sampling(p, 512), g.fact_boost,
+                                                             g.fact_contrast))  # as a served turn decodes
+                     for p in settings]
     replies = [fmt.parse(event.text).text for event in engine.run(requests)]
     per = len(settings)
     right = [[answered(replies[i * per + j], q.answers) for j in range(per)] for i, q in enumerate(questions)]
+    # A miss that states another question's answer: a fact from the block put where it does not belong.
+    mixed = [[not right[i][j] and any(answered(replies[i * per + j], o.answers) for o in questions
+                                      if not set(map(_fold, o.answers)) & set(map(_fold, q.answers)))
+              for j in range(per)] for i, q in enumerate(questions)]
     wrong = tuple((q.question, replies[i * per]) for i, q in enumerate(questions) if not right[i][0])
-    return FactScores(sum(r[0] for r in right) / len(questions),
-                      sum(sum(r[1:]) for r in right) / (len(questions) * len(SEEDS)), wrong)
+    n, sampled = len(questions), len(questions) * len(SEEDS)
+    return FactScores(sum(r[0] for r in right) / n, sum(sum(r[1:]) for r in right) / sampled, wrong,
+                      sum(m[0] for m in mixed) / n, sum(sum(m[1:]) for m in mixed) / sampled)
 
 
 def _fold(text: str) -> str:
