@@ -390,3 +390,24 @@ def test_contrast_bad_input_and_cancel_free_both_rows(base, tokenizer):
             engine.step()
         assert finished(events).finish_reason == "cancelled" and not engine.kv.running
         assert seq.shadow.status.value == "finished" and engine.scheduler.prefilling is None
+
+
+def test_a_contrasted_reply_keeps_its_place_in_the_queue(base, tokenizer):
+    """One row free, a contrasted reply (two rows) first in the queue and a plain one behind it: the plain one
+    does not take the row; the contrasted reply starts first, once the running reply leaves."""
+    from dataclasses import replace
+
+    from sidecar.engine.api import Contrast
+
+    engine = LLMEngine(base, EngineConfig(max_batch=2, prefix_cache_mb=0))
+    order = []
+    seen = lambda name: lambda event: order.append(name) if event.kind == "started" else None  # noqa: E731
+    engine.add(engine.make_sequence(prompt(tokenizer, LINES[0]), None, replace(GREEDY, max_tokens=4), seen("running")))
+    engine.step()  # its prompt goes through: it holds one of the two rows
+    contrast = Contrast(tuple(prompt(tokenizer, LINES[1])), 0.5)
+    engine.add(engine.make_sequence(prompt(tokenizer, LINES[2]), None, replace(GREEDY, contrast=contrast),
+                                    seen("contrasted")))
+    engine.add(engine.make_sequence(prompt(tokenizer, LINES[3]), None, GREEDY, seen("plain")))
+    while engine.has_work():
+        engine.step()
+    assert order == ["running", "contrasted", "plain"]

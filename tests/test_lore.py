@@ -398,6 +398,10 @@ def test_a_turn_decodes_against_its_prompt_without_the_facts(tmp_path, tokenizer
     head = prompt.split("system\nWhat you know")[0]  # (decoded without the control tokens)
     assert without == head + prompt[prompt.rindex("user\n" + line):]
     assert _turn_sampling(root, engine, Grounding(), line).contrast.weight == FACT_CONTRAST
+    # A player's line that starts like the facts block is still the player's: the shadow keeps it.
+    tricky = "What you know that bears on this: what does a sword cost?"
+    without = tokenizer.decode(list(_turn_sampling(root, engine, Grounding(), tricky).contrast.prompt_without))
+    assert without.endswith("user\n" + tricky + "\nassistant\n") and "40 gold" not in without
     assert _turn_sampling(root, engine, Grounding(fact_contrast=0), line).contrast is None
     engine.contrast_decoding = False  # a backend that cannot (remote, TensorRT-LLM): decoded plainly
     assert _turn_sampling(root, engine, Grounding(fact_contrast=0.5), line).contrast is None

@@ -180,7 +180,7 @@ def grounded_sampling(tokenizer: Tokenizer, messages: Sequence[ChatMessage], tok
     own tokens raised by `boost` (fact_bias), and/or each token decoded against the prompt without the
     facts with weight `contrast` (engine.api.Contrast). Unchanged when the prompt carries no facts or
     both are 0 (npc serve --fact-boost / --fact-contrast; docs/design-notes.md, "Grounding")."""
-    plain = [replace(m, content=FACTS_HEADING) if m.content.startswith(FACTS_HEADING) else m for m in messages]
+    plain = [replace(m, content=FACTS_HEADING) if _is_grounding(m) else m for m in messages]
     if plain == list(messages):
         return sampling
     if boost:
@@ -204,9 +204,14 @@ def fact_bias(tokenizer: Tokenizer, token_ids: Sequence[int], plain: Sequence[Ch
     return tuple((token, boost) for token in sorted(only))
 
 
+def _is_grounding(message: ChatMessage) -> bool:
+    """The facts block's message (a player's line that starts with its heading is still the player's)."""
+    return message.role == "system" and message.content.startswith(FACTS_HEADING)
+
+
 def _without_facts(message: ChatMessage) -> ChatMessage | None:
     """The grounding message less its facts (memories stay); None when nothing is left."""
-    if not message.content.startswith(FACTS_HEADING):
+    if not _is_grounding(message):
         return message
     rest = message.content.split("\n\n" + MEMORY_HEADING, 1)
     return replace(message, content=MEMORY_HEADING + rest[1]) if len(rest) == 2 else None

@@ -117,10 +117,6 @@ class KvRows:
     def free_rows(self) -> int:
         return self.max_batch - len(self.running)
 
-    @property
-    def full(self) -> bool:
-        return self.free_rows <= 0
-
     def staging_row_of(self, seq: Sequence) -> int:
         return self.shadow_row if seq.shadow_of is not None else self.staging_row
 

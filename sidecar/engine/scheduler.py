@@ -80,8 +80,10 @@ class Scheduler:
     def _admit(self) -> Sequence | None:
         """Starts prefilling the first waiting sequence whose adapter has a slot (others keep their
         place). A full batch admits only scoring requests: they never join the running rows."""
+        short_of_rows = False
         for seq in list(self.waiting):
-            if not seq.scoring and self.kv.free_rows < (2 if seq.shadow else 1):
+            if not seq.scoring and (short_of_rows or self.kv.free_rows < (2 if seq.shadow else 1)):
+                short_of_rows = True  # replies keep their order: none takes the row a contrasted one waits for
                 continue
             if seq.adapter is not None:
                 acquired = self.adapters.acquire(seq.adapter)
