@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sidecar.model.llama import LlamaModel
+from sidecar.model.llama import KVCache, LlamaModel
 from tests.rounding import reordered_fp32
 
 PROMPTS = ["Hello there, traveller.", "The dragon sleeps beneath the mountain and dreams of gold",
@@ -72,3 +72,45 @@ def test_batched_prefill_of_equal_prompts_matches_single(checkpoint, tokenizer):
     one = model.forward(torch.tensor([ids]), start=[0], rows=[0], cache=model.new_cache(1, len(ids)))
     four = model.forward(torch.tensor([ids] * 4), start=[0] * 4, rows=[0, 1, 2, 3], cache=model.new_cache(4, len(ids)))
     assert torch.allclose(four, one.expand(4, -1), atol=reordered_fp32(model.config.num_layers, one), rtol=0)
+
+
+def test_a_cache_that_grows_keeps_what_it_holds_and_decodes_as_one_allocated_whole(models, tokenizer):
+    """The CPU cache starts at 256 positions and doubles when a row needs more (KVCache.reserve): a short
+    sequence held before the growth, and a long prompt prefilled across it, decode as in a cache of the
+    full length from the start."""
+    model = models("fp32")
+    short = tokenizer.encode_literal(PROMPTS[0])
+    long = tokenizer.encode_literal(" ".join([PROMPTS[3], PROMPTS[1]] * 12))
+    assert 256 < len(long) < 500
+    runs = []
+    for grow in (True, False):
+        cache = KVCache(model.config, rows=3, max_len=1024, dtype=model.dtype, grow=grow)
+        first = cache.capacity
+        model.forward(torch.tensor([short[:-1]]), start=[0], rows=[0], cache=cache)
+        for start in range(0, len(long) - 1, 100):  # chunked prefill, crossing 256
+            chunk = long[start:min(start + 100, len(long) - 1)]
+            model.forward(torch.tensor([chunk]), start=[start], rows=[1], cache=cache)
+        tokens, lengths, steps = [short[-1], long[-1]], [len(short) - 1, len(long) - 1], []
+        for _ in range(4):
+            logits = model.forward(torch.tensor(tokens)[:, None], start=lengths, rows=[0, 1], cache=cache)
+            steps.append(logits)
+            tokens, lengths = [int(x) for x in logits.argmax(-1)], [n + 1 for n in lengths]
+        runs.append((first, cache.capacity, steps))
+    (grown_from, grown_to, grown), (whole_from, whole_to, whole) = runs
+    assert (grown_from, grown_to) == (256, 512) and whole_from == whole_to == 1024
+    for a, b in zip(grown, whole, strict=True):
+        assert torch.allclose(a, b, atol=reordered_fp32(model.config.num_layers, b), rtol=0)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_a_cache_grows_no_further_than_its_length(models):
+    model = models("fp32")
+    cache = KVCache(model.config, rows=1, max_len=300, dtype=model.dtype)
+    cache.reserve(257)
+    assert cache.capacity == 300
+    try:
+        cache.reserve(301)
+    except ValueError as e:
+        assert "301" in str(e) and "300" in str(e)
+    else:
+        raise AssertionError("reserve past max_len must fail")

@@ -51,6 +51,33 @@ def refs(peft_reference, base: BaseModel) -> dict[str, AdapterRef]:
     return {name: read_adapter(base.model.config, 64, name, folder, "1") for name, folder in peft_reference[1].items()}
 
 
+def test_prompts_that_grow_the_cache_reuse_their_prefix(base, tokenizer):
+    """A prompt past the cache's first 256 positions grows it inside a forward; the same persona's next line then
+    copies its cached prefix into the grown cache and prefills only the rest, decoding as a cold run does."""
+    persona = " ".join([PERSONA] * 7)
+    first, second = prompt(tokenizer, LINES[0], persona), prompt(tokenizer, LINES[1], persona)
+    assert len(first) > 300
+    engine = LLMEngine(base, EngineConfig(max_batch=2))
+    assert engine.kv.cache.capacity == 256
+    one = run(engine, [(first, None)])
+    two = run(engine, [(second, None)])
+    assert engine.kv.cache.capacity == 512 and two[0][0].cached_tokens >= 256
+    cold = run(LLMEngine(base, EngineConfig(max_batch=2, prefix_cache_mb=0)), [(second, None)])
+    assert finished(two[0]).token_ids == finished(cold[0]).token_ids and finished(one[0]).token_ids
+
+
+def test_the_engine_holds_an_adapter_once_in_its_own_dtype(base, peft_reference):
+    """What the engine reads is held in the model's dtype (bf16 when it serves int4 or bf16: the decode kernel's),
+    and its slot's one-adapter path reads those very tensors; the stacks appear with the first adapter."""
+    engine = LLMEngine(base, EngineConfig(max_batch=2))
+    assert engine.adapters.slots.nbytes() == 0 or base.model.device.type != "cpu"
+    ref = engine.load_adapter("alpha", peft_reference[1]["alpha"], "1")
+    assert {t.dtype for pair in ref.loaded.weights.values() for t in pair} == {base.model.dtype}
+    slot, _ = engine.adapters.acquire(ref)
+    a, parts = engine.adapters.slots.single[slot][0]["qkv"]
+    assert a.data_ptr() == ref.loaded.stacked[(0, "qkv")].data_ptr() and engine.adapters.slots.nbytes() > 0
+
+
 def test_mixed_batch_rows_identical_to_running_alone(base, tokenizer, peft_reference):
     """8 sequences, 4 adapters + base rows, decoded together: each row equals its solo run."""
     adapters = refs(peft_reference, base)
@@ -341,12 +368,15 @@ def test_contrast_decodes_as_transformers_and_peft_do_it_the_slow_way(base, toke
     for i, name in enumerate(names):
         engine.add(engine.make_sequence(with_ids, adapters[name] if name else None, contrasted, events[i].append))
     engine.add(engine.make_sequence(prompt(tokenizer, LINES[4]), adapters["gamma"], GREEDY, events[3].append))
-    most_rows = 0
+    most_rows = most_reported = 0
     while engine.has_work():
         engine.step()
         most_rows = max(most_rows, len(engine.kv.running))
+        most_reported = max(most_reported, engine.stats().batch_rows_in_use)
         assert len(engine.scheduler.active()) <= 3  # shadows are not replies of their own
-    assert most_rows == 4 and not engine.kv.running and engine.adapters.resident()  # all rows given back
+        assert engine.stats().active_sequences <= engine.stats().batch_rows_in_use <= 4
+    assert most_rows == most_reported == 4 and not engine.kv.running and engine.adapters.resident()  # all given back
+    assert engine.stats().batch_rows_in_use == 0 and engine.stats().kv_cache_bytes == engine.kv.cache.nbytes() > 0
     # Cold, the first reply still prefills only its facts and line: its shadow left the persona in the cache.
     assert events[0][0].kind == "started" and events[0][0].cached_tokens >= 32
     peft_model, changed = peft_reference[0], 0
@@ -358,6 +388,37 @@ def test_contrast_decodes_as_transformers_and_peft_do_it_the_slow_way(base, toke
     assert changed >= 2  # the contrast bit (one random adapter repeats "A sword." either way)
     alone = run(LLMEngine(base, EngineConfig(max_batch=4)), [(prompt(tokenizer, LINES[4]), adapters["gamma"])])
     assert finished(events[3]).token_ids == finished(alone[0]).token_ids
+
+
+def test_a_logit_bias_counts_once_in_a_contrasted_reply(base, tokenizer):
+    """With contrast on, a bias B is added to both prompts' logits, so the contrasted score of its token rises
+    by exactly B: B a little above the gap between the top two contrasted scores flips the choice, 0.8 of the
+    gap does not (it would at weight 1 if only log p were biased: (1 + w) x B)."""
+    import math
+    from dataclasses import replace
+
+    from sidecar.engine.api import Contrast
+    from sidecar.engine.sampler import contrasted
+
+    line = "Who keeps the tavern?"
+    with_ids = tokenizer.encode_chat([ChatMessage("system", PERSONA), ChatMessage("system", FACTS),
+                                      ChatMessage("user", line)])
+    without_ids = prompt(tokenizer, line)
+    model, contrast = base.model, Contrast(tuple(without_ids), weight=1.0)
+    p, q = (model.forward(torch.tensor([ids]), [0], [0], model.new_cache(1, len(ids)))[0]
+            for ids in (with_ids, without_ids))
+    top = contrasted(p, q, contrast).topk(2)
+    runner_up, gap = int(top.indices[1]), float(top.values[0] - top.values[1])
+    assert math.isfinite(gap) and gap > 0.05
+    chosen = []
+    for bias in (0.8 * gap, gap + 0.3):
+        engine, events = LLMEngine(base, EngineConfig(max_batch=4, prefix_cache_mb=0)), []
+        params = replace(GREEDY, max_tokens=1, contrast=contrast, logit_bias=((runner_up, bias),))
+        engine.add(engine.make_sequence(with_ids, None, params, events.append))
+        while engine.has_work():
+            engine.step()
+        chosen.append(finished(events).token_ids[0])
+    assert chosen == [int(top.indices[0]), runner_up]
 
 
 def test_contrast_bad_input_and_cancel_free_both_rows(base, tokenizer):

@@ -15,13 +15,15 @@ CONFIG = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_la
 ALL = tuple(module_shapes(CONFIG))
 
 
-def random_adapter(seed: int, rank: int, targets: tuple[str, ...] = ALL) -> LoraAdapter:
+def random_adapter(seed: int, rank: int, targets: tuple[str, ...] = ALL, dtype: torch.dtype = torch.float32
+                   ) -> LoraAdapter:
     gen = torch.Generator().manual_seed(seed)
     weights = {}
     for layer in range(CONFIG.num_layers):
         for module in targets:
             out, inp = module_shapes(CONFIG)[module]
-            weights[(layer, module)] = (torch.randn(rank, inp, generator=gen), torch.randn(out, rank, generator=gen))
+            weights[(layer, module)] = (torch.randn(rank, inp, generator=gen).to(dtype),
+                                        torch.randn(out, rank, generator=gen).to(dtype))
     return LoraAdapter(f"a{seed}", Path("."), str(seed), rank, weights)
 
 
@@ -76,12 +78,20 @@ def test_decode_rows_against_loop(pattern, batch, dtype, tol, path):
                 assert (got[n, 0] - want).abs().max().item() <= tol * scale, (pattern, batch, layer, projection, n)
 
 
+@pytest.mark.parametrize("held", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [[2], [0, 2, 2, -1], [-1, -1]])
-def test_prefill_segments_against_loop(rows):
-    """Several sequences of 5 tokens each, one adapter per sequence (SGMV segments)."""
-    slots = LoraSlots(CONFIG, num_slots=4, dtype=torch.float32)
+def test_prefill_segments_against_loop(rows, held):
+    """Several sequences of 5 tokens each, one adapter per sequence (SGMV segments), reading the adapters'
+    own tensors: held in float32, or in bfloat16 as a bf16 engine holds them (widened to float32 per call;
+    the loop multiplies the same held values)."""
+    adapters = ADAPTERS if held == torch.float32 else [
+        random_adapter(0, 4, dtype=held), random_adapter(1, 8, ("q_proj", "v_proj", "down_proj"), held),
+        random_adapter(2, 16, dtype=held), random_adapter(3, 2, ("o_proj", "gate_proj"), held)]
+    slots = LoraSlots(CONFIG, num_slots=4, dtype=torch.float32, rank=0)
     for s in range(4):
-        slots.load(s, ADAPTERS[s])
+        slots.load(s, adapters[s])
+    assert all(slots.single[s][1]["qkv"] is None or slots.single[s][1]["qkv"][0].data_ptr()
+               == adapters[s].stacked[(1, "qkv")].data_ptr() for s in range(4))  # read in place, not copied
     hook = LoraBatch(slots, rows, tokens_per_row=5)
     assert hook.segments is not None
     gen = torch.Generator().manual_seed(9)
@@ -92,14 +102,14 @@ def test_prefill_segments_against_loop(rows):
         got = hook.apply(1, projection, x, base.clone())
         for b, s in enumerate(rows):
             for t in range(5):
-                want = reference_delta(x[b, t], 1, projection, ADAPTERS[s] if s >= 0 else None)
+                want = reference_delta(x[b, t], 1, projection, adapters[s] if s >= 0 else None)
                 assert torch.allclose(got[b, t], want, atol=1e-4 * (want.abs().max().item() + 1))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 5e-2)])
 def test_slots_grow_rank_and_keep_loaded_adapters(dtype, tol):
-    """Growing the stacks reallocates them: the native kernel's B pointers must follow."""
-    slots = LoraSlots(CONFIG, num_slots=3, dtype=dtype, rank=2)
+    """Growing the stacks (where slots are stacks: CUDA, float32, no compiler) keeps what they hold."""
+    slots = LoraSlots(CONFIG, num_slots=3, dtype=dtype, rank=2, stacked=True)
     slots.load(0, ADAPTERS[3])  # rank 2
     slots.load(2, ADAPTERS[2])  # rank 16: stacks grow, slot 0 must survive
     assert slots.rank == 16

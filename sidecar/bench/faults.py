@@ -232,7 +232,8 @@ async def _step_disconnects(run: Run) -> dict:
             "rss_idle_after_mb": rss_after, "rss_growth_second_half_pct": growth,
             "rss_after_each_batch_mb": [round(v, 1) if v else None for v in rss_per_batch],
             "server_answers_after": check.outcome,
-            "kv_rows": "not reported by GetServerInfo; active_sequences and RSS stand in",
+            "batch_rows_in_use_after": info.batch_rows_in_use if info else None,
+            "kv_cache_mb_after": round(info.kv_cache_bytes / 2**20, 1) if info else None,
         },
         "summary": (f"{hung_up} hung up ({sum(r.ok for r in records)} finished first); idle after "
                     f"{idle_s if idle_s is not None else f'>{IDLE_TIMEOUT_S:g}'} s "

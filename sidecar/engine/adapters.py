@@ -11,15 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from sidecar.engine.api import AdapterRef
 from sidecar.model.config import LlamaConfig
 from sidecar.model.lora import LoraSlots, load_peft_adapter
 
 
 def read_adapter(shape: LlamaConfig, max_rank: int, name: str, path: Path, version: str,
-                 scale: float = 1.0) -> AdapterRef:
-    """Reads and validates a PEFT folder against the base model's shape; raises AdapterError."""
-    adapter = load_peft_adapter(Path(path), shape, max_rank, name, scale)
+                 scale: float = 1.0, dtype: torch.dtype = torch.float32) -> AdapterRef:
+    """Reads and validates a PEFT folder against the base model's shape; raises AdapterError. `dtype`: what the
+    weights are held in (the torch engine's model dtype; float32 for the backends that hand them on)."""
+    adapter = load_peft_adapter(Path(path), shape, max_rank, name, scale, dtype)
     return AdapterRef(name, Path(path), version, scale, adapter)
 
 

@@ -65,6 +65,7 @@ class PrefixCache:
                 continue
             entry = self._entries[hit[0]]
             self._entries.move_to_end(hit[0])
+            cache.reserve(length)
             cache.k_all[:, row, :, :length] = entry.k[:, :, :length]
             cache.v_all[:, row, :, :length] = entry.v[:, :, :length]
             self.hits += 1

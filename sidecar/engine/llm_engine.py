@@ -39,9 +39,10 @@ class LLMEngine:
                                 max_len=min(config.max_seq_len, model.config.max_position))
         self.kv = KvRows(cache, config.max_batch, PrefixCache(config.prefix_cache_mb * 2**20, config.prefix_block))
         # On CUDA the stacks start at rank 16: the Triton kernel pads smaller ranks to 16 anyway, and
-        # growing the stacks means capturing the CUDA graphs again (a stall for every NPC).
+        # growing the stacks means capturing the CUDA graphs again (a stall for every NPC). On the CPU
+        # they are allocated at the first adapter's rank (none held before, no copy then).
         slots = LoraSlots(model.config, config.max_resident_adapters, model.dtype,
-                          rank=16 if model.device.type == "cuda" else 8, device=model.device)
+                          rank=16 if model.device.type == "cuda" else 0, device=model.device)
         self.adapters = AdapterCache(slots)
         self.scheduler = Scheduler(config, self.kv, self.adapters)
         self.grammars = Grammars(base.tokenizer, model.config.vocab_size)
@@ -53,7 +54,8 @@ class LLMEngine:
 
     def load_adapter(self, name: str, path, version: str, scale: float = 1.0) -> AdapterRef:
         """Reads and validates a PEFT folder against this base model (any thread); raises AdapterError."""
-        return read_adapter(self.base.model.config, self.config.max_rank, name, path, version, scale)
+        return read_adapter(self.base.model.config, self.config.max_rank, name, path, version, scale,
+                            self.base.model.dtype)
 
     def make_sequence(self, prompt: Sequence[int], adapter: AdapterRef | None, params: SamplingParams,
                       emit: Callable[[EngineEvent], None], request_id: str | None = None,
@@ -179,6 +181,7 @@ class LLMEngine:
     def _stats(self) -> EngineStats:
         s, prefix = self.scheduler, self.kv.prefix
         return EngineStats(active_sequences=len(s.active()), waiting_requests=len(s.waiting),
+                           batch_rows_in_use=s.rows_in_use(), kv_cache_bytes=self.kv.cache.nbytes(),
                            resident_adapters=self.adapters.resident(), prefix_cache_bytes=prefix.used,
                            prefix_cache_capacity_bytes=prefix.capacity, prefix_hits=prefix.hits,
                            prefix_lookups=prefix.lookups, steps=self.steps)

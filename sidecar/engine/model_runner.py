@@ -136,18 +136,24 @@ class ModelRunner:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, masks: _Masks | None,
                 without: dict[int, torch.Tensor] | None = None) -> list[int]:
         """Row b's token: its logit bias, then its grammar's mask, then its contrast with `without[b]` (the
-        logits of its shadow), then sampling."""
+        logits of its shadow, biased alike so that a bias counts once in (1 + w) log p - w log q), then
+        sampling."""
         biased = [b for b, s in enumerate(seqs) if s.params.logit_bias]
         rows = [b for b, s in enumerate(seqs) if masks is not None and id(s) in masks.index]
+        without = dict(without or {})
         if biased or rows or without:
             logits = logits.float().clone()
         for b in biased:
             ids, values = zip(*seqs[b].params.logit_bias, strict=True)
-            logits[b, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
+            bias = torch.tensor(values, dtype=logits.dtype, device=logits.device)
+            logits[b, list(ids)] += bias
+            if b in without:
+                without[b] = without[b].float().clone()
+                without[b][list(ids)] += bias
         if rows:  # the constrained rows' disallowed tokens go to -inf; free rows are left as they are
             bitmask = masks.bits.result()
             logits[rows] = self.grammars.apply(logits[rows], bitmask[[masks.index[id(seqs[b])] for b in rows]])
-        for b, other in (without or {}).items():  # among the tokens the grammar allows
+        for b, other in without.items():  # among the tokens the grammar allows
             logits[b] = contrasted(logits[b], other, seqs[b].params.contrast)
         penalized = any(s.params.repetition_penalty != 1.0 for s in seqs)
         return sample_batch(logits, [s.sampler for s in seqs], [s.history() for s in seqs] if penalized

@@ -149,6 +149,11 @@ class Scheduler:
         prefilling = self.prefilling.shadow_of or self.prefilling if self.prefilling else None
         return [*(s for s in self.running if s.shadow_of is None), *([prefilling] if prefilling else [])]
 
+    def rows_in_use(self) -> int:
+        """Rows the batch holds: the running ones, and those the prefilling reply (and its shadow) will take."""
+        reply = self.prefilling.shadow_of or self.prefilling if self.prefilling else None
+        return len(self.running) + (0 if reply is None else 1 + (reply.shadow is not None))
+
     def _unqueue(self, seq: Sequence) -> None:
         self.waiting.remove(seq)
         if not seq.scoring:

@@ -47,21 +47,54 @@ class LayerWeights:
 
 
 class KVCache:
-    """Static K/V storage: `k_all` / `v_all` are [layers, rows, kv_heads, max_len, head_dim].
+    """K/V storage: `k_all` / `v_all` are [layers, rows, kv_heads, capacity, head_dim].
 
     Each sequence owns one row and writes the keys of position p at [:, row, :, p]; `k[layer]` is
     that layer's view. Keeping a batch in contiguous rows lets attention read the cache as a view,
     without a gather; moving or saving a row is one copy for all layers.
+
+    On the CPU the positions held grow with use (`reserve`, doubling from GROWTH_START up to max_len):
+    16 rows of a 2,048-token context would hold 0.8 GB of the embedded model's K/V from the start,
+    where NPC lines use a few hundred positions. A CUDA cache is allocated whole, since captured
+    graphs hold its addresses.
     """
 
-    def __init__(self, config: LlamaConfig, rows: int, max_len: int, dtype: torch.dtype, device: str = "cpu"):
+    GROWTH_START = 256
+
+    def __init__(self, config: LlamaConfig, rows: int, max_len: int, dtype: torch.dtype, device: str = "cpu",
+                 grow: bool | None = None):
         if max_len > config.max_position:
             raise ValueError(f"KV length {max_len} exceeds the model's context of {config.max_position} tokens")
-        shape = (config.num_layers, rows, config.num_kv_heads, max_len, config.head_dim)
-        self.k_all = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_all = torch.zeros(shape, dtype=dtype, device=device)
-        self.k, self.v = list(self.k_all.unbind(0)), list(self.v_all.unbind(0))
+        self.config, self.dtype, self.device = config, dtype, torch.device(device)
         self.rows, self.max_len = rows, max_len
+        grow = self.device.type == "cpu" if grow is None else grow
+        self.capacity = 0
+        self._allocate(min(max_len, self.GROWTH_START) if grow else max_len)
+
+    def _allocate(self, capacity: int) -> None:
+        c = self.config
+        shape = (c.num_layers, self.rows, c.num_kv_heads, capacity, c.head_dim)
+        # Plain tensors even when a forward (inference mode) grows the cache: the prefix cache and row
+        # moves write into it outside inference mode, which torch refuses on inference tensors.
+        with torch.inference_mode(False):
+            k_all = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v_all = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if self.capacity:
+                k_all[:, :, :, : self.capacity] = self.k_all
+                v_all[:, :, :, : self.capacity] = self.v_all
+        self.k_all, self.v_all, self.capacity = k_all, v_all, capacity
+        self.k, self.v = list(self.k_all.unbind(0)), list(self.v_all.unbind(0))
+
+    def reserve(self, length: int) -> None:
+        """Makes positions [0, length) writable in every row (what is held is kept)."""
+        if length <= self.capacity:
+            return
+        if length > self.max_len:
+            raise ValueError(f"position {length} is past this cache's {self.max_len} positions")
+        grown = self.capacity
+        while grown < length:
+            grown *= 2
+        self._allocate(min(grown, self.max_len))
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Positions [0, length) of row src -> row dst, every layer."""
@@ -165,6 +198,7 @@ class LlamaModel:
         position of each row, or [B, T, V] with `all_logits`.
         """
         layout = self._layout(start, rows, tokens.shape[1])
+        cache.reserve(layout.kv_len)
         return self._run(tokens.to(self.device), layout, cache, all_logits, lora)
 
     @torch.inference_mode()

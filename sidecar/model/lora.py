@@ -10,10 +10,13 @@ parts are stored together so that one matmul computes the shrink of every part o
 `rank` is the largest rank resident (it grows on demand up to max_rank); smaller ranks are
 zero-padded. Slot -1 means "base model" for a row.
 
-Each slot also keeps a compact float32 copy for the one-adapter path (a prefill segment, or a
-decode batch whose rows all use one adapter): A_s [sum of ranks, in] over the targeted parts and
-a block-diagonal B_s [sum of ranks, out]. Two float32 matmuls per projection: on this CPU class,
-small fp32 GEMMs run 3-4x faster than bf16 ones of the same shape (docs/benchmarks.md).
+The one-adapter path (a prefill segment, or a decode batch whose rows all use one adapter) reads
+the adapter's own tensors (in the engine's dtype), with no copy per slot: `LoraAdapter` keeps each
+fused projection's A parts stacked, A_s [sum of ranks, in], so one shrink matmul serves all parts,
+then one expand per part, in float32 (widened per call): small fp32 GEMMs run 3-4x faster than
+bf16 ones of the same shape on the CPUs met (docs/benchmarks.md). The stacks above are what CUDA's
+kernel and the masked op read (allocated at the first adapter's load on a CPU); on a CPU in bf16 the
+native kernel reads each adapter where it lies instead, and a slot is only pointers (`LoraSlots`).
 
 On CUDA the stacks live on the GPU and decode batches use the Triton BGMV kernel
 (model/cuda/lora_triton.py), which reads only each row's own adapter and never syncs with the
@@ -28,6 +31,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import torch
@@ -45,6 +49,9 @@ MODULES = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_
            "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", 0)}
 PROJECTIONS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
                "down": ("down_proj",)}
+# One adapter's share of a fused projection on the one-adapter path: A_s [sum r, in] and, per targeted
+# part, (first output column, end column, first row of A_s, end row, B [out_part, r]).
+OneAdapter = tuple[torch.Tensor, tuple[tuple[int, int, int, int, torch.Tensor], ...]]
 _TENSOR_NAME = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.([0-9]+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # under `self_attn`; the others under `mlp`
@@ -80,7 +87,29 @@ class LoraAdapter:
     path: Path
     fingerprint: str  # digest of the bytes the weights came from (+ scale): the identity the prefix cache keys on
     rank: int
+    # each A a view into `stacked`; each B [out, r] a view of its transpose, held contiguous (the native kernel's)
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    # (layer, fused projection) -> its targeted parts' A stacked in PROJECTIONS order [sum r, in]
+    stacked: dict[tuple[int, str], torch.Tensor] = dataclass_field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        stacked = {}
+        for layer in sorted({layer for layer, _ in self.weights}):
+            for projection, modules in PROJECTIONS.items():
+                pairs = [(m, self.weights[(layer, m)]) for m in modules if (layer, m) in self.weights]
+                if not pairs:
+                    continue
+                a_all = torch.cat([a for _, (a, _) in pairs]).contiguous()
+                stacked[(layer, projection)] = a_all
+                row = 0
+                for module, (a, b) in pairs:  # views: the adapter is held once; B as its transpose [r, out]
+                    self.weights[(layer, module)] = (a_all[row:row + a.shape[0]], b.t().contiguous().t())
+                    row += a.shape[0]
+        object.__setattr__(self, "stacked", stacked)
+
+    def cast(self, dtype: torch.dtype) -> LoraAdapter:
+        return LoraAdapter(self.name, self.path, self.fingerprint, self.rank,
+                           {k: (a.to(dtype), b.to(dtype)) for k, (a, b) in self.weights.items()})
 
     @property
     def target_modules(self) -> set[str]:
@@ -104,11 +133,13 @@ def pattern_value(patterns: dict, module_path: str, default: float) -> float:
 
 
 def load_peft_adapter(folder: Path, config: LlamaConfig, max_rank: int = 64, name: str | None = None,
-                      scale: float = 1.0) -> LoraAdapter:
+                      scale: float = 1.0, dtype: torch.dtype = torch.float32) -> LoraAdapter:
     """Reads and validates a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
 
     `scale` multiplies every delta on top of alpha / r (a character's `lora_scale`: how strongly
     the persona adapter speaks); it is part of the fingerprint, since the K/V it gives differ.
+    `dtype` is what the weights are held in once checked (the torch engine: its model's, so that a
+    bf16 engine holds each adapter in the bf16 its decode kernel reads).
     Pickled weights are never opened. Every problem is an AdapterError naming the file and the
     field or tensor, whatever the files hold.
     """
@@ -150,7 +181,7 @@ def load_peft_adapter(folder: Path, config: LlamaConfig, max_rank: int = 64, nam
         b = b * ((alpha / math.sqrt(rank) if settings.rslora else alpha / rank) * scale)
         if not torch.isfinite(b).all():
             raise WeightsError(folder, f"{where}: lora_alpha {alpha:g} scales the weights past the float range")
-        weights[(layer, module)] = (a.contiguous(), b.contiguous())
+        weights[(layer, module)] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
         top_rank = max(top_rank, rank)
     return LoraAdapter(name or folder.name, folder, _fingerprint(config_sha256, weights_sha256, scale), top_rank,
                        weights)
@@ -312,23 +343,53 @@ def _show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+class _SlotPointers:
+    """Where each slot's adapter lies, for one (layer, projection): what the native kernel reads in place of
+    stacks. a[s]: the slot's stacked A rows; first / rank / b per (slot, part): the part's first row in it,
+    its rank (0: not targeted) and its B transposed [r, out]."""
+
+    def __init__(self, slots: int, parts: int):
+        self.parts = parts
+        self.a = (ctypes.c_void_p * slots)()
+        self.first = (ctypes.c_int64 * (slots * parts))()
+        self.rank = (ctypes.c_int64 * (slots * parts))()
+        self.b = (ctypes.c_void_p * (slots * parts))()
+
+    def point(self, slot: int, a: torch.Tensor | None, parts: list[tuple[int, int, torch.Tensor] | None]) -> None:
+        self.a[slot] = None if a is None else a.data_ptr()
+        for j, part in enumerate(parts):
+            first, rank, b_t = part if part is not None else (0, 0, None)
+            i = slot * self.parts + j
+            self.first[i], self.rank[i], self.b[i] = first, rank, None if b_t is None else b_t.data_ptr()
+
+
 class LoraSlots:
-    """Resident adapters, stacked per layer and fused projection (layout in the module docstring)."""
+    """Resident adapters (layout in the module docstring). On a CPU in bfloat16 with the native kernel built,
+    a slot points at its adapter's own tensors (`stacked` False: the kernel reads them where they lie, so an
+    adapter is held once); elsewhere (CUDA's Triton kernel, float32, no C compiler) the slots are stacks."""
 
     def __init__(self, config: LlamaConfig, num_slots: int, dtype: torch.dtype, rank: int = 8,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", stacked: bool | None = None):
         self.config, self.num_slots, self.dtype = config, num_slots, dtype
         self.device = torch.device(device)
         self.generation = 0  # bumped when the stacks are reallocated (captured CUDA graphs hold their addresses)
         shapes = module_shapes(config)
         self.part_out = {p: tuple(shapes[m][0] for m in mods) for p, mods in PROJECTIONS.items()}
         self.in_features = {p: shapes[mods[0]][1] for p, mods in PROJECTIONS.items()}
+        self.part_out_c = {p: (ctypes.c_int64 * len(outs))(*outs) for p, outs in self.part_out.items()}
+        self.stacked = stacked if stacked is not None else not (
+            self.device.type == "cpu" and dtype == torch.bfloat16 and bgmv_kernel() is not None)
         self.rank = 0
         self.A: list[dict[str, torch.Tensor]] = []
         self.B: list[dict[str, list[torch.Tensor]]] = []
-        # single[slot][layer][projection] = (A_s, B_s) in float32, or None when nothing is targeted
-        self.single: list[list[dict[str, tuple[torch.Tensor, torch.Tensor] | None]] | None] = [None] * num_slots
-        self._resize(rank)
+        # single[slot][layer][projection]: the slot's adapter's own A_s and parts (`_parts`), or None when
+        # that projection is not targeted; the one-adapter path reads them (no copy on the CPU)
+        self.single: list[list[dict[str, OneAdapter | None]] | None] = [None] * num_slots
+        self.held: list[LoraAdapter | None] = [None] * num_slots  # what each slot points at (kept alive)
+        self.pointers = [{p: _SlotPointers(num_slots, len(mods)) for p, mods in PROJECTIONS.items()}
+                         for _ in range(config.num_layers)] if not self.stacked else []
+        if self.stacked:
+            self._resize(rank)
 
     def _resize(self, rank: int) -> None:
         """(Re)allocates the stacks for `rank`, keeping what is loaded (zero-padded)."""
@@ -341,10 +402,6 @@ class LoraSlots:
                    for p in PROJECTIONS} for _ in range(self.config.num_layers)]
         self.rank = rank
         self.generation += 1
-        # What the native (CPU) kernel needs per (layer, projection): the B part pointers and out sizes.
-        self.b_pointers = [{p: (ctypes.c_void_p * len(parts))(*(t.data_ptr() for t in parts))
-                            for p, parts in layer.items()} for layer in self.B] if self.device.type == "cpu" else []
-        self.part_out_c = {p: (ctypes.c_int64 * len(outs))(*outs) for p, outs in self.part_out.items()}
         if old_rank:
             keep = min(old_rank, rank)
             for layer in range(self.config.num_layers):
@@ -357,7 +414,10 @@ class LoraSlots:
                             old_B[layer][p][j].view(S, old_rank, -1)[:, :keep]
 
     def load(self, slot: int, adapter: LoraAdapter) -> None:
-        """Copies an adapter into `slot` (modules it does not target get zeros)."""
+        """Puts an adapter in `slot`: points at it, or copies it into the stacks (untargeted modules: zeros)."""
+        if not self.stacked:
+            self._point(slot, adapter)
+            return
         if adapter.rank > self.rank:
             self._resize(adapter.rank)
         S, r = self.num_slots, self.rank
@@ -376,27 +436,49 @@ class LoraSlots:
         self.single[slot] = [{p: self._compact(adapter, layer, p) for p in PROJECTIONS}
                              for layer in range(self.config.num_layers)]
 
-    def _compact(self, adapter: LoraAdapter, layer: int, projection: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """float32 (A_s [sum r, in], block-diagonal B_s [sum r, out]) of one projection's targeted parts."""
-        mods = PROJECTIONS[projection]
-        pairs = [adapter.weights.get((layer, m)) for m in mods]
-        if all(p is None for p in pairs):
+    def _point(self, slot: int, adapter: LoraAdapter) -> None:
+        if any(t.dtype != self.dtype for pair in adapter.weights.values() for t in pair):
+            adapter = adapter.cast(self.dtype)  # (an adapter read for another dtype: this slot's own copy)
+        self.held[slot] = adapter
+        for layer in range(self.config.num_layers):
+            for p, mods in PROJECTIONS.items():
+                parts, row = [], 0
+                for module in mods:
+                    pair = adapter.weights.get((layer, module))
+                    if pair is None:
+                        parts.append(None)
+                        continue
+                    a, b = pair
+                    parts.append((row, a.shape[0], b.t()))  # b is a view of B transposed, contiguous
+                    row += a.shape[0]
+                self.pointers[layer][p].point(slot, adapter.stacked.get((layer, p)), parts)
+        self.single[slot] = [{p: self._compact(adapter, layer, p) for p in PROJECTIONS}
+                             for layer in range(self.config.num_layers)]
+
+    def _compact(self, adapter: LoraAdapter, layer: int, projection: str) -> OneAdapter | None:
+        """The adapter's stacked A of one projection and, per targeted part, (its output columns, its rows
+        of A, B): tensors of the adapter itself on the CPU, copied only to another device."""
+        a = adapter.stacked.get((layer, projection))
+        if a is None:
             return None
-        outs = self.part_out[projection]
-        a_rows, b_blocks = [], []
-        col = 0
-        for pair, out in zip(pairs, outs, strict=True):
+        parts, col, row = [], 0, 0
+        for module, out in zip(PROJECTIONS[projection], self.part_out[projection], strict=True):
+            pair = adapter.weights.get((layer, module))
             if pair is not None:
-                a, b = pair
-                block = torch.zeros(a.shape[0], sum(outs))
-                block[:, col:col + out] = b.t()
-                a_rows.append(a.float())
-                b_blocks.append(block)
+                rank = pair[0].shape[0]
+                parts.append((col, col + out, row, row + rank, pair[1].to(self.device)))
+                row += rank
             col += out
-        return torch.cat(a_rows).to(self.device).contiguous(), torch.cat(b_blocks).to(self.device).contiguous()
+        return a.to(self.device), tuple(parts)
 
     def clear(self, slot: int) -> None:
         self.single[slot] = None
+        if not self.stacked:
+            for layer in self.pointers:
+                for p, pointers in layer.items():
+                    pointers.point(slot, None, [None] * len(PROJECTIONS[p]))
+            self.held[slot] = None
+            return
         S, r = self.num_slots, self.rank
         for layer in range(self.config.num_layers):
             for p, mods in PROJECTIONS.items():
@@ -405,9 +487,8 @@ class LoraSlots:
                     self.B[layer][p][j].view(S, r, -1)[slot].zero_()
 
     def nbytes(self) -> int:
-        compact = sum(t.numel() * t.element_size() for slot in self.single if slot for layer in slot
-                      for pair in layer.values() if pair for t in pair)
-        return compact + sum(t.numel() * t.element_size() for layer in self.A for t in layer.values()) + sum(
+        """The stacks' bytes (the one-adapter path reads the adapters' own tensors)."""
+        return sum(t.numel() * t.element_size() for layer in self.A for t in layer.values()) + sum(
             t.numel() * t.element_size() for layer in self.B for parts in layer.values() for t in parts)
 
 
@@ -437,21 +518,23 @@ def lora_bgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.
         lo += out
 
 
-def lora_sgmv(y: torch.Tensor, x: torch.Tensor, compact: list[tuple[torch.Tensor, torch.Tensor] | None],
+def lora_sgmv(y: torch.Tensor, x: torch.Tensor, compact: list[OneAdapter | None],
               segments: list[tuple[int, int, int]]) -> None:
     """Rows grouped into segments that share one adapter (in place on y).
 
     Semantics: for each (start, end, slot) in segments with slot >= 0, for each part j,
         y[start:end, lo_j:hi_j] += (x[start:end] @ A_j[slot].T) @ B_j[slot]
-    `compact[slot]` is that slot's (A_s [sum r, in], block-diagonal B_s [sum r, out]) for this
-    projection, in float32, so each segment costs two matmuls and reads only its own adapter.
+    `compact[slot]` is that slot's (A_s [sum r, in], parts) for this projection, each part (lo, hi, first
+    row of A_s, end row, B [out_part, r]): one float32 shrink for all parts, one expand per part.
     """
     for start, end, slot in segments:
-        pair = compact[slot] if slot >= 0 else None
-        if pair is None:
+        entry = compact[slot] if slot >= 0 else None
+        if entry is None:
             continue
-        a, b = pair
-        y[start:end] += F.linear(x[start:end].float(), a) @ b
+        a, parts = entry
+        t = F.linear(x[start:end].float(), a.float())  # (a bf16 adapter widened per call: ~1% of a prefill chunk)
+        for lo, hi, r0, r1, b in parts:
+            y[start:end, lo:hi] += F.linear(t[:, r0:r1], b.float())
 
 
 class LoraBatch:
@@ -468,18 +551,23 @@ class LoraBatch:
                  kernel: BgmvKernel | None | bool = True):
         self.slots = slots
         self.active = any(s >= 0 for s in row_slots)
-        on_cpu = slots.device.type == "cpu"
         self.kernel = (bgmv_kernel() if kernel is True else kernel or None) \
-            if tokens_per_row == 1 and slots.dtype == torch.bfloat16 and on_cpu else None
+            if tokens_per_row == 1 and not slots.stacked else None
         use_triton = tokens_per_row == 1 and slots.device.type == "cuda" and kernel is not False and triton_available()
         self.triton = _triton_bgmv() if use_triton else None
         self.row_slot = torch.tensor(row_slots, dtype=torch.int64, device=slots.device)
         self.segments: list[tuple[int, int, int]] | None = None
+        self._row_slots, self._tokens_per_row = row_slots, tokens_per_row
         if self.triton is None and self.kernel is None:  # neither kernel: segments, or the masked all-slot op
-            if len(set(row_slots)) == 1 or tokens_per_row > 1:
-                self.segments = _segments([s for s in row_slots for _ in range(tokens_per_row)])
-            else:
-                self.mask = _slot_mask(slots, self.row_slot)
+            self._fall_back()
+
+    def _fall_back(self) -> None:
+        """Segments (rows grouped by adapter), or the masked all-slot op for mixed decode rows on stacks."""
+        self.kernel = None
+        if len(set(self._row_slots)) == 1 or self._tokens_per_row > 1 or not self.slots.stacked:
+            self.segments = _segments([s for s in self._row_slots for _ in range(self._tokens_per_row)])
+        else:
+            self.mask = _slot_mask(self.slots, self.row_slot)
 
     @classmethod
     def for_graph(cls, slots: LoraSlots, row_slot: torch.Tensor) -> LoraBatch:
@@ -499,17 +587,16 @@ class LoraBatch:
             self.triton(y2, x2, s.A[layer][module], s.B[layer][module], self.row_slot, s.num_slots, s.rank,
                              s.part_out[module])
             return y
-        if self.kernel is not None and x2.dtype == torch.bfloat16 and self.kernel(
-                y2, x2, self.row_slot, s.num_slots, s.rank, s.A[layer][module], s.b_pointers[layer][module],
-                s.part_out_c[module]):
-            return y
+        if self.kernel is not None:
+            where = s.pointers[layer][module]
+            if x2.dtype == torch.bfloat16 and self.kernel(y2, x2, self.row_slot, s.num_slots, where.a, where.first,
+                                                          where.rank, where.b, s.part_out_c[module]):
+                return y
+            self._fall_back()  # the kernel declined (sizes beyond its limits): for the rest of this call too
         if self.segments is not None:
             compact = [None if c is None else c[layer][module] for c in s.single]
             lora_sgmv(y2, x2, compact, self.segments)
         else:
-            if self.kernel is not None:  # the kernel declined: build the mask once
-                self.mask = _slot_mask(s, self.row_slot)
-                self.kernel = None
             lora_bgmv(y2, x2, s.A[layer][module], s.B[layer][module], self.mask, s.part_out[module])
         return y
 

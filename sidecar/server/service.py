@@ -178,7 +178,8 @@ class DialogueService(pb_grpc.NpcDialogueServicer):
             context_tokens=cfg.max_seq_len, max_tokens_limit=self.limits.max_tokens, sessions=len(self.sessions),
             max_sessions=self.sessions.max_sessions, max_session_turns=self.sessions.max_turns,
             limits=pb.RequestLimits(**asdict(self.limits)), prefix_cache_bytes=stats.prefix_cache_bytes,
-            prefix_cache_capacity_bytes=stats.prefix_cache_capacity_bytes)
+            prefix_cache_capacity_bytes=stats.prefix_cache_capacity_bytes, batch_rows_in_use=stats.batch_rows_in_use,
+            kv_cache_bytes=stats.kv_cache_bytes)
 
     async def _refuse(self, context: grpc.aio.ServicerContext, rpc: str, exc: BaseException, **fields) -> None:
         code = status_for(exc)

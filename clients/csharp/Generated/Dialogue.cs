@@ -105,7 +105,7 @@ namespace Npc.V1 {
             "TgoUSW1wb3J0U2Vzc2lvblJlcXVlc3QSIwoFc3RhdGUYASABKAsyFC5ucGMu",
             "djEuU2Vzc2lvblN0YXRlEhEKCW92ZXJ3cml0ZRgCIAEoCCI4ChVJbXBvcnRT",
             "ZXNzaW9uUmVzcG9uc2USDQoFdHVybnMYASABKAUSEAoIcmVwbGFjZWQYAiAB",
-            "KAgiFgoUR2V0U2VydmVySW5mb1JlcXVlc3Qi0QMKClNlcnZlckluZm8SDQoF",
+            "KAgiFgoUR2V0U2VydmVySW5mb1JlcXVlc3QihAQKClNlcnZlckluZm8SDQoF",
             "bW9kZWwYASABKAkSDwoHd2VpZ2h0cxgCIAEoCRIPCgdiYWNrZW5kGAMgASgJ",
             "EhEKCW1heF9iYXRjaBgEIAEoBRIYChBhY3RpdmVfc2VxdWVuY2VzGAUgASgF",
             "EhgKEHdhaXRpbmdfcmVxdWVzdHMYBiABKAUSGQoRcmVzaWRlbnRfYWRhcHRl",
@@ -115,53 +115,54 @@ namespace Npc.V1 {
             "aW9ucxgNIAEoBRIUCgxtYXhfc2Vzc2lvbnMYDiABKAUSDgoGZGV2aWNlGA8g",
             "ASgJEhkKEW1heF9zZXNzaW9uX3R1cm5zGBAgASgFEiUKBmxpbWl0cxgRIAEo",
             "CzIVLm5wYy52MS5SZXF1ZXN0TGltaXRzEhoKEnByZWZpeF9jYWNoZV9ieXRl",
-            "cxgSIAEoAxIjChtwcmVmaXhfY2FjaGVfY2FwYWNpdHlfYnl0ZXMYEyABKAMi",
-            "4gIKDVJlcXVlc3RMaW1pdHMSFgoObWF4X2xpbmVfY2hhcnMYASABKAUSFgoO",
-            "bWF4X25hbWVfY2hhcnMYAiABKAUSGQoRbWF4X3dvcmxkX2VudHJpZXMYAyAB",
-            "KAUSGwoTbWF4X3dvcmxkX2tleV9jaGFycxgEIAEoBRIdChVtYXhfd29ybGRf",
-            "dmFsdWVfY2hhcnMYBSABKAUSGAoQbWF4X3N0b3Bfc3RyaW5ncxgGIAEoBRIW",
-            "Cg5tYXhfc3RvcF9jaGFycxgHIAEoBRISCgptYXhfdG9rZW5zGAggASgFEhgK",
-            "EG1heF9lbnRpdHlfbGlzdHMYCSABKAUSGQoRbWF4X2VudGl0eV92YWx1ZXMY",
-            "CiABKAUSGAoQbWF4X2VudGl0eV9jaGFycxgLIAEoBRIcChRtYXhfc2NlbmVf",
-            "Y2hhcmFjdGVycxgMIAEoBRIXCg9tYXhfc2NlbmVfbGluZXMYDSABKAUilQMK",
-            "DFNjZW5lUmVxdWVzdBIVCg1jaGFyYWN0ZXJfaWRzGAEgAygJEhEKCXNpdHVh",
-            "dGlvbhgCIAEoCRISCgpzZXNzaW9uX2lkGAMgASgJEi4KBXdvcmxkGAQgAygL",
-            "Mh8ubnBjLnYxLlNjZW5lUmVxdWVzdC5Xb3JsZEVudHJ5EhEKCW1heF9saW5l",
-            "cxgFIAEoBRIqCgdvcHRpb25zGAYgASgLMhkubnBjLnYxLkdlbmVyYXRpb25P",
-            "cHRpb25zEjQKCGVudGl0aWVzGAcgAygLMiIubnBjLnYxLlNjZW5lUmVxdWVz",
-            "dC5FbnRpdGllc0VudHJ5Ei8KD2FsbG93ZWRfYWN0aW9ucxgIIAEoCzIWLm5w",
-            "Yy52MS5BbGxvd2VkQWN0aW9ucxosCgpXb3JsZEVudHJ5EgsKA2tleRgBIAEo",
-            "CRINCgV2YWx1ZRgCIAEoCToCOAEaQwoNRW50aXRpZXNFbnRyeRILCgNrZXkY",
-            "ASABKAkSIQoFdmFsdWUYAiABKAsyEi5ucGMudjEuRW50aXR5TGlzdDoCOAEi",
-            "jAEKClNjZW5lRXZlbnQSJwoHc3RhcnRlZBgBIAEoCzIULm5wYy52MS5TY2Vu",
-            "ZVN0YXJ0ZWRIABIhCgRsaW5lGAIgASgLMhEubnBjLnYxLlNjZW5lTGluZUgA",
-            "EikKCGZpbmlzaGVkGAMgASgLMhUubnBjLnYxLlNjZW5lRmluaXNoZWRIAEIH",
-            "CgVldmVudCJGCgxTY2VuZVN0YXJ0ZWQSEAoIc2NlbmVfaWQYASABKAkSFQoN",
-            "Y2hhcmFjdGVyX2lkcxgCIAMoCRINCgVuYW1lcxgDIAMoCSJSCglTY2VuZUxp",
-            "bmUSDQoFaW5kZXgYASABKA0SFAoMY2hhcmFjdGVyX2lkGAIgASgJEiAKBWV2",
-            "ZW50GAMgASgLMhEubnBjLnYxLlRhbGtFdmVudCJECg1TY2VuZUZpbmlzaGVk",
-            "EiQKBnJlYXNvbhgBIAEoDjIULm5wYy52MS5GaW5pc2hSZWFzb24SDQoFbGlu",
-            "ZXMYAiABKA0qfAoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5T",
-            "UEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hf",
-            "UkVBU09OX0xFTkdUSBACEhsKF0ZJTklTSF9SRUFTT05fQ0FOQ0VMTEVEEAMq",
-            "bAoPQ2hhcmFjdGVyU3RhdHVzEiAKHENIQVJBQ1RFUl9TVEFUVVNfVU5TUEVD",
-            "SUZJRUQQABIaChZDSEFSQUNURVJfU1RBVFVTX1JFQURZEAESGwoXQ0hBUkFD",
-            "VEVSX1NUQVRVU19GQUlMRUQQAjKRBQoLTnBjRGlhbG9ndWUSMAoEVGFsaxIT",
-            "Lm5wYy52MS5UYWxrUmVxdWVzdBoRLm5wYy52MS5UYWxrRXZlbnQwARJPCg5M",
-            "aXN0Q2hhcmFjdGVycxIdLm5wYy52MS5MaXN0Q2hhcmFjdGVyc1JlcXVlc3Qa",
-            "Hi5ucGMudjEuTGlzdENoYXJhY3RlcnNSZXNwb25zZRJJCgxSZXNldFNlc3Np",
-            "b24SGy5ucGMudjEuUmVzZXRTZXNzaW9uUmVxdWVzdBocLm5wYy52MS5SZXNl",
-            "dFNlc3Npb25SZXNwb25zZRJDCg1FeHBvcnRTZXNzaW9uEhwubnBjLnYxLkV4",
-            "cG9ydFNlc3Npb25SZXF1ZXN0GhQubnBjLnYxLlNlc3Npb25TdGF0ZRJMCg1J",
-            "bXBvcnRTZXNzaW9uEhwubnBjLnYxLkltcG9ydFNlc3Npb25SZXF1ZXN0Gh0u",
-            "bnBjLnYxLkltcG9ydFNlc3Npb25SZXNwb25zZRJBCg1HZXRTZXJ2ZXJJbmZv",
-            "EhwubnBjLnYxLkdldFNlcnZlckluZm9SZXF1ZXN0GhIubnBjLnYxLlNlcnZl",
-            "ckluZm8SUgoQR2V0UmVsYXRpb25zaGlwcxIfLm5wYy52MS5HZXRSZWxhdGlv",
-            "bnNoaXBzUmVxdWVzdBodLm5wYy52MS5SZWxhdGlvbnNoaXBzUmVzcG9uc2US",
-            "UAoPU2V0UmVsYXRpb25zaGlwEh4ubnBjLnYxLlNldFJlbGF0aW9uc2hpcFJl",
-            "cXVlc3QaHS5ucGMudjEuUmVsYXRpb25zaGlwc1Jlc3BvbnNlEjgKClN0YXJ0",
-            "U2NlbmUSFC5ucGMudjEuU2NlbmVSZXF1ZXN0GhIubnBjLnYxLlNjZW5lRXZl",
-            "bnQwAUIJqgIGTnBjLlYxYgZwcm90bzM="));
+            "cxgSIAEoAxIjChtwcmVmaXhfY2FjaGVfY2FwYWNpdHlfYnl0ZXMYEyABKAMS",
+            "GQoRYmF0Y2hfcm93c19pbl91c2UYFCABKAUSFgoOa3ZfY2FjaGVfYnl0ZXMY",
+            "FSABKAMi4gIKDVJlcXVlc3RMaW1pdHMSFgoObWF4X2xpbmVfY2hhcnMYASAB",
+            "KAUSFgoObWF4X25hbWVfY2hhcnMYAiABKAUSGQoRbWF4X3dvcmxkX2VudHJp",
+            "ZXMYAyABKAUSGwoTbWF4X3dvcmxkX2tleV9jaGFycxgEIAEoBRIdChVtYXhf",
+            "d29ybGRfdmFsdWVfY2hhcnMYBSABKAUSGAoQbWF4X3N0b3Bfc3RyaW5ncxgG",
+            "IAEoBRIWCg5tYXhfc3RvcF9jaGFycxgHIAEoBRISCgptYXhfdG9rZW5zGAgg",
+            "ASgFEhgKEG1heF9lbnRpdHlfbGlzdHMYCSABKAUSGQoRbWF4X2VudGl0eV92",
+            "YWx1ZXMYCiABKAUSGAoQbWF4X2VudGl0eV9jaGFycxgLIAEoBRIcChRtYXhf",
+            "c2NlbmVfY2hhcmFjdGVycxgMIAEoBRIXCg9tYXhfc2NlbmVfbGluZXMYDSAB",
+            "KAUilQMKDFNjZW5lUmVxdWVzdBIVCg1jaGFyYWN0ZXJfaWRzGAEgAygJEhEK",
+            "CXNpdHVhdGlvbhgCIAEoCRISCgpzZXNzaW9uX2lkGAMgASgJEi4KBXdvcmxk",
+            "GAQgAygLMh8ubnBjLnYxLlNjZW5lUmVxdWVzdC5Xb3JsZEVudHJ5EhEKCW1h",
+            "eF9saW5lcxgFIAEoBRIqCgdvcHRpb25zGAYgASgLMhkubnBjLnYxLkdlbmVy",
+            "YXRpb25PcHRpb25zEjQKCGVudGl0aWVzGAcgAygLMiIubnBjLnYxLlNjZW5l",
+            "UmVxdWVzdC5FbnRpdGllc0VudHJ5Ei8KD2FsbG93ZWRfYWN0aW9ucxgIIAEo",
+            "CzIWLm5wYy52MS5BbGxvd2VkQWN0aW9ucxosCgpXb3JsZEVudHJ5EgsKA2tl",
+            "eRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaQwoNRW50aXRpZXNFbnRyeRIL",
+            "CgNrZXkYASABKAkSIQoFdmFsdWUYAiABKAsyEi5ucGMudjEuRW50aXR5TGlz",
+            "dDoCOAEijAEKClNjZW5lRXZlbnQSJwoHc3RhcnRlZBgBIAEoCzIULm5wYy52",
+            "MS5TY2VuZVN0YXJ0ZWRIABIhCgRsaW5lGAIgASgLMhEubnBjLnYxLlNjZW5l",
+            "TGluZUgAEikKCGZpbmlzaGVkGAMgASgLMhUubnBjLnYxLlNjZW5lRmluaXNo",
+            "ZWRIAEIHCgVldmVudCJGCgxTY2VuZVN0YXJ0ZWQSEAoIc2NlbmVfaWQYASAB",
+            "KAkSFQoNY2hhcmFjdGVyX2lkcxgCIAMoCRINCgVuYW1lcxgDIAMoCSJSCglT",
+            "Y2VuZUxpbmUSDQoFaW5kZXgYASABKA0SFAoMY2hhcmFjdGVyX2lkGAIgASgJ",
+            "EiAKBWV2ZW50GAMgASgLMhEubnBjLnYxLlRhbGtFdmVudCJECg1TY2VuZUZp",
+            "bmlzaGVkEiQKBnJlYXNvbhgBIAEoDjIULm5wYy52MS5GaW5pc2hSZWFzb24S",
+            "DQoFbGluZXMYAiABKA0qfAoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFT",
+            "T05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRG",
+            "SU5JU0hfUkVBU09OX0xFTkdUSBACEhsKF0ZJTklTSF9SRUFTT05fQ0FOQ0VM",
+            "TEVEEAMqbAoPQ2hhcmFjdGVyU3RhdHVzEiAKHENIQVJBQ1RFUl9TVEFUVVNf",
+            "VU5TUEVDSUZJRUQQABIaChZDSEFSQUNURVJfU1RBVFVTX1JFQURZEAESGwoX",
+            "Q0hBUkFDVEVSX1NUQVRVU19GQUlMRUQQAjKRBQoLTnBjRGlhbG9ndWUSMAoE",
+            "VGFsaxITLm5wYy52MS5UYWxrUmVxdWVzdBoRLm5wYy52MS5UYWxrRXZlbnQw",
+            "ARJPCg5MaXN0Q2hhcmFjdGVycxIdLm5wYy52MS5MaXN0Q2hhcmFjdGVyc1Jl",
+            "cXVlc3QaHi5ucGMudjEuTGlzdENoYXJhY3RlcnNSZXNwb25zZRJJCgxSZXNl",
+            "dFNlc3Npb24SGy5ucGMudjEuUmVzZXRTZXNzaW9uUmVxdWVzdBocLm5wYy52",
+            "MS5SZXNldFNlc3Npb25SZXNwb25zZRJDCg1FeHBvcnRTZXNzaW9uEhwubnBj",
+            "LnYxLkV4cG9ydFNlc3Npb25SZXF1ZXN0GhQubnBjLnYxLlNlc3Npb25TdGF0",
+            "ZRJMCg1JbXBvcnRTZXNzaW9uEhwubnBjLnYxLkltcG9ydFNlc3Npb25SZXF1",
+            "ZXN0Gh0ubnBjLnYxLkltcG9ydFNlc3Npb25SZXNwb25zZRJBCg1HZXRTZXJ2",
+            "ZXJJbmZvEhwubnBjLnYxLkdldFNlcnZlckluZm9SZXF1ZXN0GhIubnBjLnYx",
+            "LlNlcnZlckluZm8SUgoQR2V0UmVsYXRpb25zaGlwcxIfLm5wYy52MS5HZXRS",
+            "ZWxhdGlvbnNoaXBzUmVxdWVzdBodLm5wYy52MS5SZWxhdGlvbnNoaXBzUmVz",
+            "cG9uc2USUAoPU2V0UmVsYXRpb25zaGlwEh4ubnBjLnYxLlNldFJlbGF0aW9u",
+            "c2hpcFJlcXVlc3QaHS5ucGMudjEuUmVsYXRpb25zaGlwc1Jlc3BvbnNlEjgK",
+            "ClN0YXJ0U2NlbmUSFC5ucGMudjEuU2NlbmVSZXF1ZXN0GhIubnBjLnYxLlNj",
+            "ZW5lRXZlbnQwAUIJqgIGTnBjLlYxYgZwcm90bzM="));
       descriptor = pbr::FileDescriptor.FromGeneratedCode(descriptorData,
           new pbr::FileDescriptor[] { },
           new pbr::GeneratedClrTypeInfo(new[] {typeof(global::Npc.V1.FinishReason), typeof(global::Npc.V1.CharacterStatus), }, null, new pbr::GeneratedClrTypeInfo[] {
@@ -197,7 +198,7 @@ namespace Npc.V1 {
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ImportSessionRequest), global::Npc.V1.ImportSessionRequest.Parser, new[]{ "State", "Overwrite" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ImportSessionResponse), global::Npc.V1.ImportSessionResponse.Parser, new[]{ "Turns", "Replaced" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.GetServerInfoRequest), global::Npc.V1.GetServerInfoRequest.Parser, null, null, null, null, null),
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ServerInfo), global::Npc.V1.ServerInfo.Parser, new[]{ "Model", "Weights", "Backend", "MaxBatch", "ActiveSequences", "WaitingRequests", "ResidentAdapters", "Version", "MaxResidentAdapters", "MaxWaiting", "ContextTokens", "MaxTokensLimit", "Sessions", "MaxSessions", "Device", "MaxSessionTurns", "Limits", "PrefixCacheBytes", "PrefixCacheCapacityBytes" }, null, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.ServerInfo), global::Npc.V1.ServerInfo.Parser, new[]{ "Model", "Weights", "Backend", "MaxBatch", "ActiveSequences", "WaitingRequests", "ResidentAdapters", "Version", "MaxResidentAdapters", "MaxWaiting", "ContextTokens", "MaxTokensLimit", "Sessions", "MaxSessions", "Device", "MaxSessionTurns", "Limits", "PrefixCacheBytes", "PrefixCacheCapacityBytes", "BatchRowsInUse", "KvCacheBytes" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.RequestLimits), global::Npc.V1.RequestLimits.Parser, new[]{ "MaxLineChars", "MaxNameChars", "MaxWorldEntries", "MaxWorldKeyChars", "MaxWorldValueChars", "MaxStopStrings", "MaxStopChars", "MaxTokens", "MaxEntityLists", "MaxEntityValues", "MaxEntityChars", "MaxSceneCharacters", "MaxSceneLines" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.SceneRequest), global::Npc.V1.SceneRequest.Parser, new[]{ "CharacterIds", "Situation", "SessionId", "World", "MaxLines", "Options", "Entities", "AllowedActions" }, null, null, null, new pbr::GeneratedClrTypeInfo[] { null, null, }),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.SceneEvent), global::Npc.V1.SceneEvent.Parser, new[]{ "Started", "Line", "Finished" }, new[]{ "Event" }, null, null, null),
@@ -10056,6 +10057,8 @@ namespace Npc.V1 {
       limits_ = other.limits_ != null ? other.limits_.Clone() : null;
       prefixCacheBytes_ = other.prefixCacheBytes_;
       prefixCacheCapacityBytes_ = other.prefixCacheCapacityBytes_;
+      batchRowsInUse_ = other.batchRowsInUse_;
+      kvCacheBytes_ = other.kvCacheBytes_;
       _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
     }
 
@@ -10115,7 +10118,8 @@ namespace Npc.V1 {
     public const int MaxBatchFieldNumber = 4;
     private int maxBatch_;
     /// <summary>
-    /// Most replies generated together in one batch.
+    /// Most rows decoded together in one batch: a reply takes one, or two when it is decoded against
+    /// its prompt without the facts (`npc serve --fact-contrast`, on by default in the torch engine).
     /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
@@ -10130,7 +10134,7 @@ namespace Npc.V1 {
     public const int ActiveSequencesFieldNumber = 5;
     private int activeSequences_;
     /// <summary>
-    /// Replies being generated now (0 to max_batch).
+    /// Replies being generated now (0 to max_batch; see batch_rows_in_use for the rows they take).
     /// </summary>
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
@@ -10354,6 +10358,39 @@ namespace Npc.V1 {
       }
     }
 
+    /// <summary>Field number for the "batch_rows_in_use" field.</summary>
+    public const int BatchRowsInUseFieldNumber = 20;
+    private int batchRowsInUse_;
+    /// <summary>
+    /// Rows of the batch in use now (0 to max_batch): active_sequences plus one for each reply decoded
+    /// against its prompt without the facts. 0 where the backend does not report it (remote, TensorRT-LLM).
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public int BatchRowsInUse {
+      get { return batchRowsInUse_; }
+      set {
+        batchRowsInUse_ = value;
+      }
+    }
+
+    /// <summary>Field number for the "kv_cache_bytes" field.</summary>
+    public const int KvCacheBytesFieldNumber = 21;
+    private long kvCacheBytes_;
+    /// <summary>
+    /// Bytes of K/V held for the rows of the batch now. On the CPU it grows with the longest
+    /// conversation in the batch (doubling, up to context_tokens per row) and does not shrink.
+    /// 0 where the backend does not report it.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public long KvCacheBytes {
+      get { return kvCacheBytes_; }
+      set {
+        kvCacheBytes_ = value;
+      }
+    }
+
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public override bool Equals(object other) {
@@ -10388,6 +10425,8 @@ namespace Npc.V1 {
       if (!object.Equals(Limits, other.Limits)) return false;
       if (PrefixCacheBytes != other.PrefixCacheBytes) return false;
       if (PrefixCacheCapacityBytes != other.PrefixCacheCapacityBytes) return false;
+      if (BatchRowsInUse != other.BatchRowsInUse) return false;
+      if (KvCacheBytes != other.KvCacheBytes) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
 
@@ -10414,6 +10453,8 @@ namespace Npc.V1 {
       if (limits_ != null) hash ^= Limits.GetHashCode();
       if (PrefixCacheBytes != 0L) hash ^= PrefixCacheBytes.GetHashCode();
       if (PrefixCacheCapacityBytes != 0L) hash ^= PrefixCacheCapacityBytes.GetHashCode();
+      if (BatchRowsInUse != 0) hash ^= BatchRowsInUse.GetHashCode();
+      if (KvCacheBytes != 0L) hash ^= KvCacheBytes.GetHashCode();
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
       }
@@ -10508,6 +10549,14 @@ namespace Npc.V1 {
         output.WriteRawTag(152, 1);
         output.WriteInt64(PrefixCacheCapacityBytes);
       }
+      if (BatchRowsInUse != 0) {
+        output.WriteRawTag(160, 1);
+        output.WriteInt32(BatchRowsInUse);
+      }
+      if (KvCacheBytes != 0L) {
+        output.WriteRawTag(168, 1);
+        output.WriteInt64(KvCacheBytes);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -10594,6 +10643,14 @@ namespace Npc.V1 {
         output.WriteRawTag(152, 1);
         output.WriteInt64(PrefixCacheCapacityBytes);
       }
+      if (BatchRowsInUse != 0) {
+        output.WriteRawTag(160, 1);
+        output.WriteInt32(BatchRowsInUse);
+      }
+      if (KvCacheBytes != 0L) {
+        output.WriteRawTag(168, 1);
+        output.WriteInt64(KvCacheBytes);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -10660,6 +10717,12 @@ namespace Npc.V1 {
       }
       if (PrefixCacheCapacityBytes != 0L) {
         size += 2 + pb::CodedOutputStream.ComputeInt64Size(PrefixCacheCapacityBytes);
+      }
+      if (BatchRowsInUse != 0) {
+        size += 2 + pb::CodedOutputStream.ComputeInt32Size(BatchRowsInUse);
+      }
+      if (KvCacheBytes != 0L) {
+        size += 2 + pb::CodedOutputStream.ComputeInt64Size(KvCacheBytes);
       }
       if (_unknownFields != null) {
         size += _unknownFields.CalculateSize();
@@ -10732,6 +10795,12 @@ namespace Npc.V1 {
       }
       if (other.PrefixCacheCapacityBytes != 0L) {
         PrefixCacheCapacityBytes = other.PrefixCacheCapacityBytes;
+      }
+      if (other.BatchRowsInUse != 0) {
+        BatchRowsInUse = other.BatchRowsInUse;
+      }
+      if (other.KvCacheBytes != 0L) {
+        KvCacheBytes = other.KvCacheBytes;
       }
       _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
     }
@@ -10827,6 +10896,14 @@ namespace Npc.V1 {
             PrefixCacheCapacityBytes = input.ReadInt64();
             break;
           }
+          case 160: {
+            BatchRowsInUse = input.ReadInt32();
+            break;
+          }
+          case 168: {
+            KvCacheBytes = input.ReadInt64();
+            break;
+          }
         }
       }
     #endif
@@ -10919,6 +10996,14 @@ namespace Npc.V1 {
           }
           case 152: {
             PrefixCacheCapacityBytes = input.ReadInt64();
+            break;
+          }
+          case 160: {
+            BatchRowsInUse = input.ReadInt32();
+            break;
+          }
+          case 168: {
+            KvCacheBytes = input.ReadInt64();
             break;
           }
         }

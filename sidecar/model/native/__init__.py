@@ -63,18 +63,20 @@ class BgmvKernel:
         self._lib = ctypes.CDLL(str(library))
         fn = self._lib.lora_bgmv_bf16
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr]
+        fn.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr]
         fn.restype = ctypes.c_int
         self._fn = fn
 
-    def __call__(self, y: torch.Tensor, x: torch.Tensor, row_slot: torch.Tensor, num_slots: int, rank: int,
-                 A: torch.Tensor, b_pointers: ctypes.Array, part_out: ctypes.Array) -> bool:
-        """y [N, out] += delta (in place). False when the kernel declined (sizes beyond its limits)."""
-        assert x.dtype == y.dtype == A.dtype == torch.bfloat16 and row_slot.dtype == torch.int64
-        assert x.stride(1) == 1 and y.stride(1) == 1 and A.is_contiguous()
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, row_slot: torch.Tensor, num_slots: int,
+                 a: ctypes.Array, first: ctypes.Array, rank: ctypes.Array, b: ctypes.Array,
+                 part_out: ctypes.Array) -> bool:
+        """y [N, out] += delta (in place). a: the slots' stacked-A pointers [S]; first, rank, b: per (slot, part)
+        [S * parts]. False when the kernel declined (sizes beyond its limits)."""
+        assert x.dtype == y.dtype == torch.bfloat16 and row_slot.dtype == torch.int64
+        assert x.stride(1) == 1 and y.stride(1) == 1
         assert x.shape[0] == y.shape[0] == row_slot.numel(), "one slot index per row"
         rc = self._fn(x.shape[0], x.shape[1], x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
-                      row_slot.data_ptr(), num_slots, rank, len(part_out), A.data_ptr(), b_pointers, part_out)
+                      row_slot.data_ptr(), num_slots, len(part_out), a, first, rank, b, part_out)
         return rc == 0
 
 

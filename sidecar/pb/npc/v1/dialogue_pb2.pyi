@@ -409,7 +409,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model", "weights", "backend", "max_batch", "active_sequences", "waiting_requests", "resident_adapters", "version", "max_resident_adapters", "max_waiting", "context_tokens", "max_tokens_limit", "sessions", "max_sessions", "device", "max_session_turns", "limits", "prefix_cache_bytes", "prefix_cache_capacity_bytes")
+    __slots__ = ("model", "weights", "backend", "max_batch", "active_sequences", "waiting_requests", "resident_adapters", "version", "max_resident_adapters", "max_waiting", "context_tokens", "max_tokens_limit", "sessions", "max_sessions", "device", "max_session_turns", "limits", "prefix_cache_bytes", "prefix_cache_capacity_bytes", "batch_rows_in_use", "kv_cache_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -429,6 +429,8 @@ class ServerInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ROWS_IN_USE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     weights: str
     backend: str
@@ -448,7 +450,9 @@ class ServerInfo(_message.Message):
     limits: RequestLimits
     prefix_cache_bytes: int
     prefix_cache_capacity_bytes: int
-    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch: _Optional[int] = ..., active_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., version: _Optional[str] = ..., max_resident_adapters: _Optional[int] = ..., max_waiting: _Optional[int] = ..., context_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., max_session_turns: _Optional[int] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_capacity_bytes: _Optional[int] = ...) -> None: ...
+    batch_rows_in_use: int
+    kv_cache_bytes: int
+    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch: _Optional[int] = ..., active_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., version: _Optional[str] = ..., max_resident_adapters: _Optional[int] = ..., max_waiting: _Optional[int] = ..., context_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., max_session_turns: _Optional[int] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_capacity_bytes: _Optional[int] = ..., batch_rows_in_use: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class RequestLimits(_message.Message):
     __slots__ = ("max_line_chars", "max_name_chars", "max_world_entries", "max_world_key_chars", "max_world_value_chars", "max_stop_strings", "max_stop_chars", "max_tokens", "max_entity_lists", "max_entity_values", "max_entity_chars", "max_scene_characters", "max_scene_lines")
