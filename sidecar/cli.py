@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sidecar.config import BACKENDS, FACT_CONTRAST, WEIGHT_FORMATS, ModelConfig, resolve_model_path
-from sidecar.errors import UserError
+from sidecar.errors import ModelFileError, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -573,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging("warning", json_lines=False)
     try:
         return args.run(args)
+    except ModelFileError as e:  # the file is the problem, not how the command was typed (as `npc check`)
+        sys.stderr.write(f"npc {args.command}: error: {e}\n")
+        return 1
     except UserError as e:
         sys.stderr.write(f"npc {args.command}: error: {e}\n")
         return 2

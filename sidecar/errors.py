@@ -1,4 +1,5 @@
-"""Errors a user can fix. The CLI prints them as one line and exits 2; the server maps them to a status."""
+"""Errors a user can fix. The CLI prints them as one line and exits 1 for a model file it cannot serve, 2 for
+any other mistake (flags, usage); the server maps them to a status."""
 
 
 class UserError(Exception):

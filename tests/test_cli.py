@@ -55,8 +55,9 @@ def test_seeded_sampling_is_reproducible():
     assert json.loads(first.stdout)["token_ids"] == json.loads(second.stdout)["token_ids"]
 
 
-def _assert_user_error(run: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert run.returncode == 2, (run.returncode, run.stderr)
+def _assert_user_error(run: subprocess.CompletedProcess, *fragments: str, code: int = 2) -> None:
+    """One line naming what is wrong, no traceback; exit code 2 for a flag or usage mistake, 1 for a model file."""
+    assert run.returncode == code, (run.returncode, run.stderr)
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1, run.stderr
     assert "Traceback" not in run.stderr
@@ -92,20 +93,20 @@ def bad_files(tmp_path_factory, model_path: Path) -> dict[str, Path]:
     ("contradicts", ["contradicts.gguf", "blk.0.ffn_gate.weight", "shape [512, 256], expected [384, 256]"]),
 ])
 def test_bad_model_files(bad_files, name, fragments):
-    _assert_user_error(npc("generate", "--model", str(bad_files[name]), "hi"), *fragments)
+    _assert_user_error(npc("generate", "--model", str(bad_files[name]), "hi"), *fragments, code=1)
 
 
 def test_serving_a_model_without_a_chat_template_is_refused_at_start(bad_files, tmp_path):
     run = npc("serve", "--model", str(bad_files["no_template"]), "--listen", "127.0.0.1:0", "--characters",
               str(tmp_path))
-    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     last = run.stderr.strip().splitlines()[-1]  # after the loading log lines
     assert "base.gguf" in last and "no chat template" in last, run.stderr
 
 
 def test_missing_model_file_via_environment(tmp_path):
     missing = tmp_path / "nowhere.gguf"
-    _assert_user_error(npc("generate", "hi", env={"NPC_MODEL": str(missing)}), str(missing), "no such file")
+    _assert_user_error(npc("generate", "hi", env={"NPC_MODEL": str(missing)}), str(missing), "no such file", code=1)
 
 
 def test_unknown_weight_format():

@@ -31,7 +31,8 @@ def _compare(path: Path, hf, length: int = 48, weights: str = "fp32") -> float:
     return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
-@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
+                                  "Q4_K", "Q5_K", "Q6_K"])
 def test_gguf_tensor_types_match_transformers(tmp_path, kind):
     hf = tiny_gguf(tmp_path / "m.gguf", kind)
     assert _compare(tmp_path / "m.gguf", hf) < 1e-5
@@ -188,6 +189,28 @@ def test_auto_keeps_each_kind_at_its_precision(tmp_path):
     assert ((layer.o.dequantized() - o).abs() > 1e-6 * o.abs().max()).float().mean() < 0.01
     down = ref.mlp.down_proj.weight.detach()
     assert ((layer.down.dequantized() - down).norm() / down.norm()).item() < 0.01  # int8 per channel
+
+
+@pytest.mark.parametrize("kind,became", [("Q2_K", "int4"), ("Q3_K", "int4"), ("Q5_0", "int8"), ("Q5_1", "int8"),
+                                         ("Q5_K", "int8")])
+def test_auto_rounds_each_kind_within_its_new_grid(tmp_path, kind, became):
+    """`--weights auto` on the kinds it re-rounds: 2- and 3-bit K-quants onto int4 (16 levels between each
+    group of 32's min and max), 5-bit kinds onto int8 per channel (a step of max|w| / 127); every weight is
+    within half a step of the file's value (gguf-py's dequantization, which transformers gets too)."""
+    hf = tiny_gguf(tmp_path / "m.gguf", kind)
+    model = LlamaModel.from_checkpoint(load_checkpoint(tmp_path / "m.gguf"), "auto", torch.float32)
+    mlp = hf.model.layers[1].mlp
+    ref = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+    layer = model.layers[1].gate_up
+    assert layer.format == became
+    if became == "int4":
+        groups = ref.reshape(ref.shape[0], -1, 32)
+        step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(32, dim=1)
+    else:
+        step = (ref.abs().amax(dim=1, keepdim=True) / 127).expand_as(ref)
+    error = (layer.dequantized() - ref).abs()
+    assert (error <= step / 2 * (1 + 1e-3) + 1e-7).all(), (error / step).max()
+    assert (error > 1e-6 * ref.abs().max()).any()  # re-rounded indeed (not a kind kept as it is)
 
 
 def test_a_q4_k_m_file_matches_transformers_reading_it(tmp_path):

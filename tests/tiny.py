@@ -26,8 +26,10 @@ _GGUF_LAYER = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
                "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
 _HF_LAYER = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-# Block layouts: (bytes per block, values per block, byte offset of the f16 super-scale `d`).
-_RANDOM_BLOCKS = {"Q4_K": (144, 256, 0), "Q6_K": (210, 256, 208), "IQ4_NL": (18, 32, 0)}
+# Block layouts (ggml's block_*): (bytes per block, values per block, byte offsets of the f16 super-scale `d`
+# and of the f16 `dmin`, None where the kind has none).
+_RANDOM_BLOCKS = {"Q2_K": (84, 256, 80, 82), "Q3_K": (110, 256, 108, None), "Q4_K": (144, 256, 0, 2),
+                  "Q5_K": (176, 256, 0, 2), "Q6_K": (210, 256, 208, None), "IQ4_NL": (18, 32, 0, None)}
 
 
 def hf_config(rope_parameters: dict | None = None, max_position: int = 512) -> HfLlamaConfig:
@@ -61,12 +63,12 @@ def encode(values: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarra
     if kind in _RANDOM_BLOCKS:
         # gguf-py cannot quantize K-quants; random blocks with a sane super-scale are just as good
         # a test of the loader, since the reference model gets their exact dequantized values.
-        size, per_block, d_offset = _RANDOM_BLOCKS[kind]
+        size, per_block, d_offset, dmin_offset = _RANDOM_BLOCKS[kind]
         rows, cols = values.shape
         raw = rng.integers(0, 256, size=(rows, cols // per_block, size), dtype=np.uint8)
         raw[..., d_offset:d_offset + 2] = np.array([2e-4], dtype=np.float16).view(np.uint8)
-        if kind == "Q4_K":  # dmin
-            raw[..., 2:4] = np.array([1e-4], dtype=np.float16).view(np.uint8)
+        if dmin_offset is not None:
+            raw[..., dmin_offset:dmin_offset + 2] = np.array([1e-4], dtype=np.float16).view(np.uint8)
         return raw.reshape(rows, -1)
     return quantize(values.astype(np.float32), Q[kind])
 
