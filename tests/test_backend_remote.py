@@ -45,7 +45,9 @@ def pair(tmp_path_factory, checkpoint):
     write_random_adapter(folder / "adapter", checkpoint.config, seed=1, rank=8)
     write_character(root, "broken", "x", generation="{temperature: hot}")
     # Two replies at a time, one waiting: a fourth is refused (429), which B reports as RESOURCE_EXHAUSTED.
-    cluster = SidecarProcess(root, "--openai-listen", "127.0.0.1:0", "--max-batch", "2", "--max-waiting", "1")
+    # No context-aware decoding in A: the remote backend cannot ask for it, and B's replies must be A's own.
+    cluster = SidecarProcess(root, "--openai-listen", "127.0.0.1:0", "--max-batch", "2", "--max-waiting", "1",
+                             "--fact-contrast", "0")
     try:
         front = SidecarProcess(root, "--backend", "remote", "--remote-url", f"http://{cluster.openai_address}")
     except BaseException:

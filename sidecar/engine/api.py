@@ -154,14 +154,14 @@ class EngineStats:
 
     active_sequences: int = 0
     waiting_requests: int = 0  # replies waiting for a place in the batch: what max_waiting bounds
-    batch_rows_in_use: int = 0  # active_sequences plus their shadows (a contrasted reply takes two rows)
-    kv_cache_bytes: int = 0  # K/V allocated for the batch's rows
     resident_adapters: tuple[str, ...] = ()
     prefix_cache_bytes: int = 0
     prefix_cache_capacity_bytes: int = 0
     prefix_hits: int = 0
     prefix_lookups: int = 0
     steps: int = 0
+    batch_rows_in_use: int = 0  # active_sequences plus their shadows (a contrasted reply takes two rows)
+    kv_cache_bytes: int = 0  # K/V allocated for the batch's rows
 
 
 class Timings:
