@@ -87,12 +87,13 @@ def test_completion_body():
     greedy = completion_body([1, 2, 3], "ghost", SamplingParams(max_tokens=5), 5)
     assert greedy["prompt"] == [1, 2, 3] and greedy["model"] == "ghost" and greedy["stream"] is True
     assert greedy["temperature"] == 0
-    assert not {"seed", "top_k", "repetition_penalty", "ignore_eos", "stop"} & set(greedy)
+    assert not {"seed", "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop"} & set(greedy)
     sampled = completion_body([1], "base", SamplingParams(temperature=0.7, top_k=40, seed=3, repetition_penalty=1.1,
                                                           ignore_eos=True, stop=("x",)), 9)
     assert (sampled["seed"], sampled["top_k"], sampled["repetition_penalty"], sampled["ignore_eos"]) == (3, 40, 1.1,
                                                                                                        True)
     assert "stop" not in sampled and sampled["max_tokens"] == 9  # stop strings are matched here, not there
+    assert completion_body([1], "base", SamplingParams(temperature=0.7, min_p=0.2), 9)["min_p"] == 0.2
 
 
 def test_reply_events_tokens_and_text(tokenizer):

@@ -89,6 +89,8 @@ def test_sampling_kwargs_exact():
     assert sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.9, top_k=0, seed=5, stop=("\n",)), 12, (2,)) == {
         "max_tokens": 12, "end_id": 2, "detokenize": False, "temperature": 0.7, "top_p": 0.9, "top_k": 0,
         "seed": 5}
+    assert sampling_kwargs(SamplingParams(temperature=0.7, min_p=0.2, seed=5), 12, (2,))["min_p"] == 0.2
+    assert "min_p" not in sampling_kwargs(SamplingParams(min_p=0.2), 12, (2,))  # greedy: nothing to filter
     # No seed: a fresh one per request (TensorRT-LLM's default, 0, would repeat the same "random" reply).
     drawn = sampling_kwargs(SamplingParams(temperature=1.0, top_k=40), 8, (2,), rng=random.Random(3))
     assert drawn["seed"] == random.Random(3).getrandbits(63) and drawn["top_k"] == 40 and drawn["top_p"] == 1.0

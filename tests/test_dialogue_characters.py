@@ -30,6 +30,7 @@ style_examples:
 generation:
   max_tokens: 64
   temperature: 0.5
+  min_p: 0.1
 memory:
   max_turns: 3
 """
@@ -64,7 +65,7 @@ def test_valid_character(tmp_path):
     assert c.knowledge == ("The forest is old.", "Arrows cost 1 silver.")
     assert c.emotions == ("calm", "wary")
     assert c.style_examples[0].player == "Hello" and c.style_examples[0].npc == "Greetings, traveller."
-    assert c.generation == Generation(max_tokens=64, temperature=0.5, top_p=Generation.top_p)
+    assert c.generation == Generation(max_tokens=64, temperature=0.5, top_p=Generation.top_p, min_p=0.1)
     assert c.memory.max_turns == 3
     assert c.adapter_path is None and not c.has_adapter and c.adapter_version is None
     assert len(c.version) == 12
@@ -142,6 +143,8 @@ _BASE = "id: elf\nname: Elara\npersona: x\n"
      "must be a number between 0 and 2, got 'hot'"),
     ("id: elf\nname: Elara\npersona: x\ngeneration:\n  temperature: 3\n", "generation.temperature", "got 3"),
     ("id: elf\nname: Elara\npersona: x\ngeneration:\n  top_p: 0\n", "generation.top_p", "above 0"),
+    ("id: elf\nname: Elara\npersona: x\ngeneration:\n  min_p: 1.5\n", "generation.min_p", "got 1.5"),
+    ("id: elf\nname: Elara\npersona: x\ngeneration:\n  min_p: -0.1\n", "generation.min_p", "got -0.1"),
     ("id: elf\nname: Elara\npersona: x\ngeneration:\n  max_tokens: 1.5\n", "generation.max_tokens", "whole number"),
     ("id: elf\nname: Elara\npersona: x\ngeneration:\n  max_tokens: true\n", "generation.max_tokens", "got True"),
     ("id: elf\nname: Elara\npersona: x\ngeneration:\n  seed: 1\n", "generation.seed", "unknown field"),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from sidecar.dialogue.characters import load_character
 from sidecar.dialogue.lore import LoreLibrary
 from sidecar.dialogue.retrieval import FactRetriever, Grounding
@@ -42,11 +44,12 @@ def test_right_mixed_up_and_missed_replies_are_told_apart(tmp_path, tokenizer):
     engine = ScriptedEngine(tokenizer, script)
     retriever = FactRetriever(LoreLibrary(REPO / "characters" / "lore"), Grounding(fact_contrast=0.5))
     scores = score_facts(engine, character, None, retriever, read_facts(path))
-    assert scores.greedy == 1 / 3 and scores.sampled == 2 / 3
+    assert scores.greedy == 1 / 3 and scores.sampled == pytest.approx(2 / 3)
     assert scores.mixed_greedy == 1 / 3 and scores.mixed_sampled == 0
     assert [q for q, _ in scores.wrong] == ["who runs the tavern?", "where is your forge?"]
     # Decoded as served: the grammar of the character's reply format, and against the prompt less its facts.
     first = engine.requests[0]
     assert first.sampling.grammar is not None and first.sampling.contrast.weight == 0.5
     assert len(first.sampling.contrast.prompt_without) < len(first.prompt)
-    assert [r.sampling.temperature for r in engine.requests[:per]] == [0.0] + [character.generation.temperature] * 2
+    assert [r.sampling.temperature for r in engine.requests[:per]] == [0.0] + [character.generation.temperature] * 4
+    assert [r.sampling.min_p for r in engine.requests[1:per]] == [character.generation.min_p] * 4

@@ -169,6 +169,8 @@ def talk_problems(req: pb.TalkRequest) -> list[str]:
         found.append("options.repetition_penalty:")
     if o.HasField("top_k") and o.top_k < 0:
         found.append("options.top_k:")
+    if o.HasField("min_p") and not 0 <= o.min_p <= 1:
+        found.append("options.min_p:")
     if len(o.stop) > LIMITS.max_stop_strings:
         found.append("options.stop:")
     elif any(not s or len(s) > LIMITS.max_stop_chars for s in o.stop):
@@ -325,6 +327,7 @@ def options_ok() -> st.SearchStrategy[pb.GenerationOptions]:
         top_k=st.one_of(st.none(), st.sampled_from((0, 1, 2**31 - 1)), st.integers(0, 2**31 - 1)),
         repetition_penalty=st.one_of(st.none(), st.sampled_from((tiny, 1e-30, 2.0)),
                                      st.floats(0, 2, exclude_min=True, width=32)),
+        min_p=st.one_of(st.none(), st.sampled_from((0.0, -0.0, tiny, 1.0)), st.floats(0, 1, width=32)),
         seed=st.one_of(st.none(), uint64), stop=stop_ok)
 
 
@@ -360,11 +363,12 @@ BAD_FIELDS = {
     "repetition_penalty": st.one_of(floats_bad, st.sampled_from((0.0, -0.0)),
                                     st.floats(2, exclude_min=True, width=32)),
     "top_k": st.one_of(st.sampled_from((-1, int32_min)), st.integers(int32_min, -1)),
+    "min_p": st.one_of(floats_bad, st.floats(1, exclude_min=True, width=32)),
     "stop": st.one_of(st.integers(LIMITS.max_stop_strings + 1, 5_000).map(lambda n: ["x"] * n),
                       st.sampled_from(([""], ["a", ""])),
                       huge(LIMITS.max_stop_chars + 1, 100_000).map(lambda s: [s])),
 }
-OPTION_FIELDS = {"max_tokens", "temperature", "top_p", "repetition_penalty", "top_k", "stop"}
+OPTION_FIELDS = {"max_tokens", "temperature", "top_p", "repetition_penalty", "top_k", "min_p", "stop"}
 
 
 @st.composite
@@ -390,6 +394,7 @@ def talk_hostile() -> st.SearchStrategy[pb.TalkRequest]:
         top_p=st.one_of(st.none(), st.floats(width=32)),
         top_k=st.one_of(st.none(), st.integers(int32_min, int32_max)),
         repetition_penalty=st.one_of(st.none(), st.floats(width=32)),
+        min_p=st.one_of(st.none(), st.floats(width=32)),
         seed=st.one_of(st.none(), uint64),
         stop=st.one_of(stop_ok, BAD_FIELDS["stop"], st.lists(text(2), max_size=10)))
     return st.builds(

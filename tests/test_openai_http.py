@@ -182,7 +182,7 @@ def test_http_and_grpc_share_the_range_and_stop_checks():
     limits = RequestLimits()
     endpoint = OpenAiEndpoint(dialogue=None, config=ServerConfig(limits=limits))
     request = pb.TalkRequest(character_id="oracle", player_line="Hi")
-    cases = [("temperature", 9.0), ("top_p", 0.0), ("repetition_penalty", 3.0), ("stop", [""]),
+    cases = [("temperature", 9.0), ("top_p", 0.0), ("repetition_penalty", 3.0), ("min_p", -0.5), ("stop", [""]),
              ("stop", ["x"] * 9), ("stop", ["y" * 65])]
     for name, value in cases:
         grpc_request = pb.TalkRequest()

@@ -260,6 +260,7 @@ BAD_TALK = [
     (dict(options=pb.GenerationOptions(stop=["a"] * 50)), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
     (dict(options=pb.GenerationOptions(stop=[""])), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
     (dict(options=pb.GenerationOptions(top_k=-3)), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    (dict(options=pb.GenerationOptions(min_p=1.5)), grpc.StatusCode.INVALID_ARGUMENT, "options.min_p"),
     # The game's entity lists (they go into the prompt and the grammar) and its allowed actions.
     (dict(entities={f"l{i}": ["x"] for i in range(17)}), grpc.StatusCode.INVALID_ARGUMENT, "entities"),
     (dict(entities={"stock": [f"v{i}" for i in range(65)]}), grpc.StatusCode.INVALID_ARGUMENT, "entities[stock]"),

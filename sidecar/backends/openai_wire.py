@@ -20,7 +20,7 @@ class RemoteRefused(Exception):
 
 
 def completion_body(prompt_ids: list[int], model: str, params: SamplingParams, max_tokens: int) -> dict[str, Any]:
-    """A streamed /v1/completions request for a reply. Fields beyond OpenAI's (top_k, repetition_penalty,
+    """A streamed /v1/completions request for a reply. Fields beyond OpenAI's (top_k, min_p, repetition_penalty,
     ignore_eos, return_token_ids) are vLLM's names, sent only when they change something or help."""
     body: dict[str, Any] = {"model": model, "prompt": list(prompt_ids), "max_tokens": max_tokens, "stream": True,
                             "stream_options": {"include_usage": True}, "return_token_ids": True,
@@ -29,6 +29,8 @@ def completion_body(prompt_ids: list[int], model: str, params: SamplingParams, m
         body["seed"] = params.seed
     if params.top_k:
         body["top_k"] = params.top_k
+    if params.min_p:
+        body["min_p"] = params.min_p
     if params.repetition_penalty != 1.0:
         body["repetition_penalty"] = params.repetition_penalty
     if params.ignore_eos:

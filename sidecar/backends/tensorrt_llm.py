@@ -166,6 +166,8 @@ def sampling_kwargs(params: SamplingParams, max_tokens: int, eos_ids: Sequence[i
     else:
         seed = params.seed if params.seed is not None else (rng or random).getrandbits(63)
         kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=seed)
+        if params.min_p:  # TensorRT-LLM's own min_p, as ours relative to the likeliest token
+            kwargs["min_p"] = params.min_p
     if params.repetition_penalty != 1.0:
         kwargs["repetition_penalty"] = params.repetition_penalty
     return kwargs

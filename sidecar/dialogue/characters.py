@@ -67,6 +67,7 @@ class Generation:
     max_tokens: int = 80
     temperature: float = 0.7
     top_p: float = 0.9
+    min_p: float = 0.0  # 0 = off (engine.api.SamplingParams.min_p)
     max_tokens_limit: int | None = None  # longest reply a request may ask of this character (None: server's cap)
 
 
@@ -153,6 +154,7 @@ def load_character(folder: Path) -> Character:
         max_tokens=gen.integer("max_tokens", 1, 4096, Generation.max_tokens),
         temperature=gen.number("temperature", 0.0, 2.0, Generation.temperature),
         top_p=gen.number("top_p", 0.0, 1.0, Generation.top_p, low_open=True),
+        min_p=gen.number("min_p", 0.0, 1.0, Generation.min_p),
         max_tokens_limit=gen.integer("max_tokens_limit", 1, 4096, None),
     )
     if generation.max_tokens_limit is not None and generation.max_tokens > generation.max_tokens_limit:

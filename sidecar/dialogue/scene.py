@@ -57,6 +57,7 @@ class SceneInput:
     top_p: float | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
+    min_p: float | None = None
     seed: int | None = None  # line i uses seed + i
     stop: tuple[str, ...] = ()
 

@@ -69,6 +69,7 @@ class TalkInput:
     top_p: float | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
+    min_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     history: tuple[Turn, ...] = ()  # turns the caller brings (HTTP messages); the session's come first
@@ -194,6 +195,7 @@ class GenerationOptions(Protocol):
     top_p: float | None
     top_k: int | None
     repetition_penalty: float | None
+    min_p: float | None
     seed: int | None
     stop: tuple[str, ...]
 
@@ -205,6 +207,7 @@ def sampling_params(talk: GenerationOptions, defaults: Generation, limits: Reque
         temperature=defaults.temperature if talk.temperature is None else talk.temperature,
         top_p=defaults.top_p if talk.top_p is None else talk.top_p,
         top_k=talk.top_k or 0,
+        min_p=defaults.min_p if talk.min_p is None else talk.min_p,
         repetition_penalty=1.0 if talk.repetition_penalty is None else talk.repetition_penalty,
         stop=talk.stop,
         seed=talk.seed,

@@ -71,6 +71,9 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = all tokens
+    # Tokens less likely than min_p x the likeliest are never drawn (0 = off): keeps a sampled reply
+    # on the word the model is sure of (a price, a name) while leaving variety where it is unsure.
+    min_p: float = 0.0
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the reply
     stop: tuple[str, ...] = ()  # the reply ends before the first occurrence of any of these
     seed: int | None = None  # same seed, same request, run alone -> same reply
@@ -91,6 +94,8 @@ class SamplingParams:
             raise UserError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not math.isfinite(self.min_p) or not 0 <= self.min_p <= 1:
+            raise UserError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0, got {self.top_k}")
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:

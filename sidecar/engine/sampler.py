@@ -1,4 +1,4 @@
-"""Choosing next tokens from logits: greedy, or temperature / top-k / top-p, with repetition
+"""Choosing next tokens from logits: greedy, or temperature / top-k / min-p / top-p, with repetition
 penalty and a per-request seed. (Stop strings act on text: engine/output.py.)"""
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ class Sampler:
 
 def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The distribution a non-greedy token is drawn from: softmax(logits / T) restricted to the
-    top_k tokens and to the smallest set whose mass reaches top_p (renormalised by multinomial)."""
+    top_k tokens, to those at least min_p x the likeliest's probability, and to the smallest set whose
+    mass reaches top_p (renormalised by multinomial)."""
     # A valid temperature or repetition penalty near 0 (down to float32's 1e-45) pushes logits past
     # float32's range, and softmax over +inf gives NaN, which multinomial refuses: work in float64
     # and cap +inf, so the largest logits tie and the draw stays (nearly) greedy.
@@ -44,6 +45,8 @@ def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
     probs = torch.softmax(logits, dim=-1)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0)
     if p.top_p < 1:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).

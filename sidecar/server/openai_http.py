@@ -58,7 +58,7 @@ without it answers 400):
   one delta.tool_calls chunk per action (index counting from 0), then the last chunk with the
   emotion and finish_reason.
 
-Sampling: max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, ignore_eos,
+Sampling: max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, ignore_eos,
 checked by server/requests.py as gRPC's options are; max_tokens defaults to 16 for a completion (as
 OpenAI's) and to the server's limit for a chat reply (OpenAI bounds it by the context only).
 Errors are OpenAI-shaped JSON, `{"error": {"message", "type", "param", "code"}}`: 400 bad input
@@ -275,7 +275,7 @@ class OpenAiEndpoint:
                                         1, self.limits.max_tokens), reply_token_cap(self.limits, generation)),
                 temperature=oj.number(body, "temperature", 1.0), top_p=oj.number(body, "top_p", 1.0),
                 top_k=max(oj.whole(body, "top_k", 0, -1, 1_000_000, " (no limit)"), 0),
-                repetition_penalty=oj.number(body, "repetition_penalty", 1.0),
+                repetition_penalty=oj.number(body, "repetition_penalty", 1.0), min_p=oj.number(body, "min_p", 0.0),
                 stop=check_stops("stop", oj.stop_list(body), self.limits),
                 seed=oj.whole(body, "seed", None, 0, 2**63 - 1), ignore_eos=ignore_eos,
                 grammar=plan.grammar if plan is not None else oj.grammar(body))

@@ -63,6 +63,7 @@ def talk_input(body: dict, name: str, character: Character, chat: list[oj.Messag
                          temperature=oj.number(body, "temperature", None), top_p=oj.number(body, "top_p", None),
                          top_k=top_k if top_k and top_k > 0 else None,
                          repetition_penalty=oj.number(body, "repetition_penalty", None),
+                         min_p=oj.number(body, "min_p", None),
                          seed=oj.whole(body, "seed", None, 0, 2**63 - 1),
                          stop=check_stops("stop", oj.stop_list(body), limits), history=tuple(history),
                          entities=entities, allowed_actions=allowed)

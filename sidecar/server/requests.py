@@ -19,7 +19,8 @@ from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 
 # Sampling options both edges take: name -> (low, high, low excluded). Temperature 0 is greedy.
 SAMPLING_RANGES: dict[str, tuple[float, float, bool]] = {
-    "temperature": (0.0, 2.0, False), "top_p": (0.0, 1.0, True), "repetition_penalty": (0.0, 2.0, True)}
+    "temperature": (0.0, 2.0, False), "top_p": (0.0, 1.0, True), "repetition_penalty": (0.0, 2.0, True),
+    "min_p": (0.0, 1.0, False)}
 
 
 class InvalidArgument(UserError):
@@ -95,7 +96,7 @@ def _generation(o: pb.GenerationOptions, limits: RequestLimits) -> dict:
     top_k = check_whole_number("options.top_k", o.top_k, 0, 2**31 - 1, " (no limit)") if o.HasField("top_k") else None
     return {"max_tokens": o.max_tokens, "temperature": _sampling_option(o, "temperature"),
             "top_p": _sampling_option(o, "top_p"), "top_k": top_k,
-            "repetition_penalty": _sampling_option(o, "repetition_penalty"),
+            "repetition_penalty": _sampling_option(o, "repetition_penalty"), "min_p": _sampling_option(o, "min_p"),
             "seed": o.seed if o.HasField("seed") else None, "stop": check_stops("options.stop", list(o.stop), limits)}
 
 

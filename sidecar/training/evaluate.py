@@ -225,7 +225,8 @@ def _mood_labels(engine: OfflineEngine, character: Character, adapter: AdapterRe
         messages = build_messages(character, [], line, fmt=fmt, facts=retriever.facts(character, line))
         ids = tok.encode_chat(messages)
         for seed in range(3):
-            base = SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p, seed=seed)
+            base = SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                                  min_p=gen.min_p, seed=seed)
             requests.append(Request(ids, adapter, _as_served(tok, messages, ids, fmt.sampling(base, 512),
                                                              retriever.grounding)))
     counts: Counter[str] = Counter()

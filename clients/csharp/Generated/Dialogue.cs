@@ -35,141 +35,142 @@ namespace Npc.V1 {
             "GAIgASgJOgI4ARpDCg1FbnRpdGllc0VudHJ5EgsKA2tleRgBIAEoCRIhCgV2",
             "YWx1ZRgCIAEoCzISLm5wYy52MS5FbnRpdHlMaXN0OgI4ASIcCgpFbnRpdHlM",
             "aXN0Eg4KBnZhbHVlcxgBIAMoCSIfCg5BbGxvd2VkQWN0aW9ucxINCgVuYW1l",
-            "cxgBIAMoCSLvAQoRR2VuZXJhdGlvbk9wdGlvbnMSEgoKbWF4X3Rva2VucxgB",
+            "cxgBIAMoCSKNAgoRR2VuZXJhdGlvbk9wdGlvbnMSEgoKbWF4X3Rva2VucxgB",
             "IAEoBRIYCgt0ZW1wZXJhdHVyZRgCIAEoAkgAiAEBEhIKBXRvcF9wGAMgASgC",
             "SAGIAQESEQoEc2VlZBgEIAEoBEgCiAEBEgwKBHN0b3AYBSADKAkSEgoFdG9w",
             "X2sYBiABKAVIA4gBARIfChJyZXBldGl0aW9uX3BlbmFsdHkYByABKAJIBIgB",
-            "AUIOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQgcKBV9zZWVkQggKBl90b3Bf",
-            "a0IVChNfcmVwZXRpdGlvbl9wZW5hbHR5IsgBCglUYWxrRXZlbnQSIgoHc3Rh",
-            "cnRlZBgBIAEoCzIPLm5wYy52MS5TdGFydGVkSAASIgoFZGVsdGEYAiABKAsy",
-            "ES5ucGMudjEuVGV4dERlbHRhSAASJAoIZmluaXNoZWQYAyABKAsyEC5ucGMu",
-            "djEuRmluaXNoZWRIABIiCgdlbW90aW9uGAQgASgLMg8ubnBjLnYxLkVtb3Rp",
-            "b25IABIgCgZhY3Rpb24YBSABKAsyDi5ucGMudjEuQWN0aW9uSABCBwoFZXZl",
-            "bnQipQEKB1N0YXJ0ZWQSEgoKcmVxdWVzdF9pZBgBIAEoCRIZChFjaGFyYWN0",
-            "ZXJfdmVyc2lvbhgCIAEoCRIVCg1wcm9tcHRfdG9rZW5zGAMgASgFEhwKFGNh",
-            "Y2hlZF9wcm9tcHRfdG9rZW5zGAQgASgFEhUKDWhpc3RvcnlfdHVybnMYBSAB",
-            "KAUSDQoFZmFjdHMYBiADKAkSEAoIbWVtb3JpZXMYByADKAkiGQoJVGV4dERl",
-            "bHRhEgwKBHRleHQYASABKAkiGAoHRW1vdGlvbhINCgVsYWJlbBgBIAEoCSJZ",
-            "CgZBY3Rpb24SDAoEbmFtZRgBIAEoCRIpCglhcmd1bWVudHMYAiADKAsyFi5u",
-            "cGMudjEuQWN0aW9uQXJndW1lbnQSFgoOYXJndW1lbnRzX2pzb24YAyABKAki",
-            "agoOQWN0aW9uQXJndW1lbnQSDAoEbmFtZRgBIAEoCRIWCgxzdHJpbmdfdmFs",
-            "dWUYAiABKAlIABITCglpbnRfdmFsdWUYAyABKANIABIUCgpib29sX3ZhbHVl",
-            "GAQgASgISABCBwoFdmFsdWUi4gEKCEZpbmlzaGVkEiQKBnJlYXNvbhgBIAEo",
-            "DjIULm5wYy52MS5GaW5pc2hSZWFzb24SEQoJZnVsbF90ZXh0GAIgASgJEhwK",
-            "BXVzYWdlGAMgASgLMg0ubnBjLnYxLlVzYWdlEiAKB3RpbWluZ3MYBCABKAsy",
-            "Dy5ucGMudjEuVGltaW5ncxIPCgdlbW90aW9uGAUgASgJEh8KB2FjdGlvbnMY",
-            "BiADKAsyDi5ucGMudjEuQWN0aW9uEisKDXJlbGF0aW9uc2hpcHMYByADKAsy",
-            "FC5ucGMudjEuUmVsYXRpb25zaGlwIlcKBVVzYWdlEhUKDXByb21wdF90b2tl",
-            "bnMYASABKAUSGQoRY29tcGxldGlvbl90b2tlbnMYAiABKAUSHAoUY2FjaGVk",
-            "X3Byb21wdF90b2tlbnMYAyABKAUiRQoHVGltaW5ncxIQCghxdWV1ZV9tcxgB",
-            "IAEoARIWCg5maXJzdF90b2tlbl9tcxgCIAEoARIQCgh0b3RhbF9tcxgDIAEo",
-            "ASIXChVMaXN0Q2hhcmFjdGVyc1JlcXVlc3QiPwoWTGlzdENoYXJhY3RlcnNS",
-            "ZXNwb25zZRIlCgpjaGFyYWN0ZXJzGAEgAygLMhEubnBjLnYxLkNoYXJhY3Rl",
-            "ciLdAQoJQ2hhcmFjdGVyEgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSDwoH",
-            "dmVyc2lvbhgDIAEoCRInCgZzdGF0dXMYBCABKA4yFy5ucGMudjEuQ2hhcmFj",
-            "dGVyU3RhdHVzEg0KBWVycm9yGAUgASgJEhMKC2hhc19hZGFwdGVyGAYgASgI",
-            "EhAKCGdyZWV0aW5nGAcgASgJEhAKCGVtb3Rpb25zGAggAygJEg8KB3NlcnZp",
-            "bmcYCSABKAgSIwoHYWN0aW9ucxgKIAMoCzISLm5wYy52MS5BY3Rpb25TcGVj",
-            "IroBCgpBY3Rpb25TcGVjEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24Y",
-            "AiABKAkSJwoJYXJndW1lbnRzGAMgAygLMhQubnBjLnYxLkFyZ3VtZW50U3Bl",
-            "YxIwCgdlZmZlY3RzGAQgAygLMh8ubnBjLnYxLkFjdGlvblNwZWMuRWZmZWN0",
-            "c0VudHJ5Gi4KDEVmZmVjdHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUY",
-            "AiABKAk6AjgBIogBCgxBcmd1bWVudFNwZWMSDAoEbmFtZRgBIAEoCRIMCgR0",
-            "eXBlGAIgASgJEg4KBnZhbHVlcxgDIAMoCRITCgt2YWx1ZXNfZnJvbRgEIAEo",
-            "CRIRCgltaW5fdmFsdWUYBSABKAMSEQoJbWF4X3ZhbHVlGAYgASgDEhEKCW1h",
-            "eF9jaGFycxgHIAEoBSI/ChNSZXNldFNlc3Npb25SZXF1ZXN0EhIKCnNlc3Np",
-            "b25faWQYASABKAkSFAoMY2hhcmFjdGVyX2lkGAIgASgJIi8KFFJlc2V0U2Vz",
-            "c2lvblJlc3BvbnNlEhcKD2ZvcmdvdHRlbl90dXJucxgBIAEoBSJAChRFeHBv",
-            "cnRTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhQKDGNoYXJh",
-            "Y3Rlcl9pZBgCIAEoCSLGAQoMU2Vzc2lvblN0YXRlEhYKDmZvcm1hdF92ZXJz",
-            "aW9uGAEgASgFEhIKCnNlc3Npb25faWQYAiABKAkSGwoFdHVybnMYAyADKAsy",
-            "DC5ucGMudjEuVHVybhIXCg91cGRhdGVkX3VuaXhfbXMYBCABKAMSMAoNcmVs",
-            "YXRpb25zaGlwcxgFIAMoCzIZLm5wYy52MS5SZWxhdGlvbnNoaXBTdGF0ZRIi",
-            "CgZzY2VuZXMYBiADKAsyEi5ucGMudjEuU2NlbmVTdGF0ZSJGChFSZWxhdGlv",
-            "bnNoaXBTdGF0ZRIUCgxjaGFyYWN0ZXJfaWQYASABKAkSDAoEbmFtZRgCIAEo",
-            "CRINCgV2YWx1ZRgDIAEoAyK3AQoEVHVybhIUCgxjaGFyYWN0ZXJfaWQYASAB",
-            "KAkSEwoLcGxheWVyX2xpbmUYAiABKAkSEAoIbnBjX2xpbmUYAyABKAkSEwoL",
-            "cGxheWVyX25hbWUYBCABKAkSGQoRY2hhcmFjdGVyX3ZlcnNpb24YBSABKAkS",
-            "DwoHZW1vdGlvbhgGIAEoCRIfCgdhY3Rpb25zGAcgAygLMg4ubnBjLnYxLkFj",
-            "dGlvbhIQCghzY2VuZV9pZBgIIAEoCSJICgpTY2VuZVN0YXRlEhAKCHNjZW5l",
-            "X2lkGAEgASgJEhEKCXNpdHVhdGlvbhgCIAEoCRIVCg1jaGFyYWN0ZXJfaWRz",
-            "GAMgAygJIkMKF0dldFJlbGF0aW9uc2hpcHNSZXF1ZXN0EhIKCnNlc3Npb25f",
-            "aWQYASABKAkSFAoMY2hhcmFjdGVyX2lkGAIgASgJIowBChZTZXRSZWxhdGlv",
-            "bnNoaXBSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSFAoMY2hhcmFjdGVy",
-            "X2lkGAIgASgJEgwKBG5hbWUYAyABKAkSEgoFdmFsdWUYBCABKANIAIgBARIS",
-            "CgVkZWx0YRgFIAEoA0gBiAEBQggKBl92YWx1ZUIICgZfZGVsdGEiRAoVUmVs",
-            "YXRpb25zaGlwc1Jlc3BvbnNlEisKDXJlbGF0aW9uc2hpcHMYASADKAsyFC5u",
-            "cGMudjEuUmVsYXRpb25zaGlwInIKDFJlbGF0aW9uc2hpcBIMCgRuYW1lGAEg",
-            "ASgJEg0KBXZhbHVlGAIgASgDEhEKCW1pbl92YWx1ZRgDIAEoAxIRCgltYXhf",
-            "dmFsdWUYBCABKAMSDAoEdGllchgFIAEoCRIRCgl0aWVyX3RleHQYBiABKAki",
-            "TgoUSW1wb3J0U2Vzc2lvblJlcXVlc3QSIwoFc3RhdGUYASABKAsyFC5ucGMu",
-            "djEuU2Vzc2lvblN0YXRlEhEKCW92ZXJ3cml0ZRgCIAEoCCI4ChVJbXBvcnRT",
-            "ZXNzaW9uUmVzcG9uc2USDQoFdHVybnMYASABKAUSEAoIcmVwbGFjZWQYAiAB",
-            "KAgiFgoUR2V0U2VydmVySW5mb1JlcXVlc3QihAQKClNlcnZlckluZm8SDQoF",
-            "bW9kZWwYASABKAkSDwoHd2VpZ2h0cxgCIAEoCRIPCgdiYWNrZW5kGAMgASgJ",
-            "EhEKCW1heF9iYXRjaBgEIAEoBRIYChBhY3RpdmVfc2VxdWVuY2VzGAUgASgF",
-            "EhgKEHdhaXRpbmdfcmVxdWVzdHMYBiABKAUSGQoRcmVzaWRlbnRfYWRhcHRl",
-            "cnMYByABKAUSDwoHdmVyc2lvbhgIIAEoCRIdChVtYXhfcmVzaWRlbnRfYWRh",
-            "cHRlcnMYCSABKAUSEwoLbWF4X3dhaXRpbmcYCiABKAUSFgoOY29udGV4dF90",
-            "b2tlbnMYCyABKAUSGAoQbWF4X3Rva2Vuc19saW1pdBgMIAEoBRIQCghzZXNz",
-            "aW9ucxgNIAEoBRIUCgxtYXhfc2Vzc2lvbnMYDiABKAUSDgoGZGV2aWNlGA8g",
-            "ASgJEhkKEW1heF9zZXNzaW9uX3R1cm5zGBAgASgFEiUKBmxpbWl0cxgRIAEo",
-            "CzIVLm5wYy52MS5SZXF1ZXN0TGltaXRzEhoKEnByZWZpeF9jYWNoZV9ieXRl",
-            "cxgSIAEoAxIjChtwcmVmaXhfY2FjaGVfY2FwYWNpdHlfYnl0ZXMYEyABKAMS",
-            "GQoRYmF0Y2hfcm93c19pbl91c2UYFCABKAUSFgoOa3ZfY2FjaGVfYnl0ZXMY",
-            "FSABKAMi4gIKDVJlcXVlc3RMaW1pdHMSFgoObWF4X2xpbmVfY2hhcnMYASAB",
-            "KAUSFgoObWF4X25hbWVfY2hhcnMYAiABKAUSGQoRbWF4X3dvcmxkX2VudHJp",
-            "ZXMYAyABKAUSGwoTbWF4X3dvcmxkX2tleV9jaGFycxgEIAEoBRIdChVtYXhf",
-            "d29ybGRfdmFsdWVfY2hhcnMYBSABKAUSGAoQbWF4X3N0b3Bfc3RyaW5ncxgG",
-            "IAEoBRIWCg5tYXhfc3RvcF9jaGFycxgHIAEoBRISCgptYXhfdG9rZW5zGAgg",
-            "ASgFEhgKEG1heF9lbnRpdHlfbGlzdHMYCSABKAUSGQoRbWF4X2VudGl0eV92",
-            "YWx1ZXMYCiABKAUSGAoQbWF4X2VudGl0eV9jaGFycxgLIAEoBRIcChRtYXhf",
-            "c2NlbmVfY2hhcmFjdGVycxgMIAEoBRIXCg9tYXhfc2NlbmVfbGluZXMYDSAB",
-            "KAUilQMKDFNjZW5lUmVxdWVzdBIVCg1jaGFyYWN0ZXJfaWRzGAEgAygJEhEK",
-            "CXNpdHVhdGlvbhgCIAEoCRISCgpzZXNzaW9uX2lkGAMgASgJEi4KBXdvcmxk",
-            "GAQgAygLMh8ubnBjLnYxLlNjZW5lUmVxdWVzdC5Xb3JsZEVudHJ5EhEKCW1h",
-            "eF9saW5lcxgFIAEoBRIqCgdvcHRpb25zGAYgASgLMhkubnBjLnYxLkdlbmVy",
-            "YXRpb25PcHRpb25zEjQKCGVudGl0aWVzGAcgAygLMiIubnBjLnYxLlNjZW5l",
-            "UmVxdWVzdC5FbnRpdGllc0VudHJ5Ei8KD2FsbG93ZWRfYWN0aW9ucxgIIAEo",
-            "CzIWLm5wYy52MS5BbGxvd2VkQWN0aW9ucxosCgpXb3JsZEVudHJ5EgsKA2tl",
-            "eRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaQwoNRW50aXRpZXNFbnRyeRIL",
-            "CgNrZXkYASABKAkSIQoFdmFsdWUYAiABKAsyEi5ucGMudjEuRW50aXR5TGlz",
-            "dDoCOAEijAEKClNjZW5lRXZlbnQSJwoHc3RhcnRlZBgBIAEoCzIULm5wYy52",
-            "MS5TY2VuZVN0YXJ0ZWRIABIhCgRsaW5lGAIgASgLMhEubnBjLnYxLlNjZW5l",
-            "TGluZUgAEikKCGZpbmlzaGVkGAMgASgLMhUubnBjLnYxLlNjZW5lRmluaXNo",
-            "ZWRIAEIHCgVldmVudCJGCgxTY2VuZVN0YXJ0ZWQSEAoIc2NlbmVfaWQYASAB",
-            "KAkSFQoNY2hhcmFjdGVyX2lkcxgCIAMoCRINCgVuYW1lcxgDIAMoCSJSCglT",
-            "Y2VuZUxpbmUSDQoFaW5kZXgYASABKA0SFAoMY2hhcmFjdGVyX2lkGAIgASgJ",
-            "EiAKBWV2ZW50GAMgASgLMhEubnBjLnYxLlRhbGtFdmVudCJECg1TY2VuZUZp",
-            "bmlzaGVkEiQKBnJlYXNvbhgBIAEoDjIULm5wYy52MS5GaW5pc2hSZWFzb24S",
-            "DQoFbGluZXMYAiABKA0qfAoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFT",
-            "T05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRG",
-            "SU5JU0hfUkVBU09OX0xFTkdUSBACEhsKF0ZJTklTSF9SRUFTT05fQ0FOQ0VM",
-            "TEVEEAMqbAoPQ2hhcmFjdGVyU3RhdHVzEiAKHENIQVJBQ1RFUl9TVEFUVVNf",
-            "VU5TUEVDSUZJRUQQABIaChZDSEFSQUNURVJfU1RBVFVTX1JFQURZEAESGwoX",
-            "Q0hBUkFDVEVSX1NUQVRVU19GQUlMRUQQAjKRBQoLTnBjRGlhbG9ndWUSMAoE",
-            "VGFsaxITLm5wYy52MS5UYWxrUmVxdWVzdBoRLm5wYy52MS5UYWxrRXZlbnQw",
-            "ARJPCg5MaXN0Q2hhcmFjdGVycxIdLm5wYy52MS5MaXN0Q2hhcmFjdGVyc1Jl",
-            "cXVlc3QaHi5ucGMudjEuTGlzdENoYXJhY3RlcnNSZXNwb25zZRJJCgxSZXNl",
-            "dFNlc3Npb24SGy5ucGMudjEuUmVzZXRTZXNzaW9uUmVxdWVzdBocLm5wYy52",
-            "MS5SZXNldFNlc3Npb25SZXNwb25zZRJDCg1FeHBvcnRTZXNzaW9uEhwubnBj",
-            "LnYxLkV4cG9ydFNlc3Npb25SZXF1ZXN0GhQubnBjLnYxLlNlc3Npb25TdGF0",
-            "ZRJMCg1JbXBvcnRTZXNzaW9uEhwubnBjLnYxLkltcG9ydFNlc3Npb25SZXF1",
-            "ZXN0Gh0ubnBjLnYxLkltcG9ydFNlc3Npb25SZXNwb25zZRJBCg1HZXRTZXJ2",
-            "ZXJJbmZvEhwubnBjLnYxLkdldFNlcnZlckluZm9SZXF1ZXN0GhIubnBjLnYx",
-            "LlNlcnZlckluZm8SUgoQR2V0UmVsYXRpb25zaGlwcxIfLm5wYy52MS5HZXRS",
-            "ZWxhdGlvbnNoaXBzUmVxdWVzdBodLm5wYy52MS5SZWxhdGlvbnNoaXBzUmVz",
-            "cG9uc2USUAoPU2V0UmVsYXRpb25zaGlwEh4ubnBjLnYxLlNldFJlbGF0aW9u",
-            "c2hpcFJlcXVlc3QaHS5ucGMudjEuUmVsYXRpb25zaGlwc1Jlc3BvbnNlEjgK",
-            "ClN0YXJ0U2NlbmUSFC5ucGMudjEuU2NlbmVSZXF1ZXN0GhIubnBjLnYxLlNj",
-            "ZW5lRXZlbnQwAUIJqgIGTnBjLlYxYgZwcm90bzM="));
+            "ARISCgVtaW5fcBgIIAEoAkgFiAEBQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9w",
+            "X3BCBwoFX3NlZWRCCAoGX3RvcF9rQhUKE19yZXBldGl0aW9uX3BlbmFsdHlC",
+            "CAoGX21pbl9wIsgBCglUYWxrRXZlbnQSIgoHc3RhcnRlZBgBIAEoCzIPLm5w",
+            "Yy52MS5TdGFydGVkSAASIgoFZGVsdGEYAiABKAsyES5ucGMudjEuVGV4dERl",
+            "bHRhSAASJAoIZmluaXNoZWQYAyABKAsyEC5ucGMudjEuRmluaXNoZWRIABIi",
+            "CgdlbW90aW9uGAQgASgLMg8ubnBjLnYxLkVtb3Rpb25IABIgCgZhY3Rpb24Y",
+            "BSABKAsyDi5ucGMudjEuQWN0aW9uSABCBwoFZXZlbnQipQEKB1N0YXJ0ZWQS",
+            "EgoKcmVxdWVzdF9pZBgBIAEoCRIZChFjaGFyYWN0ZXJfdmVyc2lvbhgCIAEo",
+            "CRIVCg1wcm9tcHRfdG9rZW5zGAMgASgFEhwKFGNhY2hlZF9wcm9tcHRfdG9r",
+            "ZW5zGAQgASgFEhUKDWhpc3RvcnlfdHVybnMYBSABKAUSDQoFZmFjdHMYBiAD",
+            "KAkSEAoIbWVtb3JpZXMYByADKAkiGQoJVGV4dERlbHRhEgwKBHRleHQYASAB",
+            "KAkiGAoHRW1vdGlvbhINCgVsYWJlbBgBIAEoCSJZCgZBY3Rpb24SDAoEbmFt",
+            "ZRgBIAEoCRIpCglhcmd1bWVudHMYAiADKAsyFi5ucGMudjEuQWN0aW9uQXJn",
+            "dW1lbnQSFgoOYXJndW1lbnRzX2pzb24YAyABKAkiagoOQWN0aW9uQXJndW1l",
+            "bnQSDAoEbmFtZRgBIAEoCRIWCgxzdHJpbmdfdmFsdWUYAiABKAlIABITCglp",
+            "bnRfdmFsdWUYAyABKANIABIUCgpib29sX3ZhbHVlGAQgASgISABCBwoFdmFs",
+            "dWUi4gEKCEZpbmlzaGVkEiQKBnJlYXNvbhgBIAEoDjIULm5wYy52MS5GaW5p",
+            "c2hSZWFzb24SEQoJZnVsbF90ZXh0GAIgASgJEhwKBXVzYWdlGAMgASgLMg0u",
+            "bnBjLnYxLlVzYWdlEiAKB3RpbWluZ3MYBCABKAsyDy5ucGMudjEuVGltaW5n",
+            "cxIPCgdlbW90aW9uGAUgASgJEh8KB2FjdGlvbnMYBiADKAsyDi5ucGMudjEu",
+            "QWN0aW9uEisKDXJlbGF0aW9uc2hpcHMYByADKAsyFC5ucGMudjEuUmVsYXRp",
+            "b25zaGlwIlcKBVVzYWdlEhUKDXByb21wdF90b2tlbnMYASABKAUSGQoRY29t",
+            "cGxldGlvbl90b2tlbnMYAiABKAUSHAoUY2FjaGVkX3Byb21wdF90b2tlbnMY",
+            "AyABKAUiRQoHVGltaW5ncxIQCghxdWV1ZV9tcxgBIAEoARIWCg5maXJzdF90",
+            "b2tlbl9tcxgCIAEoARIQCgh0b3RhbF9tcxgDIAEoASIXChVMaXN0Q2hhcmFj",
+            "dGVyc1JlcXVlc3QiPwoWTGlzdENoYXJhY3RlcnNSZXNwb25zZRIlCgpjaGFy",
+            "YWN0ZXJzGAEgAygLMhEubnBjLnYxLkNoYXJhY3RlciLdAQoJQ2hhcmFjdGVy",
+            "EgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSDwoHdmVyc2lvbhgDIAEoCRIn",
+            "CgZzdGF0dXMYBCABKA4yFy5ucGMudjEuQ2hhcmFjdGVyU3RhdHVzEg0KBWVy",
+            "cm9yGAUgASgJEhMKC2hhc19hZGFwdGVyGAYgASgIEhAKCGdyZWV0aW5nGAcg",
+            "ASgJEhAKCGVtb3Rpb25zGAggAygJEg8KB3NlcnZpbmcYCSABKAgSIwoHYWN0",
+            "aW9ucxgKIAMoCzISLm5wYy52MS5BY3Rpb25TcGVjIroBCgpBY3Rpb25TcGVj",
+            "EgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSJwoJYXJndW1l",
+            "bnRzGAMgAygLMhQubnBjLnYxLkFyZ3VtZW50U3BlYxIwCgdlZmZlY3RzGAQg",
+            "AygLMh8ubnBjLnYxLkFjdGlvblNwZWMuRWZmZWN0c0VudHJ5Gi4KDEVmZmVj",
+            "dHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIogBCgxB",
+            "cmd1bWVudFNwZWMSDAoEbmFtZRgBIAEoCRIMCgR0eXBlGAIgASgJEg4KBnZh",
+            "bHVlcxgDIAMoCRITCgt2YWx1ZXNfZnJvbRgEIAEoCRIRCgltaW5fdmFsdWUY",
+            "BSABKAMSEQoJbWF4X3ZhbHVlGAYgASgDEhEKCW1heF9jaGFycxgHIAEoBSI/",
+            "ChNSZXNldFNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSFAoM",
+            "Y2hhcmFjdGVyX2lkGAIgASgJIi8KFFJlc2V0U2Vzc2lvblJlc3BvbnNlEhcK",
+            "D2ZvcmdvdHRlbl90dXJucxgBIAEoBSJAChRFeHBvcnRTZXNzaW9uUmVxdWVz",
+            "dBISCgpzZXNzaW9uX2lkGAEgASgJEhQKDGNoYXJhY3Rlcl9pZBgCIAEoCSLG",
+            "AQoMU2Vzc2lvblN0YXRlEhYKDmZvcm1hdF92ZXJzaW9uGAEgASgFEhIKCnNl",
+            "c3Npb25faWQYAiABKAkSGwoFdHVybnMYAyADKAsyDC5ucGMudjEuVHVybhIX",
+            "Cg91cGRhdGVkX3VuaXhfbXMYBCABKAMSMAoNcmVsYXRpb25zaGlwcxgFIAMo",
+            "CzIZLm5wYy52MS5SZWxhdGlvbnNoaXBTdGF0ZRIiCgZzY2VuZXMYBiADKAsy",
+            "Ei5ucGMudjEuU2NlbmVTdGF0ZSJGChFSZWxhdGlvbnNoaXBTdGF0ZRIUCgxj",
+            "aGFyYWN0ZXJfaWQYASABKAkSDAoEbmFtZRgCIAEoCRINCgV2YWx1ZRgDIAEo",
+            "AyK3AQoEVHVybhIUCgxjaGFyYWN0ZXJfaWQYASABKAkSEwoLcGxheWVyX2xp",
+            "bmUYAiABKAkSEAoIbnBjX2xpbmUYAyABKAkSEwoLcGxheWVyX25hbWUYBCAB",
+            "KAkSGQoRY2hhcmFjdGVyX3ZlcnNpb24YBSABKAkSDwoHZW1vdGlvbhgGIAEo",
+            "CRIfCgdhY3Rpb25zGAcgAygLMg4ubnBjLnYxLkFjdGlvbhIQCghzY2VuZV9p",
+            "ZBgIIAEoCSJICgpTY2VuZVN0YXRlEhAKCHNjZW5lX2lkGAEgASgJEhEKCXNp",
+            "dHVhdGlvbhgCIAEoCRIVCg1jaGFyYWN0ZXJfaWRzGAMgAygJIkMKF0dldFJl",
+            "bGF0aW9uc2hpcHNSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSFAoMY2hh",
+            "cmFjdGVyX2lkGAIgASgJIowBChZTZXRSZWxhdGlvbnNoaXBSZXF1ZXN0EhIK",
+            "CnNlc3Npb25faWQYASABKAkSFAoMY2hhcmFjdGVyX2lkGAIgASgJEgwKBG5h",
+            "bWUYAyABKAkSEgoFdmFsdWUYBCABKANIAIgBARISCgVkZWx0YRgFIAEoA0gB",
+            "iAEBQggKBl92YWx1ZUIICgZfZGVsdGEiRAoVUmVsYXRpb25zaGlwc1Jlc3Bv",
+            "bnNlEisKDXJlbGF0aW9uc2hpcHMYASADKAsyFC5ucGMudjEuUmVsYXRpb25z",
+            "aGlwInIKDFJlbGF0aW9uc2hpcBIMCgRuYW1lGAEgASgJEg0KBXZhbHVlGAIg",
+            "ASgDEhEKCW1pbl92YWx1ZRgDIAEoAxIRCgltYXhfdmFsdWUYBCABKAMSDAoE",
+            "dGllchgFIAEoCRIRCgl0aWVyX3RleHQYBiABKAkiTgoUSW1wb3J0U2Vzc2lv",
+            "blJlcXVlc3QSIwoFc3RhdGUYASABKAsyFC5ucGMudjEuU2Vzc2lvblN0YXRl",
+            "EhEKCW92ZXJ3cml0ZRgCIAEoCCI4ChVJbXBvcnRTZXNzaW9uUmVzcG9uc2US",
+            "DQoFdHVybnMYASABKAUSEAoIcmVwbGFjZWQYAiABKAgiFgoUR2V0U2VydmVy",
+            "SW5mb1JlcXVlc3QihAQKClNlcnZlckluZm8SDQoFbW9kZWwYASABKAkSDwoH",
+            "d2VpZ2h0cxgCIAEoCRIPCgdiYWNrZW5kGAMgASgJEhEKCW1heF9iYXRjaBgE",
+            "IAEoBRIYChBhY3RpdmVfc2VxdWVuY2VzGAUgASgFEhgKEHdhaXRpbmdfcmVx",
+            "dWVzdHMYBiABKAUSGQoRcmVzaWRlbnRfYWRhcHRlcnMYByABKAUSDwoHdmVy",
+            "c2lvbhgIIAEoCRIdChVtYXhfcmVzaWRlbnRfYWRhcHRlcnMYCSABKAUSEwoL",
+            "bWF4X3dhaXRpbmcYCiABKAUSFgoOY29udGV4dF90b2tlbnMYCyABKAUSGAoQ",
+            "bWF4X3Rva2Vuc19saW1pdBgMIAEoBRIQCghzZXNzaW9ucxgNIAEoBRIUCgxt",
+            "YXhfc2Vzc2lvbnMYDiABKAUSDgoGZGV2aWNlGA8gASgJEhkKEW1heF9zZXNz",
+            "aW9uX3R1cm5zGBAgASgFEiUKBmxpbWl0cxgRIAEoCzIVLm5wYy52MS5SZXF1",
+            "ZXN0TGltaXRzEhoKEnByZWZpeF9jYWNoZV9ieXRlcxgSIAEoAxIjChtwcmVm",
+            "aXhfY2FjaGVfY2FwYWNpdHlfYnl0ZXMYEyABKAMSGQoRYmF0Y2hfcm93c19p",
+            "bl91c2UYFCABKAUSFgoOa3ZfY2FjaGVfYnl0ZXMYFSABKAMi4gIKDVJlcXVl",
+            "c3RMaW1pdHMSFgoObWF4X2xpbmVfY2hhcnMYASABKAUSFgoObWF4X25hbWVf",
+            "Y2hhcnMYAiABKAUSGQoRbWF4X3dvcmxkX2VudHJpZXMYAyABKAUSGwoTbWF4",
+            "X3dvcmxkX2tleV9jaGFycxgEIAEoBRIdChVtYXhfd29ybGRfdmFsdWVfY2hh",
+            "cnMYBSABKAUSGAoQbWF4X3N0b3Bfc3RyaW5ncxgGIAEoBRIWCg5tYXhfc3Rv",
+            "cF9jaGFycxgHIAEoBRISCgptYXhfdG9rZW5zGAggASgFEhgKEG1heF9lbnRp",
+            "dHlfbGlzdHMYCSABKAUSGQoRbWF4X2VudGl0eV92YWx1ZXMYCiABKAUSGAoQ",
+            "bWF4X2VudGl0eV9jaGFycxgLIAEoBRIcChRtYXhfc2NlbmVfY2hhcmFjdGVy",
+            "cxgMIAEoBRIXCg9tYXhfc2NlbmVfbGluZXMYDSABKAUilQMKDFNjZW5lUmVx",
+            "dWVzdBIVCg1jaGFyYWN0ZXJfaWRzGAEgAygJEhEKCXNpdHVhdGlvbhgCIAEo",
+            "CRISCgpzZXNzaW9uX2lkGAMgASgJEi4KBXdvcmxkGAQgAygLMh8ubnBjLnYx",
+            "LlNjZW5lUmVxdWVzdC5Xb3JsZEVudHJ5EhEKCW1heF9saW5lcxgFIAEoBRIq",
+            "CgdvcHRpb25zGAYgASgLMhkubnBjLnYxLkdlbmVyYXRpb25PcHRpb25zEjQK",
+            "CGVudGl0aWVzGAcgAygLMiIubnBjLnYxLlNjZW5lUmVxdWVzdC5FbnRpdGll",
+            "c0VudHJ5Ei8KD2FsbG93ZWRfYWN0aW9ucxgIIAEoCzIWLm5wYy52MS5BbGxv",
+            "d2VkQWN0aW9ucxosCgpXb3JsZEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1",
+            "ZRgCIAEoCToCOAEaQwoNRW50aXRpZXNFbnRyeRILCgNrZXkYASABKAkSIQoF",
+            "dmFsdWUYAiABKAsyEi5ucGMudjEuRW50aXR5TGlzdDoCOAEijAEKClNjZW5l",
+            "RXZlbnQSJwoHc3RhcnRlZBgBIAEoCzIULm5wYy52MS5TY2VuZVN0YXJ0ZWRI",
+            "ABIhCgRsaW5lGAIgASgLMhEubnBjLnYxLlNjZW5lTGluZUgAEikKCGZpbmlz",
+            "aGVkGAMgASgLMhUubnBjLnYxLlNjZW5lRmluaXNoZWRIAEIHCgVldmVudCJG",
+            "CgxTY2VuZVN0YXJ0ZWQSEAoIc2NlbmVfaWQYASABKAkSFQoNY2hhcmFjdGVy",
+            "X2lkcxgCIAMoCRINCgVuYW1lcxgDIAMoCSJSCglTY2VuZUxpbmUSDQoFaW5k",
+            "ZXgYASABKA0SFAoMY2hhcmFjdGVyX2lkGAIgASgJEiAKBWV2ZW50GAMgASgL",
+            "MhEubnBjLnYxLlRhbGtFdmVudCJECg1TY2VuZUZpbmlzaGVkEiQKBnJlYXNv",
+            "bhgBIAEoDjIULm5wYy52MS5GaW5pc2hSZWFzb24SDQoFbGluZXMYAiABKA0q",
+            "fAoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQ",
+            "ABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xF",
+            "TkdUSBACEhsKF0ZJTklTSF9SRUFTT05fQ0FOQ0VMTEVEEAMqbAoPQ2hhcmFj",
+            "dGVyU3RhdHVzEiAKHENIQVJBQ1RFUl9TVEFUVVNfVU5TUEVDSUZJRUQQABIa",
+            "ChZDSEFSQUNURVJfU1RBVFVTX1JFQURZEAESGwoXQ0hBUkFDVEVSX1NUQVRV",
+            "U19GQUlMRUQQAjKRBQoLTnBjRGlhbG9ndWUSMAoEVGFsaxITLm5wYy52MS5U",
+            "YWxrUmVxdWVzdBoRLm5wYy52MS5UYWxrRXZlbnQwARJPCg5MaXN0Q2hhcmFj",
+            "dGVycxIdLm5wYy52MS5MaXN0Q2hhcmFjdGVyc1JlcXVlc3QaHi5ucGMudjEu",
+            "TGlzdENoYXJhY3RlcnNSZXNwb25zZRJJCgxSZXNldFNlc3Npb24SGy5ucGMu",
+            "djEuUmVzZXRTZXNzaW9uUmVxdWVzdBocLm5wYy52MS5SZXNldFNlc3Npb25S",
+            "ZXNwb25zZRJDCg1FeHBvcnRTZXNzaW9uEhwubnBjLnYxLkV4cG9ydFNlc3Np",
+            "b25SZXF1ZXN0GhQubnBjLnYxLlNlc3Npb25TdGF0ZRJMCg1JbXBvcnRTZXNz",
+            "aW9uEhwubnBjLnYxLkltcG9ydFNlc3Npb25SZXF1ZXN0Gh0ubnBjLnYxLklt",
+            "cG9ydFNlc3Npb25SZXNwb25zZRJBCg1HZXRTZXJ2ZXJJbmZvEhwubnBjLnYx",
+            "LkdldFNlcnZlckluZm9SZXF1ZXN0GhIubnBjLnYxLlNlcnZlckluZm8SUgoQ",
+            "R2V0UmVsYXRpb25zaGlwcxIfLm5wYy52MS5HZXRSZWxhdGlvbnNoaXBzUmVx",
+            "dWVzdBodLm5wYy52MS5SZWxhdGlvbnNoaXBzUmVzcG9uc2USUAoPU2V0UmVs",
+            "YXRpb25zaGlwEh4ubnBjLnYxLlNldFJlbGF0aW9uc2hpcFJlcXVlc3QaHS5u",
+            "cGMudjEuUmVsYXRpb25zaGlwc1Jlc3BvbnNlEjgKClN0YXJ0U2NlbmUSFC5u",
+            "cGMudjEuU2NlbmVSZXF1ZXN0GhIubnBjLnYxLlNjZW5lRXZlbnQwAUIJqgIG",
+            "TnBjLlYxYgZwcm90bzM="));
       descriptor = pbr::FileDescriptor.FromGeneratedCode(descriptorData,
           new pbr::FileDescriptor[] { },
           new pbr::GeneratedClrTypeInfo(new[] {typeof(global::Npc.V1.FinishReason), typeof(global::Npc.V1.CharacterStatus), }, null, new pbr::GeneratedClrTypeInfo[] {
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.TalkRequest), global::Npc.V1.TalkRequest.Parser, new[]{ "CharacterId", "SessionId", "PlayerLine", "World", "Options", "PlayerName", "Entities", "AllowedActions" }, null, null, null, new pbr::GeneratedClrTypeInfo[] { null, null, }),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.EntityList), global::Npc.V1.EntityList.Parser, new[]{ "Values" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.AllowedActions), global::Npc.V1.AllowedActions.Parser, new[]{ "Names" }, null, null, null, null),
-            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.GenerationOptions), global::Npc.V1.GenerationOptions.Parser, new[]{ "MaxTokens", "Temperature", "TopP", "Seed", "Stop", "TopK", "RepetitionPenalty" }, new[]{ "Temperature", "TopP", "Seed", "TopK", "RepetitionPenalty" }, null, null, null),
+            new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.GenerationOptions), global::Npc.V1.GenerationOptions.Parser, new[]{ "MaxTokens", "Temperature", "TopP", "Seed", "Stop", "TopK", "RepetitionPenalty", "MinP" }, new[]{ "Temperature", "TopP", "Seed", "TopK", "RepetitionPenalty", "MinP" }, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.TalkEvent), global::Npc.V1.TalkEvent.Parser, new[]{ "Started", "Delta", "Finished", "Emotion", "Action" }, new[]{ "Event" }, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.Started), global::Npc.V1.Started.Parser, new[]{ "RequestId", "CharacterVersion", "PromptTokens", "CachedPromptTokens", "HistoryTurns", "Facts", "Memories" }, null, null, null, null),
             new pbr::GeneratedClrTypeInfo(typeof(global::Npc.V1.TextDelta), global::Npc.V1.TextDelta.Parser, new[]{ "Text" }, null, null, null, null),
@@ -1163,6 +1164,7 @@ namespace Npc.V1 {
       stop_ = other.stop_.Clone();
       topK_ = other.topK_;
       repetitionPenalty_ = other.repetitionPenalty_;
+      minP_ = other.minP_;
       _unknownFields = pb::UnknownFieldSet.Clone(other._unknownFields);
     }
 
@@ -1357,6 +1359,37 @@ namespace Npc.V1 {
       _hasBits0 &= ~16;
     }
 
+    /// <summary>Field number for the "min_p" field.</summary>
+    public const int MinPFieldNumber = 8;
+    private float minP_;
+    /// <summary>
+    /// Min-p sampling: never sample a token less likely than min_p times the most likely one
+    /// (keeps the words the model is sure of, such as a price it was given, and leaves variety
+    /// where it is unsure). 0 to 1; 0 = off. Unset: the character's default (generation.min_p).
+    /// Ignored when the temperature is 0.
+    /// </summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public float MinP {
+      get { if ((_hasBits0 & 32) != 0) { return minP_; } else { return 0F; } }
+      set {
+        _hasBits0 |= 32;
+        minP_ = value;
+      }
+    }
+    /// <summary>Gets whether the "min_p" field is set</summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public bool HasMinP {
+      get { return (_hasBits0 & 32) != 0; }
+    }
+    /// <summary>Clears the value of the "min_p" field</summary>
+    [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
+    [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
+    public void ClearMinP() {
+      _hasBits0 &= ~32;
+    }
+
     [global::System.Diagnostics.DebuggerNonUserCodeAttribute]
     [global::System.CodeDom.Compiler.GeneratedCode("protoc", null)]
     public override bool Equals(object other) {
@@ -1379,6 +1412,7 @@ namespace Npc.V1 {
       if(!stop_.Equals(other.stop_)) return false;
       if (TopK != other.TopK) return false;
       if (!pbc::ProtobufEqualityComparers.BitwiseSingleEqualityComparer.Equals(RepetitionPenalty, other.RepetitionPenalty)) return false;
+      if (!pbc::ProtobufEqualityComparers.BitwiseSingleEqualityComparer.Equals(MinP, other.MinP)) return false;
       return Equals(_unknownFields, other._unknownFields);
     }
 
@@ -1393,6 +1427,7 @@ namespace Npc.V1 {
       hash ^= stop_.GetHashCode();
       if (HasTopK) hash ^= TopK.GetHashCode();
       if (HasRepetitionPenalty) hash ^= pbc::ProtobufEqualityComparers.BitwiseSingleEqualityComparer.GetHashCode(RepetitionPenalty);
+      if (HasMinP) hash ^= pbc::ProtobufEqualityComparers.BitwiseSingleEqualityComparer.GetHashCode(MinP);
       if (_unknownFields != null) {
         hash ^= _unknownFields.GetHashCode();
       }
@@ -1436,6 +1471,10 @@ namespace Npc.V1 {
         output.WriteRawTag(61);
         output.WriteFloat(RepetitionPenalty);
       }
+      if (HasMinP) {
+        output.WriteRawTag(69);
+        output.WriteFloat(MinP);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(output);
       }
@@ -1471,6 +1510,10 @@ namespace Npc.V1 {
         output.WriteRawTag(61);
         output.WriteFloat(RepetitionPenalty);
       }
+      if (HasMinP) {
+        output.WriteRawTag(69);
+        output.WriteFloat(MinP);
+      }
       if (_unknownFields != null) {
         _unknownFields.WriteTo(ref output);
       }
@@ -1498,6 +1541,9 @@ namespace Npc.V1 {
         size += 1 + pb::CodedOutputStream.ComputeInt32Size(TopK);
       }
       if (HasRepetitionPenalty) {
+        size += 1 + 4;
+      }
+      if (HasMinP) {
         size += 1 + 4;
       }
       if (_unknownFields != null) {
@@ -1530,6 +1576,9 @@ namespace Npc.V1 {
       }
       if (other.HasRepetitionPenalty) {
         RepetitionPenalty = other.RepetitionPenalty;
+      }
+      if (other.HasMinP) {
+        MinP = other.MinP;
       }
       _unknownFields = pb::UnknownFieldSet.MergeFrom(_unknownFields, other._unknownFields);
     }
@@ -1574,6 +1623,10 @@ namespace Npc.V1 {
             RepetitionPenalty = input.ReadFloat();
             break;
           }
+          case 69: {
+            MinP = input.ReadFloat();
+            break;
+          }
         }
       }
     #endif
@@ -1615,6 +1668,10 @@ namespace Npc.V1 {
           }
           case 61: {
             RepetitionPenalty = input.ReadFloat();
+            break;
+          }
+          case 69: {
+            MinP = input.ReadFloat();
             break;
           }
         }
