@@ -25,7 +25,7 @@ from pathlib import Path
 from sidecar.config import ModelConfig
 from sidecar.dialogue.actions import Action
 from sidecar.dialogue.characters import Character, load_character
-from sidecar.dialogue.prompt import build_messages, grounded_sampling
+from sidecar.dialogue.prompt import build_messages
 from sidecar.dialogue.reply_format import ReplyFormat, reply_format
 from sidecar.dialogue.retrieval import FactRetriever, Grounding
 from sidecar.engine.api import AdapterRef, SamplingParams
@@ -42,7 +42,7 @@ from sidecar.training.data import (
     render,
     split,
 )
-from sidecar.training.facts import FACTS_FILE, FactScores, read_facts, score_facts
+from sidecar.training.facts import FACTS_FILE, FactScores, as_served, read_facts, score_facts
 from sidecar.training.train import REPORT_DIR, TrainConfig
 
 
@@ -163,7 +163,7 @@ def evaluate_character(folder: Path, model_path: Path, weights: str = "auto", sa
             fmt = conv.reply_format(character)
             messages = conv.prompt(character, len(conv.exchanges) - 1, retriever)
             ids = tok.encode_chat(messages)
-            sampling = _as_served(tok, messages, ids, fmt.sampling(params, 512), retriever.grounding)
+            sampling = as_served(tok, messages, ids, fmt.sampling(params, 512), retriever.grounding)
             replies = engine.run([Request(ids, adapter, sampling), Request(ids, None, sampling)])
             side_by_side.append(Sample(player, reference, *(_spoken(fmt, r.text) for r in replies)))
         result = EvalResult(character.id, len(held), count, math.exp(nll_a / count), math.exp(nll_b / count),
@@ -185,10 +185,6 @@ def evaluate_character(folder: Path, model_path: Path, weights: str = "auto", sa
                    majority=majority, majority_label=majority_label, mood_labels=moods)
 
 
-def _as_served(tok, messages, ids: list[int], sampling: SamplingParams, grounding: Grounding) -> SamplingParams:
-    return grounded_sampling(tok, messages, ids, sampling, grounding.fact_boost, grounding.fact_contrast)
-
-
 def _spoken(fmt: ReplyFormat, raw: str) -> str:
     return fmt.parse(raw).text.strip()
 
@@ -203,7 +199,7 @@ def _decode_turns(engine: OfflineEngine, character: Character, turns: list[tuple
         fmt = conv.reply_format(character)
         messages = conv.prompt(character, k, retriever)
         ids = tok.encode_chat(messages)
-        requests.append(Request(ids, adapter, _as_served(tok, messages, ids, fmt.sampling(SamplingParams(max_tokens=60),
+        requests.append(Request(ids, adapter, as_served(tok, messages, ids, fmt.sampling(SamplingParams(max_tokens=60),
                                                                                           512), retriever.grounding)))
         formats.append(fmt)
     decoded = []
@@ -227,7 +223,7 @@ def _mood_labels(engine: OfflineEngine, character: Character, adapter: AdapterRe
         for seed in range(3):
             base = SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p,
                                   min_p=gen.min_p, seed=seed)
-            requests.append(Request(ids, adapter, _as_served(tok, messages, ids, fmt.sampling(base, 512),
+            requests.append(Request(ids, adapter, as_served(tok, messages, ids, fmt.sampling(base, 512),
                                                              retriever.grounding)))
     counts: Counter[str] = Counter()
     for event in engine.run(requests):

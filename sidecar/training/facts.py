@@ -20,9 +20,10 @@ from pathlib import Path
 from sidecar.dialogue.characters import Character
 from sidecar.dialogue.prompt import build_messages, grounded_sampling
 from sidecar.dialogue.reply_format import reply_format
-from sidecar.dialogue.retrieval import FactRetriever
+from sidecar.dialogue.retrieval import FactRetriever, Grounding
 from sidecar.engine.api import AdapterRef, SamplingParams
 from sidecar.engine.offline import OfflineEngine, Request
+from sidecar.engine.tokenizer import ChatMessage, Tokenizer
 from sidecar.errors import UserError
 
 FACTS_FILE = "facts.jsonl"
@@ -98,9 +99,8 @@ def score_facts(engine: OfflineEngine, character: Character, adapter: AdapterRef
     requests = []
     for q in questions:
         messages = build_messages(character, [], q.question, fmt=fmt, facts=retriever.facts(character, q.question))
-        ids, g = tok.encode_chat(messages), retriever.grounding
-        requests += [Request(ids, adapter, grounded_sampling(tok, messages, ids, fmt.sampling(p, 512), g.fact_boost,
-                                                             g.fact_contrast))  # as a served turn decodes
+        ids = tok.encode_chat(messages)
+        requests += [Request(ids, adapter, as_served(tok, messages, ids, fmt.sampling(p, 512), retriever.grounding))
                      for p in settings]
     replies = [fmt.parse(event.text).text for event in engine.run(requests)]
     per = len(settings)
@@ -113,6 +113,13 @@ def score_facts(engine: OfflineEngine, character: Character, adapter: AdapterRef
     n, sampled = len(questions), len(questions) * len(SEEDS)
     return FactScores(sum(r[0] for r in right) / n, sum(sum(r[1:]) for r in right) / sampled, wrong,
                       sum(m[0] for m in mixed) / n, sum(sum(m[1:]) for m in mixed) / sampled)
+
+
+def as_served(tok: Tokenizer, messages: list[ChatMessage], ids: list[int], sampling: SamplingParams,
+              grounding: Grounding) -> SamplingParams:
+    """`sampling` as a served turn decodes with this prompt: toward its facts block as `npc serve`'s
+    --fact-boost / --fact-contrast (the retriever's `grounding`) ask."""
+    return grounded_sampling(tok, messages, ids, sampling, grounding.fact_boost, grounding.fact_contrast)
 
 
 def _fold(text: str) -> str:
