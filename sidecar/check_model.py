@@ -22,6 +22,7 @@ from sidecar.config import ModelConfig
 from sidecar.engine.base_model import describe_formats, load_base_model
 from sidecar.model.checkpoint import load_checkpoint
 from sidecar.model.llama import LlamaModel
+from sidecar.model.quant import PromptDenseLinear
 
 PROMPT_TOKENS = 32
 
@@ -41,13 +42,16 @@ class ModelCheck:
     stored_kinds: dict[str, int]  # kind -> tensors in the file
     became: str  # engine/base_model.describe_formats
     weights: str
-    weight_bytes: int  # in memory, as loaded
+    weight_bytes: int  # in memory, as loaded (prompt copies included)
+    prompt_copy_bytes: int  # of that, the bf16 copies prompt chunks read (--prompt-weights)
     kv_bytes_per_token: int  # one sequence's K/V cost per token of context
     decode_tokens_per_s: dict[int, float]  # batch -> tokens/s, all rows together
     machine: dict
 
     def lines(self) -> list[str]:
         mib = 1 << 20
+        copies = (f"bf16 copies ({self.prompt_copy_bytes / mib:.0f} MiB)" if self.prompt_copy_bytes
+                  else "the same weights")
         speed = ", ".join(f"batch {b}: {r:.1f} tokens/s" for b, r in self.decode_tokens_per_s.items())
         return [
             f"file          {self.path} ({self.path.stat().st_size / mib:.0f} MiB)",
@@ -56,7 +60,7 @@ class ModelCheck:
             f"tokenizer     {self.tokenizer}; chat template: "
             + ("yes" if self.chat_template else "NO (npc serve refuses it)"),
             "stored kinds  " + ", ".join(f"{k} x{n}" for k, n in sorted(self.stored_kinds.items())),
-            f"in memory     {self.weights}: {self.became}",
+            f"in memory     {self.weights}: {self.became}; prompt chunks: {copies}",
             f"memory        weights {self.weight_bytes / mib:.0f} MiB; K/V {self.kv_bytes_per_token / 1024:.1f} KiB "
             f"per token per NPC ({self.kv_bytes_per_token * 1024 / mib:.0f} MiB for a 1,024-token conversation)",
             f"decode        {speed} on {self.machine['cpu']} ({self.machine['torch_threads']} threads)",
@@ -77,6 +81,8 @@ def check_model(path: Path, weights: str = "auto", device: str = "cpu", batches:
                                                        else ""),
         chat_template=bool(tok.chat_template), stored_kinds=dict(Counter(t.kind for t in ckpt.tensors.values())),
         became=describe_formats(model), weights=model.weights, weight_bytes=_weight_bytes(model),
+        prompt_copy_bytes=sum(m.dense.weight.numel() * 2 for m in model.layer_matrices()
+                              if isinstance(m, PromptDenseLinear)),
         kv_bytes_per_token=2 * c.num_layers * c.kv_size * torch.tensor([], dtype=model.dtype).element_size(),
         decode_tokens_per_s={b: _decode_rate(model, b, steps) for b in batches}, machine=machine_description())
 
@@ -93,7 +99,8 @@ def _weight_bytes(model: LlamaModel) -> int:
     for layer in model.layers:
         add(layer)
         for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
-            add(linear)
+            for part in (linear.compact, linear.dense) if isinstance(linear, PromptDenseLinear) else (linear,):
+                add(part)
     add(model.head)
     seen[model.embed.data_ptr()] = model.embed.numel() * model.embed.element_size()
     seen[model.norm.data_ptr()] = model.norm.numel() * model.norm.element_size()

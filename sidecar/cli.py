@@ -8,7 +8,14 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from sidecar.config import BACKENDS, FACT_CONTRAST, WEIGHT_FORMATS, ModelConfig, resolve_model_path
+from sidecar.config import (
+    BACKENDS,
+    FACT_CONTRAST,
+    PROMPT_WEIGHT_FORMATS,
+    WEIGHT_FORMATS,
+    ModelConfig,
+    resolve_model_path,
+)
 from sidecar.errors import ModelFileError, UserError
 
 
@@ -26,6 +33,9 @@ def _add_model_flags(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto",
                    help="weight format in memory (default: auto = fastest lossless choice for the file; bf16 on a GPU)")
     if device:
+        p.add_argument("--prompt-weights", choices=PROMPT_WEIGHT_FORMATS, default="auto",
+                       help="prompts of int4 / int8 layers from a bf16 copy of them (faster where the CPU has bf16 "
+                            "matmuls, +2 bytes per weight): auto (such CPUs, copies up to 1 GB), bf16, same (never)")
         p.add_argument("--device", default="cpu",
                        help="cpu (default), cuda, cuda:N, or auto (cuda when torch sees a GPU). The CUDA path has "
                             "not been run on a GPU yet (README)")
@@ -38,7 +48,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from sidecar.engine.tokenizer import ChatMessage
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    model = ModelConfig(resolve_model_path(args.model), args.weights, args.device)
+    model = ModelConfig(resolve_model_path(args.model), args.weights, args.device, args.prompt_weights)
     # One reply: a batch of one, its KV row as long as the prompt and the reply need.
     with OfflineEngine(model, EngineConfig(max_batch=1, max_seq_len=1 << 20), progress=not args.json) as engine:
         adapter = engine.load_adapter("adapter", Path(args.adapter)) if args.adapter else None
@@ -94,7 +104,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           openai_listen=args.openai_listen, fact_boost=args.fact_boost,
                           fact_contrast=_fact_contrast(args))
     engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting, cuda_graphs=args.cuda_graphs)
-    model = ModelConfig(resolve_model_path(args.model), args.weights, args.device)
+    model = ModelConfig(resolve_model_path(args.model), args.weights, args.device, args.prompt_weights)
     remote = None
     if args.backend == "remote":
         if not args.remote_url:

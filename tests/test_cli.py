@@ -176,6 +176,9 @@ def test_check_model_names_what_each_kind_becomes(tmp_path):
     assert "architecture  qwen2" in out and "chat template: yes" in out
     assert "Q4_K x13" in out and "Q6_K x2" in out and "F32 x" in out  # 6 Q4_K matrices a layer, and the embedding
     assert "Q6_K -> int8 x2" in out and "Q4_K -> int4 x12" in out
+    # Prompt chunks: bf16 copies on CPUs with bf16 matmuls (--prompt-weights auto), counted in the weights' memory.
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert ("prompt chunks: bf16 copies" in out) == native and ("prompt chunks: the same weights" in out) != native
     rates = json.loads(npc("check-model", str(tmp_path / "qwen.gguf"), "--json").stdout)["decode_tokens_per_s"]
     assert set(rates) == {"1", "8"} and all(r > 0 for r in rates.values())
 

@@ -233,3 +233,28 @@ def test_a_q4_k_m_file_matches_transformers_reading_it(tmp_path):
     with torch.no_grad():
         ref = hf(ids).logits[0]
     assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+def test_prompt_weights_choice(tmp_path):
+    """--prompt-weights: bf16 copies of the int4 / int8 layers where asked (auto: CPUs with native bf16 matmuls,
+    copies up to the limit); a float model has nothing to copy; a bad choice names the flag."""
+    from sidecar.config import PROMPT_COPY_LIMIT_MB, ModelConfig
+    from sidecar.engine.base_model import load_base_model, wants_prompt_copies
+    from sidecar.errors import UserError
+    from sidecar.model.quant import PromptDenseLinear
+
+    with pytest.raises(UserError, match="--prompt-weights"):
+        ModelConfig(tmp_path / "x.gguf", prompt_weights="fp8")
+    assert wants_prompt_copies("bf16", 10 * PROMPT_COPY_LIMIT_MB) and not wants_prompt_copies("same", 1)
+    assert not wants_prompt_copies("auto", PROMPT_COPY_LIMIT_MB + 1)
+    assert wants_prompt_copies("auto", 1) == (torch.cpu._is_avx512_bf16_supported()
+                                             or torch.cpu._is_amx_tile_supported())
+    path = tmp_path / "q4.gguf"
+    tiny_gguf(path, "Q4_0")
+    held = {choice: load_base_model(ModelConfig(path, "int4", prompt_weights=choice)).model
+            for choice in ("bf16", "same")}
+    assert all(isinstance(m, PromptDenseLinear) for m in held["bf16"].layer_matrices())
+    assert not any(isinstance(m, PromptDenseLinear) for m in held["same"].layer_matrices())
+    assert held["bf16"].prompt_copy_bytes() == 0 < held["same"].prompt_copy_bytes()  # what is held no longer counts
+    fp32 = load_base_model(ModelConfig(path, "fp32", prompt_weights="bf16")).model
+    assert fp32.prompt_copy_bytes() == 0 and not any(isinstance(m, PromptDenseLinear) for m in fp32.layer_matrices())

@@ -114,7 +114,7 @@ def _format_weights(w: torch.Tensor, weights: str) -> torch.Tensor:
     return w
 
 
-def _fp32_with_format_weights(fp32: LlamaModel, weights: str) -> LlamaModel:
+def _fp32_with_format_weights(fp32: LlamaModel, weights: str, head: str | None = None) -> LlamaModel:
     """The fp32 model holding what a format stores: its matrices (the head is int8 under int4 on the CPU, see
     llama.py) and, since every format computes in bf16, bf16 embeddings and norm weights."""
     def linear(dense: DenseLinear, fmt: str = weights) -> DenseLinear:
@@ -126,7 +126,7 @@ def _fp32_with_format_weights(fp32: LlamaModel, weights: str) -> LlamaModel:
     layers = [dataclasses.replace(x, attn_norm=bf16(x.attn_norm), qkv=linear(x.qkv), o=linear(x.o),
                                   ffn_norm=bf16(x.ffn_norm), gate_up=linear(x.gate_up), down=linear(x.down))
               for x in fp32.layers]
-    head = linear(fp32.head, "int8" if weights == "int4" else weights)
+    head = linear(fp32.head, head or ("int8" if weights == "int4" else weights))
     return LlamaModel(fp32.config, layers, bf16(fp32.embed), bf16(fp32.norm), head, "fp32", torch.float32)
 
 
@@ -153,6 +153,17 @@ def test_quantized_logits_close_to_fp32(models, reference, rounding_kl, weights)
         want, got = ref.argmax(-1), ours.argmax(-1)
         gap = (ref.gather(-1, want[:, None]) - ref.gather(-1, got[:, None]))[:, 0]
         assert (gap <= 4 * math.sqrt(2) * sigma).all(), (gap.max().item(), sigma)
+
+
+def test_prompt_copies_logits_close_to_fp32(checkpoint, models, reference, rounding_kl):
+    """int4 with bf16 prompt copies (load_base_model's --prompt-weights): a whole prompt in one forward runs from
+    the copies, which hold the Q4 grid rounded to bf16: bounded as bf16 weights with the int8 head."""
+    model = LlamaModel.from_checkpoint(checkpoint, "int4")
+    model.hold_prompt_copies()
+    fp32_weights = _fp32_with_format_weights(models("fp32"), "bf16", head="int8")
+    weights_kl = _mean_kl(reference, [_our_logits(fp32_weights, ids) for ids, _ in reference])
+    max_kl = (math.sqrt(weights_kl) + math.sqrt(BF16_ROUNDINGS * rounding_kl)) ** 2
+    assert _mean_kl(reference, [_our_logits(model, ids) for ids, _ in reference]) < max_kl, (weights_kl, rounding_kl)
 
 
 def test_qk_weights_in_hugging_face_layout(checkpoint, hf_model):

@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from sidecar.model.checkpoint import SourceTensor
-from sidecar.model.quant import DenseLinear, Int4Linear, Int8Linear, build_linear
+from sidecar.model.quant import DenseLinear, Int4Linear, Int8Linear, PromptDenseLinear, build_linear
 
 
 def _reference(source: SourceTensor) -> torch.Tensor:
@@ -106,3 +106,19 @@ def test_int8_per_channel_roundtrip():
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
     layer = Int8Linear.quantize(w, torch.float32)
     assert (layer.dequantized() - w).abs().max() <= w.abs().amax() / 127 / 2 + 1e-6
+
+
+@pytest.mark.parametrize("quantize", [Int4Linear.quantize, Int8Linear.quantize])
+def test_prompt_chunks_use_the_bf16_copy_and_decode_steps_the_kernel(quantize):
+    """Several positions per row (a prompt chunk) multiply the bf16 copy of the quantized matrix; one position
+    per row (a decode step) goes through the quantized kernel; both hold the same weights."""
+    g = torch.Generator().manual_seed(5)
+    compact = quantize(torch.randn(96, 256, generator=g), torch.bfloat16)
+    layer = PromptDenseLinear(compact)
+    assert torch.equal(layer.dense.weight.float(), compact.dequantized().bfloat16().float())
+    assert (layer.format, layer.out_features, layer.in_features) == (compact.format, 96, 256)
+    chunk = torch.randn(1, 17, 256, generator=g).bfloat16()
+    assert torch.equal(layer(chunk), torch.nn.functional.linear(chunk, layer.dense.weight))
+    steps = torch.randn(6, 1, 256, generator=g).bfloat16()
+    assert torch.equal(layer(steps), compact(steps))
+    assert torch.equal(layer.dequantized(), compact.dequantized())

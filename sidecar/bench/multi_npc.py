@@ -172,6 +172,9 @@ async def _sidecar(model: Path, adapters: list[Path] | None, prompts: list[list[
                 timing.token_times.extend([now] * len(event.token_ids))
                 if generated is not None:
                     generated.extend(event.token_ids)
+            elif event.kind == "finished" and generated is not None:
+                # The reply's ids: a last token whose bytes end mid-character has no delta of its own.
+                generated[:] = event.token_ids
             elif event.kind == "error":
                 raise RuntimeError(event.error)
 

@@ -18,7 +18,15 @@ from tqdm import tqdm
 
 from sidecar.model.checkpoint import Checkpoint, SourceTensor
 from sidecar.model.config import LlamaConfig
-from sidecar.model.quant import COMPUTE_DTYPE, DenseLinear, Linear, build_linear
+from sidecar.model.quant import (
+    COMPUTE_DTYPE,
+    DenseLinear,
+    Int4Linear,
+    Int8Linear,
+    Linear,
+    PromptDenseLinear,
+    build_linear,
+)
 
 # Triton's decode attention reads each row's own length from a tensor, so one captured CUDA graph
 # serves every step; it is imported on first CUDA use (Triton is absent on CPU-only installs).
@@ -184,6 +192,23 @@ class LlamaModel:
         norm = ckpt.tensor("norm").to_float().to(device=device, dtype=dtype)
         return cls(c, layers, embed, norm, head, layer_formats if weights == "auto" else weights, dtype, device,
                    dict(became))
+
+    def prompt_copy_bytes(self) -> int:
+        """What bf16 copies of the layers' int4 / int8 matrices would take (0 when there are none)."""
+        return sum(2 * m.out_features * m.in_features for m in self.layer_matrices()
+                   if isinstance(m, Int4Linear | Int8Linear))
+
+    def hold_prompt_copies(self) -> None:
+        """Prompt chunks (several positions per row) of the int4 / int8 layer matrices run from a bf16 copy
+        (quant.PromptDenseLinear); decode steps keep the quantized kernels."""
+        for layer in self.layers:
+            for name in ("qkv", "o", "gate_up", "down"):
+                matrix = getattr(layer, name)
+                if isinstance(matrix, Int4Linear | Int8Linear):
+                    setattr(layer, name, PromptDenseLinear(matrix))
+
+    def layer_matrices(self) -> list[Linear]:
+        return [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
 
     def new_cache(self, rows: int, max_len: int) -> KVCache:
         return KVCache(self.config, rows, max_len, self.dtype, self.device)

@@ -525,16 +525,20 @@ def lora_sgmv(y: torch.Tensor, x: torch.Tensor, compact: list[OneAdapter | None]
     Semantics: for each (start, end, slot) in segments with slot >= 0, for each part j,
         y[start:end, lo_j:hi_j] += (x[start:end] @ A_j[slot].T) @ B_j[slot]
     `compact[slot]` is that slot's (A_s [sum r, in], parts) for this projection, each part (lo, hi, first
-    row of A_s, end row, B [out_part, r]): one float32 shrink for all parts, one expand per part.
+    row of A_s, end row, B [out_part, r]): one shrink for all parts, one expand per part added in place.
+    In the activations' dtype: the matmuls accumulate in float32 and round once, the shrink's r columns and
+    the sum; widening to float32 instead cost up to 8x at 170 rows (a [T, out] float32 temporary added into
+    y's strided columns; docs/design-notes.md, "A second format for prompts").
     """
     for start, end, slot in segments:
         entry = compact[slot] if slot >= 0 else None
         if entry is None:
             continue
         a, parts = entry
-        t = F.linear(x[start:end].float(), a.float())  # (bf16 widened per call; cost not profiled)
+        rows = x[start:end]
+        t = F.linear(rows, a.to(rows.dtype))
         for lo, hi, r0, r1, b in parts:
-            y[start:end, lo:hi] += F.linear(t[:, r0:r1], b.float())
+            y[start:end, lo:hi].addmm_(t[:, r0:r1], b.to(rows.dtype).t())
 
 
 class LoraBatch:

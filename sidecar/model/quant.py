@@ -140,7 +140,32 @@ def _inner_k_tiles(in_features: int) -> int:
     return next(tiles for tiles in (8, 4, 2) if in_features % (16 * tiles) == 0)
 
 
-Linear = DenseLinear | Int8Linear | Int4Linear
+class PromptDenseLinear:
+    """A quantized matrix for decode steps plus a bf16 copy of the same weights for prompt chunks.
+
+    On CPUs with native bf16 matmuls (AVX512-BF16, AMX) a prompt chunk's matmul is ~2x faster from bf16
+    than through the int4 kernel, while one position per row decodes faster from int4 (docs/benchmarks.md,
+    "Prompt chunks from a bf16 copy"). The copy is the quantized matrix read back (`dequantized`), so the
+    two phases use the same weights, rounded to bf16.
+    """
+
+    def __init__(self, compact: Int4Linear | Int8Linear):
+        self.compact = compact
+        self.dense = DenseLinear(compact.dequantized().to(torch.bfloat16))
+        self.out_features, self.in_features = compact.out_features, compact.in_features
+        self.format = compact.format
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, T, in]: several positions per row is a prompt chunk; one is a decode step.
+        if x.dim() == 3 and x.shape[1] > 1:
+            return self.dense(x.to(torch.bfloat16)).to(x.dtype)
+        return self.compact(x)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.compact.dequantized()
+
+
+Linear = DenseLinear | Int8Linear | Int4Linear | PromptDenseLinear
 
 
 def q4_blocks_to_int4(source: SourceTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
