@@ -98,9 +98,9 @@ def _weight_bytes(model: LlamaModel) -> int:
 
     for layer in model.layers:
         add(layer)
-        for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
-            for part in (linear.compact, linear.dense) if isinstance(linear, PromptDenseLinear) else (linear,):
-                add(part)
+    for linear in model.layer_matrices():
+        for part in (linear.compact, linear.dense) if isinstance(linear, PromptDenseLinear) else (linear,):
+            add(part)
     add(model.head)
     seen[model.embed.data_ptr()] = model.embed.numel() * model.embed.element_size()
     seen[model.norm.data_ptr()] = model.norm.numel() * model.norm.element_size()
