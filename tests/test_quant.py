@@ -9,7 +9,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from sidecar.model.checkpoint import SourceTensor
-from sidecar.model.quant import DenseLinear, Int4Linear, Int8Linear, PromptDenseLinear, build_linear
+from sidecar.model.native import quant_gemm_kernel
+from sidecar.model.quant import DenseLinear, Int4Linear, Int8Linear, NativeInt4Linear, PromptDenseLinear, build_linear
 
 
 def _reference(source: SourceTensor) -> torch.Tensor:
@@ -55,8 +56,8 @@ def _random_q4_k(rows: int, cols: int, seed: int) -> SourceTensor:
 
 def test_int4_from_q4_k_is_repacked_not_requantized():
     """Each 32-value sub-block of Q4_K is an affine 4-bit group: codes and scales carried over as they are.
-    The kernel's zero point (8 * scale - dmin * m) is the one rounding left: a weight is gguf-py's or
-    one ulp from it."""
+    In torch's kernel (fp32 activations) the zero point (8 * scale - dmin * m) is the one rounding left: a
+    weight is gguf-py's or one ulp from it. (The native kernel, served, holds them exactly: below.)"""
     source = _random_q4_k(64, 512, seed=5)
     ref = _reference(source).reshape(64, 512)
     layer = build_linear([source], "int4", torch.float32)
@@ -71,6 +72,25 @@ def test_int4_from_q4_k_is_repacked_not_requantized():
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0))
     expected = x.double() @ ref.double().t()
     assert (layer(x).double() - expected).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(quant_gemm_kernel() is None, reason="no C compiler or no AVX2 on this CPU")
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
+def test_served_int4_holds_gguf_weights_bit_exactly(kind):
+    """With bf16 activations (what is served) a 4-bit GGUF matrix goes to the native kernel, which keeps each
+    group's float32 scale and low as stored: every weight equals gguf-py's dequantization, bit for bit."""
+    if kind == "Q4_K":
+        source = _random_q4_k(64, 512, seed=7)
+    else:
+        w = np.random.default_rng(8).normal(0, 0.1, size=(64, 512)).astype(np.float32)
+        source = SourceTensor("w", kind, (64, 512), quantize(w, GGMLQuantizationType[kind]))
+    layer = build_linear([source], "int4")
+    assert isinstance(layer, NativeInt4Linear)
+    ref = _reference(source).reshape(64, 512)
+    assert torch.equal(layer.dequantized(), ref)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(9)).bfloat16()
+    expected = x.double() @ ref.double().t()
+    assert (layer(x).double() - expected).norm() / expected.norm() < 1e-2
 
 
 def test_fused_projection_stacks_parts_in_order(checkpoint):
@@ -108,7 +128,13 @@ def test_int8_per_channel_roundtrip():
     assert (layer.dequantized() - w).abs().max() <= w.abs().amax() / 127 / 2 + 1e-6
 
 
-@pytest.mark.parametrize("quantize", [Int4Linear.quantize, Int8Linear.quantize])
+def _native_int4(weight: torch.Tensor, dtype: torch.dtype) -> NativeInt4Linear:
+    from sidecar.model.quant import int4_groups
+    return NativeInt4Linear(*int4_groups(weight), quant_gemm_kernel())
+
+
+@pytest.mark.parametrize("quantize", [Int4Linear.quantize, Int8Linear.quantize, pytest.param(
+    _native_int4, marks=pytest.mark.skipif(quant_gemm_kernel() is None, reason="no native int4 kernel"))])
 def test_prompt_chunks_use_the_bf16_copy_and_decode_steps_the_kernel(quantize):
     """Several positions per row (a prompt chunk) multiply the bf16 copy of the quantized matrix; one position
     per row (a decode step) goes through the quantized kernel; both hold the same weights."""

@@ -20,9 +20,9 @@ from sidecar.model.checkpoint import Checkpoint, SourceTensor
 from sidecar.model.config import LlamaConfig
 from sidecar.model.quant import (
     COMPUTE_DTYPE,
+    INT4_SOURCES,
+    QUANTIZED,
     DenseLinear,
-    Int4Linear,
-    Int8Linear,
     Linear,
     PromptDenseLinear,
     build_linear,
@@ -160,7 +160,8 @@ class LlamaModel:
 
         def linear(parts: list[SourceTensor]) -> Linear:
             built = build_linear(parts, weights, dtype, device)
-            became.update((p.kind, built.format) for p in parts)
+            formats = getattr(built, "part_formats", [built.format] * len(parts))  # a StackedLinear's differ
+            became.update((p.kind, f) for p, f in zip(parts, formats, strict=True))
             return built
 
         layers = []
@@ -183,6 +184,8 @@ class LlamaModel:
         # The output head stays at 8 bits under int4 on the CPU, as llama.cpp keeps it: 4-bit
         # logits cost quality. A GPU has no int8 kernel; the head stays in the activation dtype.
         head_format = weights if weights not in ("int4", "auto") else "int8" if on_cpu else "bf16"
+        if weights == "auto" and on_cpu and head_source.kind not in INT4_SOURCES:
+            head_format = "auto"  # 5 bits or more: int8, or Q6_K blocks as stored (quant.build_linear)
         if head_format in ("fp32", "bf16") and c.tie_embeddings:
             head = DenseLinear(embed, device)  # tied: share the embedding table
         else:
@@ -196,7 +199,7 @@ class LlamaModel:
     def prompt_copy_bytes(self) -> int:
         """What bf16 copies of the layers' int4 / int8 matrices would take (0 when there are none)."""
         return sum(2 * m.out_features * m.in_features for m in self.layer_matrices()
-                   if isinstance(m, Int4Linear | Int8Linear))
+                   if isinstance(m, QUANTIZED))
 
     def hold_prompt_copies(self) -> None:
         """Prompt chunks (several positions per row) of the int4 / int8 layer matrices run from a bf16 copy
@@ -204,7 +207,7 @@ class LlamaModel:
         for layer in self.layers:
             for name in ("qkv", "o", "gate_up", "down"):
                 matrix = getattr(layer, name)
-                if isinstance(matrix, Int4Linear | Int8Linear):
+                if isinstance(matrix, QUANTIZED):
                     setattr(layer, name, PromptDenseLinear(matrix))
 
     def layer_matrices(self) -> list[Linear]:

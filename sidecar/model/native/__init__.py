@@ -1,9 +1,14 @@
 """Small C kernels for what eager PyTorch on CPU cannot do well, built on first use.
 
-The C source is compiled with the system C compiler (`cc`, gcc or clang) into a shared library
+- bgmv.c: each decode row's own LoRA delta, read where its adapter lies (model/lora.py).
+- quant_gemm.c: 4-bit groups (GGUF's Q4 blocks, float32 scales) and Q6_K blocks as stored times bf16
+  activations through integer dot products, as llama.cpp does (model/quant.py: NativeInt4Linear,
+  Q6KLinear).
+
+Each C source is compiled with the system C compiler (`cc`, gcc or clang) into a shared library
 cached under ~/.cache/npc-sidecar (or $NPC_CACHE_DIR), keyed by the source and the flags, and
 called through ctypes: no torch headers, so a build takes about a second. Without a compiler,
-`bgmv_kernel()` returns None and callers use their PyTorch path; $NPC_NO_NATIVE=1 forces that.
+`bgmv_kernel()` / `quant_gemm_kernel()` return None and callers use their PyTorch path; $NPC_NO_NATIVE=1 forces that.
 """
 
 from __future__ import annotations
@@ -23,33 +28,36 @@ import torch
 log = structlog.get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("bgmv.c")
+QUANT_GEMM_SOURCE = Path(__file__).with_name("quant_gemm.c")
+BLOCK_BYTES = {"Q4_K": 144, "Q6_K": 210}  # per 256 values: the GGUF block kinds quant_gemm.c reads as stored
 # -march=native: the library is built on the machine that runs it. The three math flags let the
 # compiler vectorize float sums (reassociation) without -ffast-math's process-wide FTZ switch.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fassociative-math", "-fno-signed-zeros",
          "-fno-trapping-math"]
 
 _lock = threading.Lock()
-_loaded: dict[str, BgmvKernel | None] = {}
+_loaded: dict[str, BgmvKernel | QuantGemmKernel | None] = {}
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("NPC_CACHE_DIR") or Path.home() / ".cache" / "npc-sidecar")
 
 
-def build(source: Path = SOURCE) -> Path:
-    """Compiles `source` (once per source + flags) and returns the shared library's path."""
+def build(source: Path = SOURCE, flags: list[str] = FLAGS) -> Path:
+    """Compiles `source` (once per source + flags) and returns the shared library's path. Tests pass other
+    `-march` flags to check the AVX2 and scalar paths on a CPU that would build the VNNI one."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler:
         raise RuntimeError("no C compiler found (install gcc, or set CC)")
-    text = source.read_bytes()
-    key = hashlib.sha256(text + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # + headers
+    key = hashlib.sha256(text + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, str(source), "-o", str(out)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *flags, str(source), "-o", str(out)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed on {source.name}: {proc.stderr.strip()[-2000:]}")
         os.replace(out, target)  # atomic: concurrent builders never load a half-written file
@@ -80,15 +88,88 @@ class BgmvKernel:
         return rc == 0
 
 
-def bgmv_kernel() -> BgmvKernel | None:
-    """The compiled BGMV kernel, or None (no compiler, build failure, or NPC_NO_NATIVE=1)."""
+class QuantGemmKernel:
+    """ctypes wrapper of quant_gemm.c's int4_gemm, q4_k_gemm and q6_k_gemm (semantics there)."""
+
+    def __init__(self, library: Path):
+        self._lib = ctypes.CDLL(str(library))
+        isa = self._lib.quant_gemm_isa
+        isa.restype = ctypes.c_char_p
+        self.isa = isa().decode()  # "avx512-vnni", "avx-vnni", "avx2" or "scalar": what -march=native gave
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        self._int4 = self._lib.int4_gemm
+        self._int4.argtypes = [i64, i64, i64, ptr, i64, c_int, ptr, ptr, ptr, ptr, i64, c_int]
+        self._blocks = {kind: getattr(self._lib, f"{kind.lower()}_gemm") for kind in BLOCK_BYTES}
+        for fn in self._blocks.values():
+            fn.argtypes = [i64, i64, i64, ptr, i64, c_int, ptr, ptr, i64, c_int]
+            fn.restype = c_int
+        self._int4.restype = c_int
+
+    @staticmethod
+    def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        assert x.dim() == 2 and x.stride(1) == 1 and x.dtype in (torch.bfloat16, torch.float32)
+        return x, int(x.dtype == torch.bfloat16)
+
+    @staticmethod
+    def int4_weights(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[int, int, int, int, int]:
+        """(N, K, pointers) of a 4-bit matrix, checked once: a decode step multiplies ~100 matrices, each call
+        of `run_int4` then costs microseconds of Python less."""
+        n, k = codes.shape[0], codes.shape[1] * 2
+        assert codes.dtype == torch.uint8 and scale.dtype == low.dtype == torch.float32
+        assert codes.is_contiguous() and scale.is_contiguous() and low.is_contiguous()
+        assert scale.shape == low.shape == (n, k // 32)
+        return n, k, codes.data_ptr(), scale.data_ptr(), low.data_ptr()
+
+    def run_int4(self, x: torch.Tensor, weights: tuple[int, int, int, int, int]) -> torch.Tensor:
+        """x [M, K] (bf16 or float32, unit column stride) @ W.T -> [M, N] in x's dtype; W from `int4_weights`
+        (its tensors must outlive the call)."""
+        x, bf16 = self._rows(x)
+        n, k, codes, scale, low = weights
+        assert x.shape[1] == k
+        y = x.new_empty(x.shape[0], n)
+        if self._int4(x.shape[0], k, n, x.data_ptr(), x.stride(0), bf16, codes, scale, low, y.data_ptr(), n, bf16):
+            raise RuntimeError(f"int4_gemm failed on x {tuple(x.shape)}, W [{n}, {k}] (scratch memory)")
+        return y
+
+    def int4(self, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """x [M, K] @ W.T -> [M, N] in x's dtype; W's 4-bit groups (semantics in quant_gemm.c)."""
+        return self.run_int4(x, self.int4_weights(codes, scale, low))
+
+    def blocks(self, kind: str, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """x [M, K] @ W.T -> [M, N] in x's dtype; W as GGUF blocks of `kind` (Q4_K, Q6_K), uint8 [N, bytes a row]."""
+        x, bf16 = self._rows(x)
+        assert blocks.dtype == torch.uint8 and blocks.is_contiguous()
+        rows, k = x.shape
+        n = blocks.shape[0]
+        assert k % 256 == 0 and blocks.shape[1] == k // 256 * BLOCK_BYTES[kind]
+        y = x.new_empty(rows, n)
+        rc = self._blocks[kind](rows, k, n, x.data_ptr(), x.stride(0), bf16, blocks.data_ptr(), y.data_ptr(),
+                                y.stride(0), bf16)
+        if rc != 0:
+            raise RuntimeError(f"{kind} gemm failed on x {tuple(x.shape)}, W [{n}, {k}] (scratch memory)")
+        return y
+
+
+def _load(name: str, source: Path, wrapper: type) -> BgmvKernel | QuantGemmKernel | None:
     if os.environ.get("NPC_NO_NATIVE") == "1":
         return None
     with _lock:
-        if "bgmv" not in _loaded:
+        if name not in _loaded:
             try:
-                _loaded["bgmv"] = BgmvKernel(build())
+                _loaded[name] = wrapper(build(source))
             except (RuntimeError, OSError) as exc:
-                log.warning("native LoRA kernel unavailable; using the PyTorch path", reason=str(exc))
-                _loaded["bgmv"] = None
-        return _loaded["bgmv"]
+                log.warning("native kernel unavailable; using the PyTorch path", kernel=name, reason=str(exc))
+                _loaded[name] = None
+        return _loaded[name]
+
+
+def bgmv_kernel() -> BgmvKernel | None:
+    """The compiled BGMV kernel, or None (no compiler, build failure, or NPC_NO_NATIVE=1)."""
+    return _load("bgmv", SOURCE, BgmvKernel)
+
+
+def quant_gemm_kernel() -> QuantGemmKernel | None:
+    """The compiled quantized-matmul kernels where they have a vector path (AVX2 or VNNI), else None (also
+    without a compiler, or with NPC_NO_NATIVE=1): a scalar build would be slower than torch's kernels."""
+    kernel = _load("quant_gemm", QUANT_GEMM_SOURCE, QuantGemmKernel)
+    return kernel if kernel is not None and kernel.isa != "scalar" else None
