@@ -547,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-npc: seconds one (system, N) run may take before it is killed (default: no limit)")
     b.add_argument("--time-budget", type=float,
                    help="multi-npc: seconds for all runs together; later runs are skipped (default: no limit)")
-    b.add_argument("--formats", default="int4,int8,bf16,fp32",
+    b.add_argument("--formats", default="auto,int4,int8,bf16,fp32",
                    help="decode: weight formats (auto: each stored kind as the server would load it)")
     b.add_argument("--batches", help="decode: batch sizes (default 1,8,32)")
     b.add_argument("--steps", type=int, default=32, help="decode: steps timed per repeat")

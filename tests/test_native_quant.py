@@ -112,19 +112,19 @@ def _rounded(x: torch.Tensor) -> torch.Tensor:
 def random_blocks(kind: str, rows: int, cols: int, seed: int) -> SourceTensor:
     """Blocks of random bytes (every code, scale and min a real file can hold) with f16 d (and dmin) of a real
     model's size, so the values are finite and the products are in range."""
-    size = {"Q4_K": 144, "Q6_K": 210}[kind]
+    size, values = {"Q4_K": (144, 256), "Q6_K": (210, 256), "Q8_0": (34, 32)}[kind]
     rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, size=(rows * cols // 256, size), dtype=np.uint8)
-    for at in ((0, 2) if kind == "Q4_K" else (208,)):
+    blocks = rng.integers(0, 256, size=(rows * cols // values, size), dtype=np.uint8)
+    for at in {"Q4_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}[kind]:
         blocks[:, at:at + 2] = rng.uniform(1e-4, 2e-3, size=(len(blocks), 1)).astype(np.float16).view(np.uint8)
     return SourceTensor("w", kind, (rows, cols), blocks.reshape(rows, -1))
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_blocks_kernels_equal_the_weights_times_the_rounded_activations(kind, rows, dtype):
-    """Q4_K and Q6_K blocks as stored: the kernel's result is gguf-py's weights times the int8-rounded
+    """Q4_K, Q6_K and Q8_0 blocks as stored: the kernel's result is gguf-py's weights times the int8-rounded
     activations (up to float32 sums), and within the rounding's error of the float32 matmul."""
     source = random_blocks(kind, 40, 512, seed=rows)
     layer = BlockLinear([source], KERNEL)
@@ -178,7 +178,7 @@ def test_other_instruction_sets_compute_the_same(march, isa):
     codes, scales, lows = _random_groups(24, 512, seed=8)
     assert torch.allclose(kernel.int4(x, NativeInt4Linear(codes, scales, lows, KERNEL).packed, scales, lows).double(),
                           _emulated(x, codes, scales, lows), rtol=1e-5, atol=1e-5)
-    for kind in ("Q4_K", "Q6_K"):
+    for kind in ("Q4_K", "Q6_K", "Q8_0"):
         source = random_blocks(kind, 24, 512, seed=9)
         weights = torch.from_numpy(dequantize(np.asarray(source.data), GGMLQuantizationType[kind])).reshape(24, 512)
         exact = _rounded(x) @ weights.double().t()

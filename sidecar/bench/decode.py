@@ -34,7 +34,7 @@ PROMPT = ("The old lighthouse keeper climbed the spiral stairs every evening, co
 @dataclass(frozen=True)
 class DecodeBenchConfig:
     model: Path
-    formats: tuple[str, ...] = ("int4", "int8", "bf16", "fp32")
+    formats: tuple[str, ...] = ("auto", "int4", "int8", "bf16", "fp32")
     batches: tuple[int, ...] = (1, 8, 32)
     steps: int = 32
     repeats: int = 3

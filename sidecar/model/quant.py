@@ -181,9 +181,10 @@ class NativeInt4Linear:
 
 
 class BlockLinear:
-    """GGUF Q4_K or Q6_K blocks kept as stored (4.5 / 6.56 bits a weight, nothing re-rounded), multiplied by the
-    native kernels (native/quant_gemm.c) with int8-rounded activations, as llama.cpp multiplies them. `blocks`
-    is uint8 [out, bytes a row], each row its own blocks; `format` is the kind in lower case ("q4_k")."""
+    """GGUF Q4_K, Q6_K or Q8_0 blocks kept as stored (4.5 / 6.56 / 8.5 bits a weight, nothing re-rounded),
+    multiplied by the native kernels (native/quant_gemm.c) with int8-rounded activations, as llama.cpp
+    multiplies them. `blocks` is uint8 [out, bytes a row], each row its own blocks; `format` is the kind in
+    lower case ("q4_k")."""
 
     def __init__(self, parts: list[SourceTensor], kernel: QuantGemmKernel):
         self.kind = parts[0].kind
@@ -194,7 +195,9 @@ class BlockLinear:
 
     @staticmethod
     def takes(parts: list[SourceTensor]) -> bool:
-        return len({p.kind for p in parts}) == 1 and parts[0].kind in BLOCK_BYTES and parts[0].shape[1] % QK_K == 0
+        kind = parts[0].kind
+        values = BLOCK_BYTES[kind][1] if kind in BLOCK_BYTES else 0
+        return len({p.kind for p in parts}) == 1 and values > 0 and parts[0].shape[1] % values == 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -1,7 +1,7 @@
 """Small C kernels for what eager PyTorch on CPU cannot do well, built on first use.
 
 - bgmv.c: each decode row's own LoRA delta, read where its adapter lies (model/lora.py).
-- quant_gemm.c: 4-bit groups (GGUF's Q4 blocks, float32 scales) and Q6_K blocks as stored times bf16
+- quant_gemm.c: 4-bit groups (GGUF's Q4 blocks, float32 scales) and Q4_K / Q6_K / Q8_0 blocks as stored times bf16
   activations through integer dot products, as llama.cpp does (model/quant.py: NativeInt4Linear,
   Q6KLinear).
 
@@ -29,7 +29,8 @@ log = structlog.get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("bgmv.c")
 QUANT_GEMM_SOURCE = Path(__file__).with_name("quant_gemm.c")
-BLOCK_BYTES = {"Q4_K": 144, "Q6_K": 210}  # per 256 values: the GGUF block kinds quant_gemm.c reads as stored
+# The GGUF block kinds quant_gemm.c reads as stored: (bytes, values) of a block.
+BLOCK_BYTES = {"Q4_K": (144, 256), "Q6_K": (210, 256), "Q8_0": (34, 32)}
 # -march=native: the library is built on the machine that runs it. The three math flags let the
 # compiler vectorize float sums (reassociation) without -ffast-math's process-wide FTZ switch.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fassociative-math", "-fno-signed-zeros",
@@ -89,7 +90,7 @@ class BgmvKernel:
 
 
 class QuantGemmKernel:
-    """ctypes wrapper of quant_gemm.c's int4_gemm, q4_k_gemm and q6_k_gemm (semantics there)."""
+    """ctypes wrapper of quant_gemm.c's int4_gemm and its GGUF-block kernels (semantics there)."""
 
     def __init__(self, library: Path):
         self._lib = ctypes.CDLL(str(library))
@@ -136,12 +137,13 @@ class QuantGemmKernel:
         return self.run_int4(x, self.int4_weights(codes, scale, low))
 
     def blocks(self, kind: str, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """x [M, K] @ W.T -> [M, N] in x's dtype; W as GGUF blocks of `kind` (Q4_K, Q6_K), uint8 [N, bytes a row]."""
+        """x [M, K] @ W.T -> [M, N] in x's dtype; W as GGUF blocks of `kind` (BLOCK_BYTES), uint8 [N, bytes a row]."""
         x, bf16 = self._rows(x)
         assert blocks.dtype == torch.uint8 and blocks.is_contiguous()
         rows, k = x.shape
         n = blocks.shape[0]
-        assert k % 256 == 0 and blocks.shape[1] == k // 256 * BLOCK_BYTES[kind]
+        size, values = BLOCK_BYTES[kind]
+        assert k % values == 0 and blocks.shape[1] == k // values * size
         y = x.new_empty(rows, n)
         rc = self._blocks[kind](rows, k, n, x.data_ptr(), x.stride(0), bf16, blocks.data_ptr(), y.data_ptr(),
                                 y.stride(0), bf16)

@@ -18,6 +18,10 @@
  *   sub-blocks, 128 bytes of nibbles (bytes 32j..32j+31: sub-block 2j in the low nibbles, 2j + 1 in the high);
  *   w = (d * sc) * q - (dmin * m), both products exact in float32.
  *
+ * q8_0_gemm: GGUF Q8_0 blocks as stored, 34 bytes per 32 values: f16 d, 32 int8 codes; w = d * q. The
+ *   products take |q| as the unsigned operand and the activation times sign(q) as the signed one (so
+ *   AVX2's maddubs cannot saturate: 2 * 128 * 127 < 2^15).
+ *
  * q6_k_gemm: GGUF Q6_K blocks as stored (no repacking, nothing lost), 210 bytes per 256 values:
  *   ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16] (one per 16 values), f16 d;
  *   w = d * scale[j] * (q - 32), q 0..63, laid out as ggml's dequantize_row_q6_K reads them.
@@ -38,6 +42,7 @@
 #define QK_K 256
 #define Q4_K_BYTES 144
 #define Q6_K_BYTES 210
+#define Q8_0_BYTES 34
 
 const char *quant_gemm_isa(void) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -174,7 +179,7 @@ static inline __m256i dpbusd(__m256i acc, __m256i w, __m256i x) {
 #elif defined(__AVXVNNI__)
     return _mm256_dpbusd_avx_epi32(acc, w, x);
 #else
-    /* pairs of u6 * s8 stay within int16 (2 * 63 * 127), so maddubs never saturates */
+    /* pairs of (u6, or Q8_0's |q| <= 128) * s8 stay within int16 (2 * 128 * 127), so maddubs never saturates */
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 #endif
 }
@@ -314,6 +319,27 @@ static inline __attribute__((always_inline)) void q4_k_dots(int R, int64_t K, co
     }
     for (int t = 0; t < R; t++) dots[t] = hsum(acc[t]) - hsum(minus[t]);
 }
+/* dots[t] = W_row . x[t] for R activation rows against one row of Q8_0 blocks (activations in element order). */
+static inline __attribute__((always_inline)) void q8_0_dots(int R, int64_t K, const uint8_t *blocks,
+                                                           const int8_t *xq, const float *xs, int64_t M, float *dots) {
+    __m256 acc[ROW_TILE];
+    for (int t = 0; t < R; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / GROUP; g++) {
+        const uint8_t *blk = blocks + g * Q8_0_BYTES;
+        uint16_t d_bits;
+        memcpy(&d_bits, blk, 2);
+        float d = _cvtsh_ss(d_bits);
+        __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2)), magnitude = _mm256_sign_epi8(w, w);
+        const int8_t *x = xq + g * M * GROUP;
+        const float *x_scale = xs + g * M;
+        for (int t = 0; t < R; t++) {
+            __m256i signed_x = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + t * GROUP)), w);
+            __m256i prod = dpbusd(_mm256_setzero_si256(), magnitude, signed_x);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), _mm256_set1_ps(d * x_scale[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < R; t++) dots[t] = hsum(acc[t]);
+}
 #else
 static inline void int4_dots(int R, int64_t G, const uint8_t *codes, const float *scale, const int8_t *xq,
                              int64_t M, const float *lane_scale, float *dots) {
@@ -386,16 +412,32 @@ static inline void q4_k_dots(int R, int64_t K, const uint8_t *blocks, const int8
         dots[t] = acc - minus;
     }
 }
+static inline void q8_0_dots(int R, int64_t K, const uint8_t *blocks, const int8_t *xq, const float *xs,
+                             int64_t M, float *dots) {
+    for (int t = 0; t < R; t++) {
+        float acc = 0.0f;
+        for (int64_t g = 0; g < K / GROUP; g++) {
+            const uint8_t *blk = blocks + g * Q8_0_BYTES;
+            uint16_t d_bits;
+            memcpy(&d_bits, blk, 2);
+            int32_t isum = 0;
+            for (int j = 0; j < GROUP; j++) isum += (int8_t)blk[2 + j] * xq[(g * M + t) * GROUP + j];
+            acc += (float)isum * (f16_to_f32(d_bits) * xs[g * M + t]);
+        }
+        dots[t] = acc;
+    }
+}
 #endif
 
-typedef enum { INT4_GROUPS, Q4_K_BLOCKS, Q6_K_BLOCKS } Kind;
+typedef enum { INT4_GROUPS, Q4_K_BLOCKS, Q6_K_BLOCKS, Q8_0_BLOCKS } Kind;
 
 /* One weight row against R activation rows (R a constant where this expands, so the loops unroll). */
 #define ROW_DOTS(R)                                                                                         \
     do {                                                                                                    \
         if (kind == INT4_GROUPS) int4_dots(R, G, w + o * (K / 2), scale + o * G, xq, M, lanes, dots);       \
         else if (kind == Q4_K_BLOCKS) q4_k_dots(R, K, w + o * row_bytes, xq, lanes, sums, M, dots);         \
-        else q6_k_dots(R, K, w + o * row_bytes, xq, r.xs + n0, r.init + n0 * 8, M, dots);                   \
+        else if (kind == Q6_K_BLOCKS) q6_k_dots(R, K, w + o * row_bytes, xq, r.xs + n0, r.init + n0 * 8, M, dots); \
+        else q8_0_dots(R, K, w + o * row_bytes, xq, r.xs + n0, M, dots);                                     \
     } while (0)
 
 /* y [M, N] = x [M, K] @ W.T. x and y are bf16 (or float32 where x_bf16 / y_bf16 is 0), rows `*_stride`
@@ -403,18 +445,20 @@ typedef enum { INT4_GROUPS, Q4_K_BLOCKS, Q6_K_BLOCKS } Kind;
  * tile of up to 8 activation rows. Returns 0, or -1 when K does not fit the kind or scratch memory is short. */
 static int gemm(Kind kind, int64_t M, int64_t K, int64_t N, const void *x, int64_t x_stride, int x_bf16,
                 const uint8_t *w, const float *scale, const float *low, void *y, int64_t y_stride, int y_bf16) {
-    if (K % (kind == INT4_GROUPS ? GROUP : QK_K) != 0) return -1;
-    int64_t G = K / GROUP, row_bytes = K / QK_K * (kind == Q4_K_BLOCKS ? Q4_K_BYTES : Q6_K_BYTES);
+    int paired = kind == INT4_GROUPS || kind == Q4_K_BLOCKS;  /* 4-bit codes: activations in pair order */
+    if (K % (kind == INT4_GROUPS || kind == Q8_0_BLOCKS ? GROUP : QK_K) != 0) return -1;
+    int64_t G = K / GROUP;
+    int64_t row_bytes = kind == Q8_0_BLOCKS ? G * Q8_0_BYTES
+                      : K / QK_K * (kind == Q4_K_BLOCKS ? Q4_K_BYTES : Q6_K_BYTES);
     Rounded r;
-    if (round_activations(M, K, x, x_stride, x_bf16, kind != Q6_K_BLOCKS, kind == Q6_K_BLOCKS ? 32 : 0, &r) != 0)
-        return -1;
+    if (round_activations(M, K, x, x_stride, x_bf16, paired, kind == Q6_K_BLOCKS ? 32 : 0, &r) != 0) return -1;
     #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < N; o++) {
         for (int64_t n0 = 0; n0 < M;) {
             float dots[ROW_TILE];
             int tile = row_tile(M - n0);
-            const int8_t *xq = r.q + n0 * (kind == Q6_K_BLOCKS ? GROUP : PAIR);
-            const float *lanes = kind == Q6_K_BLOCKS ? NULL : r.lanes + n0 * 8, *sums = r.sums + n0 * G;
+            const int8_t *xq = r.q + n0 * (paired ? PAIR : GROUP);
+            const float *lanes = paired ? r.lanes + n0 * 8 : NULL, *sums = r.sums + n0 * G;
             if (tile == 8) ROW_DOTS(8);
             else if (tile == 4) ROW_DOTS(4);
             else if (tile == 2) ROW_DOTS(2);
@@ -447,4 +491,10 @@ int q4_k_gemm(int64_t M, int64_t K, int64_t N, const void *x, int64_t x_stride, 
 int q6_k_gemm(int64_t M, int64_t K, int64_t N, const void *x, int64_t x_stride, int x_bf16,
               const uint8_t *blocks, void *y, int64_t y_stride, int y_bf16) {
     return gemm(Q6_K_BLOCKS, M, K, N, x, x_stride, x_bf16, blocks, NULL, NULL, y, y_stride, y_bf16);
+}
+
+/* Q8_0 blocks, uint8 [N, K / 32 * 34]. */
+int q8_0_gemm(int64_t M, int64_t K, int64_t N, const void *x, int64_t x_stride, int x_bf16,
+              const uint8_t *blocks, void *y, int64_t y_stride, int y_bf16) {
+    return gemm(Q8_0_BLOCKS, M, K, N, x, x_stride, x_bf16, blocks, NULL, NULL, y, y_stride, y_bf16);
 }
