@@ -329,7 +329,7 @@ def build_linear(parts: list[SourceTensor], fmt: str, dtype: torch.dtype | None 
     dtype = dtype or COMPUTE_DTYPE[fmt]
     on_cuda = torch.device(device).type == "cuda"
     # bf16 activations (served) on a CPU go to the native kernels; fp32 ones (the exactness tests) to torch's
-    kernel = quant_gemm_kernel() if not on_cuda and dtype == torch.bfloat16 else None
+    kernel = quant_gemm_kernel() if torch.device(device).type == "cpu" and dtype == torch.bfloat16 else None
     if fmt == "auto":
         if kernel is not None:
             runs = _runs_of_one_format(parts)
