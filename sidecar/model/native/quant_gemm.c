@@ -11,7 +11,8 @@
  *   not re-packed); scale, low: float32 [N, K / 32]. W is exactly what gguf-py dequantizes.
  *   Computed as sum_g xs[g] * (scale[g] * (q . xq) - low[g] * sum(xq)): W times the rounded activations
  *   exactly (up to float sums). The low term must use the same rounded values, or the large scale * q and
- *   low terms stop cancelling (the error grew 4x with the exact float sum).
+ *   low terms stop cancelling (1.9% of the output's norm on a Q4_0 test matrix with the exact float sum, 0.57%
+ *   with the rounded one).
  *
  * q4_k_gemm: GGUF Q4_K blocks as stored (4.5 bits a weight where int4_gemm's float32 scale and low take 6),
  *   144 bytes per 256 values: f16 d, f16 dmin, 12 bytes of 6-bit (sc, m) pairs for the eight 32-value
