@@ -81,8 +81,7 @@ def check_model(path: Path, weights: str = "auto", device: str = "cpu", batches:
                                                        else ""),
         chat_template=bool(tok.chat_template), stored_kinds=dict(Counter(t.kind for t in ckpt.tensors.values())),
         became=describe_formats(model), weights=model.weights, weight_bytes=_weight_bytes(model),
-        prompt_copy_bytes=sum(m.dense.weight.numel() * 2 for m in model.layer_matrices()
-                              if isinstance(m, PromptDenseLinear)),
+        prompt_copy_bytes=model.prompt_copy_bytes(held=True),
         kv_bytes_per_token=2 * c.num_layers * c.kv_size * torch.tensor([], dtype=model.dtype).element_size(),
         decode_tokens_per_s={b: _decode_rate(model, b, steps) for b in batches}, machine=machine_description())
 
@@ -102,7 +101,8 @@ def _weight_bytes(model: LlamaModel) -> int:
         for part in (linear.compact, linear.dense) if isinstance(linear, PromptDenseLinear) else (linear,):
             add(part)
     add(model.head)
-    seen[model.embed.data_ptr()] = model.embed.numel() * model.embed.element_size()
+    table = model.embed if isinstance(model.embed, torch.Tensor) else model.embed.blocks  # stored blocks
+    seen[table.data_ptr()] = table.numel() * table.element_size()
     seen[model.norm.data_ptr()] = model.norm.numel() * model.norm.element_size()
     return sum(seen.values())
 

@@ -54,6 +54,28 @@ def test_other_sources_requantized_within_format_error(tmp_path, kind, weights, 
     assert ((got - ref).norm() / ref.norm()).item() < limit
 
 
+@pytest.mark.parametrize("weights", ["auto", "int4", "int8"])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q5_1", "Q4_K", "Q6_K"])
+def test_quantized_embedding_stays_in_its_blocks(tmp_path, kind, weights):
+    """Quantized weights on the CPU hold a quantized embedding as its stored blocks (shared with a tied head
+    kept as stored): a lookup gives the dense table's rows exactly, for any shape of tokens; float weights keep
+    the dense table."""
+    from sidecar.model.quant import BlockEmbedding, BlockLinear
+
+    tiny_gguf(tmp_path / "m.gguf", "Q4_0", embed_kind=kind)
+    ckpt = load_checkpoint(tmp_path / "m.gguf")
+    model = LlamaModel.from_checkpoint(ckpt, weights)
+    assert isinstance(model.embed, BlockEmbedding)
+    table = ckpt.tensor("embed").to_float().bfloat16()
+    tokens = torch.tensor([[5, 0, VOCAB - 1, 5], [7, 7, 300, 1]])
+    assert torch.equal(model.embed(tokens), table[tokens])
+    assert torch.equal(model.embed(tokens[:, :1]), table[tokens[:, :1]])
+    assert model.embed.blocks.numel() < table.numel() * 2  # fewer bytes than the bf16 table
+    if isinstance(model.head, BlockLinear):
+        assert model.embed.blocks is model.head.blocks  # tied: one copy
+    assert isinstance(LlamaModel.from_checkpoint(ckpt, "bf16").embed, torch.Tensor)
+
+
 @pytest.mark.parametrize("kind", ["F32", "Q4_K", "Q8_0"])
 def test_qwen2_gguf_matches_transformers(tmp_path, kind):
     """Qwen2: q/k/v biases, rows stored unpermuted, its own rope base and norm epsilon."""

@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sidecar.model.checkpoint import Checkpoint, SourceTensor
+from sidecar.model.checkpoint import QUANT_KINDS, Checkpoint, SourceTensor
 from sidecar.model.config import LlamaConfig
 from sidecar.model.quant import (
     COMPUTE_DTYPE,
     INT4_SOURCES,
     QUANTIZED,
+    BlockEmbedding,
+    BlockLinear,
     DenseLinear,
     Linear,
     PromptDenseLinear,
@@ -129,13 +131,13 @@ class _StepLayout:
 
 
 class LlamaModel:
-    def __init__(self, config: LlamaConfig, layers: list[LayerWeights], embed: torch.Tensor, norm: torch.Tensor,
-                 head: Linear, weights: str, dtype: torch.dtype, device: str = "cpu",
+    def __init__(self, config: LlamaConfig, layers: list[LayerWeights], embed: torch.Tensor | BlockEmbedding,
+                 norm: torch.Tensor, head: Linear, weights: str, dtype: torch.dtype, device: str = "cpu",
                  became: dict[tuple[str, str], int] | None = None):
         self.config = config
         self.device = torch.device(device)
         self.layers = layers
-        self.embed = embed  # [vocab, hidden] in the compute dtype
+        self.embed = embed  # [vocab, hidden] in the compute dtype, or its stored blocks
         self.norm = norm
         self.head = head
         self.weights = weights  # the weight format: int4 | int8 | bf16 | fp32, or e.g. "int4+int8" from auto
@@ -179,27 +181,35 @@ class LlamaModel:
                 qkv_bias=torch.cat([t(b).to_float() for b in ("q_bias", "k_bias", "v_bias")]).to(
                     device=device, dtype=dtype) if c.qkv_bias else None,
             ))
-        embed = ckpt.tensor("embed").to_float().to(device=device, dtype=dtype)
+        embed_source = ckpt.tensor("embed")
         head_source = ckpt.tensor("embed" if c.tie_embeddings else "head")
         # The output head stays at 8 bits under int4 on the CPU, as llama.cpp keeps it: 4-bit
         # logits cost quality. A GPU has no int8 kernel; the head stays in the activation dtype.
         head_format = weights if weights not in ("int4", "auto") else "int8" if on_cpu else "bf16"
         if weights == "auto" and on_cpu and head_source.kind not in INT4_SOURCES:
             head_format = "auto"  # 5 bits or more: int8, or Q6_K blocks as stored (quant.build_linear)
-        if head_format in ("fp32", "bf16") and c.tie_embeddings:
+        # Quantized on a CPU, the embedding stays in its stored blocks (shared with a tied head kept as stored):
+        # only the rows a step reads are dequantized. Float sources and GPUs keep a dense table.
+        blocks_embed = on_cpu and weights in ("int4", "int8", "auto") and embed_source.kind in QUANT_KINDS
+        embed = None if blocks_embed else embed_source.to_float().to(device=device, dtype=dtype)
+        if head_format in ("fp32", "bf16") and c.tie_embeddings and embed is not None:
             head = DenseLinear(embed, device)  # tied: share the embedding table
         else:
             head = build_linear([head_source], head_format, dtype, device)
+        if embed is None:
+            shared = head.blocks if c.tie_embeddings and isinstance(head, BlockLinear) else None
+            embed = BlockEmbedding(embed_source, dtype, shared)
         layer_formats = "+".join(sorted({f for _, f in became}))  # "int4+int8" from auto on a Q4_K_M file
         became[(f"{head_source.kind} (output head)", head.format)] += 1
         norm = ckpt.tensor("norm").to_float().to(device=device, dtype=dtype)
         return cls(c, layers, embed, norm, head, layer_formats if weights == "auto" else weights, dtype, device,
                    dict(became))
 
-    def prompt_copy_bytes(self) -> int:
-        """What bf16 copies of the layers' int4 / int8 matrices would take (0 when there are none)."""
-        return sum(2 * m.out_features * m.in_features for m in self.layer_matrices()
-                   if isinstance(m, QUANTIZED))
+    def prompt_copy_bytes(self, held: bool = False) -> int:
+        """What bf16 copies of the layers' int4 / int8 matrices would take (0 when there are none), or with
+        `held` what the copies already held take."""
+        kinds = PromptDenseLinear if held else QUANTIZED
+        return sum(2 * m.out_features * m.in_features for m in self.layer_matrices() if isinstance(m, kinds))
 
     def hold_prompt_copies(self) -> None:
         """Prompt chunks (several positions per row) of the int4 / int8 layer matrices run from a bf16 copy
@@ -252,7 +262,8 @@ class LlamaModel:
     def _run(self, tokens: torch.Tensor, layout: _StepLayout, cache: KVCache, all_logits: bool,
              lora: LoraHook | None) -> torch.Tensor:
         c = self.config
-        h = F.embedding(tokens, self.embed)  # [B, T, hidden]
+        # [B, T, hidden]; a BlockEmbedding dequantizes the rows it reads
+        h = F.embedding(tokens, self.embed) if isinstance(self.embed, torch.Tensor) else self.embed(tokens)
         for i, layer in enumerate(self.layers):
             h = h + self._attention(i, layer, F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_eps),
                                     layout, cache, lora)

@@ -33,7 +33,7 @@ from sidecar.model.checkpoint import SourceTensor
 from sidecar.model.native import BLOCK_BYTES, QuantGemmKernel, quant_gemm_kernel
 
 INT4_GROUP = 32
-QK_K, Q4_K_BYTES = 256, 144  # a K-quant super-block: values, and bytes of a Q4_K one
+QK_K = 256  # values in a K-quant super-block
 COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16,
                  "auto": torch.bfloat16}
 # `--weights auto` on a CPU, per matrix (docs/benchmarks.md, "What `--weights auto` picks"): sources of 4 bits
@@ -212,6 +212,25 @@ class BlockLinear:
         return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(self.out_features, self.in_features)
 
 
+class BlockEmbedding:
+    """The token-embedding table kept as its GGUF blocks (any quantized kind): a lookup dequantizes only the
+    rows it reads (gguf-py's dequantization, then the activation dtype), so the table costs its stored bytes
+    rather than two bytes a value (a 1B model's 128256 x 2048 Q6_K table: 216 MB against 525 MB in bf16).
+    Values equal the dense table's: the same dequantization, the same cast. `blocks` may be a tied output
+    head's (BlockLinear.blocks), so the two share one copy."""
+
+    def __init__(self, source: SourceTensor, dtype: torch.dtype, blocks: torch.Tensor | None = None):
+        self.kind = GGMLQuantizationType[source.kind]
+        self.num_embeddings, self.embedding_dim = source.shape
+        self.blocks = blocks if blocks is not None else torch.from_numpy(source.raw_blocks().copy())
+        self.dtype = dtype
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.blocks[tokens.reshape(-1)].numpy()
+        values = torch.from_numpy(np.ascontiguousarray(dequantize(rows, self.kind), dtype=np.float32))
+        return values.to(self.dtype).reshape(*tokens.shape, self.embedding_dim)
+
+
 class StackedLinear:
     """A fused projection whose parts are held in different formats (Q4_K_M's Q6_K attn_v beside Q4_K q and k):
     each part multiplied by its own kernel, outputs side by side."""
@@ -301,7 +320,7 @@ def q4_k_blocks_to_int4(source: SourceTensor) -> tuple[torch.Tensor, torch.Tenso
     nibbles and 2j + 1 in their high ones.
     """
     rows, cols = source.shape
-    blocks = source.raw_blocks().reshape(rows * (cols // QK_K), Q4_K_BYTES)
+    blocks = source.raw_blocks().reshape(rows * (cols // QK_K), BLOCK_BYTES["Q4_K"][0])
     d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
     dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
     sc, m = Q4_K.get_scale_min(blocks[:, 4:16])
