@@ -11,7 +11,7 @@ import torch
 from sidecar.engine.api import SamplingParams
 from sidecar.engine.tokenizer import ChatMessage
 from sidecar.model.llama import LlamaModel
-from sidecar.model.native import quant_gemm_kernel
+from sidecar.model.native import decode_attention_kernel, quant_gemm_kernel
 from sidecar.model.quant import DenseLinear
 from tests.conftest import engine_generate
 from tests.rounding import U_BF16, reordered_fp32
@@ -171,6 +171,45 @@ def test_quantized_logits_close_to_fp32(models, reference, rounding_kl, weights)
         want, got = ref.argmax(-1), ours.argmax(-1)
         gap = (ref.gather(-1, want[:, None]) - ref.gather(-1, got[:, None]))[:, 0]
         assert (gap <= 4 * math.sqrt(2) * sigma).all(), (gap.max().item(), sigma)
+
+
+def _decoded_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
+    """The logits at every position as decoding computes them: the first token as a prompt, then a step a token."""
+    cache = model.new_cache(rows=1, max_len=len(ids))
+    out = [model.forward(torch.tensor([ids[:1]]), start=[0], rows=[0], cache=cache)]
+    for pos in range(1, len(ids)):
+        out.append(model.forward(torch.tensor([[ids[pos]]]), start=[pos], rows=[0], cache=cache))
+    return torch.cat(out)
+
+
+def test_decode_steps_logits_close_to_fp32(models, reference, rounding_kl):
+    """bf16 decoded a token a step (on a CPU the native decode attention, model/native/attention.c): within the
+    bf16 bound of the prompt forward's test."""
+    model = models("bf16")
+    assert (model._cpu_attention is not None) == (decode_attention_kernel() is not None)
+    fp32_weights = _fp32_with_format_weights(models("fp32"), "bf16")
+    weights_kl = _mean_kl(reference, [_our_logits(fp32_weights, ids) for ids, _ in reference])
+    max_kl = (math.sqrt(weights_kl) + math.sqrt(BF16_ROUNDINGS * rounding_kl)) ** 2
+    assert _mean_kl(reference, [_decoded_logits(model, ids) for ids, _ in reference]) < max_kl, (weights_kl,
+                                                                                                   rounding_kl)
+
+
+def test_a_decoded_row_does_not_depend_on_the_batch(models, reference):
+    """int4 as served on a CPU (native matmuls and decode attention, each row on its own): rows of different
+    lengths decoded together give each row the logits it gets decoded alone, bit for bit, so what one NPC says
+    never depends on who else is speaking."""
+    model = models("int4")
+    prompts = [ids for ids, _ in reference[:3]]
+    together = model.new_cache(rows=3, max_len=64)
+    for row, ids in enumerate(prompts):
+        model.forward(torch.tensor([ids]), start=[0], rows=[row], cache=together)
+    steps = torch.tensor([[ids[-1]] for ids in prompts])
+    batch = model.forward(steps, start=[len(ids) for ids in prompts], rows=[0, 1, 2], cache=together)
+    for row, ids in enumerate(prompts):
+        alone = model.new_cache(rows=1, max_len=64)
+        model.forward(torch.tensor([ids]), start=[0], rows=[0], cache=alone)
+        single = model.forward(steps[row: row + 1], start=[len(ids)], rows=[0], cache=alone)
+        assert torch.equal(single[0], batch[row]), row
 
 
 def test_prompt_copies_logits_close_to_fp32(checkpoint, models, reference, rounding_kl):

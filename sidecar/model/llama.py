@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from sidecar.model.checkpoint import QUANT_KINDS, Checkpoint, SourceTensor
 from sidecar.model.config import LlamaConfig
+from sidecar.model.native import decode_attention_kernel, rms_norm_kernel
 from sidecar.model.quant import (
     COMPUTE_DTYPE,
     INT4_SOURCES,
@@ -127,7 +128,8 @@ class _StepLayout:
     causal: bool  # plain causal prefill from position 0 (SDPA's own mask)
     cos: torch.Tensor  # [B, T, 1, head_dim]
     sin: torch.Tensor
-    seq_lens: torch.Tensor | None = None  # [B] keys per row, for the CUDA decode kernel (rows 0..B-1)
+    seq_lens: torch.Tensor | None = None  # [B] keys per row, for a decode kernel (CUDA's: rows 0..B-1)
+    rows: torch.Tensor | None = None  # [B] cache row of each query, for the CPU decode kernel (native/attention.c)
 
 
 class LlamaModel:
@@ -143,6 +145,11 @@ class LlamaModel:
         self.weights = weights  # the weight format: int4 | int8 | bf16 | fp32, or e.g. "int4+int8" from auto
         self.became = became or {}  # (stored kind, format) -> matrices, for the startup log
         self.dtype = dtype  # activation dtype
+        # Decode steps on a CPU in bf16 (what is served): each row's own keys, native/attention.c
+        kernel = decode_attention_kernel() if self.device.type == "cpu" and dtype == torch.bfloat16 else None
+        fits = kernel is not None and kernel.takes(config.num_heads, config.num_kv_heads, config.head_dim)
+        self._cpu_attention = kernel if fits else None
+        self._cpu_norm = rms_norm_kernel() if self.device.type == "cpu" and dtype == torch.bfloat16 else None
         positions = torch.arange(config.max_position, dtype=torch.float32)
         angles = torch.outer(positions, config.inv_freq())  # [max_pos, head_dim / 2]
         angles = torch.cat([angles, angles], dim=-1)
@@ -261,16 +268,14 @@ class LlamaModel:
 
     def _run(self, tokens: torch.Tensor, layout: _StepLayout, cache: KVCache, all_logits: bool,
              lora: LoraHook | None) -> torch.Tensor:
-        c = self.config
         # [B, T, hidden]; a BlockEmbedding dequantizes the rows it reads
         h = F.embedding(tokens, self.embed) if isinstance(self.embed, torch.Tensor) else self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            h = h + self._attention(i, layer, F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_eps),
-                                    layout, cache, lora)
-            h = h + self._mlp(i, layer, F.rms_norm(h, (c.hidden_size,), layer.ffn_norm, c.rms_eps), lora)
+            h = h + self._attention(i, layer, self._rms_norm(h, layer.attn_norm), layout, cache, lora)
+            h = h + self._mlp(i, layer, self._rms_norm(h, layer.ffn_norm), lora)
         if not all_logits:
             h = h[:, -1]
-        return self.head(F.rms_norm(h, (c.hidden_size,), self.norm, c.rms_eps)).float()
+        return self.head(self._rms_norm(h, self.norm)).float()
 
     def _layout(self, start: list[int], rows: list[int], steps: int) -> _StepLayout:
         batch, device = len(start), self.device
@@ -283,8 +288,9 @@ class LlamaModel:
         read_rows = slice(rows[0], rows[0] + batch) if contiguous else torch.tensor(rows, device=device)
         causal = batch == 1 and start[0] == 0 and steps > 1
         uniform_decode = steps == 1 and len(set(start)) == 1
+        native = steps == 1 and self._cpu_attention is not None  # each row reads its own keys: no mask
         mask = None
-        if not causal and not uniform_decode:
+        if not causal and not uniform_decode and not native:
             # Additive (0 / -inf) rather than boolean: SDPA's CPU kernel is ~2.5x slower with a
             # boolean mask (540 vs 210 us for 8 rows x 250 keys).
             allowed = torch.arange(kv_len, device=device)[None, None, None, :] <= write_pos[:, None, :, None]
@@ -298,7 +304,15 @@ class LlamaModel:
             causal=causal,
             cos=self._cos[write_pos].unsqueeze(2),
             sin=self._sin[write_pos].unsqueeze(2),
+            seq_lens=start_t + 1 if native else None,
+            rows=torch.tensor(rows, device=device) if native else None,
         )
+
+    def _rms_norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if self._cpu_norm is not None:  # one native pass instead of torch's ~7 small ops (native/rms_norm.c)
+            return self._cpu_norm(h, weight, c.rms_eps)
+        return F.rms_norm(h, (c.hidden_size,), weight, c.rms_eps)
 
     def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor, layout: _StepLayout, cache: KVCache,
                    lora: LoraHook | None) -> torch.Tensor:
@@ -314,10 +328,16 @@ class LlamaModel:
         qk = _rope(qkv[:, :, : heads + kv_heads], layout.cos, layout.sin)  # q and k rotated together
         cache.k[i][layout.write_rows, :, layout.write_pos] = qk[:, :, heads:]
         cache.v[i][layout.write_rows, :, layout.write_pos] = qkv[:, :, heads + kv_heads:]
-        if layout.seq_lens is not None:  # graph-friendly decode: each row reads its own length
+        out = None
+        if layout.rows is not None:  # a CPU decode step: each row reads its own keys, wherever the row is
+            out = self._cpu_attention(qk[:, 0, :heads], cache.k[i], cache.v[i], layout.rows, layout.seq_lens,
+                                      head_dim ** -0.5)
+        elif layout.seq_lens is not None:  # graph-friendly CUDA decode: each row reads its own length
             out = _decode_attention(qk[:, 0, :heads], cache.k[i], cache.v[i], layout.seq_lens, head_dim ** -0.5)
-            y = layer.o(out.reshape(batch, 1, heads * head_dim))
-            return y if lora is None else lora.apply(i, "o", out.reshape(batch, 1, -1), y)
+        if out is not None:
+            out = out.reshape(batch, 1, heads * head_dim)
+            y = layer.o(out)
+            return y if lora is None else lora.apply(i, "o", out, y)
         k = cache.k[i][layout.read_rows][:, :, : layout.kv_len]  # [B, KVH, S, D]
         v = cache.v[i][layout.read_rows][:, :, : layout.kv_len]
         q = qk[:, :, :heads].transpose(1, 2)  # [B, H, T, D]

@@ -1,14 +1,18 @@
 """Small C kernels for what eager PyTorch on CPU cannot do well, built on first use.
 
 - bgmv.c: each decode row's own LoRA delta, read where its adapter lies (model/lora.py).
+- attention.c: decode attention, each row's query against its own keys and values in the K/V cache
+  (model/llama.py).
+- rms_norm.c: RMSNorm of bf16 rows in one pass (model/llama.py).
 - quant_gemm.c: 4-bit groups (GGUF's Q4 blocks, float32 scales) and Q4_K / Q6_K / Q8_0 blocks as stored times bf16
   activations through integer dot products, as llama.cpp does (model/quant.py: NativeInt4Linear,
-  Q6KLinear).
+  BlockLinear).
 
 Each C source is compiled with the system C compiler (`cc`, gcc or clang) into a shared library
 cached under ~/.cache/npc-sidecar (or $NPC_CACHE_DIR), keyed by the source and the flags, and
 called through ctypes: no torch headers, so a build takes about a second. Without a compiler,
-`bgmv_kernel()` / `quant_gemm_kernel()` return None and callers use their PyTorch path; $NPC_NO_NATIVE=1 forces that.
+`bgmv_kernel()` / `quant_gemm_kernel()` / `decode_attention_kernel()` / `rms_norm_kernel()` return None and
+callers use their PyTorch path; $NPC_NO_NATIVE=1 forces that.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ log = structlog.get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("bgmv.c")
 QUANT_GEMM_SOURCE = Path(__file__).with_name("quant_gemm.c")
+ATTENTION_SOURCE = Path(__file__).with_name("attention.c")
+RMS_NORM_SOURCE = Path(__file__).with_name("rms_norm.c")
 # The GGUF block kinds quant_gemm.c reads as stored: (bytes, values) of a block.
 BLOCK_BYTES = {"Q4_K": (144, 256), "Q6_K": (210, 256), "Q8_0": (34, 32)}
 # -march=native: the library is built on the machine that runs it. The three math flags let the
@@ -37,7 +43,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fassociative-
          "-fno-trapping-math"]
 
 _lock = threading.Lock()
-_loaded: dict[str, BgmvKernel | QuantGemmKernel | None] = {}
+_loaded: dict[str, object] = {}  # kernel name -> its wrapper, or None where it did not build
 
 
 def cache_dir() -> Path:
@@ -152,7 +158,61 @@ class QuantGemmKernel:
         return y
 
 
-def _load(name: str, source: Path, wrapper: type) -> BgmvKernel | QuantGemmKernel | None:
+class DecodeAttentionKernel:
+    """ctypes wrapper of decode_attention_bf16 (semantics in attention.c)."""
+
+    def __init__(self, library: Path):
+        self._lib = ctypes.CDLL(str(library))
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._fn = self._lib.decode_attention_bf16
+        self._fn.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_float, ptr]
+        self._fn.restype = ctypes.c_int
+        self._takes = self._lib.decode_attention_takes
+        self._takes.argtypes = [i64, i64, i64]
+        self._takes.restype = ctypes.c_int
+
+    def takes(self, heads: int, kv_heads: int, head_dim: int) -> bool:
+        """Whether the kernel takes this attention shape (GQA groups up to 16 heads, head dims up to 256)."""
+        return bool(self._takes(heads, kv_heads, head_dim))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, lens: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        """q [B, H, D] (unit stride along H's heads and D); k, v: the cache [rows, KVH, S, D] (same strides);
+        rows, lens: int64 [B], each row's cache row and its keys (>= 1). Returns [B, H, D] bf16."""
+        batch, heads, dim = q.shape
+        assert q.dtype == k.dtype == v.dtype == torch.bfloat16 and rows.dtype == lens.dtype == torch.int64
+        assert q.stride(2) == 1 and q.stride(1) == dim and k.stride() == v.stride() and k.stride(2) == dim
+        assert k.stride(3) == 1 and rows.is_contiguous() and lens.is_contiguous() and len(rows) == len(lens) == batch
+        out = q.new_empty(batch, heads, dim)
+        rc = self._fn(batch, heads, k.shape[1], dim, q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(),
+                      k.stride(0), k.stride(1), rows.data_ptr(), lens.data_ptr(), scale, out.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"decode attention failed on q {tuple(q.shape)}, cache {tuple(k.shape)} (a shape it "
+                               "does not take, a length below 1, or scratch memory)")
+        return out
+
+
+class RmsNormKernel:
+    """ctypes wrapper of rms_norm_bf16 (semantics in rms_norm.c)."""
+
+    def __init__(self, library: Path):
+        self._lib = ctypes.CDLL(str(library))
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._fn = self._lib.rms_norm_bf16
+        self._fn.argtypes = [i64, i64, ptr, i64, ptr, ctypes.c_float, ptr]
+        self._fn.restype = None
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm over the last dimension of bf16 x (rows of unit stride) with a bf16 weight; a new tensor."""
+        hidden = x.shape[-1]
+        rows = x.reshape(-1, hidden)
+        assert x.dtype == weight.dtype == torch.bfloat16 and rows.stride(1) == 1 and weight.is_contiguous()
+        out = torch.empty(x.shape, dtype=torch.bfloat16)
+        self._fn(rows.shape[0], hidden, rows.data_ptr(), rows.stride(0), weight.data_ptr(), eps, out.data_ptr())
+        return out
+
+
+def _load(name: str, source: Path, wrapper: type) -> object:
     if os.environ.get("NPC_NO_NATIVE") == "1":
         return None
     with _lock:
@@ -175,3 +235,13 @@ def quant_gemm_kernel() -> QuantGemmKernel | None:
     without a compiler, or with NPC_NO_NATIVE=1): a scalar build would be slower than torch's kernels."""
     kernel = _load("quant_gemm", QUANT_GEMM_SOURCE, QuantGemmKernel)
     return kernel if kernel is not None and kernel.isa != "scalar" else None
+
+
+def decode_attention_kernel() -> DecodeAttentionKernel | None:
+    """The compiled decode-attention kernel, or None (no compiler, build failure, or NPC_NO_NATIVE=1)."""
+    return _load("attention", ATTENTION_SOURCE, DecodeAttentionKernel)
+
+
+def rms_norm_kernel() -> RmsNormKernel | None:
+    """The compiled RMSNorm kernel, or None (no compiler, build failure, or NPC_NO_NATIVE=1)."""
+    return _load("rms_norm", RMS_NORM_SOURCE, RmsNormKernel)
