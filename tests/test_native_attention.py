@@ -4,10 +4,12 @@ result rounded to bf16 once. A row's result never depends on the rows beside it.
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
-from sidecar.model.native import decode_attention_kernel
+from sidecar.model.native import ATTENTION_SOURCE, FLAGS, DecodeAttentionKernel, build, decode_attention_kernel
 from tests.rounding import U_BF16
 
 KERNEL = decode_attention_kernel()
@@ -79,3 +81,18 @@ def test_shapes_it_does_not_take():
     k, v = _cache(rows=1, kv_heads=1, length=4, dim=64, seed=2)
     with pytest.raises(RuntimeError, match="length below 1"):
         KERNEL(_queries(1, 4, 1, 64, seed=3), k, v, torch.tensor([0]), torch.tensor([0]), 0.125)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the -march names are x86's")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_other_instruction_sets_compute_the_same(march):
+    """The same source built for CPUs without AVX-512 (AVX2) and without AVX2 (SSE2 only) meets the same bound, so
+    a machine this one is not gets the same attention."""
+    kernel = DecodeAttentionKernel(build(ATTENTION_SOURCE, [f"-march={march}" if f == "-march=native" else f
+                                                            for f in FLAGS]))
+    k, v = _cache(rows=3, kv_heads=3, length=200, dim=64, seed=5)
+    rows, lens = [2, 0], [200, 37]
+    q = _queries(2, 9, 3, 64, seed=6)
+    got = kernel(q, k, v, torch.tensor(rows), torch.tensor(lens), 0.125)
+    want = _reference(q, k, v, rows, lens, 0.125)
+    assert ((got.double() - want).abs() <= U_BF16 * want.abs() + 1e-5).all()

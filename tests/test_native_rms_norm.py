@@ -4,11 +4,13 @@ F.rms_norm, which the model calls without the kernel."""
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sidecar.model.native import rms_norm_kernel
+from sidecar.model.native import FLAGS, RMS_NORM_SOURCE, RmsNormKernel, build, rms_norm_kernel
 
 KERNEL = rms_norm_kernel()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="no C compiler")
@@ -47,3 +49,15 @@ def test_strided_rows_and_leading_shapes():
     whole = KERNEL(x, w, 1e-6)
     assert whole.shape == x.shape and torch.equal(whole[:, -1], KERNEL(last, w, 1e-6))
     assert torch.equal(whole[2:3], KERNEL(x[2:3], w, 1e-6))  # a row does not depend on the others
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the -march names are x86's")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_other_instruction_sets_compute_the_same(march):
+    """Built for CPUs without AVX-512 and without AVX2: the same values as this machine's build, to one bf16 step
+    (float32 sums in another order)."""
+    kernel = RmsNormKernel(build(RMS_NORM_SOURCE, [f"-march={march}" if f == "-march=native" else f for f in FLAGS]))
+    x = torch.randn(5, 576, generator=torch.Generator().manual_seed(2)).bfloat16()
+    w = torch.rand(576, generator=torch.Generator().manual_seed(3)).bfloat16()
+    here = KERNEL(x, w, 1e-5)
+    assert ((kernel(x, w, 1e-5).double() - here.double()).abs() <= _bf16_ulp(here)).all()
