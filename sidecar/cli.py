@@ -186,7 +186,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(rank=args.rank, alpha=args.alpha, targets=tuple(t for t in args.targets.split(",") if t),
                          epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
                          held_out=args.held_out, max_steps=args.max_steps, adapter_dir=args.out,
-                         label_weight=args.label_weight)
+                         label_weight=args.label_weight, fact_weight=args.fact_weight,
+                         continue_from=args.continue_from)
     r = train_character(Path(args.character_dir), resolve_model_path(args.model), config, progress=not args.quiet)
     held = f", held-out loss {r.held_out_loss:.3f}" if r.held_out_loss is not None else ""
     print(f"adapter written to {r.adapter} ({r.train_lines} conversations trained, {r.held_out_lines} held out; "
@@ -495,6 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     t.add_argument("--label-weight", type=float, default=4.0,
                    help="loss weight of the emotion label and action tokens against the text's (default 4)")
+    t.add_argument("--fact-weight", type=float, default=1.0,
+                   help="loss weight of reply tokens copied from the line's facts block (default 1)")
+    t.add_argument("--continue", dest="continue_from", metavar="ADAPTER",
+                   help="continue training this adapter folder of the character (keeps its rank, alpha, targets "
+                        "and held-out lines) instead of starting a fresh one")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seed", type=int, default=0, help="same seed, same data -> same adapter")
     t.add_argument("--held-out", type=float, default=0.1, help="fraction of conversations kept for npc eval")

@@ -222,7 +222,7 @@ class ServerConfig:
     session_store: Path | None = None  # sessions journaled to this file and restored at start; None: memory only
     limits: RequestLimits = RequestLimits()
     openai_listen: str | None = None  # HOST:PORT of the OpenAI-compatible HTTP endpoint; None: not served
-    fact_boost: float = 0.0  # logits added to the tokens only a turn's facts bring (dialogue/prompt.fact_bias; 0: off)
+    fact_boost: float = 0.0  # logits added to the tokens only a turn's facts bring (prompt.fact_tokens; 0: off)
     fact_contrast: float = FACT_CONTRAST  # weight of decoding against the prompt less the facts (engine.api.Contrast)
 
     def __post_init__(self) -> None:

@@ -367,7 +367,7 @@ def _turn_sampling(root: Path, engine, grounding: Grounding, line: str):
 
 
 def test_a_turn_raises_the_tokens_only_its_facts_bring(tmp_path, tokenizer):
-    """prompt.fact_bias (`npc serve --fact-boost`): the price and the names in the facts block get
+    """prompt.fact_tokens (`npc serve --fact-boost`): the price and the names in the facts block get
     Grounding.fact_boost in the turn's sampling; a word the player or the persona already said does not, nor
     does a control token; off by default."""
     root, engine = _sample_characters(tmp_path), RecordingEngine(tokenizer)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from sidecar.client import NpcClient
 from sidecar.dialogue.characters import load_character
+from sidecar.errors import UserError
 from sidecar.model.lora import LoraBatch, LoraSlots, load_peft_adapter
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
 from sidecar.training.data import IGNORE, DataError, Example, character_retriever, read_dialogue, render
@@ -144,6 +145,25 @@ def test_a_line_brings_its_own_facts(tmp_path, tokenizer):
     assert all(line[2:] in character.knowledge for line in block.splitlines())
 
 
+def test_a_reply_marks_what_it_copies_from_its_facts(tmp_path, tokenizer):
+    """Example.copied (`npc train --fact-weight`): the reply's tokens that only its facts block brought into
+    the prompt: the name and the place copied from the fact; not a word the player or the persona said, not
+    the emotion label, not a reply that copies nothing."""
+    copying = _line("Who shoes the horses?", "Old Hale shoes them, down by the mill.",
+                    facts=["The farrier is Old Hale, by the mill."])
+    folder = _character(tmp_path, [copying, _line("Who shoes the horses?", "Ask around.",
+                                                  facts=["The farrier is Old Hale, by the mill."])])
+    character, retriever = load_character(folder), character_retriever(folder)
+    first, second = (render(tokenizer, character, c, 4096, retriever)[0]
+                     for c in read_dialogue(folder / "dialogue.jsonl"))
+    pieces = [tokenizer.decode([first.input_ids[i]]) for i in sorted(first.copied)]
+    assert {" Hale", " mill"} <= set(pieces)
+    assert all(p in "The farrier is Old Hale, by the mill." for p in pieces)
+    assert not {" shoes", " horses", "gruff"} & set(pieces)  # the player's words, the label
+    assert all(first.labels[i] != IGNORE for i in first.copied) and not first.copied & first.structured
+    assert second.copied == frozenset()
+
+
 def test_bad_facts_field_names_the_line(tmp_path):
     path = tmp_path / "dialogue.jsonl"
     path.write_text(_line("Hi", "Hmph.", facts="the mine is closed") + "\n")
@@ -225,6 +245,36 @@ def test_tiny_training_run_is_served_by_hot_reload(tmp_path, model_path, checkpo
         assert abs(adapted.loss.item() - bare.loss.item()) > 2 * tolerance
     finally:
         server.stop()
+
+
+def test_continuing_an_adapter_keeps_its_weights_shape_and_held_out_lines(tmp_path, model_path):
+    """`npc train --continue adapter`: starts from the adapter's weights (at a learning rate too small to move
+    them, the same adapter comes back), with its rank, alpha and targets whatever the flags say, and keeps the
+    held-out lines of the training that wrote it, so lines added since never move one of those into training."""
+    folder = _character(tmp_path, LINES)
+    first = train_character(folder, model_path, TINY, progress=False)
+    before = load_file(first.adapter / "adapter_model.safetensors")
+    held = json.loads((folder / "training" / "report.json").read_text())["held_out_lines"]
+    added = [_line(f"Got any {x}?", f"{x.title()}, aye. Cheap.") for x in ("nails", "tongs", "rope", "pitch")]
+    (folder / "dialogue.jsonl").write_text("\n".join(LINES + added) + "\n")
+
+    again = replace(TINY, rank=16, alpha=2.0, targets=("q_proj",), learning_rate=1e-12, continue_from="adapter")
+    train_character(folder, model_path, again, progress=False)
+    after = load_file(first.adapter / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert any(v.abs().max() > 0 for k, v in after.items() if "lora_B" in k)  # not a fresh adapter (B = 0)
+    report = json.loads((folder / "training" / "report.json").read_text())
+    assert (report["config"]["rank"], report["config"]["alpha"], len(report["config"]["targets"])) == (4, 8.0, 7)
+    assert set(held) <= set(report["held_out_lines"]) and not set(held) & set(report["train_lines"])
+    assert sorted(report["train_lines"] + report["held_out_lines"]) == list(range(1, len(LINES) + len(added) + 1))
+    assert set(report["held_out_lines"]) - set(held) <= set(range(len(LINES) + 1, len(LINES) + len(added) + 1))
+
+    with pytest.raises(UserError, match=r"--continue old: .*old/adapter_config.json not found"):
+        train_character(folder, model_path, replace(TINY, continue_from="old"), progress=False)
+    with pytest.raises(UserError, match="--continue must be a plain folder name"):
+        replace(TINY, continue_from="../elsewhere")
+    with pytest.raises(UserError, match="--fact-weight must be > 0"):
+        replace(TINY, fact_weight=0.0)
 
 
 def _examples(lengths: list[int], seed: int = 0) -> list[Example]:
@@ -341,6 +391,15 @@ def test_a_shared_prefix_runs_once_and_gives_the_same_loss_and_gradients():
         marked_sum = _loss_sum(model, [replace(e, labels=[t if i in e.structured else IGNORE
                                                            for i, t in enumerate(e.labels)]) for e in marked])
     assert weighted_sum.item() == pytest.approx(plain_sum.item() + 2 * marked_sum.item(), rel=1e-4)
+    # --fact-weight: so does the loss of the tokens copied from the facts (a token both marked counts as structured)
+    copied = [replace(e, copied=frozenset(range(len(e.labels) - 9, len(e.labels) - 3))) for e in marked]
+    with torch.no_grad():
+        both_sum = _loss_sum(model, copied, 3.0, 5.0)
+        copied_sum = _loss_sum(model, [replace(e, labels=[t if i in e.copied - e.structured else IGNORE
+                                                           for i, t in enumerate(e.labels)]) for e in copied])
+    assert copied_sum.item() > 0
+    assert both_sum.item() == pytest.approx(plain_sum.item() + 2 * marked_sum.item() + 4 * copied_sum.item(),
+                                            rel=1e-4)
 
     full = [e.input_ids for e in examples]
     width = max(map(len, full))

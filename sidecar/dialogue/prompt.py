@@ -177,31 +177,38 @@ def _grounding(facts: Sequence[str], memories: Sequence[str]) -> list[ChatMessag
 def grounded_sampling(tokenizer: Tokenizer, messages: Sequence[ChatMessage], token_ids: Sequence[int],
                       sampling: SamplingParams, boost: float = 0.0, contrast: float = 0.0) -> SamplingParams:
     """`sampling` for a prompt whose facts block should weigh more than the adapter's habits: its facts'
-    own tokens raised by `boost` (fact_bias), and/or each token decoded against the prompt without the
+    own tokens raised by `boost` (fact_tokens), and/or each token decoded against the prompt without the
     facts with weight `contrast` (engine.api.Contrast). Unchanged when the prompt carries no facts or
     both are 0 (npc serve --fact-boost / --fact-contrast; docs/design-notes.md, "Grounding")."""
-    plain = [replace(m, content=FACTS_HEADING) if _is_grounding(m) else m for m in messages]
-    if plain == list(messages):
+    if _plain(messages) == list(messages):
         return sampling
     if boost:
-        sampling = replace(sampling, logit_bias=fact_bias(tokenizer, token_ids, plain, boost))
+        sampling = replace(sampling, logit_bias=tuple((t, boost) for t in sorted(
+            fact_tokens(tokenizer, messages, token_ids))))
     if contrast:
         without = [m for m in (_without_facts(m) for m in messages) if m is not None]
         sampling = replace(sampling, contrast=Contrast(tuple(tokenizer.encode_chat(without)), contrast))
     return sampling
 
 
-def fact_bias(tokenizer: Tokenizer, token_ids: Sequence[int], plain: Sequence[ChatMessage],
-              boost: float) -> tuple[tuple[int, float], ...]:
-    """The tokens only the facts block brings into the prompt `token_ids` (a price, a name, a place:
-    those of `plain`, the prompt with the block's heading but none of its lines, taken away, control
-    tokens too), each to be raised by `boost` in the logits.
+def fact_tokens(tokenizer: Tokenizer, messages: Sequence[ChatMessage], token_ids: Sequence[int]) -> frozenset[int]:
+    """The tokens only the facts block brings into the prompt `token_ids` (of `messages`): a price, a
+    name, a place. Those of the same prompt with the block's heading but none of its lines are taken
+    away, control tokens too.
 
     Given the right fact first, the small model still answers from habit about half the time; raising
-    the fact's own tokens makes copying from the block likelier, and mixing facts up too.
+    these tokens (`npc serve --fact-boost`) makes copying from the block likelier, and mixing facts up
+    too; `npc train --fact-weight` weighs a reply's loss on them.
     """
-    only = set(token_ids) - set(tokenizer.encode_chat(plain)) - set(tokenizer.special_ids)
-    return tuple((token, boost) for token in sorted(only))
+    plain = _plain(messages)
+    if plain == list(messages):
+        return frozenset()
+    return frozenset(set(token_ids) - set(tokenizer.encode_chat(plain)) - set(tokenizer.special_ids))
+
+
+def _plain(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """`messages` with the facts block's heading but none of its lines."""
+    return [replace(m, content=FACTS_HEADING) if _is_grounding(m) else m for m in messages]
 
 
 def _is_grounding(message: ChatMessage) -> bool:

@@ -55,7 +55,7 @@ class Grounding:
     meaning_weight: float = 1.0  # of the sentence vectors' cosine against BM25 (0: words only, for comparison)
     max_memories: int = 2
     memory_chars: int = 160  # of each side of a remembered exchange
-    fact_boost: float = 0.0  # logits added to the tokens only the facts bring (prompt.fact_bias; 0: none)
+    fact_boost: float = 0.0  # logits added to the tokens only the facts bring (prompt.fact_tokens; 0: none)
     fact_contrast: float = FACT_CONTRAST  # weight of decoding against the prompt less the facts (engine.api.Contrast)
 
 

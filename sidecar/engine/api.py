@@ -82,7 +82,7 @@ class SamplingParams:
     # embeds a JSON schema); engines whose `constrained_decoding` is False refuse it.
     grammar: str | None = None
     # Added to the logits of these token ids at every step, before the grammar and sampling (OpenAI's
-    # logit_bias): the dialogue raises the tokens only a turn's facts bring (dialogue/prompt.fact_bias).
+    # logit_bias): the dialogue raises the tokens only a turn's facts bring (dialogue/prompt.fact_tokens).
     logit_bias: tuple[tuple[int, float], ...] = ()
     # Decode against a second prompt (Contrast); engines that cannot take it refuse it at submit.
     contrast: Contrast | None = None

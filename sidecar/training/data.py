@@ -34,7 +34,7 @@ from pathlib import Path
 from sidecar.dialogue.actions import Action, action_from_dict, check_action
 from sidecar.dialogue.characters import Character
 from sidecar.dialogue.lore import LORE_FOLDER, LoreLibrary
-from sidecar.dialogue.prompt import build_messages
+from sidecar.dialogue.prompt import build_messages, fact_tokens
 from sidecar.dialogue.reply_format import ReplyFormat, render_reply, reply_format
 from sidecar.dialogue.retrieval import FactRetriever, Grounding
 from sidecar.dialogue.sessions import Turn
@@ -93,6 +93,9 @@ class Example:
     # Positions of the replies' structured tokens: the emotion label, the action lines and the
     # end of turn (which decides "no more actions"); `npc train --label-weight` weighs their loss.
     structured: frozenset[int] = frozenset()
+    # Positions of reply tokens that only the facts block brought into the prompt (a price, a name
+    # copied from it: dialogue/prompt.fact_tokens); `npc train --fact-weight` weighs their loss.
+    copied: frozenset[int] = frozenset()
 
     @property
     def supervised(self) -> int:
@@ -210,6 +213,7 @@ def render(tokenizer: Tokenizer, character: Character, conv: Conversation, max_t
     ids: list[int] = []
     labels: list[int] = []
     structured: set[int] = set()
+    copied: set[int] = set()
     for k in range(len(conv.exchanges)):
         messages = conv.prompt(character, k, retriever)
         labelled = conv.replies[k]
@@ -220,8 +224,8 @@ def render(tokenizer: Tokenizer, character: Character, conv: Conversation, max_t
             raise DataError(f"line {conv.line}: the chat template does not render the reply after its prompt; "
                             "this model's template cannot be trained on turn by turn")
         if ids and context[: len(ids)] != ids:
-            examples.append(_example(conv.line, ids, labels, structured, max_tokens))
-            ids, labels, structured = [], [], set()
+            examples.append(_example(conv.line, ids, labels, structured, copied, max_tokens))
+            ids, labels, structured, copied = [], [], set(), set()
         reply = full[len(context):]
         # Learn the reply up to its end-of-turn token (where serving stops), not the template's
         # newline after it.
@@ -229,16 +233,19 @@ def render(tokenizer: Tokenizer, character: Character, conv: Conversation, max_t
         labels += [IGNORE] * (len(context) - len(ids)) + reply[: eot + 1] + [IGNORE] * (len(reply) - eot - 1)
         structured |= {len(context) + i for i in _structured_tokens(tokenizer, reply[:eot], npc, labelled)}
         structured.add(len(context) + eot)
+        from_facts = fact_tokens(tokenizer, messages, context)
+        copied |= {len(context) + i for i, t in enumerate(reply[:eot]) if t in from_facts} - structured
         ids = full
-    examples.append(_example(conv.line, ids, labels, structured, max_tokens))
+    examples.append(_example(conv.line, ids, labels, structured, copied, max_tokens))
     return examples
 
 
-def _example(line: int, ids: list[int], labels: list[int], structured: set[int], max_tokens: int) -> Example:
+def _example(line: int, ids: list[int], labels: list[int], structured: set[int], copied: set[int],
+             max_tokens: int) -> Example:
     if len(ids) > max_tokens:
         raise DataError(f"line {line}: the rendered conversation is {len(ids)} tokens; the limit is "
                         f"{max_tokens} (shorten it or split it into several lines)")
-    return Example(line, ids, labels, frozenset(structured))
+    return Example(line, ids, labels, frozenset(structured), frozenset(copied))
 
 
 def _structured_tokens(tokenizer: Tokenizer, reply: list[int], npc: str, labelled: Reply) -> list[int]:

@@ -33,10 +33,11 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from sidecar.dialogue.characters import CHARACTER_FILE, load_character
@@ -47,6 +48,7 @@ from sidecar.model.checkpoint import load_checkpoint
 from sidecar.training.data import (
     DIALOGUE_FILE,
     IGNORE,
+    Conversation,
     Example,
     character_retriever,
     read_dialogue,
@@ -73,7 +75,11 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (smoke tests)
     micro_tokens: int = 1024  # padded tokens per forward/backward (bounds activation memory)
     label_weight: float = 4.0  # loss weight of the emotion label and action tokens (text: 1); docs/characters.md
+    fact_weight: float = 1.0  # loss weight of reply tokens copied from the facts block (Example.copied)
     adapter_dir: str = "adapter"
+    # Continue from this adapter folder of the character (its rank, alpha and targets, and the held-out
+    # lines of the training that wrote it) instead of a fresh LoRA: new lines without a full retraining.
+    continue_from: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.rank <= 256:
@@ -86,14 +92,16 @@ class TrainConfig:
             raise UserError("--targets: name at least one module")
         if self.epochs < 1 or self.batch_size < 1:
             raise UserError("--epochs and --batch-size must be at least 1")
-        if not (math.isfinite(self.label_weight) and self.label_weight > 0):
-            raise UserError(f"--label-weight must be > 0, got {self.label_weight}")
+        for flag, weight in (("--label-weight", self.label_weight), ("--fact-weight", self.fact_weight)):
+            if not (math.isfinite(weight) and weight > 0):
+                raise UserError(f"{flag} must be > 0, got {weight}")
         if self.micro_tokens < 1:
             raise UserError(f"micro_tokens must be at least 1, got {self.micro_tokens}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise UserError(f"--lr must be > 0, got {self.learning_rate}")
-        if "/" in self.adapter_dir or self.adapter_dir in ("", ".", ".."):
-            raise UserError(f"--out must be a plain folder name inside the character folder, got {self.adapter_dir!r}")
+        for flag, name in (("--out", self.adapter_dir), ("--continue", self.continue_from)):
+            if name is not None and ("/" in name or name in ("", ".", "..")):
+                raise UserError(f"{flag} must be a plain folder name inside the character folder, got {name!r}")
 
 
 @dataclass(frozen=True)
@@ -121,19 +129,30 @@ def train_character(folder: Path, model_path: Path, config: TrainConfig, progres
     character = load_character(folder)
     conversations = read_dialogue(folder / DIALOGUE_FILE)
     tokenizer = Tokenizer(load_checkpoint(model_path))
+    if config.continue_from:
+        config = _continued_config(folder, config)
     # Render everything first: bad data stops here, before anything is written.
-    train_convs, held_convs = split(conversations, config.held_out, config.seed)
+    train_convs, held_convs = _split(folder, conversations, config)
     retriever = character_retriever(folder)
     train_set = [e for c in train_convs for e in render(tokenizer, character, c, config.max_tokens, retriever)]
     held_set = [e for c in held_convs for e in render(tokenizer, character, c, config.max_tokens, retriever)]
 
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     torch.manual_seed(config.seed)
     base = load_hf_model(model_path)
     model = get_peft_model(base, LoraConfig(r=config.rank, lora_alpha=config.alpha,
                                             target_modules=list(config.targets), lora_dropout=0.0, bias="none",
                                             task_type="CAUSAL_LM"))
+    if config.continue_from:
+        # (PEFT's from_pretrained would look the base model's name up online; the weights are all we need.)
+        saved = load_file(folder / config.continue_from / "adapter_model.safetensors")
+        try:
+            misfit = set_peft_model_state_dict(model, {k: v.float() for k, v in saved.items()}).unexpected_keys
+        except RuntimeError:  # a tensor of another shape: an adapter of another base model
+            misfit = True
+        if misfit:
+            raise UserError(f"--continue {config.continue_from}: its weights do not fit {model_path.name}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -157,7 +176,7 @@ def train_character(folder: Path, model_path: Path, config: TrainConfig, progres
             if step >= total:
                 break
             losses.append(_accumulate_gradients(model, order[i:i + config.batch_size], config.micro_tokens,
-                                                config.label_weight))
+                                                config.label_weight, config.fact_weight))
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
@@ -177,6 +196,36 @@ def train_character(folder: Path, model_path: Path, config: TrainConfig, progres
     _point_yaml_at(folder / CHARACTER_FILE, config.adapter_dir)
     return TrainResult(adapter, report, len(train_convs), len(held_convs), losses[-1] if losses else float("nan"),
                        held_losses[-1][1] if held_losses else None, seconds)
+
+
+def _continued_config(folder: Path, config: TrainConfig) -> TrainConfig:
+    """`config` with the rank, alpha and targets of the adapter it continues, which must exist."""
+    path = folder / str(config.continue_from) / "adapter_config.json"
+    try:
+        saved = json.loads(path.read_text())
+        return replace(config, rank=int(saved["r"]), alpha=float(saved["lora_alpha"]),
+                       targets=tuple(sorted(saved["target_modules"], key=ALL_MODULES.index)))
+    except FileNotFoundError:
+        raise UserError(f"--continue {config.continue_from}: {path} not found (train an adapter first)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--continue {config.continue_from}: {path} is not a PEFT LoRA config ({e})") from None
+
+
+def _split(folder: Path, conversations: list[Conversation], config: TrainConfig
+           ) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, held out). Continuing an adapter keeps the held-out lines of the training that wrote it
+    (its report.json), so `npc eval` never scores a line the adapter has learned; lines added since are
+    split as usual."""
+    report = folder / REPORT_DIR / "report.json"
+    earlier = json.loads(report.read_text()) if config.continue_from and report.is_file() else {}
+    if not earlier or earlier["config"].get("adapter_dir") != config.continue_from:
+        return split(conversations, config.held_out, config.seed)
+    held_before, known = set(earlier["held_out_lines"]), set(earlier["held_out_lines"]) | set(earlier["train_lines"])
+    new = [c for c in conversations if c.line not in known]
+    new_train, new_held = split(new, config.held_out, config.seed) if new else ([], [])
+    held = sorted([c for c in conversations if c.line in held_before] + new_held, key=lambda c: c.line)
+    train = sorted([c for c in conversations if c.line in known - held_before] + new_train, key=lambda c: c.line)
+    return train, held
 
 
 def _padded_width(n: int) -> int:
@@ -234,14 +283,14 @@ def _batch(examples: list[Example], shared: int = 0) -> tuple[torch.Tensor, torc
     return ids, mask, labels
 
 
-def _loss_sum(model, examples: list[Example], label_weight: float = 1.0) -> torch.Tensor:
+def _loss_sum(model, examples: list[Example], label_weight: float = 1.0, fact_weight: float = 1.0) -> torch.Tensor:
     """Summed cross-entropy over the supervised tokens of `examples`, as transformers computes it, but
     faster on CPU: the rows' shared prefix runs once and its keys and values are repeated for every
     row; matmuls run in bfloat16 (autocast; LoRA weights, gradients and the optimizer stay float32);
     and the 49152-wide output head runs only at the positions that have a label (~15% of them),
     padded to a multiple of WIDTH_MULTIPLE rows (copies of position 0, without a label) so that its
     shape repeats too. With `label_weight`, the structured tokens' loss (Example.structured) counts
-    that many times."""
+    that many times; with `fact_weight`, that of the tokens copied from the facts (Example.copied)."""
     shared = _shared_prefix(examples)
     ids, mask, labels = _batch(examples, shared)
     targets = labels[:, 1:]
@@ -260,22 +309,26 @@ def _loss_sum(model, examples: list[Example], label_weight: float = 1.0) -> torc
         hidden = body(input_ids=ids, attention_mask=mask, cache=cache, use_cache=shared > 0).last_hidden_state
         logits = model.base_model.model.lm_head(hidden[row, pos])
     losses = torch.nn.functional.cross_entropy(logits.float(), picked, reduction="none")
-    if label_weight != 1.0:
+    if label_weight != 1.0 or fact_weight != 1.0:
         weights = torch.ones(len(picked))
         for k, (r, q) in enumerate(zip(row[:n].tolist(), pos[:n].tolist(), strict=True)):
-            if shared + q + 1 in examples[r].structured:  # position q of the rest predicts token shared + q + 1
+            at = shared + q + 1  # position q of the rest predicts token shared + q + 1
+            if at in examples[r].structured:
                 weights[k] = label_weight
+            elif at in examples[r].copied:
+                weights[k] = fact_weight
         losses = losses * weights
     return losses.sum()
 
 
-def _accumulate_gradients(model, examples: list[Example], micro_tokens: int, label_weight: float = 1.0) -> float:
+def _accumulate_gradients(model, examples: list[Example], micro_tokens: int, label_weight: float = 1.0,
+                          fact_weight: float = 1.0) -> float:
     """Backward of the batch's mean loss over its supervised tokens, one micro-batch at a time (the
     gradients add up to the full batch's); returns that mean loss as a plain float."""
     count = sum(e.supervised for e in examples)
     total = 0.0
     for group in _micro_batches(examples, micro_tokens):
-        loss = _loss_sum(model, group, label_weight) / max(count, 1)
+        loss = _loss_sum(model, group, label_weight, fact_weight) / max(count, 1)
         loss.backward()
         total += loss.item()
     return total
@@ -303,6 +356,8 @@ def _save_adapter(model, folder: Path, name: str, model_path: Path) -> Path:
     cfg_path = tmp / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = model_path.name  # a name, not this machine's path
+    if isinstance(cfg.get("target_modules"), list):  # PEFT writes a set's order, which changes from run to run
+        cfg["target_modules"] = sorted(cfg["target_modules"])
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub says nothing true about this adapter
     old = folder / f".{name}.old"
