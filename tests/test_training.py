@@ -20,7 +20,15 @@ from sidecar.dialogue.characters import load_character
 from sidecar.errors import UserError
 from sidecar.model.lora import LoraBatch, LoraSlots, load_peft_adapter
 from sidecar.pb.npc.v1 import dialogue_pb2 as pb
-from sidecar.training.data import IGNORE, DataError, Example, character_retriever, read_dialogue, render
+from sidecar.training.data import (
+    IGNORE,
+    DataError,
+    Example,
+    character_retriever,
+    line_digest,
+    read_dialogue,
+    render,
+)
 from sidecar.training.evaluate import evaluate_character
 from sidecar.training.train import (
     WIDTH_MULTIPLE,
@@ -31,6 +39,7 @@ from sidecar.training.train import (
     _micro_batches,
     _padded_width,
     _shared_prefix,
+    recorded_sides,
     train_character,
 )
 from tests.rounding import reordered_fp32
@@ -250,13 +259,16 @@ def test_tiny_training_run_is_served_by_hot_reload(tmp_path, model_path, checkpo
 def test_continuing_an_adapter_keeps_its_weights_shape_and_held_out_lines(tmp_path, model_path):
     """`npc train --continue adapter`: starts from the adapter's weights (at a learning rate too small to move
     them, the same adapter comes back), with its rank, alpha and targets whatever the flags say, and keeps the
-    held-out lines of the training that wrote it, so lines added since never move one of those into training."""
+    held-out lines of the training that wrote it, by content, so lines added since (above them too) never move
+    one of those into training; the report keeps the earlier run's losses."""
     folder = _character(tmp_path, LINES)
     first = train_character(folder, model_path, TINY, progress=False)
     before = load_file(first.adapter / "adapter_model.safetensors")
-    held = json.loads((folder / "training" / "report.json").read_text())["held_out_lines"]
+    report0 = json.loads((folder / "training" / "report.json").read_text())
+    held = report0["held_out_digests"]
     added = [_line(f"Got any {x}?", f"{x.title()}, aye. Cheap.") for x in ("nails", "tongs", "rope", "pitch")]
-    (folder / "dialogue.jsonl").write_text("\n".join(LINES + added) + "\n")
+    # Two lines inserted at the top renumber every earlier line; two appended.
+    (folder / "dialogue.jsonl").write_text("\n".join(added[:2] + LINES + added[2:]) + "\n")
 
     again = replace(TINY, rank=16, alpha=2.0, targets=("q_proj",), learning_rate=1e-12, continue_from="adapter")
     train_character(folder, model_path, again, progress=False)
@@ -265,9 +277,12 @@ def test_continuing_an_adapter_keeps_its_weights_shape_and_held_out_lines(tmp_pa
     assert any(v.abs().max() > 0 for k, v in after.items() if "lora_B" in k)  # not a fresh adapter (B = 0)
     report = json.loads((folder / "training" / "report.json").read_text())
     assert (report["config"]["rank"], report["config"]["alpha"], len(report["config"]["targets"])) == (4, 8.0, 7)
-    assert set(held) <= set(report["held_out_lines"]) and not set(held) & set(report["train_lines"])
+    assert set(held) <= set(report["held_out_digests"]) and not set(held) & set(report["train_digests"])
+    assert {n + 2 for n in report0["held_out_lines"]} <= set(report["held_out_lines"])  # the same lines, moved
     assert sorted(report["train_lines"] + report["held_out_lines"]) == list(range(1, len(LINES) + len(added) + 1))
-    assert set(report["held_out_lines"]) - set(held) <= set(range(len(LINES) + 1, len(LINES) + len(added) + 1))
+    assert set(report["held_out_digests"]) - set(held) <= {line_digest(json.loads(a)) for a in added}
+    assert [r["train_loss"] for r in report["earlier_runs"]] == [report0["train_loss"]]
+    assert (folder / "training" / "loss.png").stat().st_size > 0
 
     with pytest.raises(UserError, match=r"--continue old: .*old/adapter_config.json not found"):
         train_character(folder, model_path, replace(TINY, continue_from="old"), progress=False)
@@ -275,6 +290,22 @@ def test_continuing_an_adapter_keeps_its_weights_shape_and_held_out_lines(tmp_pa
         replace(TINY, continue_from="../elsewhere")
     with pytest.raises(UserError, match="--fact-weight must be > 0"):
         replace(TINY, fact_weight=0.0)
+
+
+def test_a_report_without_content_digests_is_read_by_line_number(tmp_path):
+    """Reports written before content digests name lines by number: `--continue` and `npc eval` still find
+    their sides; with digests, a line's content decides and an edited line is on neither side."""
+    folder = _character(tmp_path, LINES)
+    conversations = read_dialogue(folder / "dialogue.jsonl")
+    old = {"train_lines": [1, 2], "held_out_lines": [3]}
+    assert [[c.line for c in side] for side in recorded_sides(old, conversations)] == [[1, 2], [3]]
+    new = {"train_digests": [conversations[0].digest], "held_out_digests": [conversations[2].digest],
+           "train_lines": [9], "held_out_lines": [9]}
+    assert [[c.line for c in side] for side in recorded_sides(new, conversations)] == [[1], [3]]
+    edited = json.loads(LINES[2])
+    edited["messages"][1]["content"] += " Edited."
+    assert line_digest(edited) != conversations[2].digest
+    assert line_digest(json.loads(json.dumps(json.loads(LINES[2]), indent=2))) == conversations[2].digest
 
 
 def _examples(lengths: list[int], seed: int = 0) -> list[Example]:

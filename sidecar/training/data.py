@@ -26,6 +26,7 @@ schema and the line's entities, as at serving time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class Conversation:
     entities: dict[str, tuple[str, ...]] = field(default_factory=dict)
     allowed_actions: tuple[str, ...] | None = None
     facts: tuple[str, ...] | None = None  # None: retrieved per exchange, as at serving time
+    digest: str = ""  # the line's content (line_digest): which side of a split it was on, wherever it moves
 
     def prompt(self, character: Character, exchange: int, retriever: FactRetriever) -> list[ChatMessage]:
         """The messages the sidecar would build for exchange `exchange` (0-based) after the ones before it."""
@@ -165,7 +167,13 @@ def _parse_line(path: Path, number: int, raw: str) -> Conversation:
         raise DataError(f"{where}: facts must be a list of non-empty texts")
     return Conversation(number, tuple(zip(turns[::2], turns[1::2], strict=True)), world, name, tuple(replies),
                         {k: tuple(v) for k, v in entities.items()}, tuple(allowed) if allowed is not None else None,
-                        tuple(facts) if facts is not None else None)
+                        tuple(facts) if facts is not None else None, line_digest(obj))
+
+
+def line_digest(obj: dict) -> str:
+    """A conversation's identity that survives edits around it (lines inserted above move its number) and
+    of its own layout (whitespace, key order)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def _reply(where: str, i: int, m: dict) -> Reply:

@@ -43,7 +43,7 @@ from sidecar.training.data import (
     split,
 )
 from sidecar.training.facts import FACTS_FILE, FactScores, as_served, read_facts, score_facts
-from sidecar.training.train import REPORT_DIR, TrainConfig
+from sidecar.training.train import REPORT_DIR, TrainConfig, recorded_sides
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,7 @@ def evaluate_character(folder: Path, model_path: Path, weights: str = "auto", sa
     conversations = read_dialogue(folder / DIALOGUE_FILE)
     report = folder / REPORT_DIR / "report.json"
     if report.is_file():
-        held_lines = set(json.loads(report.read_text())["held_out_lines"])
-        held = [c for c in conversations if c.line in held_lines]
+        held = recorded_sides(json.loads(report.read_text()), conversations)[1]
     else:
         defaults = TrainConfig()
         held = split(conversations, defaults.held_out, defaults.seed)[1]

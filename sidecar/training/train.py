@@ -58,6 +58,7 @@ from sidecar.training.data import (
 
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REPORT_DIR = "training"  # next to the adapter: report.json + loss.png
+RUN_FIELDS = ("config", "train_loss", "held_out_loss", "seconds")  # what report.json keeps of each earlier run
 WIDTH_MULTIPLE = 32  # batches are padded to a multiple of this many tokens (few distinct shapes)
 
 
@@ -132,7 +133,8 @@ def train_character(folder: Path, model_path: Path, config: TrainConfig, progres
     if config.continue_from:
         config = _continued_config(folder, config)
     # Render everything first: bad data stops here, before anything is written.
-    train_convs, held_convs = _split(folder, conversations, config)
+    earlier = _continued_report(folder, config)
+    train_convs, held_convs = _split(conversations, config, earlier)
     retriever = character_retriever(folder)
     train_set = [e for c in train_convs for e in render(tokenizer, character, c, config.max_tokens, retriever)]
     held_set = [e for c in held_convs for e in render(tokenizer, character, c, config.max_tokens, retriever)]
@@ -192,7 +194,7 @@ def train_character(folder: Path, model_path: Path, config: TrainConfig, progres
     adapter = _save_adapter(model, folder, config.adapter_dir, model_path)
     seconds = time.perf_counter() - started
     report = _write_report(folder, character.id, model_path, config, train_convs, held_convs, losses, held_losses,
-                           seconds)
+                           seconds, earlier)
     _point_yaml_at(folder / CHARACTER_FILE, config.adapter_dir)
     return TrainResult(adapter, report, len(train_convs), len(held_convs), losses[-1] if losses else float("nan"),
                        held_losses[-1][1] if held_losses else None, seconds)
@@ -211,21 +213,40 @@ def _continued_config(folder: Path, config: TrainConfig) -> TrainConfig:
         raise UserError(f"--continue {config.continue_from}: {path} is not a PEFT LoRA config ({e})") from None
 
 
-def _split(folder: Path, conversations: list[Conversation], config: TrainConfig
-           ) -> tuple[list[Conversation], list[Conversation]]:
-    """(train, held out). Continuing an adapter keeps the held-out lines of the training that wrote it
-    (its report.json), so `npc eval` never scores a line the adapter has learned; lines added since are
-    split as usual."""
+def _continued_report(folder: Path, config: TrainConfig) -> dict:
+    """The report.json of the training that wrote the adapter `--continue` starts from; {} for a fresh training
+    (or a report of another adapter folder)."""
     report = folder / REPORT_DIR / "report.json"
-    earlier = json.loads(report.read_text()) if config.continue_from and report.is_file() else {}
-    if not earlier or earlier["config"].get("adapter_dir") != config.continue_from:
+    if not config.continue_from or not report.is_file():
+        return {}
+    earlier = json.loads(report.read_text())
+    return earlier if earlier["config"].get("adapter_dir") == config.continue_from else {}
+
+
+def recorded_sides(report: dict, conversations: list[Conversation]) -> tuple[list[Conversation], list[Conversation]]:
+    """(trained, held out): the conversations on each side of the split of the training that wrote `report`,
+    matched by content, so a line that an insertion above it renumbered keeps its side (an edited line counts
+    as new, on neither); by line number for reports written before content digests."""
+    if "held_out_digests" in report:
+        held, trained = set(report["held_out_digests"]), set(report["train_digests"])
+        return ([c for c in conversations if c.digest in trained - held],
+                [c for c in conversations if c.digest in held])
+    held, trained = set(report["held_out_lines"]), set(report["train_lines"])
+    return [c for c in conversations if c.line in trained - held], [c for c in conversations if c.line in held]
+
+
+def _split(conversations: list[Conversation], config: TrainConfig, earlier: dict
+           ) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, held out). Continuing an adapter keeps the sides of the training that wrote it (`earlier`, its
+    report.json), so `npc eval` never scores a line the adapter has learned; lines added since are split as
+    usual."""
+    if not earlier:
         return split(conversations, config.held_out, config.seed)
-    held_before, known = set(earlier["held_out_lines"]), set(earlier["held_out_lines"]) | set(earlier["train_lines"])
-    new = [c for c in conversations if c.line not in known]
+    trained, held = recorded_sides(earlier, conversations)
+    seen = {id(c) for c in trained + held}
+    new = [c for c in conversations if id(c) not in seen]
     new_train, new_held = split(new, config.held_out, config.seed) if new else ([], [])
-    held = sorted([c for c in conversations if c.line in held_before] + new_held, key=lambda c: c.line)
-    train = sorted([c for c in conversations if c.line in known - held_before] + new_train, key=lambda c: c.line)
-    return train, held
+    return sorted(trained + new_train, key=lambda c: c.line), sorted(held + new_held, key=lambda c: c.line)
 
 
 def _padded_width(n: int) -> int:
@@ -370,32 +391,49 @@ def _save_adapter(model, folder: Path, name: str, model_path: Path) -> Path:
 
 
 def _write_report(folder: Path, cid: str, model_path: Path, config: TrainConfig, train_convs, held_convs,
-                  losses: list[float], held_losses: list[tuple[int, float]], seconds: float) -> Path:
+                  losses: list[float], held_losses: list[tuple[int, float]], seconds: float,
+                  earlier: dict | None = None) -> Path:
+    """report.json and loss.png in folder/training. A continued training keeps the runs before it
+    (`earlier_runs`, oldest first) and plots their curves ahead of its own."""
     out = folder / REPORT_DIR
     out.mkdir(exist_ok=True)
+    runs = [*earlier.get("earlier_runs", []), {k: earlier[k] for k in RUN_FIELDS}] if earlier else []
     report = {
         "character": cid, "model": model_path.name, "config": {**asdict(config), "targets": list(config.targets)},
         "train_lines": [c.line for c in train_convs], "held_out_lines": [c.line for c in held_convs],
+        "train_digests": [c.digest for c in train_convs], "held_out_digests": [c.digest for c in held_convs],
         "train_loss": losses, "held_out_loss": [{"step": s, "loss": v} for s, v in held_losses],
-        "seconds": round(seconds, 1), "torch": torch.__version__,
+        "seconds": round(seconds, 1), "torch": torch.__version__, "earlier_runs": runs,
     }
     path = out / "report.json"
     path.write_text(json.dumps(report, indent=1))
     try:
-        _plot(out / "loss.png", cid, losses, held_losses)
+        _plot(out / "loss.png", cid, [*runs, report])
     except FiguresUnavailable as e:  # the PNG is for people; the adapter and report.json are what counts
         (out / "loss.png").unlink(missing_ok=True)  # an older run's curve would not be this run's
         print(f"npc train: loss-curve PNG skipped: {e}", file=sys.stderr)
     return path
 
 
-def _plot(path: Path, cid: str, losses: list[float], held: list[tuple[int, float]]) -> None:
+def _plot(path: Path, cid: str, runs: list[dict]) -> None:
+    """The runs' curves one after another (each continued run's steps after the last one's), a dashed line
+    where one was continued."""
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(range(1, len(losses) + 1), losses, label="train (per step)", linewidth=1)
-    if held:
-        ax.plot([s for s, _ in held], [v for _, v in held], "o-", label="held out (per epoch)")
+    start = 0
+    for i, run in enumerate(runs):
+        losses, held = run["train_loss"], [(h["step"], h["loss"]) for h in run["held_out_loss"]]
+        first = i == 0
+        if not first:
+            ax.axvline(start + 0.5, color="grey", linestyle="--", linewidth=1,
+                       label="continued" if i == 1 else None)
+        ax.plot(range(start + 1, start + len(losses) + 1), losses, color="C0", linewidth=1,
+                label="train (per step)" if first else None)
+        if held:
+            ax.plot([start + s for s, _ in held], [v for _, v in held], "o-", color="C1",
+                    label="held out (per epoch)" if first else None)
+        start += len(losses)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / reply token)")
     ax.set_title(f"npc train {cid}")
