@@ -62,7 +62,7 @@ def test_valid_character(tmp_path):
     c = load_character(write(tmp_path, VALID))
     assert (c.id, c.name, c.greeting) == ("elf", "Elara", "Well met.")
     assert c.persona == "You are Elara, an elf archer."
-    assert c.knowledge == ("The forest is old.", "Arrows cost 1 silver.")
+    assert c.knowledge == ("The forest is old.", "Arrows cost 1 silver.") and c.asked_as == ()
     assert c.emotions == ("calm", "wary")
     assert c.style_examples[0].player == "Hello" and c.style_examples[0].npc == "Greetings, traveller."
     assert c.generation == Generation(max_tokens=64, temperature=0.5, top_p=Generation.top_p, min_p=0.1)
@@ -137,7 +137,14 @@ _BASE = "id: elf\nname: Elara\npersona: x\n"
     ("id: elf\nname: Elara\npersona: '  '\n", "persona", "must not be empty"),
     ("id: elf\nname: Elara\npersona: x\nmood: sad\n", "mood", "unknown field"),
     ("id: elf\nname: Elara\npersona: x\nknowledge: The forest is old.\n", "knowledge", "must be a list"),
-    ("id: elf\nname: Elara\npersona: x\nknowledge: [ok, 3]\n", "knowledge[1]", "non-empty string, got 3"),
+    ("id: elf\nname: Elara\npersona: x\nknowledge: [ok, 3]\n", "knowledge[1]", "non-empty string or {text"),
+    ("id: elf\nname: Elara\npersona: x\nknowledge: [{asked_as: [hi]}]\n", "knowledge[0].text", "missing"),
+    ("id: elf\nname: Elara\npersona: x\nknowledge: [{text: a, asked_as: hi}]\n", "knowledge[0].asked_as",
+     "must be a list"),
+    ("id: elf\nname: Elara\npersona: x\nknowledge: [{text: a, asked_as: ['']}]\n", "knowledge[0].asked_as[0]",
+     "non-empty string"),
+    ("id: elf\nname: Elara\npersona: x\nknowledge: [{text: a, asks: [hi]}]\n", "knowledge[0].asks",
+     "unknown field"),
     ("id: elf\nname: Elara\npersona: x\nemotions: [{a: b}]\n", "emotions[0]", "got a mapping"),
     ("id: elf\nname: Elara\npersona: x\ngeneration:\n  temperature: hot\n", "generation.temperature",
      "must be a number between 0 and 2, got 'hot'"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -168,8 +169,8 @@ KNOWLEDGE = ("The ferry to the islands leaves at dawn from the east pier.", "You
 
 
 def test_a_question_in_other_words_finds_its_fact():
-    from dataclasses import replace
-    smith = replace(load_character(REPO / "characters" / "blacksmith"), knowledge=KNOWLEDGE, version="paraphrases")
+    smith = replace(load_character(REPO / "characters" / "blacksmith"), knowledge=KNOWLEDGE, asked_as=(),
+                    version="paraphrases")
     retriever = FactRetriever(grounding=Grounding(max_facts=3, max_chars=600))
     ranks = []
     for line, answer in PARAPHRASES:
@@ -178,6 +179,31 @@ def test_a_question_in_other_words_finds_its_fact():
         ranks.append(facts.index(KNOWLEDGE[answer]))
     assert ranks.count(0) >= 7, ranks  # and first for most (BM25 alone: none of them)
     assert retriever.facts(smith, "Tell me about Tobin.")[0] == KNOWLEDGE[4]  # a name still wins by its word
+
+
+def test_how_players_ask_for_a_fact_finds_it_and_stays_out_of_the_prompt(tmp_path):
+    """`asked_as:` questions under a knowledge line: a player line like one of them (no word or meaning in
+    common with the line itself) brings the line first; the questions never enter the block themselves."""
+    (tmp_path / "smith").mkdir()
+    (tmp_path / "smith" / "character.yaml").write_text(
+        "id: smith\nname: Brynja\npersona: A blacksmith.\nknowledge:\n"
+        "  - The ferry to the islands leaves at dawn from the east pier.\n"
+        "  - text: Your brother Torvik runs the tavern.\n"
+        "    asked_as: [got any family in town?, who pours the ale around here?]\n"
+        "  - A sword costs 40 gold.\n  - Your apprentice is a boy named Tobin.\n"
+        "  - Wolves hunt in the pine woods after dark.\n")
+    smith = load_character(tmp_path / "smith")
+    assert smith.asked_as[1] == ("got any family in town?", "who pours the ale around here?")
+    assert smith.asked_as[0] == smith.asked_as[2] == ()
+    plain = replace(smith, asked_as=(), version="plain")
+    retriever = FactRetriever(grounding=Grounding(max_facts=3, max_chars=600))
+    for line in ("anyone related to you living nearby?", "do you have relatives here?", "where can I get a beer?",
+                 "who fills the mugs?"):
+        assert retriever.facts(plain, line)[0] != smith.knowledge[1], line  # not found by the line alone...
+        facts = retriever.facts(smith, line)
+        assert facts[0] == smith.knowledge[1], (line, facts)  # ...found by how players ask for it
+        assert not any("family" in f or "ale" in f.split() for f in facts)
+    assert retriever.facts(smith, "When does the ferry leave?")[0] == smith.knowledge[0]  # the others unchanged
 
 
 # --- 200 adversarial turns: nothing out of scope in any prompt ------------------------------------------

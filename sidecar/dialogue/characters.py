@@ -87,6 +87,9 @@ class Character:
     folder: Path  # resolved character folder
     greeting: str = ""
     knowledge: tuple[str, ...] = ()
+    # per knowledge line, how players ask for it (its `asked_as:`; () for none, and () for the whole field when
+    # no line has any): retrieval.py matches the player's line against these as well as the line itself
+    asked_as: tuple[tuple[str, ...], ...] = ()
     factions: frozenset[str] = frozenset()  # which scoped lore reaches the character (dialogue/lore.py)
     places: frozenset[str] = frozenset()
     emotions: tuple[str, ...] = ()  # the model writes one of these before each line
@@ -137,7 +140,7 @@ def load_character(folder: Path) -> Character:
     name = f.text("name", max_len=200)
     persona = f.text("persona")
     greeting = f.text("greeting", required=False)
-    knowledge = f.text_list("knowledge")
+    knowledge, asked_as = _knowledge(f)
     factions, places = f.name_set("factions"), f.name_set("places")
     emotions = f.text_list("emotions", max_len=64)
     for i, label in enumerate(emotions):
@@ -174,7 +177,7 @@ def load_character(folder: Path) -> Character:
     version = hashlib.sha256(raw + b"\0" + (adapter_hash or b"")).hexdigest()[:12]
     return Character(
         id=char_id, name=name, persona=persona, version=version, folder=home, greeting=greeting,
-        knowledge=knowledge, factions=factions, places=places, emotions=emotions, actions=actions,
+        knowledge=knowledge, asked_as=asked_as, factions=factions, places=places, emotions=emotions, actions=actions,
         relationships=relationships, style_examples=style, generation=generation,
         memory=memory,
         adapter=adapter, adapter_path=adapter_path, lora_scale=lora_scale,
@@ -374,6 +377,26 @@ def _show(value: Any) -> str:
         return f"a number of {value.bit_length()} bits"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _knowledge(f: _Fields) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """`knowledge:` entries: a line of text, or {text: ..., asked_as: [questions a player would ask for it]}."""
+    texts, asked = [], []
+    for i, value in enumerate(f._list("knowledge")):
+        if isinstance(value, dict):
+            item = _Fields(f.path, value, f"{f.prefix}knowledge[{i}].")
+            texts.append(item.text("text"))
+            asked.append(item.text_list("asked_as", max_len=1000))
+            item.done()
+        elif isinstance(value, str) and value.strip():
+            if len(value) > MAX_TEXT:
+                f.fail(f"knowledge[{i}]", f"is {len(value)} characters long; the limit is {MAX_TEXT}")
+            texts.append(value.strip())
+            asked.append(())
+        else:
+            f.fail(f"knowledge[{i}]", f"must be a non-empty string or {{text: ..., asked_as: [...]}}, "
+                                      f"got {_show(value)}")
+    return tuple(texts), tuple(asked) if any(asked) else ()
 
 
 class _Fields:

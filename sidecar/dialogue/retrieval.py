@@ -1,7 +1,9 @@
 """Which facts a turn's prompt carries: the character's knowledge and the lore in its scope, ranked against
 the player's line and the last exchange by two signals added together: the cosine of their sentence
 vectors (embeddings.py: matches "smithy" to "forge") and BM25 (bm25s with a Snowball stemmer: exact
-names and numbers), scaled so the best word match of the turn adds BM25_WEIGHT.
+names and numbers), scaled so the best word match of the turn adds BM25_WEIGHT. A knowledge line's
+`asked_as:` questions (how players ask for it) count by meaning: its cosine is the best of its own and
+theirs ("got any family in town?" finds "Your brother Torvik runs the tavern").
 
 Chosen by measurement (docs/design-notes.md, "Grounding"): an entry out of the character's scope
 gets weight 0 before ranking, so it can never be picked; the lore index (BM25 and vectors) is built
@@ -60,14 +62,23 @@ class Grounding:
 
 
 class _Index:
-    """BM25 and sentence vectors over a fixed list of texts."""
+    """BM25 and sentence vectors over a fixed list of texts. `asked_as[i]`: how players ask for text i; its
+    cosine with a line is the best of the text's and theirs. (Their words stay out of BM25: "town" or "here"
+    in a question would outweigh a lore entry's matching words, whose BM25 comes from another index.)"""
 
-    def __init__(self, texts: list[str], stemmer: Stemmer.Stemmer, embedder: Embedder | None = None):
+    def __init__(self, texts: list[str], stemmer: Stemmer.Stemmer, embedder: Embedder | None = None,
+                 asked_as: Sequence[Sequence[str]] = ()):
         self.size = len(texts)
+        asked_as = list(asked_as) or [()] * len(texts)
+        if len(asked_as) != len(texts):
+            raise ValueError(f"asked_as: {len(asked_as)} entries for {len(texts)} texts")
         self._bm25 = bm25s.BM25()
         if texts:
             self._bm25.index(tokenize(texts, stemmer), show_progress=False)
         self.vectors = embedder.embed(texts) if embedder is not None else None
+        questions = [q for asked in asked_as for q in asked]
+        self._question_vectors = embedder.embed(questions) if embedder is not None and questions else None
+        self._question_owner = np.array([i for i, asked in enumerate(asked_as) for _ in asked], dtype=np.int64)
 
     def scores(self, words: list[str], mask: np.ndarray | None = None) -> np.ndarray:
         if not self.size or not words:
@@ -75,7 +86,10 @@ class _Index:
         return self._bm25.get_scores(words, weight_mask=mask)
 
     def cosines(self, vector: np.ndarray) -> np.ndarray:
-        return self.vectors @ vector
+        out = self.vectors @ vector
+        if self._question_vectors is not None:
+            np.maximum.at(out, self._question_owner, self._question_vectors @ vector)
+        return out
 
 
 def _clip(text: str, limit: int) -> str:
@@ -207,7 +221,7 @@ class FactRetriever:
         index = self._knowledge.get(character.version)
         if index is None:
             index = self._knowledge[character.version] = _Index(list(character.knowledge), self._stemmer,
-                                                                 self._embedder)
+                                                                 self._embedder, character.asked_as)
             if len(self._knowledge) > 256:
                 self._knowledge.popitem(last=False)
         self._knowledge.move_to_end(character.version)
