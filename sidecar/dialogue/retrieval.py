@@ -146,15 +146,14 @@ class FactRetriever:
                 mask = self._mask(character, snapshot)
                 if mask.any():
                     lore_words = index.scores(words, mask) + CONTEXT_WEIGHT * index.scores(context, mask)
-                    lore_meaning = np.where(mask > 0, index.cosines(vectors[0])
-                                            + CONTEXT_WEIGHT * index.cosines(vectors[1]), -np.inf)
+                    lore_meaning = index.cosines(vectors[0]) + CONTEXT_WEIGHT * index.cosines(vectors[1])
         # One scale for both pools: the turn's best word match, wherever it is, adds BM25_WEIGHT.
         best_match = max(float(own_words.max(initial=0.0)), float(lore_words.max(initial=0.0))) or 1.0
         meaning = self.grounding.meaning_weight
         ranked = [(float(r), 0, text) for r, text in
                   zip(meaning * own_meaning + BM25_WEIGHT * own_words / best_match, character.knowledge, strict=True)]
         if lore_meaning.size:
-            relevance = meaning * lore_meaning + BM25_WEIGHT * lore_words / best_match
+            relevance = np.where(mask > 0, meaning * lore_meaning + BM25_WEIGHT * lore_words / best_match, -np.inf)
             top = np.argsort(-relevance, kind="stable")[: self.grounding.max_facts]
             ranked += [(float(relevance[i]), 1, snapshot.entries[i].text) for i in top if relevance[i] >= LORE_MIN]
         ranked.sort(key=lambda r: (-r[0], r[1]))  # ties: knowledge before lore
