@@ -388,14 +388,9 @@ def _knowledge(f: _Fields) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]
             texts.append(item.text("text"))
             asked.append(item.text_list("asked_as", max_len=1000))
             item.done()
-        elif isinstance(value, str) and value.strip():
-            if len(value) > MAX_TEXT:
-                f.fail(f"knowledge[{i}]", f"is {len(value)} characters long; the limit is {MAX_TEXT}")
-            texts.append(value.strip())
-            asked.append(())
         else:
-            f.fail(f"knowledge[{i}]", f"must be a non-empty string or {{text: ..., asked_as: [...]}}, "
-                                      f"got {_show(value)}")
+            texts.append(f.list_item_text(f"knowledge[{i}]", value, also=" or {text: ..., asked_as: [...]}"))
+            asked.append(())
     return tuple(texts), tuple(asked) if any(asked) else ()
 
 
@@ -440,15 +435,15 @@ class _Fields:
         return value.strip()
 
     def text_list(self, key: str, max_len: int = MAX_TEXT) -> tuple[str, ...]:
-        values = self._list(key)
-        out = []
-        for i, value in enumerate(values):
-            if not isinstance(value, str) or not value.strip():
-                self.fail(f"{key}[{i}]", f"must be a non-empty string, got {_show(value)}")
-            if len(value) > max_len:
-                self.fail(f"{key}[{i}]", f"is {len(value)} characters long; the limit is {max_len}")
-            out.append(value.strip())
-        return tuple(out)
+        return tuple(self.list_item_text(f"{key}[{i}]", value, max_len) for i, value in enumerate(self._list(key)))
+
+    def list_item_text(self, where: str, value: Any, max_len: int = MAX_TEXT, also: str = "") -> str:
+        """One text entry of a list, stripped; `also` names the other form the entry may take."""
+        if not isinstance(value, str) or not value.strip():
+            self.fail(where, f"must be a non-empty string{also}, got {_show(value)}")
+        if len(value) > max_len:
+            self.fail(where, f"is {len(value)} characters long; the limit is {max_len}")
+        return value.strip()
 
     def name_set(self, key: str) -> frozenset[str]:
         names = self.text_list(key, max_len=64)

@@ -227,12 +227,10 @@ def recorded_sides(report: dict, conversations: list[Conversation]) -> tuple[lis
     """(trained, held out): the conversations on each side of the split of the training that wrote `report`,
     matched by content, so a line that an insertion above it renumbered keeps its side (an edited line counts
     as new, on neither); by line number for reports written before content digests."""
-    if "held_out_digests" in report:
-        held, trained = set(report["held_out_digests"]), set(report["train_digests"])
-        return ([c for c in conversations if c.digest in trained - held],
-                [c for c in conversations if c.digest in held])
-    held, trained = set(report["held_out_lines"]), set(report["train_lines"])
-    return [c for c in conversations if c.line in trained - held], [c for c in conversations if c.line in held]
+    by, key = ("digests", lambda c: c.digest) if "held_out_digests" in report else ("lines", lambda c: c.line)
+    held = set(report[f"held_out_{by}"])
+    trained = set(report[f"train_{by}"]) - held
+    return [c for c in conversations if key(c) in trained], [c for c in conversations if key(c) in held]
 
 
 def _split(conversations: list[Conversation], config: TrainConfig, earlier: dict
